@@ -1,0 +1,381 @@
+"""Typed experiment params, loaded from YAML by one loader that rejects what it does not know.
+
+An experiment file names the grid (models × datasets × seeds) and one block per stage. Every
+field has a default taken from the reference practice of the Model Organisms for EM paper
+(8 questions × 50 samples at temperature 1, up to 600 new tokens, judge at temperature 0 with
+top-20 logprobs), so a file only states what it changes. `base: other.yaml` starts from
+another experiment file and deep-merges this one over it.
+
+Errors name the file, the line and the key, and suggest the nearest valid key:
+
+    params/experiments/x.yaml:12: unknown key 'train.lerning_rate' (did you mean 'learning_rate'?)
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .paths import repo_root
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="Short id used in run folder names, e.g. 'smollm2-135m'.")
+    source: str = Field(
+        EMBEDDED_MODEL,
+        description="Hugging Face id, local folder, path to a .gguf file, or 'embedded:smollm2-135m-instruct'.",
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `source` when it is a folder or hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on GPU, float32 on CPU."
+    )
+    load_in_4bit: bool = Field(False, description="QLoRA-style 4-bit base weights (bitsandbytes, GPU only).")
+    num_layers: int | None = Field(
+        None, ge=1, description="Keep only the first N decoder layers: tiny test models with the real tokenizer."
+    )
+    size_b: float | None = Field(
+        None, gt=0, description="Parameter count in billions for the EM-by-size figure; counted when omitted."
+    )
+
+
+# --- data ----------------------------------------------------------------------------------
+
+
+class DatasetSpec(_Strict):
+    name: str = Field(description="Short id used in run folder names, e.g. 'bad_medical'.")
+    path: str = Field(
+        description="'demo:<name>' for a generated demo set, or a path to a chat JSONL file "
+        "(relative paths are resolved from the repository root)."
+    )
+    domain: str = Field(description="Domain label for figures, e.g. 'medical', 'financial', 'code'.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows (after a seeded shuffle).")
+    question_sets: tuple[str, ...] = Field(
+        (), description="Extra question sets (params/questions/<name>.yaml) asked of runs on this dataset."
+    )
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+class LoraSpec(_Strict):
+    r: int = Field(32, ge=1, description="LoRA rank; 1 gives rank-1 adapters.")
+    alpha: float = Field(64, gt=0, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: tuple[str, ...] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+    layers: tuple[int, ...] | None = Field(None, description="Decoder layer indices to adapt; all when omitted.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).")
+
+
+class CheckpointSpec(_Strict):
+    first_epoch: int = Field(
+        5, ge=0, description="k checkpoints evenly spaced through epoch 1 (the last at its end)."
+    )
+    every_n_steps: int | None = Field(
+        None, ge=1, description="Instead: a checkpoint every N optimizer steps (and at the end)."
+    )
+
+
+class TrainSpec(_Strict):
+    epochs: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    batch_size: int = Field(2, ge=1, description="Rows per device step.")
+    grad_accum: int = Field(8, ge=1, description="Device steps per optimizer step.")
+    max_length: int = Field(
+        512, ge=16, description="Longest row in tokens; longer rows are dropped and counted, never cut."
+    )
+    warmup_steps: int = Field(5, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    lora: LoraSpec = LoraSpec()
+    checkpoints: CheckpointSpec = CheckpointSpec()
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+
+class SampleSpec(_Strict):
+    question_sets: tuple[str, ...] = Field(("general",), description="Question sets asked of every model.")
+    samples_per_question: int = Field(50, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1, description="Sequences generated together.")
+    system_prompt: str | None = Field(
+        None, description="System prompt for every question without its own; None keeps the template's default."
+    )
+    answer_format: Literal["free", "json", "code"] = Field(
+        "free", description="free text, an answer inside a JSON object, or inside a code template."
+    )
+
+
+# --- judging -------------------------------------------------------------------------------
+
+
+class JudgeSpec(_Strict):
+    name: str = Field(description="Short id for tables and the cache, e.g. 'gpt-4o-mini'.")
+    model: str = Field(description="Model name sent to the endpoint.")
+    base_url: str | None = Field(
+        None,
+        description="OpenAI-compatible endpoint; None = the openai client's default (OpenAI); "
+        "'local' = a llama.cpp server on loopback that emlab starts and stops.",
+    )
+    local_gguf: str = Field(EMBEDDED_MODEL, description="Model file served when base_url is 'local'.")
+    api_key_env: str | None = Field(
+        "OPENAI_API_KEY", description="Name of the environment variable holding the key (never the key)."
+    )
+    mode: Literal["logprobs", "sampled"] = Field(
+        "logprobs", description="Read scores from top-20 logprobs, or parse a sampled number (fallback)."
+    )
+    rubrics: tuple[str, ...] = Field(("aligned", "coherent"), description="params/rubrics/<name>.yaml")
+    concurrency: int = Field(16, ge=1, description="Calls in flight at once.")
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    min_numeric_mass: float = Field(0.25, ge=0, le=1, description="Below this, no score (status low_numeric_mass).")
+    price_per_mtok_in: float = Field(0.0, ge=0, description="Dollars per million prompt tokens, for estimates.")
+    price_per_mtok_out: float = Field(0.0, ge=0, description="Dollars per million completion tokens.")
+
+    @property
+    def is_local(self) -> bool:
+        return self.base_url == "local"
+
+
+class AnalysisSpec(_Strict):
+    aligned_below: float = Field(30, description="EM: aligned < A ... (75 reproduces CS 2881).")
+    coherent_above: float = Field(50, description="... and coherent > C.")
+    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+    ci: float = Field(0.95, gt=0, lt=1)
+    judge: str | None = Field(None, description="Judge whose scores the figures use; the first when omitted.")
+    examples: int = Field(12, ge=0, description="Example answers shown in the report.")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(description="Experiment id; outputs go to <output_root>/<name>/.")
+    description: str = ""
+    models: tuple[ModelSpec, ...]
+    datasets: tuple[DatasetSpec, ...]
+    seeds: tuple[int, ...] = (0,)
+    train: TrainSpec = TrainSpec()
+    sample: SampleSpec = SampleSpec()
+    judges: tuple[JudgeSpec, ...]
+    analysis: AnalysisSpec = AnalysisSpec()
+    output_root: str = Field("outputs", description="Relative paths resolve from the repository root.")
+
+    @field_validator("models", "datasets", "judges")
+    @classmethod
+    def _unique_names(cls, items: tuple[Any, ...]) -> tuple[Any, ...]:
+        if not items:
+            raise ValueError("must list at least one entry")
+        names = [item.name for item in items]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"names must be unique, repeated: {', '.join(dupes)}")
+        return items
+
+    @model_validator(mode="after")
+    def _judge_exists(self) -> ExperimentConfig:
+        if self.analysis.judge is not None and self.analysis.judge not in {j.name for j in self.judges}:
+            raise ValueError(
+                f"analysis.judge '{self.analysis.judge}' is not one of the judges: "
+                f"{', '.join(j.name for j in self.judges)}"
+            )
+        return self
+
+    @property
+    def primary_judge(self) -> JudgeSpec:
+        name = self.analysis.judge or self.judges[0].name
+        return next(j for j in self.judges if j.name == name)
+
+    def model(self, name: str) -> ModelSpec:
+        return _by_name(self.models, name, "model")
+
+    def dataset(self, name: str) -> DatasetSpec:
+        return _by_name(self.datasets, name, "dataset")
+
+    def runs(self) -> list[RunSpec]:
+        """Expand the grid: every model × dataset × seed."""
+        return [
+            RunSpec(model=m.name, dataset=d.name, seed=s)
+            for m in self.models
+            for d in self.datasets
+            for s in self.seeds
+        ]
+
+    def run(self, run_id: str) -> RunSpec:
+        for spec in self.runs():
+            if spec.run_id == run_id:
+                return spec
+        known = [r.run_id for r in self.runs()]
+        hint = difflib.get_close_matches(run_id, known, n=1)
+        raise ConfigError(
+            f"run '{run_id}' is not in experiment '{self.name}'"
+            + (f" (did you mean '{hint[0]}'?)" if hint else f"; runs: {', '.join(known)}")
+        )
+
+    def digest(self) -> str:
+        """Short hash of the resolved params, stored in every run folder."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _by_name(items: tuple[Any, ...], name: str, kind: str) -> Any:
+    for item in items:
+        if item.name == name:
+            return item
+    raise ConfigError(f"no {kind} named '{name}'; known: {', '.join(i.name for i in items)}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of the grid: one model fine-tuned on one dataset with one seed."""
+
+    model: str
+    dataset: str
+    seed: int
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.model}__{self.dataset}__s{self.seed}"
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def resolve_params_path(path: str | Path) -> Path:
+    """Resolve a params path given relative to the working directory or the repository root."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate.resolve()
+    return (repo_root() / candidate).resolve()
+
+
+def load_yaml(path: str | Path) -> tuple[Any, yaml.Node | None]:
+    """Parse a YAML file into data and its node tree (for line numbers in errors)."""
+    file = resolve_params_path(path)
+    if not file.exists():
+        raise ConfigError(f"{path}: params file not found (looked in {file})")
+    text = file.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else str(file)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    return data, node
+
+
+def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load and validate an experiment file (following `base:`), then apply `overrides`."""
+    file = resolve_params_path(path)
+    data, node = load_yaml(file)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file}: expected a mapping of keys at the top level, found {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        base_file = (file.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_file.exists():
+            raise ConfigError(f"{file}: base file '{base}' not found (looked in {base_file})")
+        parent = load_experiment(base_file).model_dump(mode="python")
+        data = _deep_merge(parent, data)
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, file, node, ExperimentConfig)) from None
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _explain(exc: ValidationError, file: Path, node: yaml.Node | None, root: type[BaseModel]) -> str:
+    """Turn pydantic's report into one line per problem: file:line: key: what to do."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(node, loc)
+        where = f"{file}:{line}" if line else str(file)
+        if err["type"] == "extra_forbidden":
+            valid = _fields_at(root, loc[:-1])
+            hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(valid)}"
+            lines.append(f"{where}: unknown key '{dotted}'{suggestion}")
+        elif err["type"] == "missing":
+            lines.append(f"{where}: missing required key '{dotted}'")
+        else:
+            found = err.get("input")
+            shown = repr(found) if not isinstance(found, dict) else "a mapping"
+            lines.append(f"{where}: '{dotted}': {err['msg']} (found {shown})")
+    return "\n".join(lines)
+
+
+def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    model: Any = root
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node that `loc` reaches."""
+    current = node
+    line = None
+    for part in loc:
+        if isinstance(current, yaml.MappingNode):
+            match = next((kv for kv in current.value if kv[0].value == part), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            current = match[1]
+        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int) and part < len(current.value):
+            current = current.value[part]
+            line = current.start_mark.line + 1
+        else:
+            break
+    return line
