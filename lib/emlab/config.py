@@ -115,6 +115,7 @@ class TrainSpec(_Strict):
 
 class SampleSpec(_Strict):
     question_sets: tuple[str, ...] = Field(("general",), description="Question sets asked of every model.")
+    questions_per_set: int | None = Field(None, ge=1, description="Ask only the first N questions of each set.")
     samples_per_question: int = Field(50, ge=1)
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -1,0 +1,107 @@
+"""What people read: the header of every executed notebook, judge summaries, and the
+experiment's index page linking every rendered notebook with the headline table."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from .config import ExperimentConfig
+from .files import write_text
+from .records import Answer, Judgment
+
+if TYPE_CHECKING:
+    from .pipeline import ExperimentRun
+
+
+def stage_header(config: ExperimentConfig, stage: str, label: str) -> str:
+    """Markdown naming the experiment, stage, run, params digest and judges (no secrets)."""
+    from .runinfo import git_commit
+
+    judges = ", ".join(
+        f"`{j.name}` ({j.model} at {'local llama.cpp' if j.is_local else (j.base_url or 'OpenAI')})"
+        for j in config.judges
+    )
+    return (
+        f"**Experiment** `{config.name}` · **stage** `{stage}` · **for** `{label}`  \n"
+        f"params digest `{config.digest()}` · git `{git_commit() or 'n/a'}`  \n"
+        f"judges: {judges}"
+    )
+
+
+def judgment_summary(
+    judgments: Sequence[Judgment], *, answers: Sequence[Answer] | None = None, by: str | None = None
+) -> pd.DataFrame:
+    """Per judge × metric (× `by`, an Answer field such as 'step'): n, scored, mean score,
+    and the count of every unscored status."""
+    if not judgments:
+        return pd.DataFrame()
+    frame = pd.DataFrame([j.to_dict() for j in judgments])
+    keys = ["judge", "metric"]
+    if by is not None and answers is not None:
+        lookup = {a.answer_id: getattr(a, by) for a in answers}
+        frame[by] = frame["answer_id"].map(lookup)
+        keys = [by, *keys]
+    ok = frame["status"] == "ok"
+    summary = frame.groupby(keys).agg(n=("status", "size"))
+    summary["scored"] = ok.groupby([frame[k] for k in keys]).sum()
+    summary["mean_score"] = frame[ok].groupby(keys)["score"].mean().round(1)
+    counts = frame[~ok].groupby([*keys, "status"]).size().unstack(fill_value=0)
+    summary = summary.join(counts).fillna(0)
+    for column in summary.columns:
+        if column != "mean_score":
+            summary[column] = summary[column].astype(int)
+    return summary.reset_index()
+
+
+def write_index(run: ExperimentRun) -> Path:
+    """Write `<experiment>/index.html`: the headline table, the judge verdict, the figures and
+    a link to every rendered notebook with its status and time."""
+    from .stages import experiment_paths
+
+    paths = experiment_paths(run.config)
+    root = paths.root
+    analysis = paths.analysis
+    parts = [
+        f"<h1>emlab · {html.escape(run.config.name)}</h1>",
+        f"<p>{html.escape(run.config.description)}</p>",
+    ]
+    summary_file = analysis / "summary.json"
+    if summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        css = "warn" if not summary.get("judge_fit", False) else "ok"
+        parts.append(f"<div class='{css}'>{summary.get('judge_note_html', '')}</div>")
+    headline = analysis / "headline.csv"
+    if headline.exists():
+        parts.append("<h2>Baseline vs final checkpoint</h2>")
+        parts.append(pd.read_csv(headline).to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="–"))
+    figures = sorted(analysis.glob("fig_*.png"))
+    if figures:
+        parts.append("<h2>Figures</h2>")
+        parts += [
+            f"<figure><img src='{f.relative_to(root)}' alt='{f.stem}'><figcaption>"
+            f"<a href='{f.with_suffix('.html').relative_to(root)}'>{f.stem} (interactive)</a></figcaption></figure>"
+            for f in figures
+        ]
+    parts.append("<h2>Executed notebooks</h2><table><tr><th>stage</th><th>for</th><th>status</th><th>time</th></tr>")
+    for r in run.records:
+        link = (
+            f"<a href='{r.html.relative_to(root)}'>{r.stage}</a>" if r.html.exists() else r.stage
+        )
+        status = r.status + (f": {html.escape(r.error or '')}" if r.error else "")
+        parts.append(f"<tr><td>{link}</td><td>{html.escape(r.label)}</td><td>{status}</td><td>{r.seconds:.0f} s</td></tr>")
+    parts.append("</table>")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        ".warn{background:#fff3cd;border:1px solid #e0b000;padding:8px}.ok{background:#e8f5e9;padding:8px}"
+        "img{max-width:100%}"
+    )
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>emlab · {html.escape(run.config.name)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    write_text(paths.index, page)
+    return paths.index
