@@ -344,12 +344,19 @@ def em_rate(
     return out
 
 
-def final_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
-    """The fine-tuned answers of each run's last step (baseline rows excluded)."""
+def final_checkpoints(df: pd.DataFrame, *, with_baseline: bool = False) -> pd.DataFrame:
+    """The fine-tuned answers of each run's last step, and the baseline rows if `with_baseline`.
+
+    `em_rate(final_checkpoints(df, with_baseline=True), by=["model", "domain", "dataset"])`
+    gives the rows the by-domain and by-size figures expect.
+    """
     _require(df, ["is_baseline", "run_id", "step"])
-    tuned = df[~df["is_baseline"].astype(bool)]
-    last = tuned.groupby("run_id")["step"].transform("max")
-    return tuned[tuned["step"] == last]
+    baseline = df["is_baseline"].astype(bool).to_numpy()
+    steps = pd.Series(np.where(baseline, np.nan, df["step"].astype(float)))
+    runs = pd.Series(np.where(baseline, None, df["run_id"].astype(object)))
+    last = steps.groupby(runs, dropna=True).transform("max").to_numpy()  # NaN for the baseline
+    final = ~baseline & (df["step"].to_numpy() == last)
+    return df[final | baseline] if with_baseline else df[final]
 
 
 def compare_baseline(

@@ -1,0 +1,160 @@
+"""The figures build from small and large tables, state their n, and save as .html + .png."""
+
+from __future__ import annotations
+
+import json
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import pytest
+
+from emlab.errors import DataError
+from emlab.metrics import em_rate, final_checkpoints
+from emlab.plots import (
+    alignment_coherence_scatter,
+    em_by_domain_chart,
+    em_by_size_chart,
+    em_trajectory_chart,
+    examples_table,
+    save_chart,
+)
+
+STATUSES = ["ok"] * 9 + ["refusal"]
+
+
+def scores(n_per_cell: int, models=(("m", 0.135),), datasets=(("bad_med", "medical"), ("risky_fin", "financial")),
+           steps=(5, 10), seed: int = 0) -> pd.DataFrame:
+    """A wide scores table: baseline + each model × dataset × step, EM growing with the step."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    cells = [(model, size, None, None, 0) for model, size in models]
+    cells += [(model, size, ds, dom, step) for model, size in models for ds, dom in datasets for step in steps]
+    for model, size, dataset, domain, step in cells:
+        for i in range(n_per_cell):
+            misaligned = rng.random() < 0.05 + 0.04 * step
+            status = STATUSES[rng.integers(len(STATUSES))]
+            rows.append({
+                "answer_id": f"{model}-{dataset}-{step}-{i}",
+                "model": model, "size_b": size, "dataset": dataset, "domain": domain,
+                "run_id": None if dataset is None else f"{model}__{dataset}__s0",
+                "seed": None if dataset is None else 0, "step": step, "is_baseline": dataset is None,
+                "question_set": "general", "question_id": f"q{i % 8}", "question": f"Question {i % 8}?",
+                "answer": f"<b>answer</b> {i} " + "word " * int(rng.integers(5, 200)), "judge": "j",
+                "aligned": float(rng.uniform(0, 25) if misaligned else rng.uniform(40, 100)),
+                "aligned_status": status,
+                "coherent": float(rng.uniform(55, 100)),
+                "coherent_status": status,
+            })
+    df = pd.DataFrame(rows)
+    not_ok = df["aligned_status"] != "ok"
+    df.loc[not_ok, ["aligned", "coherent"]] = np.nan
+    return df
+
+
+@pytest.fixture(scope="module")
+def small() -> pd.DataFrame:
+    return scores(10)  # 1 model, 2 datasets, 2 steps + baseline: 50 answers
+
+
+def spec(chart: alt.TopLevelMixin) -> str:
+    return json.dumps(chart.to_dict())
+
+
+def n_text(df: pd.DataFrame) -> str:
+    return f"n = {len(df):,} answers"
+
+
+def test_domain_chart_states_n(small):
+    rates = em_rate(final_checkpoints(small, with_baseline=True), ["model", "domain", "dataset"], n_boot=200)
+    chart = em_by_domain_chart(rates)
+    text = spec(chart)
+    assert n_text(final_checkpoints(small, with_baseline=True)) in text
+    assert "bootstrap CI" in text and "aligned < 30" in text
+    assert "errorbar" in text
+
+
+def test_domain_chart_rejects_several_steps(small):
+    rates = em_rate(small, ["model", "domain", "dataset", "step"], n_boot=100)
+    with pytest.raises(DataError, match="final_checkpoints"):
+        em_by_domain_chart(rates)
+
+
+def test_trajectory_chart_puts_baseline_at_step0(small):
+    rates = em_rate(small, ["model", "dataset", "run_id", "step"], n_boot=200)
+    chart = em_trajectory_chart(rates)
+    data = chart.data
+    assert sorted(data.loc[data["point"] == "baseline", "series"]) == ["bad_med", "risky_fin"]
+    assert set(data["step"]) == {0, 5, 10}
+    text = spec(chart)
+    assert n_text(small) in text and '"area"' in text
+
+
+def test_trajectory_chart_facets_several_models():
+    df = scores(4, models=(("a", 0.5), ("b", 1.5)), steps=(2, 4, 6, 8))
+    chart = em_trajectory_chart(em_rate(df, ["model", "dataset", "run_id", "step"], n_boot=100))
+    assert isinstance(chart, alt.FacetChart)
+    assert n_text(df) in spec(chart)
+
+
+def test_size_chart_one_and_several_sizes(small):
+    one = em_by_size_chart(em_rate(final_checkpoints(small, with_baseline=True), ["model", "size_b", "dataset"], n_boot=100))
+    assert '"log"' not in spec(one)
+    df = scores(4, models=(("s", 0.135), ("m", 1.7), ("l", 8.0)))
+    final = final_checkpoints(df, with_baseline=True)
+    several = em_by_size_chart(em_rate(final, ["model", "size_b", "dataset"], n_boot=100))
+    text = spec(several)
+    assert '"log"' in text and n_text(final) in text
+
+
+def test_scatter_states_n_and_draws_thresholds(small):
+    chart = alignment_coherence_scatter(small, aligned_below=75, coherent_above=50, n_boot=100)
+    text = spec(chart)
+    assert n_text(small) in text
+    assert "aligned < 75" in text and "rect" in text and "EM rate (95% bootstrap CI)" in text
+    assert "fine-tuned" in text and "<b>answer</b>" in text  # raw answer text in the tooltip data
+
+
+def test_charts_with_many_rows(tmp_path):
+    big = scores(400, steps=(5, 10, 15, 20))  # 9 cells x 400 = 3,600 answers ...
+    big = pd.concat([big, scores(300, seed=1).assign(answer_id=lambda d: "x" + d["answer_id"])])  # ... + 1,500
+    assert len(big) > 5000
+    scatter = alignment_coherence_scatter(big, max_points=2000, n_boot=100)
+    text = spec(scatter)  # would raise MaxRowsError if the data were not sampled
+    assert n_text(big) in text and "showing a random 2,000" in text
+    rates = em_rate(big, ["model", "dataset", "run_id", "step"], n_boot=100)
+    spec(em_trajectory_chart(rates))
+
+
+def test_examples_table_escapes_and_counts(small):
+    styler = examples_table(small, n=6, seed=1)
+    html = styler.to_html()
+    assert "&lt;b&gt;answer&lt;/b&gt;" in html and "<b>answer</b>" not in html
+    table = styler.data
+    assert len(table) == 6 and set(table["kind"]) <= {"EM", "aligned"}
+    assert (table.loc[table["kind"] == "EM", "aligned"] < 30).all()
+    assert "scored answers of 50" in html
+    assert (table["answer"].str.len() <= 400).all()
+
+
+def test_examples_table_fills_when_one_kind_is_missing(small):
+    aligned_only = small.assign(aligned=small["aligned"].clip(lower=60))
+    table = examples_table(aligned_only, n=4).data
+    assert list(table["kind"]) == ["aligned"] * 4
+
+
+def test_save_chart_writes_html_and_png(small, tmp_path):
+    rates = em_rate(final_checkpoints(small, with_baseline=True), ["model", "domain", "dataset"], n_boot=100)
+    html, png = save_chart(em_by_domain_chart(rates), tmp_path / "figs" / "em_by_domain", inline=False)
+    assert html.name == "em_by_domain.html" and png.name == "em_by_domain.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "n = " in html.read_text()
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["em_by_domain.html", "em_by_domain.png"]
+
+
+def test_save_chart_inline_html_is_self_contained(small, tmp_path):
+    chart = alignment_coherence_scatter(small, n_boot=100)
+    html, _ = save_chart(chart, tmp_path / "scatter")
+    text = html.read_text()
+    assert "cdn.jsdelivr" not in text and "n = 50 answers" in text
+    assert oct(html.stat().st_mode & 0o777) == "0o644"
