@@ -33,7 +33,7 @@ def notebooks_dir() -> Path:
 def preflight(config: ExperimentConfig) -> None:
     """Check every input before any model is loaded: question sets, rubrics, datasets, models,
     device options, judge keys. Raises the first problem as one clear `EmlabError`."""
-    from .data import load_chat_dataset
+    from .data.chat import load_chat_dataset
     from .judge import load_rubric
     from .models import check_model_options, resolve_device, resolve_source
     from .questions import load_question_set

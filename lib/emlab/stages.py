@@ -182,18 +182,18 @@ class FinetuneResult:
 
 def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     """02_finetune: LoRA on the run's dataset; adapters at the scheduled checkpoints."""
-    from .data import load_chat_dataset
+    from .data.chat import load_chat_dataset
     from .finetune import encode_chat_rows, train_lora
     from .models import load_model, resolve_device
 
     run = config.run(run_id)
     spec, dataset = config.model(run.model), config.dataset(run.dataset)
     folder = experiment_paths(config).run(run_id)
+    rows = load_chat_dataset(dataset, seed=run.seed)
     record_stage(folder, "02_finetune", {
         "model": spec.model_dump(mode="json"), "dataset": dataset.model_dump(mode="json"),
-        "seed": run.seed, "train": config.train.model_dump(mode="json"),
+        "data_digest": rows.digest, "seed": run.seed, "train": config.train.model_dump(mode="json"),
     })
-    rows = load_chat_dataset(dataset, seed=run.seed)
     device = resolve_device(config.train.device)
     model, tokenizer = load_model(spec, device)
     encoded = encode_chat_rows(rows, tokenizer, config.train.max_length, source=dataset.path)
