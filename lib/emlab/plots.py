@@ -17,6 +17,7 @@ altair's 5,000-row guard never trips and reports stay small.
 
 from __future__ import annotations
 
+import html
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -397,7 +398,7 @@ def examples_table(
     return (
         table.style.hide(axis="index")
         .format({"aligned": "{:.0f}", "coherent": "{:.0f}"}, escape="html")
-        .set_caption(caption)
+        .set_caption(html.escape(caption))
         .set_properties(subset=["question", "answer"], **{"text-align": "left", "white-space": "pre-wrap",
                                                             "max-width": "36em"})
         .set_table_styles([{"selector": "td", "props": "vertical-align: top;"}])
@@ -417,9 +418,9 @@ def save_chart(chart: alt.TopLevelMixin, path: str | Path, *, scale: float = 2.0
     html_path, png_path = base.with_name(base.name + ".html"), base.with_name(base.name + ".png")
     spec = chart.to_dict()
     png = vlc.vegalite_to_png(spec, scale=scale)  # render first: a bad spec writes nothing
-    html = chart.to_html(inline=inline)
+    page = chart.to_html(inline=inline)
     with atomic_open(html_path, "w") as handle:
-        handle.write(html)
+        handle.write(page)
     with atomic_open(png_path, "wb") as handle:
         handle.write(png)
     for written in (html_path, png_path):
