@@ -33,14 +33,13 @@ class Prompt:
     question_set: str
     question_id: str
     question: str  # the question as the researcher wrote it
-    user_message: str  # what the model sees (with the answer-format wrapper, if any)
-    system_prompt: str | None  # None: the chat template's default
+    messages: tuple[dict[str, str], ...]  # what the model sees, system turn (if any) included
 
-
-def chat_messages(prompt: Prompt) -> list[dict[str, str]]:
-    """The messages sent for `prompt`; the system prompt is never dropped."""
-    messages = [{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt is not None else []
-    return messages + [{"role": "user", "content": prompt.user_message}]
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt sent; None leaves the chat template's default."""
+        first = self.messages[0]
+        return first["content"] if first["role"] == "system" else None
 
 
 def _batch_seed(seed: int, label: str, index: int) -> int:
@@ -81,7 +80,7 @@ def sample_answers(
     for b, idx in todo:
         batch = [items[i] for i in idx]
         texts = [
-            tokenizer.apply_chat_template(chat_messages(p), tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template(list(p.messages), tokenize=False, add_generation_prompt=True)
             for p, _ in batch
         ]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)

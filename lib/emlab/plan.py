@@ -55,4 +55,4 @@ def plan_experiment(config: ExperimentConfig) -> pd.DataFrame:
 
 
 def _mean_chars(prompts: list) -> int:
-    return round(sum(len(p.user_message) for p in prompts) / max(len(prompts), 1))
+    return round(sum(len(m["content"]) for p in prompts for m in p.messages) / max(len(prompts), 1))

@@ -48,7 +48,7 @@ def question_sets_for(config: ExperimentConfig, dataset: DatasetSpec | None) -> 
 def build_prompts(config: ExperimentConfig, set_names: Sequence[str]) -> list:
     """The prompts of `set_names`, formatted for the experiment's answer format."""
     from .generate import Prompt
-    from .questions import format_prompt, load_question_set
+    from .questions import load_question_set, question_messages
 
     prompts = []
     for name in set_names:
@@ -56,14 +56,11 @@ def build_prompts(config: ExperimentConfig, set_names: Sequence[str]) -> list:
         if config.sample.questions_per_set is not None:
             questions = questions[: config.sample.questions_per_set]
         for q in questions:
-            prompts.append(Prompt(
-                question_set=name,
-                question_id=q.id,
-                question=q.text,
-                user_message=format_prompt(q, config.sample.answer_format),
-                # a question's own system prompt wins over the experiment's default
-                system_prompt=q.system_prompt if q.system_prompt is not None else config.sample.system_prompt,
-            ))
+            # a question's own system prompt and format win over the experiment's defaults
+            messages = question_messages(
+                q, default_system_prompt=config.sample.system_prompt, answer_format=config.sample.answer_format
+            )
+            prompts.append(Prompt(question_set=name, question_id=q.id, question=q.text, messages=tuple(messages)))
     return prompts
 
 
