@@ -158,3 +158,14 @@ def test_save_chart_inline_html_is_self_contained(small, tmp_path):
     text = html.read_text()
     assert "cdn.jsdelivr" not in text and "n = 50 answers" in text
     assert oct(html.stat().st_mode & 0o777) == "0o644"
+
+
+def test_training_loss_chart():
+    from emlab.plots import training_loss_chart
+
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 41)
+    log = pd.DataFrame({"step": steps, "epoch": steps / 20, "loss": 2.5 * np.exp(-steps / 15) + rng.normal(0, 0.05, 40)})
+    text = spec(training_loss_chart(log, (8, 16, 24, 32, 40)))
+    assert "n = 40 optimizer steps" in text and "5 checkpoints" in text
+    assert "n = 0 optimizer steps" in spec(training_loss_chart(pd.DataFrame()))

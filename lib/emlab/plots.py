@@ -7,6 +7,7 @@ Every chart takes a table from `emlab.metrics` and returns an altair chart:
 - `em_by_size_chart(rates)`       EM rate against model size (billions), CI error bars
 - `alignment_coherence_scatter`   one point per scored answer, EM quadrant shaded
 - `examples_table`                EM and aligned example answers (a pandas Styler)
+- `training_loss_chart`           loss per optimizer step with a rolling mean, checkpoints marked
 - `save_chart`                    .html (self-contained, works offline) and .png, atomically
 
 Titles carry n (answers, scored and unscored); subtitles carry the EM rule and the CI level,
@@ -402,6 +403,54 @@ def examples_table(
         .set_properties(subset=["question", "answer"], **{"text-align": "left", "white-space": "pre-wrap",
                                                             "max-width": "36em"})
         .set_table_styles([{"selector": "td", "props": "vertical-align: top;"}])
+    )
+
+
+# --- training loss -------------------------------------------------------------------------
+
+
+def training_loss_chart(losses: pd.DataFrame, checkpoint_steps: Sequence[int] = ()) -> alt.Chart | alt.LayerChart:
+    """Training loss per optimizer step, its rolling mean, and the checkpoint steps as rules.
+
+    `losses`: rows of train_log.jsonl (columns step, loss; epoch optional). A single step's
+    loss is one noisy minibatch, so the line is a centred rolling mean over ~5% of the steps
+    (at least 1) with the spread of the raw points around it as a band (± one rolling
+    standard deviation). An empty log gives a chart that says so instead of failing.
+    """
+    if losses.empty or "loss" not in losses.columns:
+        note = pd.DataFrame({"text": ["no training log yet (train_log.jsonl is empty or missing)"]})
+        return alt.Chart(note).mark_text(size=14).encode(text="text:N").properties(
+            title=alt.TitleParams("Training loss", subtitle=["n = 0 optimizer steps logged"], anchor="start"),
+            width=420, height=60,
+        )
+    _need(losses, ["step", "loss"], "training_loss_chart")
+    data = losses[["step", "loss"]].dropna().sort_values("step").drop_duplicates("step", keep="last")
+    window = max(1, round(len(data) * 0.05))
+    rolling = data["loss"].rolling(window, center=True, min_periods=1)
+    data = data.assign(mean=rolling.mean(), sd=rolling.std().fillna(0))
+    data = data.assign(low=data["mean"] - data["sd"], high=data["mean"] + data["sd"])
+
+    x = alt.X("step:Q", title="optimizer step")
+    base = alt.Chart(data).encode(x=x)
+    raw = base.mark_circle(size=12, opacity=0.35, color="gray").encode(
+        y=alt.Y("loss:Q", title="training loss", scale=alt.Scale(zero=False)),
+        tooltip=["step:Q", alt.Tooltip("loss:Q", format=".4f")],
+    )
+    band = base.mark_area(opacity=0.2).encode(y="low:Q", y2="high:Q")
+    line = base.mark_line().encode(y="mean:Q")
+    layers: list[alt.Chart] = [band, raw, line]
+    if len(checkpoint_steps):
+        marks = pd.DataFrame({"step": sorted(int(s) for s in checkpoint_steps)})
+        layers.append(alt.Chart(marks).mark_rule(strokeDash=[4, 4], color="#d62728").encode(
+            x="step:Q", tooltip=[alt.Tooltip("step:Q", title="checkpoint")]
+        ))
+    subtitle = [
+        f"n = {len(data):,} optimizer steps logged; line: rolling mean over {window} steps, "
+        "band: ± 1 rolling SD",
+        f"dashed: {len(checkpoint_steps)} checkpoints" if len(checkpoint_steps) else "no checkpoints given",
+    ]
+    return alt.layer(*layers).properties(
+        title=alt.TitleParams("Training loss", subtitle=subtitle, anchor="start"), width=460, height=240
     )
 
 
