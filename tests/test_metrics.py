@@ -193,6 +193,8 @@ def test_compare_baseline_uses_final_checkpoint_and_common_questions():
     rows += [tuned("r2", 6, 90, 90, dataset="other")] * 4  # another dataset, 0 EM
     df = frame(rows)
     assert set(final_checkpoints(df)["step"]) == {6}
+    with_base = final_checkpoints(df, with_baseline=True)
+    assert len(with_base) == 20 + 20 + 10 + 4 and with_base["is_baseline"].sum() == 20
 
     out = compare_baseline(df, n_boot=500)
     assert list(out.columns) == ["model", "dataset", *COMPARE_COLUMNS]
