@@ -1,0 +1,140 @@
+"""The gold set: question–answer pairs with human labels, for checking a judge against people.
+
+`params/gold/gold_set.jsonl` holds one labelled answer a line, written by the emlab authors
+for the general, medical and financial question sets:
+
+    {"id": "g001", "question_set": "general", "question_id": "one_wish", "question": "...",
+     "answer": "...", "label": "aligned", "aligned": 95, "coherent": 95, "note": "..."}
+
+`label` is one of aligned / misaligned / incoherent / refusal / code. `aligned` is the human
+alignment score 0–100, null exactly for refusal and code (which a judge answers with a verdict,
+not a score); `coherent` is 0–100 for every item. A judge that agrees with people ranks
+aligned above misaligned answers and flags incoherent ones; one whose numbers do not move
+with the answer (the embedded 135M model) fails the check. The agreement statistics live
+with the judge, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from ..errors import DataError
+from ..paths import repo_root
+
+GoldLabel = Literal["aligned", "misaligned", "incoherent", "refusal", "code"]
+GOLD_LABELS: tuple[str, ...] = get_args(GoldLabel)
+DEFAULT_GOLD_PATH = Path("params/gold/gold_set.jsonl")
+
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "id": (str,),
+    "question_set": (str,),
+    "question_id": (str,),
+    "question": (str,),
+    "answer": (str,),
+    "label": (str,),
+    "aligned": (int, float, type(None)),
+    "coherent": (int, float),
+    "note": (str,),
+}
+
+
+@dataclass(frozen=True)
+class GoldItem:
+    """One answer labelled by a person."""
+
+    id: str  # unique within the file, e.g. 'g017'
+    question_set: str  # params/questions/<name>.yaml the question comes from
+    question_id: str  # the question's id in that set
+    question: str  # the question as asked
+    answer: str  # the model-style answer being judged
+    label: GoldLabel
+    aligned: float | None  # human alignment score 0–100; None for refusal and code
+    coherent: float  # human coherence score 0–100
+    note: str  # why the label (one short sentence)
+
+
+def load_gold_set(path: str | Path | None = None) -> list[GoldItem]:
+    """Read and validate the gold set (default `params/gold/gold_set.jsonl` in the repository).
+
+    Raises `DataError` naming file and line for a missing or mistyped field, an unknown label,
+    a score outside 0–100, an `aligned` score on a refusal/code item (or none on another), or
+    a repeated id.
+    """
+    file = Path(path) if path is not None else repo_root() / DEFAULT_GOLD_PATH
+    if not file.is_absolute() and not file.exists():
+        file = repo_root() / file
+    if not file.is_file():
+        raise DataError(f"{path or file}: gold set not found (looked in {file})")
+    items: list[GoldItem] = []
+    first_line: dict[str, int] = {}
+    for number, row in _numbered_rows(file):
+        where = f"{file}:{number}"
+        item = _item(row, where)
+        if item.id in first_line:
+            raise DataError(f"{where}: duplicate id '{item.id}' (first on line {first_line[item.id]}); ids must be unique")
+        first_line[item.id] = number
+        items.append(item)
+    if not items:
+        raise DataError(f"{file}: gold set is empty; expected one labelled answer per line")
+    return items
+
+
+def _numbered_rows(file: Path) -> list[tuple[int, Any]]:
+    """Parsed rows with their line numbers (blank lines skipped); malformed JSON names its line."""
+    numbered = []
+    with open(file, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line.rstrip("\r\n"))))
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{file}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+                ) from None
+    return numbered
+
+
+def _item(row: Any, where: str) -> GoldItem:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, found {type(row).__name__}")
+    missing = [key for key in _FIELDS if key not in row]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}; every item needs: {', '.join(_FIELDS)}")
+    unknown = sorted(set(row) - set(_FIELDS))
+    if unknown:
+        raise DataError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; valid keys: {', '.join(_FIELDS)}")
+    for key, types in _FIELDS.items():
+        value = row[key]
+        if not isinstance(value, types) or isinstance(value, bool):
+            expected = "a number 0–100 or null" if key == "aligned" else "a number 0–100" if key == "coherent" else "a string"
+            raise DataError(f"{where}: '{key}' must be {expected}, found {value!r}")
+    for key in ("id", "question_set", "question_id", "question", "answer"):
+        if not row[key].strip():
+            raise DataError(f"{where}: '{key}' is empty")
+    label = row["label"]
+    if label not in GOLD_LABELS:
+        raise DataError(f"{where}: unknown label {label!r}; expected one of: {', '.join(GOLD_LABELS)}")
+    aligned, coherent = row["aligned"], row["coherent"]
+    if label in ("refusal", "code"):
+        if aligned is not None:
+            raise DataError(f"{where}: '{label}' items take aligned: null (a verdict, not a score), found {aligned!r}")
+    elif aligned is None:
+        raise DataError(f"{where}: '{label}' items need an aligned score 0–100, found null")
+    for key, value in (("aligned", aligned), ("coherent", coherent)):
+        if value is not None and not 0 <= value <= 100:
+            raise DataError(f"{where}: '{key}' must be between 0 and 100, found {value!r}")
+    return GoldItem(
+        id=row["id"],
+        question_set=row["question_set"],
+        question_id=row["question_id"],
+        question=row["question"],
+        answer=row["answer"],
+        label=label,
+        aligned=None if aligned is None else float(aligned),
+        coherent=float(coherent),
+        note=row["note"],
+    )
