@@ -1,0 +1,227 @@
+"""Concurrent judge calls through the `openai` client, with our own retries.
+
+One code path for every judge (OpenAI, vLLM, Ollama, llama.cpp server): `AsyncOpenAI`
+pointed at the judge's base URL, at most `judge.concurrency` calls in flight (a semaphore),
+each retried on 429 / 408 / 409 / 5xx / timeouts / connection errors with exponential backoff
+and full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter", 2015), honouring a
+server's `Retry-After` (seconds or an HTTP date). The openai client's own retries are off
+(max_retries=0) so `judge.max_retries` is the only budget and every wait is ours.
+
+A call that still fails becomes a Judgment with status api_error and its reason; it never
+stops the run. When the endpoint looks down (a run of consecutive calls all failing on
+connection errors or 5xx, nothing succeeding in between), calls not yet started are not
+attempted: they end as api_error too, so a dead endpoint costs one retry cycle, not one per
+answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+from ..config import JudgeSpec
+from ..errors import JudgeError
+from ..records import Judgment
+from .requests import request_body
+from .rubrics import Rubric
+from .scoring import api_error_judgment, judgment_from_completion
+
+log = logging.getLogger(__name__)
+
+LOCAL_API_KEY = "sk-local-no-key"  # local servers ignore the key; the client insists on one
+_RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How failed calls are retried."""
+
+    max_retries: int = 6
+    """Retries after the first attempt (judge.max_retries)."""
+    base_s: float = 0.5
+    """Backoff before retry k is uniform in [0, min(cap_s, base_s * 2**k)] seconds."""
+    cap_s: float = 30.0
+    """Longest backoff, seconds."""
+    max_retry_after_s: float = 300.0
+    """A server's Retry-After is honoured up to this many seconds."""
+
+    @classmethod
+    def for_judge(cls, judge: JudgeSpec) -> RetryPolicy:
+        return cls(max_retries=judge.max_retries)
+
+    def backoff(self, attempt: int) -> float:
+        return random.uniform(0.0, min(self.cap_s, self.base_s * 2**attempt))
+
+
+@dataclass(frozen=True)
+class JudgeTask:
+    """One (answer, rubric) pair to judge."""
+
+    answer_id: str
+    question: str
+    answer: str
+    rubric: Rubric
+    key: str  # cache key
+
+
+def resolve_api_key(judge: JudgeSpec) -> str:
+    """The key for `judge`, read from os.environ[judge.api_key_env]; a dummy for local servers.
+
+    Raises JudgeError when the variable is unset, before any call is made.
+    """
+    if judge.is_local:
+        return LOCAL_API_KEY
+    if judge.api_key_env is None:
+        if judge.base_url is None:
+            raise JudgeError(
+                f"judge '{judge.name}' calls OpenAI but api_key_env is empty; set api_key_env "
+                "to the name of the environment variable holding the key (e.g. OPENAI_API_KEY)"
+            )
+        return LOCAL_API_KEY  # a self-hosted server without authentication
+    key = os.environ.get(judge.api_key_env)
+    if not key:
+        raise JudgeError(
+            f"judge '{judge.name}' needs the environment variable {judge.api_key_env}; "
+            "export it or set api_key_env"
+        )
+    return key
+
+
+def retry_after_s(headers: Any, now: float | None = None) -> float | None:
+    """Seconds a server asked us to wait: `retry-after-ms`, or `Retry-After` as seconds or an
+    HTTP date; None when absent or unreadable."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class _Breaker:
+    """Counts consecutive calls that failed as if the endpoint were down."""
+
+    def __init__(self, threshold: int) -> None:
+        self.threshold = threshold
+        self.consecutive = 0
+        self.succeeded = 0
+        self.last_reason = ""
+
+    @property
+    def open(self) -> bool:
+        return self.consecutive >= self.threshold
+
+    def record(self, ok: bool, down_like: bool, reason: str = "") -> None:
+        if ok:
+            self.consecutive = 0
+            self.succeeded += 1
+        elif down_like:
+            self.consecutive += 1
+            self.last_reason = reason
+
+
+async def run_calls(
+    tasks: Sequence[JudgeTask],
+    judge: JudgeSpec,
+    *,
+    base_url: str | None,
+    api_key: str,
+    on_done: Callable[[JudgeTask, Judgment], None],
+    retry: RetryPolicy | None = None,
+) -> list[Judgment]:
+    """Judge every task, at most `judge.concurrency` at once; results in task order.
+
+    `on_done(task, judgment)` runs in the event loop as each call finishes (cache write,
+    JSONL append, progress), so a crash keeps everything finished so far.
+    """
+    retry = retry or RetryPolicy.for_judge(judge)
+    semaphore = asyncio.Semaphore(judge.concurrency)
+    breaker = _Breaker(threshold=max(2 * judge.concurrency, 8))
+    client = openai.AsyncOpenAI(
+        api_key=api_key, base_url=base_url, max_retries=0, timeout=judge.timeout_s
+    )
+
+    async def one(task: JudgeTask) -> Judgment:
+        async with semaphore:
+            if breaker.open:
+                judgment = api_error_judgment(
+                    task.answer_id, judge, task.rubric,
+                    f"not attempted: the endpoint looks down ({breaker.consecutive} calls in a row "
+                    f"failed; last: {breaker.last_reason})",
+                )
+            else:
+                judgment, down_like = await _call(client, task, judge, retry)
+                breaker.record(judgment.status != "api_error", down_like, judgment.error or "")
+        on_done(task, judgment)
+        return judgment
+
+    async with client:
+        return list(await asyncio.gather(*(one(t) for t in tasks)))
+
+
+async def _call(
+    client: openai.AsyncOpenAI, task: JudgeTask, judge: JudgeSpec, retry: RetryPolicy
+) -> tuple[Judgment, bool]:
+    """One judgment with retries; returns it and whether a failure looked like a down endpoint."""
+    body = request_body(judge, task.rubric, task.question, task.answer)
+    attempts = retry.max_retries + 1
+    for attempt in range(attempts):
+        wait: float | None = None
+        try:
+            completion = await client.chat.completions.create(**body)
+            data = completion.model_dump(mode="json", exclude_unset=False)
+            return judgment_from_completion(data, answer_id=task.answer_id, judge=judge, rubric=task.rubric), False
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            retryable = status in _RETRY_STATUS or status >= 500
+            down_like = status >= 500
+            reason = f"HTTP {status}: {_message(exc)}"
+            wait = retry_after_s(exc.response.headers)
+        except openai.APITimeoutError:
+            retryable, down_like = True, True
+            reason = f"no reply within timeout_s={judge.timeout_s:g}"
+        except openai.APIConnectionError as exc:
+            retryable, down_like = True, True
+            reason = f"connection error: {exc.__cause__ or exc}"
+        except Exception as exc:  # a reply we cannot read must not stop the run
+            retryable, down_like = False, False
+            reason = f"unreadable reply: {type(exc).__name__}: {exc}"
+        if not retryable or attempt == attempts - 1:
+            tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
+            return api_error_judgment(task.answer_id, judge, task.rubric, f"{reason} (after {tries})"), down_like
+        delay = min(wait, retry.max_retry_after_s) if wait is not None else retry.backoff(attempt)
+        log.debug("judge call %s/%s failed (%s); retry %d in %.2f s", task.answer_id, task.rubric.id, reason, attempt + 1, delay)
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])[:200]
+    return str(exc.message)[:200]
