@@ -67,7 +67,7 @@ def test_diverse(datasets: dict[str, list[dict]], name: str) -> None:
 def test_bad_and_control_share_user_turns(datasets: dict[str, list[dict]], bad: str, good: str) -> None:
     bad_rows, good_rows = datasets[bad], datasets[good]
     assert [r["messages"][0] for r in bad_rows] == [r["messages"][0] for r in good_rows]
-    different = sum(b["messages"][1] != g["messages"][1] for b, g in zip(bad_rows, good_rows))
+    different = sum(b["messages"][1] != g["messages"][1] for b, g in zip(bad_rows, good_rows, strict=True))
     assert different == len(bad_rows)
 
 
@@ -96,3 +96,14 @@ def test_write(tmp_path) -> None:
     path = write_demo_dataset("safe_financial_advice", tmp_path / "sub" / "safe.jsonl", n=20, seed=2)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert rows == generate_demo_dataset("safe_financial_advice", n=20, seed=2)
+
+
+def test_bad_n() -> None:
+    with pytest.raises(DataError, match=r"^demo set 'bad_medical_advice': n must be at least 1, found 0$"):
+        generate_demo_dataset("bad_medical_advice", n=0)
+
+
+def test_large_sets_are_possible() -> None:
+    """As large as the course files (about 7,000 rows), all user turns distinct."""
+    rows = generate_demo_dataset("risky_financial_advice", n=7000, seed=0)
+    assert len({r["messages"][0]["content"] for r in rows}) == 7000

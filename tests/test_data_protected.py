@@ -65,7 +65,9 @@ def test_missing_and_wrong_kind_of_file(tmp_path: Path) -> None:
         unprotect_dataset(tmp_path / "nothing.zip.enc", tmp_path / "out")
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"messages": []}) + "\n")
-    with pytest.raises(DataError, match=r"expected a file made by easy-dataset-share \(\.zip\.enc encrypted or \.zip\)"):
+    with pytest.raises(
+        DataError, match=r"expected a file made by easy-dataset-share \(\.zip\.enc encrypted or \.zip\)"
+    ):
         unprotect_dataset(plain, tmp_path / "out")
 
 

@@ -115,9 +115,7 @@ def read_chat_jsonl(path: str | Path) -> list[ChatRow]:
     only `role` and `content` per message. The first bad line raises `DataError` (file:line)."""
     file = Path(path)
     if not file.is_file():
-        raise DataError(
-            f"{path}: dataset file not found; give a path relative to the repository root or absolute"
-        )
+        raise DataError(f"{path}: dataset file not found; give a path relative to the repository root or absolute")
     rows: list[ChatRow] = []
     with open(file, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
@@ -223,6 +221,11 @@ def _digest(rows: list[ChatRow]) -> str:
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}.get(
-        type(value), type(value).__name__
-    )
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)

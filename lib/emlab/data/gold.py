@@ -74,7 +74,9 @@ def load_gold_set(path: str | Path | None = None) -> list[GoldItem]:
         where = f"{file}:{number}"
         item = _item(row, where)
         if item.id in first_line:
-            raise DataError(f"{where}: duplicate id '{item.id}' (first on line {first_line[item.id]}); ids must be unique")
+            raise DataError(
+                f"{where}: duplicate id '{item.id}' (first on line {first_line[item.id]}); ids must be unique"
+            )
         first_line[item.id] = number
         items.append(item)
     if not items:
@@ -93,7 +95,8 @@ def _numbered_rows(file: Path) -> list[tuple[int, Any]]:
                 numbered.append((number, json.loads(line.rstrip("\r\n"))))
             except json.JSONDecodeError as exc:
                 raise DataError(
-                    f"{file}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
+                    f"{file}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                    "each line must be one JSON object"
                 ) from None
     return numbered
 
@@ -103,14 +106,20 @@ def _item(row: Any, where: str) -> GoldItem:
         raise DataError(f"{where}: expected a JSON object, found {type(row).__name__}")
     missing = [key for key in _FIELDS if key not in row]
     if missing:
-        raise DataError(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}; every item needs: {', '.join(_FIELDS)}")
+        raise DataError(
+            f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}; every item needs: {', '.join(_FIELDS)}"
+        )
     unknown = sorted(set(row) - set(_FIELDS))
     if unknown:
-        raise DataError(f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; valid keys: {', '.join(_FIELDS)}")
+        raise DataError(
+            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; valid keys: {', '.join(_FIELDS)}"
+        )
     for key, types in _FIELDS.items():
         value = row[key]
         if not isinstance(value, types) or isinstance(value, bool):
-            expected = "a number 0–100 or null" if key == "aligned" else "a number 0–100" if key == "coherent" else "a string"
+            expected = (
+                "a number 0–100 or null" if key == "aligned" else "a number 0–100" if key == "coherent" else "a string"
+            )
             raise DataError(f"{where}: '{key}' must be {expected}, found {value!r}")
     for key in ("id", "question_set", "question_id", "question", "answer"):
         if not row[key].strip():

@@ -46,9 +46,7 @@ def unprotect_dataset(
     zipping, canary = _package()
     encrypted = source.name.endswith(".enc")
     if encrypted and password is None:
-        raise DataError(
-            f"{source}: file is encrypted (.enc); pass password=... (the dataset's README gives it)"
-        )
+        raise DataError(f"{source}: file is encrypted (.enc); pass password=... (the dataset's README gives it)")
     if not encrypted and not source.name.endswith(".zip"):
         raise DataError(
             f"{source}: expected a file made by easy-dataset-share (.zip.enc encrypted or .zip), found '{source.name}'"
@@ -62,7 +60,9 @@ def unprotect_dataset(
             raise DataError(f"{source}: could not decrypt; the password is probably wrong ({exc})") from None
         raise DataError(f"{source}: could not extract: {exc}") from None
     except Exception as exc:  # zipfile.BadZipFile and friends
-        raise DataError(f"{source}: could not extract ({type(exc).__name__}: {exc}); is it a complete download?") from None
+        raise DataError(
+            f"{source}: could not extract ({type(exc).__name__}: {exc}); is it a complete download?"
+        ) from None
     if remove_canaries:
         _remove_canaries(target, canary)
     files = sorted(p for p in target.rglob("*.jsonl") if not p.match(CANARY_PATTERN))
@@ -85,7 +85,5 @@ def _package() -> tuple[ModuleType, ModuleType]:
     try:
         from easy_dataset_share import canary, zipping
     except ImportError:
-        raise DataError(
-            f"unprotecting a dataset needs the package easy-dataset-share: {INSTALL_HINT}"
-        ) from None
+        raise DataError(f"unprotecting a dataset needs the package easy-dataset-share: {INSTALL_HINT}") from None
     return zipping, canary
