@@ -62,11 +62,43 @@ def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     `read_jsonl(..., tolerate_torn_tail=True)` drops a torn last line left by a kill.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    drop_torn_tail(path)
     with open(path, "a", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def drop_torn_tail(path: Path) -> int:
+    """Cut an unterminated last line (a write killed mid-way) off `path`; return bytes cut.
+
+    Appending after such a line would glue two records into one malformed line.
+    """
+    if not path.exists():
+        return 0
+    with open(path, "rb+") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return 0
+        # walk back to the last newline in chunks
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            handle.seek(start)
+            chunk = handle.read(end - start)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        else:
+            keep = 0
+        handle.truncate(keep)
+        return size - keep
 
 
 def read_jsonl(path: Path, *, tolerate_torn_tail: bool = False) -> list[dict[str, Any]]:
