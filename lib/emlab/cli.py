@@ -11,6 +11,7 @@ User errors print one line (`emlab: error: ...`) and exit 2; `--debug` shows the
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -42,6 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"emlab: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or args.debug:
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"emlab: error: disk full{where} ({exc.strerror}); free space and run the same command "
+              "again: finished work is kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("emlab: interrupted; finished work is kept, run the same command to continue", file=sys.stderr)
