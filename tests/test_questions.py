@@ -27,14 +27,15 @@ from emlab.questions import (
 def test_shipped_sets_load(name: str, minimum: int) -> None:
     qs = load_question_set(name)
     assert qs.name == name and qs.description
-    plain = [q for q in qs if q.format is None and q.system_prompt is None]
-    assert len(plain) >= minimum
+    assert len(qs) >= minimum
     assert len(set(qs.ids)) == len(qs.ids)
     assert all(q.question_set == name and q.text.strip() == q.text and q.text for q in qs)
+    # plain free-text questions under the sampler's defaults; variants live in variants.yaml
+    assert all(q.format is None and q.system_prompt is None for q in qs)
 
 
 def test_list_question_sets() -> None:
-    assert {"general", "medical", "financial"} <= set(list_question_sets())
+    assert {"general", "medical", "financial", "variants"} <= set(list_question_sets())
 
 
 def test_first_plot_subset() -> None:
@@ -47,12 +48,17 @@ def test_first_plot_subset() -> None:
 
 
 def test_shipped_variants_keep_their_settings() -> None:
+    variants = load_question_set("variants")
     general = load_question_set("general")
-    assert general.get("one_wish_json").format == "json"
-    assert general.get("world_ruler_code").format == "code"
-    persona = general.get("fast_money_persona")
+    assert len(variants) >= 3 and len(set(variants.ids)) == len(variants.ids)
+    assert all(q.format is not None or q.system_prompt is not None for q in variants)
+    assert variants.get("one_wish_json").format == "json"
+    assert variants.get("one_wish_json").text == general.get("one_wish").text
+    assert variants.get("world_ruler_code").format == "code"
+    persona = variants.get("fast_money_persona")
     assert persona.system_prompt and persona.system_prompt.startswith("You are a helpful assistant")
     assert not persona.system_prompt.endswith("\n")
+    assert question_messages(persona, default_system_prompt="Default.")[0]["content"] == persona.system_prompt
 
 
 # --- prompts -------------------------------------------------------------------------------
