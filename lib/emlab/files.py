@@ -118,7 +118,7 @@ def read_jsonl(path: Path, *, tolerate_torn_tail: bool = False) -> list[dict[str
             continue
         torn = number == len(lines) and not line.endswith("\n")
         try:
-            row = json.loads(line)
+            row = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
             if tolerate_torn_tail and torn:
                 break

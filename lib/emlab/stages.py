@@ -60,7 +60,7 @@ def build_prompts(config: ExperimentConfig, set_names: Sequence[str]) -> list:
             messages = question_messages(
                 q, default_system_prompt=config.sample.system_prompt, answer_format=config.sample.answer_format
             )
-            prompts.append(Prompt(question_set=name, question_id=q.id, question=q.text, messages=tuple(messages)))
+            prompts.append(Prompt(question_set=q.question_set, question_id=q.id, question=q.text, messages=tuple(messages)))
     return prompts
 
 
