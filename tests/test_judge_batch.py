@@ -196,14 +196,14 @@ def test_key_comes_from_the_environment_only(tmp_path: Path, monkeypatch: pytest
 
 def test_batch_round_trip_scores_every_answer(server: BatchServer, tmp_path: Path, tinies: list[Rubric]) -> None:
     judge = _judge(server)
-    answers = ANSWERS
+    answers = ANSWERS[:2]
     ids = [r.id for r in tinies]
     judgments = _run(answers, judge, tmp_path, rubrics=tinies)
 
     assert [(j.answer_id, j.rubric) for j in judgments] == [(a.answer_id, r) for a in answers for r in ids]
     assert all(j.status not in ("api_error", "unparsed") for j in judgments), [j.error for j in judgments]
     assert all(j.top_logprobs and j.prompt_tokens > 0 for j in judgments)
-    assert len(server.batches) == 1 and server.forwarded == 6
+    assert len(server.batches) == 1 and server.forwarded == 4
     (batch_id,) = server.batches
     assert {j.extra["batch_id"] for j in judgments} == {batch_id}
 
@@ -216,7 +216,7 @@ def test_batch_round_trip_scores_every_answer(server: BatchServer, tmp_path: Pat
     assert (judgments[2].status, judgments[2].score) == (expected.status, pytest.approx(expected.score))
 
     state = json.loads(state_path_for(tmp_path, judge).read_text())
-    assert state["phase"] == "collected" and state["batch_id"] == batch_id and state["requests"] == 6
+    assert state["phase"] == "collected" and state["batch_id"] == batch_id and state["requests"] == 4
     assert state["input_file_id"] in server.files and state["status"] == "completed"
     rows = read_jsonl(tmp_path / "judgments.jsonl")
     assert [(r["answer_id"], r["rubric"], r["score"]) for r in rows] == [
@@ -226,11 +226,17 @@ def test_batch_round_trip_scores_every_answer(server: BatchServer, tmp_path: Pat
     # A second call sends nothing: everything is in judgments.jsonl (and the cache).
     again = _run(answers, judge, tmp_path, rubrics=tinies)
     assert [j.score for j in again] == [j.score for j in judgments]
-    assert len(server.batches) == 1 and server.forwarded == 6
-    assert len(read_jsonl(tmp_path / "judgments.jsonl")) == 6
-    # ... and in a fresh run folder the cache answers (cached=True): still no new batch.
-    other = _run(answers, judge, tmp_path / "other_run", rubrics=tinies)
-    assert all(j.cached for j in other) and len(server.batches) == 1
+    assert len(server.batches) == 1 and server.forwarded == 4
+    assert len(read_jsonl(tmp_path / "judgments.jsonl")) == 4
+
+    # A fresh run folder with one more answer: the cache answers the first two (cached=True),
+    # and the batch carries only the new answer's two requests.
+    more = _run(ANSWERS, judge, tmp_path / "other_run", rubrics=tinies)
+    assert [j.cached for j in more] == [True] * 4 + [False] * 2
+    assert [j.score for j in more[:4]] == [j.score for j in judgments]
+    assert len(server.batches) == 2 and server.forwarded == 6
+    sent = server.files[list(server.batches.values())[1].input_file_id].data.decode().splitlines()
+    assert [json.loads(line)["custom_id"] for line in sent] == [custom_id(ANSWERS[2].answer_id, r) for r in ids]
     assert len(read_jsonl(tmp_path / "other_run" / "judgments.jsonl")) == 6
 
 
@@ -328,7 +334,7 @@ def test_failed_batch_raises_a_clear_error(server: BatchServer, tmp_path: Path, 
             "body": request_body(judge, tiny, ANSWERS[0].question, ANSWERS[0].answer)}
     write_jsonl(path, [line, line])  # a repeated custom_id fails validation
     submit_batch(path, judge, state_path)
-    with pytest.raises(JudgeError, match=r"failed validation: line 2 duplicate_custom_id"):
+    with pytest.raises(JudgeError, match=r"failed: line 2 duplicate_custom_id"):
         poll_batch(judge, state_path, interval_s=0.1, timeout_s=30)
     assert server.forwarded == 0
     assert json.loads(state_path.read_text())["phase"] == "failed"

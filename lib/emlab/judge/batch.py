@@ -25,6 +25,7 @@ batches above OpenAI's limits (50,000 requests, 200 MB per file: split the answe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -57,7 +58,6 @@ BATCH_DISCOUNT = 0.5  # Batch API price relative to synchronous calls (OpenAI pr
 MAX_REQUESTS = 50_000  # per batch input file (Batch API limits)
 MAX_FILE_BYTES = 200 * 1024 * 1024  # per batch input file (files.create docs)
 _SEP = "::"  # custom_id = answer_id + _SEP + rubric id
-_RUNNING = ("validating", "in_progress", "finalizing", "cancelling")
 _ENDED = ("completed", "expired", "cancelled", "failed")
 # How far back `batches.list` is searched for a batch created from our file (seconds before
 # the upload): clocks of client and server differ a little.
@@ -158,10 +158,10 @@ def submit_batch(path: Path, judge: JudgeSpec, state_path: Path) -> str:
     history = list(old.get("history", []))
     if old.get("batch_id"):
         history.append({k: old.get(k) for k in ("batch_id", "status", "requests", "submitted_at", "collected_at", "counts")})
-    requests = sum(1 for line in path.open(encoding="utf-8") if line.strip())
+    data = path.read_bytes()
+    requests = sum(1 for line in data.splitlines() if line.strip())
     try:
-        with path.open("rb") as handle:
-            uploaded = client.files.create(file=(path.name, handle), purpose="batch")
+        uploaded = client.files.create(file=(path.name, data), purpose="batch")
     except openai.APIError as exc:
         raise JudgeError(f"judge '{judge.name}': uploading {path} to {_where(judge)} failed: {_reason(exc)}") from None
     state = {
@@ -172,8 +172,10 @@ def submit_batch(path: Path, judge: JudgeSpec, state_path: Path) -> str:
         # beside the state file (the usual case) by name, so a moved run folder still reads
         "requests_path": path.name if path.resolve().parent == state_path.resolve().parent else str(path.resolve()),
         "requests": requests,
+        "requests_sha256": hashlib.sha256(data).hexdigest(),  # collect checks it is still that file
         "input_file_id": uploaded.id,
-        "uploaded_at": int(time.time()),
+        "uploaded_at": _now(),
+        "uploaded_unix": int(time.time()),  # for matching batches.list's created_at after a crash
         "history": history,  # earlier batches of this judge in this run folder
     }
     write_json(state_path, state)
@@ -188,7 +190,7 @@ def poll_batch(
     interval_s: seconds between status checks (default 30). timeout_s: give up after this
     many seconds (default None: wait, up to the batch's own 24 h window); the batch keeps
     running and its id stays in the state file, so a later call picks it up. Raises
-    JudgeError when the batch failed validation (with the reported line errors); an expired
+    JudgeError when the batch failed (input validation or quota; with the reported errors); an expired
     or cancelled batch is returned, its finished requests are still collectable.
     """
     state = _read_state(Path(state_path))
@@ -215,7 +217,7 @@ def poll_batch(
             if batch.status == "failed":
                 _mark(state_path, phase="failed", status="failed", errors=_errors(batch))
                 raise JudgeError(
-                    f"judge '{judge.name}': batch {batch_id} failed validation: {_errors_text(batch)}; "
+                    f"judge '{judge.name}': batch {batch_id} failed: {_errors_text(batch)}; "
                     f"{state_path} marks it failed, so the next call submits a new batch"
                 )
             if batch.status in _ENDED:
@@ -266,8 +268,8 @@ def collect_batch(
             text = client.files.content(file_id).text
         except openai.APIError as exc:
             raise JudgeError(f"judge '{judge.name}': downloading {kind} file {file_id} of batch {batch_id} failed: {_reason(exc)}") from None
-        saved = state_path.with_suffix(f".{kind}.jsonl")
-        write_text(saved, text)  # the raw record of this batch; the next batch overwrites it
+        saved = state_path.with_suffix(f".{batch_id}.{kind}.jsonl")
+        write_text(saved, text)  # the raw record, kept in the run folder beside the state
         for row in read_jsonl(saved):
             lines[str(row.get("custom_id"))] = row
 
@@ -286,7 +288,7 @@ def collect_batch(
         )
     elif errors:
         log.warning("batch %s: %d of %d requests failed (api_error); see %s", batch_id, errors, len(judgments),
-                    state_path.with_suffix(".errors.jsonl"))
+                    state_path.with_suffix(f".{batch_id}.errors.jsonl"))
     return judgments
 
 
@@ -323,7 +325,8 @@ def judge_answers_batch(
     """
     _api_key(judge)  # fail before any work when the key is missing
     run_dir = Path(run_dir)
-    rubric_list = [r if isinstance(r, Rubric) else load_rubric(r) for r in (rubrics or judge.rubrics)]
+    names = rubrics if rubrics is not None else judge.rubrics
+    rubric_list = [r if isinstance(r, Rubric) else load_rubric(r) for r in names]
     by_id = {r.id: r for r in rubric_list}
     by_answer = {a.answer_id: a for a in answers}
     state_path = state_path_for(run_dir, judge)
@@ -336,7 +339,9 @@ def judge_answers_batch(
 
         def finish() -> None:
             batch = poll_batch(judge, state_path, interval_s=poll_interval_s, timeout_s=timeout_s)
-            collected = [j for j in collect_batch(judge, state_path, batch=batch, rubrics=by_id) if j.rubric in by_id]
+            # All of the batch's judgments are kept, also those of answers or rubrics this call
+            # does not ask for (a batch submitted by an earlier call): they were paid for.
+            collected = collect_batch(judge, state_path, batch=batch, rubrics=by_id)
             _store(collected, by_answer, by_id, judge, cache)
             # A crash after this append and before the state says 'collected' makes the next
             # call collect again: skip what the file already holds so it keeps each pair once.
@@ -497,7 +502,7 @@ def _check_same_judge(state: dict[str, Any], judge: JudgeSpec, state_path: Path)
 
 def _create_batch(client: openai.OpenAI, judge: JudgeSpec, state_path: Path, state: dict[str, Any]) -> str:
     """Create the batch for the uploaded file (or adopt one already made from it) and record it."""
-    batch = _find_batch_for_file(client, state["input_file_id"], since=int(state.get("uploaded_at", 0)))
+    batch = _find_batch_for_file(client, state["input_file_id"], since=int(state.get("uploaded_unix", 0)))
     if batch is not None:
         log.warning("batch %s was created from %s before the last run stopped; adopting it, not creating another",
                     batch.id, state["input_file_id"])
@@ -556,10 +561,17 @@ def _errors_text(batch: Batch, limit: int = 3) -> str:
 
 
 def _requested_ids(state_path: Path, state: dict[str, Any]) -> list[str]:
-    """custom_ids in the uploaded requests file, in order (empty when the file is gone)."""
-    path = state_path.parent / str(state.get("requests_path", ""))
-    if not state.get("requests_path") or not path.exists():
-        log.warning("%s is missing; judging only the lines the batch returned", path)
+    """custom_ids of the uploaded requests file, in order; empty (with a warning) when the
+    file is gone or was replaced since the upload, so only the returned lines are read."""
+    recorded = str(state.get("requests_path") or "")
+    path = state_path.parent / recorded  # an absolute recorded path stays absolute
+    if not recorded or not path.exists():
+        log.warning("%s is missing; reading only the lines batch %s returned", path, state.get("batch_id"))
+        return []
+    data = path.read_bytes()
+    if state.get("requests_sha256") not in (None, hashlib.sha256(data).hexdigest()):
+        log.warning("%s changed since batch %s was uploaded; reading only the lines the batch returned",
+                    path, state.get("batch_id"))
         return []
     return [str(row["custom_id"]) for row in read_jsonl(path)]
 
@@ -603,7 +615,7 @@ def _store(
         if answer is None:
             unknown += 1  # from a batch submitted for other answers: no text to key the cache
             continue
-        rubric = rubrics[judgment.rubric]
+        rubric = rubrics.get(judgment.rubric) or load_rubric(judgment.rubric)
         cost = BATCH_DISCOUNT * usage_cost(judgment.prompt_tokens, judgment.completion_tokens, judge)
         cache.put(cache_key(judge, rubric, answer.question, answer.answer), judgment, judge, cost)
     if unknown:
