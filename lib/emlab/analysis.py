@@ -139,7 +139,7 @@ def run_analysis(config: ExperimentConfig) -> AnalysisResult:
     note = _judge_note(judge, report)
 
     charts = {
-        "judge_agreement": agreement_chart(gold),
+        "judge_agreement": agreement_chart(gold, aligned_below=a.aligned_below, coherent_above=a.coherent_above),
         "em_by_domain": plots.em_by_domain_chart(by_domain),
         "em_trajectory": plots.em_trajectory_chart(rates),
         "em_by_size": plots.em_by_size_chart(by_size),
