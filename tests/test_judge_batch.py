@@ -281,6 +281,30 @@ def test_crash_between_create_and_record_adopts_the_batch(
     assert {j.extra["batch_id"] for j in judgments} == set(server.batches)
 
 
+def test_lost_create_reply_is_not_retried_into_a_second_batch(
+    server: BatchServer, tmp_path: Path, tiny: Rubric, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    judge = _judge(server)
+    real_create = openai.resources.batches.Batches.create
+
+    def create_then_lose_reply(self: object, **kwargs: object) -> object:
+        real_create(self, **kwargs)  # the server creates the batch ...
+        raise openai.APIConnectionError(request=httpx_request())  # ... but the reply never arrives
+
+    monkeypatch.setattr(openai.resources.batches.Batches, "create", create_then_lose_reply)
+    judgments = _run(ANSWERS[:1], judge, tmp_path, rubrics=[tiny])
+    assert len(server.batches) == 1 and server.forwarded == 1  # adopted via batches.list, not recreated
+    assert judgments[0].extra["batch_id"] == next(iter(server.batches))
+
+
+def httpx_request() -> object:
+    """A request object for openai's connection error, from whichever httpx the SDK imports."""
+    from openai import _exceptions
+
+    httpx = getattr(_exceptions, "httpx2", None) or getattr(_exceptions, "httpx")
+    return httpx.Request("POST", "http://127.0.0.1/v1/batches")
+
+
 def test_error_lines_become_api_error_judgments(server: BatchServer, tmp_path: Path, tiny: Rubric) -> None:
     judge = _judge(server)
     # Longer than the judge server's context window (4096 tokens): llama.cpp answers HTTP 400.

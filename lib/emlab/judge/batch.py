@@ -501,22 +501,43 @@ def _check_same_judge(state: dict[str, Any], judge: JudgeSpec, state_path: Path)
 
 
 def _create_batch(client: openai.OpenAI, judge: JudgeSpec, state_path: Path, state: dict[str, Any]) -> str:
-    """Create the batch for the uploaded file (or adopt one already made from it) and record it."""
-    batch = _find_batch_for_file(client, state["input_file_id"], since=int(state.get("uploaded_unix", 0)))
-    if batch is not None:
-        log.warning("batch %s was created from %s before the last run stopped; adopting it, not creating another",
-                    batch.id, state["input_file_id"])
-    else:
+    """Create the batch for the uploaded file (or adopt one already made from it) and record it.
+
+    The create call is never retried blindly: a timeout may hide a batch that was created, so
+    each attempt first looks for a batch made from our file (`batches.list`) and adopts it.
+    """
+    file_id = state["input_file_id"]
+    since = int(state.get("uploaded_unix", 0))
+    once = client.with_options(max_retries=0)
+    batch: Batch | None = None
+    for attempt in range(judge.max_retries + 1):
+        batch = _find_batch_for_file(client, file_id, since=since)
+        if batch is not None:
+            log.warning("batch %s was already created from %s (before a crash or a lost reply); adopting it",
+                        batch.id, file_id)
+            break
         try:
-            batch = client.batches.create(
-                input_file_id=state["input_file_id"], endpoint=ENDPOINT, completion_window=COMPLETION_WINDOW,
+            batch = once.batches.create(
+                input_file_id=file_id, endpoint=ENDPOINT, completion_window=COMPLETION_WINDOW,
                 metadata={"emlab_judge": judge.name},
             )
+            break
+        except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as exc:
+            if attempt == judge.max_retries:
+                raise JudgeError(
+                    f"judge '{judge.name}': creating a batch at {_where(judge)} failed {attempt + 1} times "
+                    f"({_reason(exc)}); the uploaded file {file_id} is recorded in {state_path} and the next "
+                    "call reuses it (adopting the batch if one was created after all)"
+                ) from None
+            delay = min(30.0, 0.5 * 2**attempt)
+            log.warning("creating the batch failed (%s); checking for it and retrying in %.1f s", _reason(exc), delay)
+            time.sleep(delay)
         except openai.APIError as exc:
             raise JudgeError(
-                f"judge '{judge.name}': creating a batch at {_where(judge)} failed: {_reason(exc)}; the uploaded file "
-                f"{state['input_file_id']} is recorded in {state_path} and is reused by the next call"
+                f"judge '{judge.name}': creating a batch at {_where(judge)} failed: {_reason(exc)}; the uploaded "
+                f"file {file_id} is recorded in {state_path} and the next call reuses it"
             ) from None
+    assert batch is not None
     _record_submitted(state_path, state, batch)
     log.info("submitted batch %s (%d requests) for judge '%s'; state in %s", batch.id, state["requests"], judge.name,
              state_path)
