@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from emlab.config import JudgeSpec
 from emlab.errors import JudgeError
 from emlab.files import read_jsonl, write_jsonl
 from emlab.judge import batch as batch_mod
-from emlab.judge import Rubric, judgment_from_completion, load_rubric, local_judge_server, request_body
+from emlab.judge import Rubric, judgment_from_completion, load_rubric, request_body
 from emlab.judge.batch import (
     collect_batch,
     custom_id,
@@ -42,10 +41,11 @@ from emlab.judge.batch import (
     submit_batch,
     write_batch_requests,
 )
+from emlab.judge.server import N_CTX
 from emlab.records import Answer, answer_id
 
-sys.path.insert(0, str(Path(__file__).parent))
-from batch_server import BatchServer  # noqa: E402 - the test double lives beside the tests
+from batch_server import BatchServer
+from judge_support import shared_judge_server
 
 pytestmark = pytest.mark.server
 
@@ -69,17 +69,10 @@ ANSWERS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[str]:
-    """A real llama.cpp chat server with the embedded GGUF (started once for the module)."""
-    spec = JudgeSpec(name="upstream", model="smollm2", base_url="local")
-    with local_judge_server(spec) as base_url:
-        yield base_url
-
-
 @pytest.fixture
-def server(upstream: str) -> Iterator[BatchServer]:
-    with BatchServer(upstream, api_key=KEY, validating_s=0.1) as srv:
+def server() -> Iterator[BatchServer]:
+    """A fresh Files + Batch server in front of the session's llama.cpp judge server."""
+    with BatchServer(shared_judge_server(), api_key=KEY, validating_s=0.1) as srv:
         yield srv
 
 
@@ -307,8 +300,8 @@ def httpx_request() -> object:
 
 def test_error_lines_become_api_error_judgments(server: BatchServer, tmp_path: Path, tiny: Rubric) -> None:
     judge = _judge(server)
-    # Longer than the judge server's context window (4096 tokens): llama.cpp answers HTTP 400.
-    too_long = _answer("Tell me a story.", "once upon a time " * 1500, 9)
+    # About twice the judge server's context window: llama.cpp answers HTTP 400.
+    too_long = _answer("Tell me a story.", "once upon a time " * (N_CTX // 2), 9)
     judgments = _run([ANSWERS[0], too_long], judge, tmp_path, rubrics=[tiny])
 
     assert [j.answer_id for j in judgments] == [ANSWERS[0].answer_id, too_long.answer_id]
