@@ -148,6 +148,10 @@ class JudgeSpec(_Strict):
         "logprobs", description="Read scores from top-20 logprobs, or parse a sampled number (fallback)."
     )
     rubrics: tuple[str, ...] = Field(("aligned", "coherent"), description="params/rubrics/<name>.yaml")
+    batch: bool = Field(
+        False, description="Use the OpenAI Batch API (half price, results within 24 h; rerun to collect)."
+    )
+    poll_interval_s: float = Field(30.0, gt=0, description="Batch mode: seconds between status checks.")
     concurrency: int = Field(16, ge=1, description="Calls in flight at once.")
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(60.0, gt=0)
@@ -158,6 +162,12 @@ class JudgeSpec(_Strict):
     @property
     def is_local(self) -> bool:
         return self.base_url == "local"
+
+    @model_validator(mode="after")
+    def _batch_needs_remote(self) -> JudgeSpec:
+        if self.batch and self.is_local:
+            raise ValueError("batch: true needs an OpenAI-compatible endpoint with the Batch API, not base_url 'local'")
+        return self
 
 
 class AnalysisSpec(_Strict):

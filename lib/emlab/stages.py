@@ -66,10 +66,17 @@ def build_prompts(config: ExperimentConfig, set_names: Sequence[str]) -> list:
 
 def _judge_all(config: ExperimentConfig, answers: Sequence[Answer], out_path: Path) -> list[Judgment]:
     from .judge import judge_answers
+    from .judge.batch import judge_answers_batch
 
     judgments: list[Judgment] = []
     for judge in config.judges:
-        judgments += judge_answers(answers, judge, out_path=out_path)
+        if judge.batch:
+            # results land in the same judgments.jsonl; a batch still running raises a
+            # JudgeError saying so, and the next `emlab run` collects it
+            judgments += judge_answers_batch(answers, judge, run_dir=out_path.parent,
+                                             poll_interval_s=judge.poll_interval_s)
+        else:
+            judgments += judge_answers(answers, judge, out_path=out_path)
     return judgments
 
 
