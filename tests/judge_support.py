@@ -55,6 +55,9 @@ class LoopbackProxy:
         self.received = 0  # chat-completion requests that reached the proxy
         self.forwarded = 0  # ... and were sent on to the upstream server
         self.rejected = 0  # ... answered 429 by injection
+        self.in_flight = 0  # chat-completion calls being answered right now
+        self.max_in_flight = 0  # the most at once: proof that the client really overlaps calls
+        self.last_authorization: str | None = None  # the Authorization header of the last call
         self._reject_left = 0
         self._retry_after = "1"
         self._memo: dict[bytes, tuple[int, str, bytes]] = {}
@@ -152,8 +155,21 @@ class LoopbackProxy:
 
     async def _respond(self, method: str, target: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         is_call = method == "POST" and target.endswith("/chat/completions")
+        if not is_call:
+            return await self._answer(method, target, headers, body, is_call)
+        self.received += 1
+        self.last_authorization = headers.get("authorization")
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(method, target, headers, body, is_call)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(
+        self, method: str, target: str, headers: dict[str, str], body: bytes, is_call: bool
+    ) -> tuple[int, dict[str, str], bytes]:
         if is_call:
-            self.received += 1
             if self._reject_left > 0:
                 self._reject_left -= 1
                 self.rejected += 1
@@ -166,7 +182,11 @@ class LoopbackProxy:
             return status, {"content-type": ctype}, payload
         assert self._client is not None
         forward = {k: v for k, v in headers.items() if k in ("content-type", "authorization", "accept")}
-        reply = await self._client.request(method, target, content=body, headers=forward)
+        try:
+            reply = await self._client.request(method, target, content=body, headers=forward)
+        except httpx.HTTPError as exc:
+            error = {"error": {"message": f"test proxy: upstream unreachable: {exc}", "type": "bad_gateway"}}
+            return 502, {"content-type": "application/json"}, json.dumps(error).encode()
         if is_call:
             self.forwarded += 1
         extra = {k: v for k, v in reply.headers.items() if k.lower() not in _HOP_BY_HOP}

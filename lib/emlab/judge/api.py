@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+LOCAL_CONCURRENCY = 2  # calls in flight to a llama.cpp server emlab started (see _local_concurrency)
 Pair = tuple[str, str]  # (answer_id, rubric id)
 
 
@@ -60,6 +61,8 @@ def judge_answers(
         file holds each (answer, judge, rubric) once.
     cache_path: SQLite judge cache; default `cache_dir()/judge_cache.sqlite`.
     progress: show a tqdm bar over the calls made.
+    A judge with base_url 'local' gets a llama.cpp server started for this call (only when
+    something is not cached) and at most LOCAL_CONCURRENCY (2) calls in flight.
     retry: backoff settings; default `RetryPolicy(max_retries=judge.max_retries)`.
 
     Raises JudgeError when the key variable is missing (before any call) or when every call
@@ -109,6 +112,7 @@ def judge_answers(
             server: AbstractContextManager[str | None] = (
                 local_judge_server(judge) if judge.is_local else nullcontext(judge.base_url)
             )
+            calling = _local_concurrency(judge)
             with server as base_url, tqdm(
                 total=len(pending), desc=f"judge {judge.name}", unit="call", disable=not progress
             ) as bar:
@@ -122,7 +126,7 @@ def judge_answers(
                     bar.update(1)
 
                 new = _run_sync(
-                    lambda: run_calls(pending, judge, base_url=base_url, api_key=api_key, on_done=on_done, retry=retry)
+                    lambda: run_calls(pending, calling, base_url=base_url, api_key=api_key, on_done=on_done, retry=retry)
                 )
             for task, judgment in zip(pending, new, strict=True):
                 results[(task.answer_id, task.rubric.id)] = judgment
@@ -155,6 +159,23 @@ def judgments_frame(judgments: Sequence[Judgment]) -> pd.DataFrame:
         "reason", "error", "prompt_tokens", "completion_tokens", "cached", "raw", "top_logprobs",
     ]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _local_concurrency(judge: JudgeSpec) -> JudgeSpec:
+    """The judge with at most LOCAL_CONCURRENCY calls in flight when emlab starts its server.
+
+    llama.cpp's Python server answers one request at a time: more calls in flight only queue
+    there, and with long answers the last in the queue outlives timeout_s, is retried, and
+    the server computes it twice. Two in flight keep it busy while the client handles a reply.
+    """
+    if not judge.is_local or judge.concurrency <= LOCAL_CONCURRENCY:
+        return judge
+    log.info(
+        "judge %s: the local llama.cpp server answers one call at a time; using %d calls in flight "
+        "instead of concurrency=%d so queued calls do not run into timeout_s",
+        judge.name, LOCAL_CONCURRENCY, judge.concurrency,
+    )
+    return judge.model_copy(update={"concurrency": LOCAL_CONCURRENCY})
 
 
 def _read_existing(out_path: Path | None, judge: JudgeSpec) -> dict[Pair, Judgment]:
