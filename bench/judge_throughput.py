@@ -35,12 +35,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "lib"), str(REPO / "tests")]
 
-from judge_support import LoopbackProxy, make_answers  # noqa: E402  (the tests' proxy and answers)
-
 from emlab.config import JudgeSpec  # noqa: E402
 from emlab.judge import judge_answers, local_judge_server  # noqa: E402
 from emlab.judge.server import free_port  # noqa: E402
 from emlab.records import Answer  # noqa: E402
+from judge_support import make_answers  # noqa: E402  (the tests' answers; the proxy runs as a process)
 
 RUBRIC = "aligned_digit"
 DELAY_S = 0.3
@@ -61,8 +60,12 @@ class Row:
 
 def _judge(base_url: str, concurrency: int) -> JudgeSpec:
     return JudgeSpec(
-        name="bench", model="smollm2-judge", base_url=base_url, api_key_env=None,
-        rubrics=(RUBRIC,), concurrency=concurrency,
+        name="bench",
+        model="smollm2-judge",
+        base_url=base_url,
+        api_key_env=None,
+        rubrics=(RUBRIC,),
+        concurrency=concurrency,
     )
 
 
@@ -70,8 +73,7 @@ def _answers(n: int, tag: str) -> list[Answer]:
     """n answers cycling through DISTINCT texts, each with its own id (so each is a call)."""
     texts = make_answers(DISTINCT, tag="bench")
     return [
-        Answer(**{**texts[i % DISTINCT].to_dict(), "answer_id": f"{tag}-{i:05d}", "sample_index": i})
-        for i in range(n)
+        Answer(**{**texts[i % DISTINCT].to_dict(), "answer_id": f"{tag}-{i:05d}", "sample_index": i}) for i in range(n)
     ]
 
 
@@ -80,8 +82,11 @@ def _measure(path: str, base_url: str, concurrency: int, n: int) -> Row:
         answers = _answers(n, f"{path}-c{concurrency}")
         started = time.perf_counter()
         judgments = judge_answers(
-            answers, _judge(base_url, concurrency), out_path=Path(tmp) / "judgments.jsonl",
-            cache_path=Path(tmp) / "cache.sqlite", progress=False,
+            answers,
+            _judge(base_url, concurrency),
+            out_path=Path(tmp) / "judgments.jsonl",
+            cache_path=Path(tmp) / "cache.sqlite",
+            progress=False,
         )
         seconds = time.perf_counter() - started
     failed = [j for j in judgments if j.status == "api_error"]
@@ -94,8 +99,16 @@ def _measure(path: str, base_url: str, concurrency: int, n: int) -> Row:
 
 def _spawn_proxy(upstream: str, *, replay: bool) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    cmd = [sys.executable, str(REPO / "tests" / "judge_support.py"), "--upstream", upstream,
-           "--port", str(port), "--delay", str(DELAY_S)] + (["--replay"] if replay else [])
+    cmd = [
+        sys.executable,
+        str(REPO / "tests" / "judge_support.py"),
+        "--upstream",
+        upstream,
+        "--port",
+        str(port),
+        "--delay",
+        str(DELAY_S),
+    ] + (["--replay"] if replay else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while True:
@@ -104,7 +117,7 @@ def _spawn_proxy(upstream: str, *, replay: bool) -> tuple[subprocess.Popen[bytes
             return proc, f"http://127.0.0.1:{port}/v1"
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the benchmark proxy did not start")
+                raise SystemExit("the benchmark proxy did not start") from None
             time.sleep(0.1)
 
 
@@ -121,7 +134,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "judge_throughput.md")
     parser.add_argument("--direct-calls", type=int, default=16, help="calls per direct run")
     parser.add_argument("--rounds", type=int, default=2, help="alternating direct rounds per concurrency")
-    parser.add_argument("--reference-calls", type=int, default=12, help="calls per run through the proxy without replay")
+    parser.add_argument(
+        "--reference-calls", type=int, default=12, help="calls per run through the proxy without replay"
+    )
     parser.add_argument("--c1-calls", type=int, default=24, help="calls at concurrency 1 through the proxy")
     parser.add_argument("--c16-calls", type=int, default=320, help="calls at concurrency 16 through the proxy")
     args = parser.parse_args()
@@ -129,7 +144,10 @@ def main() -> None:
     load_before = os.getloadavg()
     rows: list[Row] = []
     server_judge = JudgeSpec(name="bench", model="smollm2-judge", base_url="local", api_key_env=None)
-    with tempfile.TemporaryDirectory() as tmp, local_judge_server(server_judge, log_path=Path(tmp) / "server.log") as url:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        local_judge_server(server_judge, log_path=Path(tmp) / "server.log") as url,
+    ):
         _measure("warm-up (direct)", url, 16, 4)  # loads the rubric prefix into the server's KV cache
         # Alternate the two concurrencies so load from other work on a shared machine drifts
         # over both alike; the rate is the total over the rounds.
@@ -165,15 +183,21 @@ def _ratio(rows: list[Row], path: str) -> float:
 
 
 def _write(out: Path, rows: list[Row], load_before: tuple[float, ...], load_after: tuple[float, ...]) -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
     direct = _ratio(rows, "direct")
     replay = _ratio(rows, "300 ms proxy, replay")
     plain = _ratio(rows, "300 ms proxy, no replay")
     lines = [
         "# Judge throughput",
         "",
-        f"- date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {os.cpu_count()}-core CPU ({cpu}), {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}",
         f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f} "
@@ -185,8 +209,10 @@ def _write(out: Path, rows: list[Row], load_before: tuple[float, ...], load_afte
         "| path | concurrency | calls | seconds | judged answers / s |",
         "| --- | ---: | ---: | ---: | ---: |",
         *[f"| {r.path} | {r.concurrency} | {r.calls} | {r.seconds:.2f} | {r.rate:.2f} |" for r in rows],
-        *[f"| **direct, all rounds** | {t.concurrency} | {t.calls} | {t.seconds:.2f} | **{t.rate:.2f}** |"
-          for t in (_total(rows, "direct", 1), _total(rows, "direct", 16))],
+        *[
+            f"| **direct, all rounds** | {t.concurrency} | {t.calls} | {t.seconds:.2f} | **{t.rate:.2f}** |"
+            for t in (_total(rows, "direct", 1), _total(rows, "direct", 16))
+        ],
         "",
         f"- direct (compute-bound), all rounds: concurrency 16 / concurrency 1 = **{direct:.2f}x** "
         f"(target: not slower, >= 1x) {'met' if direct >= 1 else 'NOT met'}",

@@ -5,9 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import pytest
-
 import judge_support  # noqa: F401  (puts lib/ on sys.path when emlab is not installed)
+import pytest
 from emlab.errors import ConfigError
 from emlab.judge import load_rubric, rubrics_dir
 
@@ -71,16 +70,34 @@ messages:
         (("id: x", "id: y"), r"x\.yaml:1: key 'id': must equal the file name 'x', found 'y'"),
         (("kind: score", "kind: scores"), r"x\.yaml:3: key 'kind': expected 'score' or 'verdict'"),
         (("scale_max: 100", "scale_max: ten"), r"x\.yaml:4: key 'scale_max': score rubrics need an integer >= 1"),
-        (("verdicts: [CODE]", "verdicts: [MAYBE]"), r"key 'verdicts': score rubrics can keep only CODE, REFUSAL, found MAYBE"),
+        (
+            ("verdicts: [CODE]", "verdicts: [MAYBE]"),
+            r"key 'verdicts': score rubrics can keep only CODE, REFUSAL, found MAYBE",
+        ),
         (("verdicts: [CODE]", "verdicts: [YES, NO]"), r"key 'verdicts': found booleans .*quote them"),
-        (("kind: score\nscale_max: 100", "kind: verdict"), r"key 'verdicts': verdict rubrics need exactly two verdicts"),
-        (("kind: score", "kind: verdict"), r"key 'scale_max': verdict rubrics report 100 \* P\(first verdict\); remove scale_max"),
+        (
+            ("kind: score\nscale_max: 100", "kind: verdict"),
+            r"key 'verdicts': verdict rubrics need exactly two verdicts",
+        ),
+        (
+            ("kind: score", "kind: verdict"),
+            r"key 'scale_max': verdict rubrics report 100 \* P\(first verdict\); remove scale_max",
+        ),
         (("metric: aligned", "metric: Aligned Score"), r"key 'metric': expected a lower-case identifier"),
-        (("role: system", "role: judge"), r"x\.yaml:7: key 'messages\[0\]': role must be one of system, user, assistant"),
-        (("A: {answer}", "A: {anwser}"), r"key 'messages\[1\]': unknown placeholder '\{anwser\}' \(did you mean '\{answer\}'\?\)"),
+        (
+            ("role: system", "role: judge"),
+            r"x\.yaml:7: key 'messages\[0\]': role must be one of system, user, assistant",
+        ),
+        (
+            ("A: {answer}", "A: {anwser}"),
+            r"key 'messages\[1\]': unknown placeholder '\{anwser\}' \(did you mean '\{answer\}'\?\)",
+        ),
         (("A: {answer}", "A: none"), r"key 'messages': no turn contains the placeholder \{answer\}"),
         (("  - role: user", "  - role: assistant"), r"key 'messages\[1\]': the last turn must be the user's"),
-        (("    content: You grade.\n", "    content: You grade.\n    extra: 1\n"), r"key 'messages\[0\]': expected exactly the keys role and content"),
+        (
+            ("    content: You grade.\n", "    content: You grade.\n    extra: 1\n"),
+            r"key 'messages\[0\]': expected exactly the keys role and content",
+        ),
         (("metric: aligned\n", ""), r"x\.yaml: missing required key 'metric'"),
     ],
 )

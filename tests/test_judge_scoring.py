@@ -9,10 +9,10 @@ import math
 import threading
 from pathlib import Path
 
-import pytest
-
 import judge_support  # noqa: F401  (puts lib/ on sys.path when emlab is not installed)
+import pytest
 from emlab.config import JudgeSpec
+from emlab.errors import JudgeError
 from emlab.judge import (
     JudgeCache,
     cache_key,
@@ -27,7 +27,6 @@ from emlab.judge import (
 )
 from emlab.judge.client import resolve_api_key, retry_after_s
 from emlab.judge.scoring import rescore
-from emlab.errors import JudgeError
 from emlab.records import Judgment
 
 ln = math.log
@@ -173,25 +172,38 @@ def test_parse_sampled_verdict_rubric() -> None:
 def completion(top: list[tuple[str, float]] | None, content: str = "8") -> dict:
     choice: dict = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "length"}
     if top is not None:
-        choice["logprobs"] = {"content": [{
-            "token": top[0][0], "logprob": top[0][1], "bytes": None,
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top],
-        }]}
-    return {"id": "x", "object": "chat.completion", "model": "m", "choices": [choice],
-            "usage": {"prompt_tokens": 321, "completion_tokens": 1, "total_tokens": 322}}
+        choice["logprobs"] = {
+            "content": [
+                {
+                    "token": top[0][0],
+                    "logprob": top[0][1],
+                    "bytes": None,
+                    "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top],
+                }
+            ]
+        }
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "model": "m",
+        "choices": [choice],
+        "usage": {"prompt_tokens": 321, "completion_tokens": 1, "total_tokens": 322},
+    }
 
 
 def test_judgment_from_completion_ok_and_low_mass() -> None:
     rubric = load_rubric("aligned")
-    j = judgment_from_completion(completion([("85", ln(0.6)), ("90", ln(0.2)), ("I", ln(0.2))], "85"),
-                                 answer_id="a1", judge=JUDGE, rubric=rubric)
+    j = judgment_from_completion(
+        completion([("85", ln(0.6)), ("90", ln(0.2)), ("I", ln(0.2))], "85"), answer_id="a1", judge=JUDGE, rubric=rubric
+    )
     assert (j.status, j.answer_id, j.judge, j.rubric, j.metric) == ("ok", "a1", "gpt-4o-mini", "aligned", "aligned")
     assert j.score == pytest.approx(86.25) and j.raw == "85"
     assert (j.prompt_tokens, j.completion_tokens) == (321, 1)
     assert j.top_logprobs[0] == ("85", ln(0.6)) and j.extra == {}
 
-    low = judgment_from_completion(completion([("The", ln(0.8)), ("5", ln(0.1))], "The"),
-                                   answer_id="a2", judge=JUDGE, rubric=rubric)
+    low = judgment_from_completion(
+        completion([("The", ln(0.8)), ("5", ln(0.1))], "The"), answer_id="a2", judge=JUDGE, rubric=rubric
+    )
     assert low.status == "low_numeric_mass" and low.score is None
     assert "numeric mass 0.100 < min_numeric_mass 0.25" in low.extra["reason"]
     assert "'The'" in low.extra["reason"]
@@ -211,7 +223,9 @@ def test_sampled_mode_reads_the_text() -> None:
 
 def test_rescore_applies_the_current_threshold_to_a_cached_reply() -> None:
     rubric = load_rubric("aligned")
-    j = judgment_from_completion(completion([("40", ln(0.3)), ("x", ln(0.7))]), answer_id="a", judge=JUDGE, rubric=rubric)
+    j = judgment_from_completion(
+        completion([("40", ln(0.3)), ("x", ln(0.7))]), answer_id="a", judge=JUDGE, rubric=rubric
+    )
     assert j.status == "ok"
     stricter = JUDGE.model_copy(update={"min_numeric_mass": 0.5})
     again = rescore(j, answer_id="b", judge=stricter, rubric=rubric)
@@ -234,7 +248,10 @@ def test_request_body_logprobs_mode_is_exact() -> None:
         "logprobs": True,
         "top_logprobs": 20,
     }
-    assert body["messages"][-1] == {"role": "user", "content": "Question: Q?\nAnswer: A!\nDigit (0 gibberish, 9 clear):"}
+    assert body["messages"][-1] == {
+        "role": "user",
+        "content": "Question: Q?\nAnswer: A!\nDigit (0 gibberish, 9 clear):",
+    }
     json.dumps(body)  # exactly a JSON body
 
 
@@ -265,7 +282,10 @@ def test_estimate_cost() -> None:
 
 def test_missing_key_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(JudgeError, match="judge 'gpt-4o-mini' needs the environment variable OPENAI_API_KEY; export it or set api_key_env"):
+    with pytest.raises(
+        JudgeError,
+        match="judge 'gpt-4o-mini' needs the environment variable OPENAI_API_KEY; export it or set api_key_env",
+    ):
         resolve_api_key(JUDGE)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     assert resolve_api_key(JUDGE) == "sk-test"
@@ -304,8 +324,13 @@ def test_cache_roundtrip_counters_and_no_api_errors(tmp_path: Path) -> None:
             cache.put("k2", Judgment("a", "j", "aligned", "aligned", "api_error", error="boom"), JUDGE, 0.0)
     stats = cache_stats(path)
     assert stats | {"path": None} == {
-        "path": None, "entries": 1, "hits": 2, "misses": 1, "prompt_tokens": 321,
-        "completion_tokens": 1, "spend_usd": pytest.approx(0.001),
+        "path": None,
+        "entries": 1,
+        "hits": 2,
+        "misses": 1,
+        "prompt_tokens": 321,
+        "completion_tokens": 1,
+        "spend_usd": pytest.approx(0.001),
     }
     assert b"sk-" not in path.read_bytes()
     assert cache_stats(tmp_path / "none.sqlite")["entries"] == 0
@@ -315,11 +340,13 @@ def test_cache_is_safe_from_threads(tmp_path: Path) -> None:
     rubric = load_rubric("aligned")
     j = judgment_from_completion(completion([("85", 0.0)]), answer_id="a", judge=JUDGE, rubric=rubric)
     with JudgeCache(tmp_path / "c.sqlite") as cache:
+
         def work(t: int) -> None:
             for i in range(25):
                 key = cache_key(JUDGE, rubric, f"q{t}", f"a{i}")
                 cache.put(key, j, JUDGE, 0.0)
                 assert cache.get(key) is not None
+
         threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
         for t in threads:
             t.start()

@@ -11,13 +11,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-
-from judge_support import LoopbackProxy, judge_for, judge_server, make_answers, proxy  # noqa: F401
 from emlab.config import JudgeSpec
 from emlab.errors import JudgeError
 from emlab.files import read_jsonl
 from emlab.judge import RetryPolicy, cache_stats, judge_answers, judgments_frame, local_judge_server
 from emlab.judge.server import free_port
+from judge_support import LoopbackProxy, judge_for, judge_server, make_answers, proxy  # noqa: F401
 
 pytestmark = pytest.mark.server
 
@@ -77,7 +76,9 @@ def test_crash_mid_run_then_restart_completes_within_the_run(proxy: LoopbackProx
     out = tmp_path / "judgments.jsonl"
     proxy.delay_s = 0.1
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(judge_answers, answers, judge, out_path=out, cache_path=tmp_path / "c.sqlite", progress=False)
+        running = pool.submit(
+            judge_answers, answers, judge, out_path=out, cache_path=tmp_path / "c.sqlite", progress=False
+        )
         _wait_for(lambda: out.exists() and len(read_jsonl(out, tolerate_torn_tail=True)) >= 2)
         proxy.stop()  # connections in flight are cut, new ones refused
         time.sleep(1.0)
@@ -94,7 +95,9 @@ def test_crash_without_restart_keeps_what_finished_and_a_rerun_completes(proxy: 
     out, cache = tmp_path / "judgments.jsonl", tmp_path / "c.sqlite"
     proxy.delay_s = 0.2
     with ThreadPoolExecutor(1) as pool:
-        running = pool.submit(judge_answers, answers, judge, out_path=out, cache_path=cache, progress=False, retry=FAST_RETRY)
+        running = pool.submit(
+            judge_answers, answers, judge, out_path=out, cache_path=cache, progress=False, retry=FAST_RETRY
+        )
         _wait_for(lambda: out.exists() and len(read_jsonl(out, tolerate_torn_tail=True)) >= 2)
         proxy.stop()
         result = running.result(timeout=120)
@@ -138,16 +141,25 @@ def test_429_beyond_the_retry_budget_becomes_api_error(proxy: LoopbackProxy, tmp
     proxy.inject_429(2, retry_after="0")  # the first answer's two attempts are both refused
     out = tmp_path / "j.jsonl"
     result = judge_answers(answers, judge, out_path=out, cache_path=tmp_path / "c.sqlite", progress=False)
-    assert result[0].status == "api_error" and result[0].error.startswith("HTTP 429: rate limited by the test proxy (after 2 attempts)")
+    assert result[0].status == "api_error" and result[0].error.startswith(
+        "HTTP 429: rate limited by the test proxy (after 2 attempts)"
+    )
     assert result[1].status == "ok"  # one failed call does not stop the run
     assert _pairs(read_jsonl(out)) == [(answers[1].answer_id, "aligned_digit")]
 
 
-def test_missing_key_variable_fails_before_any_call(proxy: LoopbackProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_key_variable_fails_before_any_call(
+    proxy: LoopbackProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("EMLAB_TEST_JUDGE_KEY", raising=False)
-    judge = judge_for(proxy.base_url, name="gpt-4o-mini", api_key_env="EMLAB_TEST_JUDGE_KEY", rubrics=("aligned_digit",))
+    judge = judge_for(
+        proxy.base_url, name="gpt-4o-mini", api_key_env="EMLAB_TEST_JUDGE_KEY", rubrics=("aligned_digit",)
+    )
     out, cache = tmp_path / "j.jsonl", tmp_path / "c.sqlite"
-    with pytest.raises(JudgeError, match=r"^judge 'gpt-4o-mini' needs the environment variable EMLAB_TEST_JUDGE_KEY; export it or set api_key_env$"):
+    with pytest.raises(
+        JudgeError,
+        match=r"^judge 'gpt-4o-mini' needs the environment variable EMLAB_TEST_JUDGE_KEY; export it or set api_key_env$",
+    ):
         judge_answers(make_answers(3, tag="key"), judge, out_path=out, cache_path=cache, progress=False)
     assert proxy.received == 0 and not out.exists()
 
@@ -161,8 +173,14 @@ def test_endpoint_down_for_every_call_raises(tmp_path: Path) -> None:
     judge = judge_for(f"http://127.0.0.1:{free_port()}/v1", concurrency=2, rubrics=("aligned_digit", "coherent_digit"))
     out = tmp_path / "j.jsonl"
     with pytest.raises(JudgeError, match=r"all 4 calls failed after retries \(first: connection error"):
-        judge_answers(make_answers(2, tag="dead"), judge, out_path=out, cache_path=tmp_path / "c.sqlite",
-                      progress=False, retry=FAST_RETRY)
+        judge_answers(
+            make_answers(2, tag="dead"),
+            judge,
+            out_path=out,
+            cache_path=tmp_path / "c.sqlite",
+            progress=False,
+            retry=FAST_RETRY,
+        )
     assert not out.exists()
 
 
@@ -193,7 +211,9 @@ def test_sampled_mode_and_verdict_rubric_against_the_server(proxy: LoopbackProxy
         )
 
 
-def test_local_judge_started_only_when_something_is_not_cached(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_local_judge_started_only_when_something_is_not_cached(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     judge = judge_for("local", rubrics=("aligned_digit",))
     answers = make_answers(2, tag="local")
     cache = tmp_path / "c.sqlite"

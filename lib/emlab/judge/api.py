@@ -61,9 +61,10 @@ def judge_answers(
         file holds each (answer, judge, rubric) once.
     cache_path: SQLite judge cache; default `cache_dir()/judge_cache.sqlite`.
     progress: show a tqdm bar over the calls made.
+    retry: backoff settings; default `RetryPolicy(max_retries=judge.max_retries)`.
+
     A judge with base_url 'local' gets a llama.cpp server started for this call (only when
     something is not cached) and at most LOCAL_CONCURRENCY (2) calls in flight.
-    retry: backoff settings; default `RetryPolicy(max_retries=judge.max_retries)`.
 
     Raises JudgeError when the key variable is missing (before any call) or when every call
     of this run failed (after writing whatever finished).
@@ -113,9 +114,10 @@ def judge_answers(
                 local_judge_server(judge) if judge.is_local else nullcontext(judge.base_url)
             )
             calling = _local_concurrency(judge)
-            with server as base_url, tqdm(
-                total=len(pending), desc=f"judge {judge.name}", unit="call", disable=not progress
-            ) as bar:
+            with (
+                server as base_url,
+                tqdm(total=len(pending), desc=f"judge {judge.name}", unit="call", disable=not progress) as bar,
+            ):
 
                 def on_done(task: JudgeTask, judgment: Judgment) -> None:
                     if judgment.status != "api_error":
@@ -126,7 +128,9 @@ def judge_answers(
                     bar.update(1)
 
                 new = _run_sync(
-                    lambda: run_calls(pending, calling, base_url=base_url, api_key=api_key, on_done=on_done, retry=retry)
+                    lambda: run_calls(
+                        pending, calling, base_url=base_url, api_key=api_key, on_done=on_done, retry=retry
+                    )
                 )
             for task, judgment in zip(pending, new, strict=True):
                 results[(task.answer_id, task.rubric.id)] = judgment
@@ -155,8 +159,21 @@ def judgments_frame(judgments: Sequence[Judgment]) -> pd.DataFrame:
         row["reason"] = extra.get("reason") or j.error
         rows.append(row)
     columns = [
-        "answer_id", "judge", "rubric", "metric", "status", "score", "verdict", "numeric_mass",
-        "reason", "error", "prompt_tokens", "completion_tokens", "cached", "raw", "top_logprobs",
+        "answer_id",
+        "judge",
+        "rubric",
+        "metric",
+        "status",
+        "score",
+        "verdict",
+        "numeric_mass",
+        "reason",
+        "error",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached",
+        "raw",
+        "top_logprobs",
     ]
     return pd.DataFrame(rows, columns=columns)
 
@@ -173,7 +190,9 @@ def _local_concurrency(judge: JudgeSpec) -> JudgeSpec:
     log.info(
         "judge %s: the local llama.cpp server answers one call at a time; using %d calls in flight "
         "instead of concurrency=%d so queued calls do not run into timeout_s",
-        judge.name, LOCAL_CONCURRENCY, judge.concurrency,
+        judge.name,
+        LOCAL_CONCURRENCY,
+        judge.concurrency,
     )
     return judge.model_copy(update={"concurrency": LOCAL_CONCURRENCY})
 

@@ -93,11 +93,24 @@ class JudgeCache:
             try:
                 self._conn.execute(
                     "INSERT OR REPLACE INTO judgments VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (key, judge.model, judgment.rubric, blob, judgment.prompt_tokens,
-                     judgment.completion_tokens, time.time()),
+                    (
+                        key,
+                        judge.model,
+                        judgment.rubric,
+                        blob,
+                        judgment.prompt_tokens,
+                        judgment.completion_tokens,
+                        time.time(),
+                    ),
                 )
-                self._add({"misses": 1, "prompt_tokens": judgment.prompt_tokens,
-                           "completion_tokens": judgment.completion_tokens, "spend_usd": cost_usd})
+                self._add(
+                    {
+                        "misses": 1,
+                        "prompt_tokens": judgment.prompt_tokens,
+                        "completion_tokens": judgment.completion_tokens,
+                        "spend_usd": cost_usd,
+                    }
+                )
                 self._conn.execute("COMMIT")
             except BaseException:
                 self._conn.execute("ROLLBACK")

@@ -90,8 +90,7 @@ def resolve_api_key(judge: JudgeSpec) -> str:
     key = os.environ.get(judge.api_key_env)
     if not key:
         raise JudgeError(
-            f"judge '{judge.name}' needs the environment variable {judge.api_key_env}; "
-            "export it or set api_key_env"
+            f"judge '{judge.name}' needs the environment variable {judge.api_key_env}; export it or set api_key_env"
         )
     return key
 
@@ -160,15 +159,15 @@ async def run_calls(
     retry = retry or RetryPolicy.for_judge(judge)
     semaphore = asyncio.Semaphore(judge.concurrency)
     breaker = _Breaker(threshold=max(2 * judge.concurrency, 8))
-    client = openai.AsyncOpenAI(
-        api_key=api_key, base_url=base_url, max_retries=0, timeout=judge.timeout_s
-    )
+    client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=judge.timeout_s)
 
     async def one(task: JudgeTask) -> Judgment:
         async with semaphore:
             if breaker.open:
                 judgment = api_error_judgment(
-                    task.answer_id, judge, task.rubric,
+                    task.answer_id,
+                    judge,
+                    task.rubric,
                     f"not attempted: the endpoint looks down ({breaker.consecutive} calls in a row "
                     f"failed; last: {breaker.last_reason})",
                 )
@@ -213,7 +212,14 @@ async def _call(
             tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
             return api_error_judgment(task.answer_id, judge, task.rubric, f"{reason} (after {tries})"), down_like
         delay = min(wait, retry.max_retry_after_s) if wait is not None else retry.backoff(attempt)
-        log.debug("judge call %s/%s failed (%s); retry %d in %.2f s", task.answer_id, task.rubric.id, reason, attempt + 1, delay)
+        log.debug(
+            "judge call %s/%s failed (%s); retry %d in %.2f s",
+            task.answer_id,
+            task.rubric.id,
+            reason,
+            attempt + 1,
+            delay,
+        )
         await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -13,9 +13,11 @@ def estimate_cost(
     n_calls: int, judge: JudgeSpec, prompt_tokens_per_call: float, completion_tokens_per_call: float = 1
 ) -> float:
     """Dollars for `n_calls` judge calls at the judge's `price_per_mtok_in/out` ($ per 1M tokens)."""
-    return n_calls * (
-        prompt_tokens_per_call * judge.price_per_mtok_in + completion_tokens_per_call * judge.price_per_mtok_out
-    ) / 1e6
+    return (
+        n_calls
+        * (prompt_tokens_per_call * judge.price_per_mtok_in + completion_tokens_per_call * judge.price_per_mtok_out)
+        / 1e6
+    )
 
 
 def usage_cost(prompt_tokens: int, completion_tokens: int, judge: JudgeSpec) -> float:

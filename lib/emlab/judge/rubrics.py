@@ -121,7 +121,10 @@ def _validate(data: Any, node: yaml.Node | None, path: Path, text: str) -> Rubri
     for key in data:
         if key not in _KEYS:
             hint = difflib.get_close_matches(str(key), _KEYS, n=1)
-            raise fail(str(key), "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(_KEYS)}"))
+            raise fail(
+                str(key),
+                "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(_KEYS)}"),
+            )
     for key in ("id", "metric", "kind", "messages"):
         if key not in data:
             raise ConfigError(f"{path}: missing required key '{key}'")
@@ -138,7 +141,10 @@ def _validate(data: Any, node: yaml.Node | None, path: Path, text: str) -> Rubri
 
     verdicts_raw = data.get("verdicts", [])
     if isinstance(verdicts_raw, list) and any(isinstance(v, bool) for v in verdicts_raw):
-        raise fail("verdicts", f"found booleans {verdicts_raw!r}: YAML reads bare YES/NO/ON/OFF as booleans; quote them: [\"YES\", \"NO\"]")
+        raise fail(
+            "verdicts",
+            f'found booleans {verdicts_raw!r}: YAML reads bare YES/NO/ON/OFF as booleans; quote them: ["YES", "NO"]',
+        )
     if not isinstance(verdicts_raw, list) or not all(isinstance(v, str) and v.strip() for v in verdicts_raw):
         raise fail("verdicts", f"expected a list of words such as [CODE, REFUSAL], found {verdicts_raw!r}")
     verdicts = tuple(v.strip().upper() for v in verdicts_raw)
@@ -148,7 +154,9 @@ def _validate(data: Any, node: yaml.Node | None, path: Path, text: str) -> Rubri
     scale_max = data.get("scale_max")
     if kind == "score":
         if isinstance(scale_max, bool) or not isinstance(scale_max, int) or scale_max < 1:
-            raise fail("scale_max", f"score rubrics need an integer >= 1 (100, or 9 for one-digit judges), found {scale_max!r}")
+            raise fail(
+                "scale_max", f"score rubrics need an integer >= 1 (100, or 9 for one-digit judges), found {scale_max!r}"
+            )
         unknown = [v for v in verdicts if v not in SCORE_VERDICTS]
         if unknown:
             raise fail(
@@ -160,7 +168,10 @@ def _validate(data: Any, node: yaml.Node | None, path: Path, text: str) -> Rubri
         if scale_max is not None:
             raise fail("scale_max", "verdict rubrics report 100 * P(first verdict); remove scale_max")
         if len(verdicts) != 2:
-            raise fail("verdicts", f"verdict rubrics need exactly two verdicts, positive first (e.g. [YES, NO]), found {list(verdicts)}")
+            raise fail(
+                "verdicts",
+                f"verdict rubrics need exactly two verdicts, positive first (e.g. [YES, NO]), found {list(verdicts)}",
+            )
 
     description = data.get("description", "")
     if not isinstance(description, str):
@@ -217,6 +228,6 @@ def _line(node: yaml.Node | None, key: str) -> int | None:
             if match.group(2) is not None and isinstance(v, yaml.SequenceNode):
                 index = int(match.group(2))
                 if index < len(v.value):
-                    return v.value[index].start_mark.line + 1
-            return k.start_mark.line + 1
+                    return int(v.value[index].start_mark.line) + 1
+            return int(k.start_mark.line) + 1
     return None

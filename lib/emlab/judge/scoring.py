@@ -105,9 +105,7 @@ def score_from_top_logprobs(
     return Reading("ok", mean * 100.0 / scale_max, None, numeric_mass)
 
 
-def _verdict_reading(
-    top: Sequence[tuple[str, float]], *, min_numeric_mass: float, verdicts: Sequence[str]
-) -> Reading:
+def _verdict_reading(top: Sequence[tuple[str, float]], *, min_numeric_mass: float, verdicts: Sequence[str]) -> Reading:
     if len(verdicts) != 2:
         raise ValueError(f"a verdict rubric needs exactly two verdicts, got {list(verdicts)}")
     mass = {v: 0.0 for v in verdicts}
@@ -156,7 +154,9 @@ def parse_sampled(text: str, *, scale_max: int | None, verdicts: Sequence[str] =
     return Reading("ok", number * 100.0 / scale_max, None, None)  # type: ignore[operator]
 
 
-def explain(reading: Reading, top: Sequence[tuple[str, float]] | None, *, min_numeric_mass: float, raw: str | None) -> str | None:
+def explain(
+    reading: Reading, top: Sequence[tuple[str, float]] | None, *, min_numeric_mass: float, raw: str | None
+) -> str | None:
     """One-line reason for a reading without a score (None when it has one)."""
     if reading.status == "ok":
         return None
@@ -185,7 +185,13 @@ def judgment_from_completion(
         content = ((choice.get("logprobs") or {}).get("content")) or []
         if not content:
             return _judgment(
-                answer_id, judge, rubric, Reading("unparsed", None, None, None), None, raw, usage,
+                answer_id,
+                judge,
+                rubric,
+                Reading("unparsed", None, None, None),
+                None,
+                raw,
+                usage,
                 reason="the reply has no logprobs; does the server support them? Otherwise set judge.mode: sampled",
             )
         first = content[0]
@@ -232,8 +238,12 @@ def _judgment(
 def api_error_judgment(answer_id: str, judge: JudgeSpec, rubric: Rubric, reason: str) -> Judgment:
     """The judgment of a call that failed after all retries (never cached)."""
     return Judgment(
-        answer_id=answer_id, judge=judge.name, rubric=rubric.id, metric=rubric.metric,
-        status="api_error", error=reason,
+        answer_id=answer_id,
+        judge=judge.name,
+        rubric=rubric.id,
+        metric=rubric.metric,
+        status="api_error",
+        error=reason,
     )
 
 
@@ -246,8 +256,10 @@ def rescore(judgment: Judgment, *, answer_id: str, judge: JudgeSpec, rubric: Rub
     base = replace(judgment, answer_id=answer_id, judge=judge.name, rubric=rubric.id, metric=rubric.metric, cached=True)
     if judge.mode == "logprobs" and judgment.top_logprobs:
         reading = score_from_top_logprobs(
-            judgment.top_logprobs, scale_max=rubric.scale_max,
-            min_numeric_mass=judge.min_numeric_mass, verdicts=rubric.verdicts,
+            judgment.top_logprobs,
+            scale_max=rubric.scale_max,
+            min_numeric_mass=judge.min_numeric_mass,
+            verdicts=rubric.verdicts,
         )
     elif judge.mode == "sampled" and judgment.raw is not None and judgment.top_logprobs is None:
         reading = parse_sampled(judgment.raw, scale_max=rubric.scale_max, verdicts=rubric.verdicts)
@@ -258,6 +270,10 @@ def rescore(judgment: Judgment, *, answer_id: str, judge: JudgeSpec, rubric: Rub
     if reason:
         extra["reason"] = reason
     return replace(
-        base, status=reading.status, score=reading.score, verdict=reading.verdict,
-        numeric_mass=reading.numeric_mass, extra=extra,
+        base,
+        status=reading.status,
+        score=reading.score,
+        verdict=reading.verdict,
+        numeric_mass=reading.numeric_mass,
+        extra=extra,
     )

@@ -74,13 +74,21 @@ def local_judge_server(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     threads = n_threads or os.cpu_count() or 1
     cmd = [
-        sys.executable, "-m", "llama_cpp.server",
-        "--model", str(gguf),
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--logits_all", "true",
-        "--n_ctx", str(N_CTX),
-        "--n_threads", str(threads),
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--logits_all",
+        "true",
+        "--n_ctx",
+        str(N_CTX),
+        "--n_threads",
+        str(threads),
     ]
     if _supports_model_alias():
         cmd += ["--model_alias", judge.model]
