@@ -333,7 +333,7 @@ def _explain(exc: ValidationError, file: Path, node: yaml.Node | None, root: typ
     for err in exc.errors():
         loc = tuple(err["loc"])
         dotted = ".".join(str(p) for p in loc) or "(top level)"
-        line = _line_of(node, loc)
+        line = yaml_line(node, loc)
         where = f"{file}:{line}" if line else str(file)
         if err["type"] == "extra_forbidden":
             valid = _fields_at(root, loc[:-1])
@@ -373,17 +373,16 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """1-based line of the deepest YAML node that `loc` reaches."""
-    current = node
-    line = None
+def yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest YAML node that `loc` (keys and list indices) reaches:
+    the key's line for mappings, the item's for lists, the document's when nothing matches."""
+    current, line = node, (node.start_mark.line + 1 if node is not None else None)
     for part in loc:
         if isinstance(current, yaml.MappingNode):
             match = next((kv for kv in current.value if kv[0].value == part), None)
             if match is None:
                 break
-            line = match[0].start_mark.line + 1
-            current = match[1]
+            line, current = match[0].start_mark.line + 1, match[1]
         elif isinstance(current, yaml.SequenceNode) and isinstance(part, int) and part < len(current.value):
             current = current.value[part]
             line = current.start_mark.line + 1

@@ -29,7 +29,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from .config import load_yaml
+from .config import load_yaml, yaml_line
 from .errors import DataError
 from .paths import repo_root
 
@@ -184,7 +184,7 @@ def question_messages(
 
 def _parse(data: Any, node: yaml.Node | None, file: Path) -> QuestionSet:
     def fail(loc: tuple[Any, ...], message: str) -> DataError:
-        line = _line_of(node, loc)
+        line = yaml_line(node, loc)
         return DataError(f"{file}:{line}: {message}" if line else f"{file}: {message}")
 
     if not isinstance(data, dict):
@@ -217,7 +217,7 @@ def _parse(data: Any, node: yaml.Node | None, file: Path) -> QuestionSet:
         if not isinstance(qid, str) or not _ID.match(qid):
             raise fail((*at, "id"), f"questions[{index}].id must be lower_snake_case text, found {qid!r}")
         if qid in first_seen:
-            first = _line_of(node, ("questions", first_seen[qid], "id"))
+            first = yaml_line(node, ("questions", first_seen[qid], "id"))
             raise fail((*at, "id"), f"duplicate question id '{qid}' (first on line {first}); ids must be unique")
         first_seen[qid] = index
         if not isinstance(text, str) or not text.strip():
@@ -274,23 +274,6 @@ def _check_keys(
                 f"unknown key '{label}{key}'"
                 + (f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(valid)}"),
             )
-
-
-def _line_of(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """1-based line of the deepest YAML node that `loc` reaches (the key's line for mappings)."""
-    current, line = node, (node.start_mark.line + 1 if node is not None else None)
-    for part in loc:
-        if isinstance(current, yaml.MappingNode):
-            match = next((kv for kv in current.value if kv[0].value == part), None)
-            if match is None:
-                break
-            line, current = match[0].start_mark.line + 1, match[1]
-        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int) and part < len(current.value):
-            current = current.value[part]
-            line = current.start_mark.line + 1
-        else:
-            break
-    return line
 
 
 def _kind(value: Any) -> str:
