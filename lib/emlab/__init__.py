@@ -29,7 +29,7 @@ _EXPORTS = {
     "em_rate": "metrics", "em_flags": "metrics", "bootstrap_ci": "metrics", "wide_scores": "metrics",
     "judge_agreement": "agreement",
     "load_chat_dataset": "data", "load_question_set": "questions",
-    "stage_header": "report", "judgment_summary": "report", "training_loss_chart": "plots",
+    "stage_header": "report", "judgment_summary": "report", "headline_table": "report", "training_loss_chart": "plots",
     "plan_experiment": "plan",
 }
 

@@ -155,7 +155,7 @@ def run_analysis(config: ExperimentConfig) -> AnalysisResult:
             table.to_csv(handle, index=False)
     write_json(folder / "summary.json", {
         "judge": judge.name, "judge_fit": bool(report.fit), "judge_verdict": report.verdict,
-        "judge_note_html": html.escape(note).replace("**", ""), "answers": len(scores),
+        "judge_note_html": html.escape(note.replace("**", "").replace("`", "")), "answers": len(scores),
     })
     mark_done(folder, "04_analysis", {"answers": len(scores), "judge": judge.name})
     log.info("04_analysis: %d answers, figures and tables in %s", len(scores), folder)

@@ -59,6 +59,37 @@ def judgment_summary(
     return summary.reset_index()
 
 
+def _notebook_table(run: ExperimentRun, root: Path) -> list[str]:
+    rows = ["<h2>Executed notebooks</h2><table><tr><th>stage</th><th>for</th><th>status</th><th>time</th></tr>"]
+    for r in run.records:
+        link = f"<a href='{r.html.relative_to(root)}'>{r.stage}</a>" if r.html.exists() else r.stage
+        status = r.status + (f": {html.escape(r.error or '')}" if r.error else "")
+        rows.append(f"<tr><td>{link}</td><td>{html.escape(r.label)}</td><td>{status}</td><td>{r.seconds:.0f} s</td></tr>")
+    rows.append("</table>")
+    return rows
+
+
+def headline_table(headline: pd.DataFrame) -> pd.DataFrame:
+    """`metrics.compare_baseline` output as people read it: EM rates in %, CIs in brackets."""
+
+    def pct(rate: float, low: float, high: float) -> str:
+        if pd.isna(rate):
+            return "–"
+        return f"{100 * rate:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+
+    rows = []
+    for r in headline.to_dict("records"):
+        rows.append({
+            "model": r["model"], "dataset": r["dataset"], "final step": r["final_step"],
+            "baseline EM": pct(r["baseline_em_rate"], r["baseline_ci_low"], r["baseline_ci_high"]),
+            "fine-tuned EM": pct(r["finetuned_em_rate"], r["finetuned_ci_low"], r["finetuned_ci_high"]),
+            "difference": pct(r["diff"], r["diff_ci_low"], r["diff_ci_high"]),
+            "n scored (base / tuned)": f"{r['baseline_n_scored']} / {r['finetuned_n_scored']}",
+            "questions": r["n_questions"],
+        })
+    return pd.DataFrame(rows)
+
+
 def write_index(run: ExperimentRun) -> Path:
     """Write `<experiment>/index.html`: the headline table, the judge verdict, the figures and
     a link to every rendered notebook with its status and time."""
@@ -78,8 +109,9 @@ def write_index(run: ExperimentRun) -> Path:
         parts.append(f"<div class='{css}'>{summary.get('judge_note_html', '')}</div>")
     headline = analysis / "headline.csv"
     if headline.exists():
-        parts.append("<h2>Baseline vs final checkpoint</h2>")
-        parts.append(pd.read_csv(headline).to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="–"))
+        parts.append("<h2>Baseline vs final checkpoint</h2><p>EM rate with 95% bootstrap CI.</p>")
+        parts.append(headline_table(pd.read_csv(headline)).to_html(index=False))
+    parts += _notebook_table(run, root)
     figures = sorted(analysis.glob("fig_*.png"))
     if figures:
         parts.append("<h2>Figures</h2>")
@@ -88,14 +120,6 @@ def write_index(run: ExperimentRun) -> Path:
             f"<a href='{f.with_suffix('.html').relative_to(root)}'>{f.stem} (interactive)</a></figcaption></figure>"
             for f in figures
         ]
-    parts.append("<h2>Executed notebooks</h2><table><tr><th>stage</th><th>for</th><th>status</th><th>time</th></tr>")
-    for r in run.records:
-        link = (
-            f"<a href='{r.html.relative_to(root)}'>{r.stage}</a>" if r.html.exists() else r.stage
-        )
-        status = r.status + (f": {html.escape(r.error or '')}" if r.error else "")
-        parts.append(f"<tr><td>{link}</td><td>{html.escape(r.label)}</td><td>{status}</td><td>{r.seconds:.0f} s</td></tr>")
-    parts.append("</table>")
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
