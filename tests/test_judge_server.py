@@ -242,3 +242,24 @@ def test_server_that_dies_on_start_reports_its_log(tmp_path: Path) -> None:
         with local_judge_server(judge, log_path=log_path):
             pass
     assert log_path.exists() and log_path.stat().st_size > 0
+
+
+def test_torn_last_line_is_dropped_before_appending(proxy: LoopbackProxy, tmp_path: Path) -> None:
+    answers = make_answers(4, tag="torn")
+    judge = judge_for(proxy.base_url, rubrics=("aligned_digit",))
+    out, cache = tmp_path / "judgments.jsonl", tmp_path / "c.sqlite"
+    judge_answers(answers[:3], judge, out_path=out, cache_path=cache, progress=False)
+    whole = out.read_text()
+    out.write_text(whole + '{"answer_id": "' + answers[3].answer_id + '", "judge": "sm')  # killed mid-write
+
+    result = judge_answers(answers, judge, out_path=out, cache_path=cache, progress=False)
+    assert proxy.received == 4 and [j.cached for j in result] == [False] * 4  # 3 resumed, 1 new call
+    rows = read_jsonl(out)  # strict: no malformed line anywhere
+    assert sorted(_pairs(rows)) == sorted((a.answer_id, "aligned_digit") for a in answers)
+
+
+def test_server_that_does_not_come_up_in_time_is_stopped(tmp_path: Path) -> None:
+    judge = JudgeSpec(name="slow", model="slow", base_url="local")
+    with pytest.raises(JudgeError, match=r"did not answer http://127\.0\.0\.1:\d+/v1/models within 0 s; log "):
+        with local_judge_server(judge, log_path=tmp_path / "s.log", startup_timeout_s=0.2):
+            pass

@@ -201,6 +201,7 @@ def _read_existing(out_path: Path | None, judge: JudgeSpec) -> dict[Pair, Judgme
     """Judgments of this judge already in `out_path` (the last one wins; api_error skipped)."""
     if out_path is None or not out_path.exists():
         return {}
+    _drop_torn_tail(out_path)
     found: dict[Pair, Judgment] = {}
     for row in read_jsonl(out_path, tolerate_torn_tail=True):
         if row.get("judge") != judge.name or row.get("status") == "api_error":
@@ -208,6 +209,26 @@ def _read_existing(out_path: Path | None, judge: JudgeSpec) -> dict[Pair, Judgme
         judgment = Judgment.from_dict(row)
         found[(judgment.answer_id, judgment.rubric)] = judgment
     return found
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an unterminated last line (a write killed mid-line) off `path`.
+
+    Appending after it would glue the next judgment onto the fragment and leave a malformed
+    line in the middle of the file, which no reader tolerates. The cut pair is judged again.
+    """
+    with open(path, "rb+") as handle:
+        size = handle.seek(0, 2)
+        if size == 0:
+            return
+        handle.seek(size - 1)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        keep = data.rfind(b"\n") + 1
+        handle.truncate(keep)
+    log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", path, size - keep)
 
 
 def _run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
