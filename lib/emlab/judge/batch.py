@@ -35,7 +35,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import openai
 from openai.types import Batch
@@ -52,8 +52,8 @@ from .scoring import api_error_judgment, judgment_from_completion, rescore
 
 log = logging.getLogger(__name__)
 
-ENDPOINT = "/v1/chat/completions"
-COMPLETION_WINDOW = "24h"  # the only window the Batch API offers
+ENDPOINT: Final[Literal["/v1/chat/completions"]] = "/v1/chat/completions"
+COMPLETION_WINDOW: Final[Literal["24h"]] = "24h"  # the only window the Batch API offers
 BATCH_DISCOUNT = 0.5  # Batch API price relative to synchronous calls (OpenAI pricing page)
 MAX_REQUESTS = 50_000  # per batch input file (Batch API limits)
 MAX_FILE_BYTES = 200 * 1024 * 1024  # per batch input file (files.create docs)
