@@ -1,6 +1,7 @@
 """The `emlab` command: run an experiment, check it, estimate its judge cost, inspect the cache.
 
     emlab run params/experiments/default.yaml      # every notebook, then the HTML index
+    emlab run X.yaml --until 02_finetune           # stop after a stage (the rest runs next time)
     emlab check params/experiments/default.yaml    # validate inputs only
     emlab plan params/experiments/default.yaml     # answers, judge calls and dollars, before running
     emlab cache stats                              # judge cache hits, misses and spend
@@ -19,6 +20,9 @@ from collections.abc import Sequence
 
 from .errors import EmlabError
 
+# emlab.stages.STAGES, spelled out here: importing stages pulls in pandas for every command
+_STAGES = ("01_baseline", "02_finetune", "03_eval_judge", "04_analysis")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emlab", description=__doc__.splitlines()[0])
@@ -28,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
                        ("plan", "estimate answers, judge calls and cost")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("experiment", help="params/experiments/<name>.yaml")
+        if name == "run":
+            cmd.add_argument("--until", choices=_STAGES, default=None, metavar="STAGE",
+                             help=f"last stage to run ({', '.join(_STAGES)}); default: all")
     cache = sub.add_parser("cache", help="judge cache")
     cache.add_argument("action", choices=["stats"])
     cache.add_argument("--path", default=None, help="cache file (default: .cache/judge_cache.sqlite)")
@@ -60,7 +67,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         from .pipeline import run_experiment
 
-        run = run_experiment(args.experiment)
+        run = run_experiment(args.experiment, until=args.until)
         for r in run.records:
             print(f"{r.stage:14s} {r.label:40s} {r.status:8s} {r.seconds:7.1f}s")
         return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -35,9 +36,35 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
         # mkstemp creates 0600 files; outputs are meant to be shared like any other file
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _name_the_file(exc, path)
         raise
+
+
+def _name_the_file(exc: BaseException, path: Path) -> None:
+    """A failed write() raises OSError without a file name: add it, so that 'disk full' can
+    say where."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = str(path)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove what writes killed mid-way left under `folder`: `atomic_open`'s hidden
+    `.<name>.<random>.tmp` files and `<name>.tmp/` folders (adapter exports); return them.
+
+    Call it only on folders no other process is writing to (a run's own stage folders).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.rglob("*.tmp") if (p.is_file() and p.name.startswith(".")) or p.is_dir()]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 def write_text(path: Path, text: str) -> None:
@@ -65,11 +92,23 @@ def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     drop_torn_tail(path)
-    with open(path, "a", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as exc:
+            # Disk full mid-append: cut this call's rows off again, so the file ends on a
+            # whole line and none of a batch is half there.
+            os.ftruncate(fd, start)
+            _name_the_file(exc, path)
+            raise
+    finally:
+        os.close(fd)
 
 
 def drop_torn_tail(path: Path) -> int:

@@ -134,13 +134,18 @@ class TrainResult:
 
 
 def completed_checkpoints(checkpoints_dir: Path) -> dict[int, Path]:
-    """Adapter folders already exported, by step."""
+    """Adapter folders already exported, by step.
+
+    `step-NNNNNN.tmp/` is an export cut short by a crash (`_export_adapter` renames the
+    folder when it is complete): not a checkpoint, and redone by the resumed training.
+    """
     if not checkpoints_dir.is_dir():
         return {}
     found = {}
     for folder in checkpoints_dir.iterdir():
-        if folder.name.startswith("step-") and (folder / "adapter_config.json").exists():
-            found[int(folder.name.removeprefix("step-"))] = folder
+        number = folder.name.removeprefix("step-")
+        if folder.name.startswith("step-") and number.isdigit() and (folder / "adapter_config.json").exists():
+            found[int(number)] = folder
     return dict(sorted(found.items()))
 
 
@@ -210,12 +215,18 @@ def train_lora(
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except torch.OutOfMemoryError:
-        raise EmlabError(
-            f"out of GPU memory training with batch_size={train.batch_size}, max_length="
-            f"{train.max_length}, lora.r={train.lora.r}: lower batch_size (raise grad_accum to "
-            "keep the effective batch), lower max_length, or set load_in_4bit: true"
-        ) from None
+    except BaseException as exc:
+        # A save cut short (a full disk, Ctrl-C) must not stay behind as a half checkpoint.
+        _latest_complete_trainer_checkpoint(trainer_dir)
+        for partial in checkpoints_dir.glob("step-*.tmp"):
+            shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise EmlabError(
+                f"out of GPU memory training with batch_size={train.batch_size}, max_length="
+                f"{train.max_length}, lora.r={train.lora.r}: lower batch_size (raise grad_accum to "
+                "keep the effective batch), lower max_length, or set load_in_4bit: true"
+            ) from None
+        raise
     seconds = time.perf_counter() - started
     peft_model.unload()  # give the caller its base model back without LoRA layers
     write_json(run_dir / "train_summary.json", {

@@ -75,7 +75,7 @@ def resolve_source(spec: ModelSpec) -> ModelSource:
             )
         return ModelSource(str(path), spec.gguf_file, path.name)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        _require_in_hub_cache(spec)
+        _require_in_hub_cache(spec, path)
         return ModelSource(source, spec.gguf_file, source.replace("/", "--"))
     raise ConfigError(
         f"model '{spec.name}': source '{source}' is neither a folder, a .gguf file, "
@@ -83,8 +83,11 @@ def resolve_source(spec: ModelSpec) -> ModelSource:
     )
 
 
-def _require_in_hub_cache(spec: ModelSpec) -> None:
-    """Offline, a hub id works only when its files are already in the local HF cache."""
+def _require_in_hub_cache(spec: ModelSpec, folder: Path) -> None:
+    """Offline, a hub id works only when its files are already in the local HF cache.
+
+    `folder`: where `spec.source` would be as a local folder ('org/name' reads as both).
+    """
     if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false") and os.environ.get(
         "EMLAB_ALLOW_DOWNLOAD"
     ):
@@ -95,8 +98,8 @@ def _require_in_hub_cache(spec: ModelSpec) -> None:
     found = try_to_load_from_cache(spec.source, wanted)
     if not isinstance(found, str):
         raise ConfigError(
-            f"model '{spec.name}': '{spec.source}' is not in the local Hugging Face cache and "
-            "this machine is offline; download it first (huggingface-cli download "
+            f"model '{spec.name}': '{spec.source}' is neither a local folder (no {folder}) nor in the "
+            "local Hugging Face cache, and this machine is offline; download it first (huggingface-cli download "
             f"{spec.source}) or give a local folder, or set EMLAB_ALLOW_DOWNLOAD=1 where the hub is reachable"
         )
 

@@ -61,18 +61,35 @@ def params_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k, '(absent)')!r} → {b.get(k, '(absent)')!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def record_stage(folder: Path, stage: str, params: dict[str, Any]) -> None:
-    """Record `params` for `stage` in `folder/run.json`; refuse if it ran there with others."""
+def recorded_params(folder: Path, stage: str) -> dict[str, Any] | None:
+    """The params `stage` recorded in `folder/run.json`, or None when it never ran there."""
     path = folder / "run.json"
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())["stages"].get(stage)
+    return previous["params"] if previous is not None else None
+
+
+def check_params(folder: Path, stage: str, params: dict[str, Any]) -> None:
+    """Refuse (ConfigError naming the keys that differ) if `stage` ran in `folder` with other
+    params; writes nothing."""
+    previous = recorded_params(folder, stage)
     params = json.loads(json.dumps(params, default=str))  # normalise tuples and paths
-    info: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"stages": {}}
-    previous = info["stages"].get(stage)
-    if previous is not None and previous["params"] != params:
-        changes = params_diff(previous["params"], params)
+    if previous is not None and previous != params:
+        changes = params_diff(previous, params)
         raise ConfigError(
             f"{folder}: params changed since {stage} ran here ({'; '.join(changes[:5])}"
             f"{'; …' if len(changes) > 5 else ''}); use a new experiment name or delete the folder"
         )
+
+
+def record_stage(folder: Path, stage: str, params: dict[str, Any]) -> None:
+    """Record `params` for `stage` in `folder/run.json`; refuse if it ran there with others."""
+    path = folder / "run.json"
+    check_params(folder, stage, params)
+    params = json.loads(json.dumps(params, default=str))  # normalise tuples and paths
+    info: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"stages": {}}
+    previous = info["stages"].get(stage)
     info["stages"][stage] = {
         "params": params,
         "started": previous["started"] if previous else dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import DatasetSpec, ExperimentConfig, RunSpec
 from .files import read_jsonl
@@ -94,6 +94,46 @@ def stage_is_done(config: ExperimentConfig, folder: Path, stage: str) -> bool:
     return stage == "02_finetune" or summary.get("judges") == _judges_signature(config)
 
 
+def stage_params(config: ExperimentConfig, stage: str, label: str) -> dict[str, Any]:
+    """The params that shape `stage`'s outputs for `label` (a model name, a run id, or
+    'analysis'): what the stage records in its folder's run.json, and what a rerun must
+    match (`runinfo.check_params`). Loads the dataset for 02 (its digest); reads nothing else.
+    """
+    if stage == "01_baseline":
+        spec = config.model(label)
+        return {
+            "model": spec.model_dump(mode="json"), "sample": config.sample.model_dump(mode="json"),
+            "question_sets": question_sets_for(config, None), "seed": config.seeds[0],
+        }
+    if stage == "02_finetune":
+        from .data.chat import load_chat_dataset
+
+        run = config.run(label)
+        return _finetune_params(config, run, load_chat_dataset(config.dataset(run.dataset), seed=run.seed).digest)
+    if stage == "03_eval_judge":
+        from .finetune import completed_checkpoints
+
+        run = config.run(label)
+        checkpoints = completed_checkpoints(experiment_paths(config).checkpoints(label))
+        return _eval_params(config, question_sets_for(config, config.dataset(run.dataset)), checkpoints)
+    if stage == "04_analysis":
+        return {"analysis": config.analysis.model_dump(mode="json")}  # as run_analysis records it
+    raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+
+def _finetune_params(config: ExperimentConfig, run: RunSpec, data_digest: str) -> dict[str, Any]:
+    return {
+        "model": config.model(run.model).model_dump(mode="json"),
+        "dataset": config.dataset(run.dataset).model_dump(mode="json"),
+        "data_digest": data_digest, "seed": run.seed, "train": config.train.model_dump(mode="json"),
+    }
+
+
+def _eval_params(config: ExperimentConfig, sets: Sequence[str], checkpoints: dict[int, Path]) -> dict[str, Any]:
+    return {"sample": config.sample.model_dump(mode="json"), "question_sets": list(sets),
+            "checkpoints": sorted(checkpoints)}
+
+
 # --- 01 baseline ---------------------------------------------------------------------------
 
 
@@ -130,10 +170,7 @@ def run_baseline(config: ExperimentConfig, model_name: str, *, progress: bool = 
     folder = experiment_paths(config).baseline(model_name)
     seed = config.seeds[0]
     sets = question_sets_for(config, None)
-    record_stage(folder, "01_baseline", {
-        "model": spec.model_dump(mode="json"), "sample": config.sample.model_dump(mode="json"),
-        "question_sets": sets, "seed": seed,
-    })
+    record_stage(folder, "01_baseline", stage_params(config, "01_baseline", model_name))
     prompts = build_prompts(config, sets)
     out = folder / "answers.jsonl"
     answers = _answers_if_complete(out, len(prompts) * config.sample.samples_per_question)
@@ -194,10 +231,7 @@ def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     spec, dataset = config.model(run.model), config.dataset(run.dataset)
     folder = experiment_paths(config).run(run_id)
     rows = load_chat_dataset(dataset, seed=run.seed)
-    record_stage(folder, "02_finetune", {
-        "model": spec.model_dump(mode="json"), "dataset": dataset.model_dump(mode="json"),
-        "data_digest": rows.digest, "seed": run.seed, "train": config.train.model_dump(mode="json"),
-    })
+    record_stage(folder, "02_finetune", _finetune_params(config, run, rows.digest))
     device = resolve_device(config.train.device)
     model, tokenizer = load_model(spec, device)
     encoded = encode_chat_rows(rows, tokenizer, config.train.max_length, source=dataset.path)
@@ -228,10 +262,7 @@ def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) ->
 
         raise EmlabError(f"{paths.checkpoints(run_id)}: no checkpoints; run 02_finetune for {run_id} first")
     sets = question_sets_for(config, dataset)
-    record_stage(folder, "03_eval_judge", {
-        "sample": config.sample.model_dump(mode="json"), "question_sets": sets,
-        "checkpoints": sorted(checkpoints),
-    })
+    record_stage(folder, "03_eval_judge", _eval_params(config, sets, checkpoints))
     prompts = build_prompts(config, sets)
     expected = len(prompts) * config.sample.samples_per_question
     answers: list[Answer] = []
