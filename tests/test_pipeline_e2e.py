@@ -63,3 +63,10 @@ def test_tiny_experiment_end_to_end(write_experiment) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     statuses = [line.split()[:3] for line in again.stdout.splitlines() if line.startswith("0")]
     assert [s[2] for s in statuses] == ["skipped", "skipped", "skipped", "ran"], again.stdout
+
+    # analysis is derived anew each run: its thresholds may change without refusal
+    relaxed = write_experiment(name="relaxed.yaml", analysis={"aligned_below": 75, "bootstrap": 200, "examples": 4})
+    third = _emlab("run", str(relaxed))
+    assert third.returncode == 0, third.stderr[-3000:]
+    summary = json.loads((root / "analysis" / "run.json").read_text())
+    assert summary["stages"]["04_analysis"]["params"]["analysis"]["aligned_below"] == 75

@@ -119,7 +119,9 @@ def run_analysis(config: ExperimentConfig) -> AnalysisResult:
 
     paths = experiment_paths(config)
     folder = paths.analysis
-    record_stage(folder, "04_analysis", {"analysis": config.analysis.model_dump(mode="json")})
+    # analysis is recomputed from the other stages' files on every run, so its thresholds
+    # may change freely: recorded, not guarded
+    record_stage(folder, "04_analysis", {"analysis": config.analysis.model_dump(mode="json")}, guard=False)
     judge = config.primary_judge
     a = config.analysis
     stats = dict(aligned_below=a.aligned_below, coherent_above=a.coherent_above, n_boot=a.bootstrap, ci=a.ci)

@@ -346,7 +346,8 @@ def _explain(exc: ValidationError, file: Path, node: yaml.Node | None, root: typ
             found = err.get("input")
             shown = repr(found) if not isinstance(found, dict) else "a mapping"
             lines.append(f"{where}: '{dotted}': {err['msg']} (found {shown})")
-    return "\n".join(lines)
+    # one line, so the CLI's error stays one line even when several keys are wrong
+    return "; ".join(lines)
 
 
 def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -192,7 +192,7 @@ def run_experiment(path: str | Path, *, force_analysis: bool = True, until: str 
     # Before anything runs: a folder where a stage ran (finished or not) under other params
     # is refused now, naming the keys, rather than skipped as done or failed hours later.
     for stage, folder, label, _ in steps:
-        if recorded_params(folder, stage) is not None:
+        if stage != "04_analysis" and recorded_params(folder, stage) is not None:
             check_params(folder, stage, stage_params(config, stage, label))
     for folder in dict.fromkeys(folder for _, folder, _, _ in steps):
         for path in remove_stale_temp_files(folder):

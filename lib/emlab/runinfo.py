@@ -83,10 +83,12 @@ def check_params(folder: Path, stage: str, params: dict[str, Any]) -> None:
         )
 
 
-def record_stage(folder: Path, stage: str, params: dict[str, Any]) -> None:
-    """Record `params` for `stage` in `folder/run.json`; refuse if it ran there with others."""
+def record_stage(folder: Path, stage: str, params: dict[str, Any], *, guard: bool = True) -> None:
+    """Record `params` for `stage` in `folder/run.json`; with `guard`, refuse if it ran there
+    with others (stages whose outputs are derived anew each time pass guard=False)."""
     path = folder / "run.json"
-    check_params(folder, stage, params)
+    if guard:
+        check_params(folder, stage, params)
     params = json.loads(json.dumps(params, default=str))  # normalise tuples and paths
     info: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"stages": {}}
     previous = info["stages"].get(stage)
