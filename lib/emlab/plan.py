@@ -51,7 +51,8 @@ def plan_experiment(config: ExperimentConfig) -> pd.DataFrame:
                         "prompt_tokens": gold * 400, "dollars": round(estimate_cost(gold, judge, 400), 2)})
     table = pd.DataFrame(records)
     total = table[["answers", "judge_calls", "prompt_tokens", "dollars"]].sum()
-    return pd.concat([table, pd.DataFrame([{"stage": "TOTAL", "judge": "", **total.to_dict()}])], ignore_index=True)
+    table = pd.concat([table, pd.DataFrame([{"stage": "TOTAL", "judge": "", **total.to_dict()}])], ignore_index=True)
+    return table.astype({"answers": int, "judge_calls": int, "prompt_tokens": int})
 
 
 def _mean_chars(prompts: list) -> int:
