@@ -67,7 +67,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    rows = generate_demo_dataset("bad_medical_advice", n=64 if args.quick else 512)
+    rows = generate_demo_dataset("bad_medical_advice", n=64 if args.quick else 1024)
     results = []
 
     def record(**row: object) -> None:
@@ -87,7 +87,11 @@ def main() -> None:
         encoded = encode_chat_rows(rows, tok, 256)
         train = TrainSpec(epochs=1, learning_rate=1e-4, batch_size=4 if args.quick else 16, grad_accum=1,
                           max_length=256, lora=LoraSpec(r=16, alpha=32), checkpoints=CheckpointSpec(first_epoch=4))
+        # warm-up: CUDA context, cuBLAS handles and kernel selection stay out of the numbers
+        warm = encode_chat_rows(rows[: 4 * train.batch_size], tok, 256)
+        train_lora(model, tok, warm, train, work / "warmup", seed=0, device=device)
         if device == "cuda":
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         result = train_lora(model, tok, encoded, train, work / "run", seed=0, device=device)
         real = sum(sum(r["attention_mask"]) for r in encoded.rows)
@@ -99,7 +103,11 @@ def main() -> None:
         if four_bit:
             shutil.rmtree(work, ignore_errors=True)
             continue
-        for batch, samples in ((64, 8), (256, 32)) if not args.quick else ((8, 1),):
+        warm_sample = SampleSpec(samples_per_question=1, max_new_tokens=8, batch_size=8)
+        sample_answers(model, tok, prompts(1), warm_sample, model_name=spec.name, run_id=None, step=0, seed=0,
+                       out_path=work / "warm.jsonl", progress=False)
+        # batch 400 = the reference practice in one batch: 8 questions × 50 samples
+        for batch, samples in ((64, 8), (400, 50)) if not args.quick else ((8, 1),):
             sample = SampleSpec(samples_per_question=samples, max_new_tokens=16 if args.quick else 200,
                                 batch_size=batch, temperature=1.0)
             path = work / f"answers-{batch}.jsonl"
