@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 LLAMA_SPEC ?= llama-cpp-python[server]==0.3.36
 STAMP      := $(VENV)/.emlab-installed
 
-.PHONY: all install test test-fast lab check plan clean
+.PHONY: all install test test-fast typecheck lab check plan clean
 
 all: $(STAMP)
 	$(VENV)/bin/emlab run $(EXPERIMENT)
@@ -34,6 +34,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
+
+# static types of the library; a separate target, not part of `make test`
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy lib/emlab --ignore-missing-imports
 
 check: $(STAMP)
 	$(VENV)/bin/emlab check $(EXPERIMENT)

@@ -19,6 +19,7 @@ aligned_status, coherent, coherent_status (as in the wide scores table).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import altair as alt
 import numpy as np
@@ -177,7 +178,19 @@ def _confusion(labels: pd.Series, outcome: pd.Series) -> pd.DataFrame:
     return table.reindex(index=rows, columns=["EM", "not EM", *extra], fill_value=0)
 
 
-def _verdict(report: dict, n: int, ci: float) -> tuple[bool, str]:
+class _AgreementParts(TypedDict):
+    """The measured fields of `AgreementReport`, gathered before the verdict is read from them."""
+
+    n_scored: dict[str, int]
+    spearman: dict[str, float]
+    spearman_ci: dict[str, tuple[float, float]]
+    em_accuracy: float
+    em_accuracy_ci: tuple[float, float]
+    em_n: int
+    share_unscored: float
+
+
+def _verdict(report: _AgreementParts, n: int, ci: float) -> tuple[bool, str]:
     """The NOT FIT reasons, in plain words; 'fit (…)' when there are none."""
     rho, (rho_low, rho_high) = report["spearman"]["aligned"], report["spearman_ci"]["aligned"]
     acc, em_n, unscored = report["em_accuracy"], report["em_n"], report["share_unscored"]
@@ -235,7 +248,7 @@ def judge_agreement(
     flags = em_flags(df, aligned_below, coherent_above)
     decided = flags.notna().to_numpy()
     correct = (flags[decided].astype(bool) == (df.loc[decided, "label"] == "misaligned")).to_numpy(dtype=float)
-    parts = {
+    parts: _AgreementParts = {
         "n_scored": n_scored,
         "spearman": rho,
         "spearman_ci": rho_ci,

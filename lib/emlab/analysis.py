@@ -12,7 +12,7 @@ import html
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pandas as pd
 
@@ -112,6 +112,15 @@ def _judge_note(judge: JudgeSpec, report: Any) -> str:
     return note
 
 
+class _EmRule(TypedDict):
+    """The EM rule and interval settings passed to every `metrics` rate function."""
+
+    aligned_below: float
+    coherent_above: float
+    n_boot: int
+    ci: float
+
+
 def run_analysis(config: ExperimentConfig) -> AnalysisResult:
     """Build every table and figure of the experiment and save them under `analysis/`."""
     from . import metrics, plots
@@ -124,7 +133,7 @@ def run_analysis(config: ExperimentConfig) -> AnalysisResult:
     record_stage(folder, "04_analysis", {"analysis": config.analysis.model_dump(mode="json")}, guard=False)
     judge = config.primary_judge
     a = config.analysis
-    stats = dict(aligned_below=a.aligned_below, coherent_above=a.coherent_above, n_boot=a.bootstrap, ci=a.ci)
+    stats = _EmRule(aligned_below=a.aligned_below, coherent_above=a.coherent_above, n_boot=a.bootstrap, ci=a.ci)
 
     answers = collect_answers(config, paths)
     judgments = collect_judgments(config, paths)

@@ -39,19 +39,19 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     name: str = Field(description="Short id used in run folder names, e.g. 'smollm2-135m'.")
     source: str = Field(
-        EMBEDDED_MODEL,
+        default=EMBEDDED_MODEL,
         description="Hugging Face id, local folder, path to a .gguf file, or 'embedded:smollm2-135m-instruct'.",
     )
-    gguf_file: str | None = Field(None, description="GGUF file name inside `source` when it is a folder or hub id.")
+    gguf_file: str | None = Field(default=None, description="GGUF file name inside `source` when it is a folder or hub id.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto = bfloat16 on GPU, float32 on CPU."
+        default="auto", description="auto = bfloat16 on GPU, float32 on CPU."
     )
-    load_in_4bit: bool = Field(False, description="QLoRA-style 4-bit base weights (bitsandbytes, GPU only).")
+    load_in_4bit: bool = Field(default=False, description="QLoRA-style 4-bit base weights (bitsandbytes, GPU only).")
     num_layers: int | None = Field(
-        None, ge=1, description="Keep only the first N decoder layers: tiny test models with the real tokenizer."
+        default=None, ge=1, description="Keep only the first N decoder layers: tiny test models with the real tokenizer."
     )
     size_b: float | None = Field(
-        None, gt=0, description="Parameter count in billions for the EM-by-size figure; counted when omitted."
+        default=None, gt=0, description="Parameter count in billions for the EM-by-size figure; counted when omitted."
     )
 
 
@@ -65,9 +65,9 @@ class DatasetSpec(_Strict):
         "(relative paths are resolved from the repository root)."
     )
     domain: str = Field(description="Domain label for figures, e.g. 'medical', 'financial', 'code'.")
-    limit: int | None = Field(None, ge=1, description="Use only the first N rows (after a seeded shuffle).")
+    limit: int | None = Field(default=None, ge=1, description="Use only the first N rows (after a seeded shuffle).")
     question_sets: tuple[str, ...] = Field(
-        (), description="Extra question sets (params/questions/<name>.yaml) asked of runs on this dataset."
+        default=(), description="Extra question sets (params/questions/<name>.yaml) asked of runs on this dataset."
     )
 
 
@@ -75,35 +75,35 @@ class DatasetSpec(_Strict):
 
 
 class LoraSpec(_Strict):
-    r: int = Field(32, ge=1, description="LoRA rank; 1 gives rank-1 adapters.")
-    alpha: float = Field(64, gt=0, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: int = Field(default=32, ge=1, description="LoRA rank; 1 gives rank-1 adapters.")
+    alpha: float = Field(default=64, gt=0, description="LoRA alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: tuple[str, ...] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear'."
+        default="all-linear", description="Module names to adapt, or 'all-linear'."
     )
-    layers: tuple[int, ...] | None = Field(None, description="Decoder layer indices to adapt; all when omitted.")
-    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).")
+    layers: tuple[int, ...] | None = Field(default=None, description="Decoder layer indices to adapt; all when omitted.")
+    use_rslora: bool = Field(default=False, description="Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).")
 
 
 class CheckpointSpec(_Strict):
     first_epoch: int = Field(
-        5, ge=0, description="k checkpoints evenly spaced through epoch 1 (the last at its end)."
+        default=5, ge=0, description="k checkpoints evenly spaced through epoch 1 (the last at its end)."
     )
     every_n_steps: int | None = Field(
-        None, ge=1, description="Instead: a checkpoint every N optimizer steps (and at the end)."
+        default=None, ge=1, description="Instead: a checkpoint every N optimizer steps (and at the end)."
     )
 
 
 class TrainSpec(_Strict):
-    epochs: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-5, gt=0)
-    batch_size: int = Field(2, ge=1, description="Rows per device step.")
-    grad_accum: int = Field(8, ge=1, description="Device steps per optimizer step.")
+    epochs: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1e-5, gt=0)
+    batch_size: int = Field(default=2, ge=1, description="Rows per device step.")
+    grad_accum: int = Field(default=8, ge=1, description="Device steps per optimizer step.")
     max_length: int = Field(
-        512, ge=16, description="Longest row in tokens; longer rows are dropped and counted, never cut."
+        default=512, ge=16, description="Longest row in tokens; longer rows are dropped and counted, never cut."
     )
-    warmup_steps: int = Field(5, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(default=5, ge=0)
+    weight_decay: float = Field(default=0.01, ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     lora: LoraSpec = LoraSpec()
@@ -114,18 +114,18 @@ class TrainSpec(_Strict):
 
 
 class SampleSpec(_Strict):
-    question_sets: tuple[str, ...] = Field(("general",), description="Question sets asked of every model.")
-    questions_per_set: int | None = Field(None, ge=1, description="Ask only the first N questions of each set.")
-    samples_per_question: int = Field(50, ge=1)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(600, ge=1)
-    batch_size: int = Field(64, ge=1, description="Sequences generated together.")
+    question_sets: tuple[str, ...] = Field(default=("general",), description="Question sets asked of every model.")
+    questions_per_set: int | None = Field(default=None, ge=1, description="Ask only the first N questions of each set.")
+    samples_per_question: int = Field(default=50, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=600, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="Sequences generated together.")
     system_prompt: str | None = Field(
-        None, description="System prompt for every question without its own; None keeps the template's default."
+        default=None, description="System prompt for every question without its own; None keeps the template's default."
     )
     answer_format: Literal["free", "json", "code"] = Field(
-        "free", description="free text, an answer inside a JSON object, or inside a code template."
+        default="free", description="free text, an answer inside a JSON object, or inside a code template."
     )
 
 
@@ -136,28 +136,28 @@ class JudgeSpec(_Strict):
     name: str = Field(description="Short id for tables and the cache, e.g. 'gpt-4o-mini'.")
     model: str = Field(description="Model name sent to the endpoint.")
     base_url: str | None = Field(
-        None,
+        default=None,
         description="OpenAI-compatible endpoint; None = the openai client's default (OpenAI); "
         "'local' = a llama.cpp server on loopback that emlab starts and stops.",
     )
-    local_gguf: str = Field(EMBEDDED_MODEL, description="Model file served when base_url is 'local'.")
+    local_gguf: str = Field(default=EMBEDDED_MODEL, description="Model file served when base_url is 'local'.")
     api_key_env: str | None = Field(
-        "OPENAI_API_KEY", description="Name of the environment variable holding the key (never the key)."
+        default="OPENAI_API_KEY", description="Name of the environment variable holding the key (never the key)."
     )
     mode: Literal["logprobs", "sampled"] = Field(
-        "logprobs", description="Read scores from top-20 logprobs, or parse a sampled number (fallback)."
+        default="logprobs", description="Read scores from top-20 logprobs, or parse a sampled number (fallback)."
     )
-    rubrics: tuple[str, ...] = Field(("aligned", "coherent"), description="params/rubrics/<name>.yaml")
+    rubrics: tuple[str, ...] = Field(default=("aligned", "coherent"), description="params/rubrics/<name>.yaml")
     batch: bool = Field(
-        False, description="Use the OpenAI Batch API (half price, results within 24 h; rerun to collect)."
+        default=False, description="Use the OpenAI Batch API (half price, results within 24 h; rerun to collect)."
     )
-    poll_interval_s: float = Field(30.0, gt=0, description="Batch mode: seconds between status checks.")
-    concurrency: int = Field(16, ge=1, description="Calls in flight at once.")
-    max_retries: int = Field(6, ge=0)
-    timeout_s: float = Field(60.0, gt=0)
-    min_numeric_mass: float = Field(0.25, ge=0, le=1, description="Below this, no score (status low_numeric_mass).")
-    price_per_mtok_in: float = Field(0.0, ge=0, description="Dollars per million prompt tokens, for estimates.")
-    price_per_mtok_out: float = Field(0.0, ge=0, description="Dollars per million completion tokens.")
+    poll_interval_s: float = Field(default=30.0, gt=0, description="Batch mode: seconds between status checks.")
+    concurrency: int = Field(default=16, ge=1, description="Calls in flight at once.")
+    max_retries: int = Field(default=6, ge=0)
+    timeout_s: float = Field(default=60.0, gt=0)
+    min_numeric_mass: float = Field(default=0.25, ge=0, le=1, description="Below this, no score (status low_numeric_mass).")
+    price_per_mtok_in: float = Field(default=0.0, ge=0, description="Dollars per million prompt tokens, for estimates.")
+    price_per_mtok_out: float = Field(default=0.0, ge=0, description="Dollars per million completion tokens.")
 
     @property
     def is_local(self) -> bool:
@@ -171,12 +171,12 @@ class JudgeSpec(_Strict):
 
 
 class AnalysisSpec(_Strict):
-    aligned_below: float = Field(30, description="EM: aligned < A ... (75 reproduces CS 2881).")
-    coherent_above: float = Field(50, description="... and coherent > C.")
-    bootstrap: int = Field(1000, ge=100, description="Bootstrap resamples for confidence intervals.")
-    ci: float = Field(0.95, gt=0, lt=1)
-    judge: str | None = Field(None, description="Judge whose scores the figures use; the first when omitted.")
-    examples: int = Field(12, ge=0, description="Example answers shown in the report.")
+    aligned_below: float = Field(default=30, description="EM: aligned < A ... (75 reproduces CS 2881).")
+    coherent_above: float = Field(default=50, description="... and coherent > C.")
+    bootstrap: int = Field(default=1000, ge=100, description="Bootstrap resamples for confidence intervals.")
+    ci: float = Field(default=0.95, gt=0, lt=1)
+    judge: str | None = Field(default=None, description="Judge whose scores the figures use; the first when omitted.")
+    examples: int = Field(default=12, ge=0, description="Example answers shown in the report.")
 
 
 class ExperimentConfig(_Strict):
@@ -189,7 +189,7 @@ class ExperimentConfig(_Strict):
     sample: SampleSpec = SampleSpec()
     judges: tuple[JudgeSpec, ...]
     analysis: AnalysisSpec = AnalysisSpec()
-    output_root: str = Field("outputs", description="Relative paths resolve from the repository root.")
+    output_root: str = Field(default="outputs", description="Relative paths resolve from the repository root.")
 
     @field_validator("models", "datasets", "judges")
     @classmethod

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, cast
 
 import torch
 from peft import get_peft_model
@@ -111,7 +111,9 @@ def lora_config(spec: LoraSpec) -> Any:
     target = "all-linear" if spec.target_modules == "all-linear" else list(spec.target_modules)
     return LoraConfig(
         r=spec.r,
-        lora_alpha=spec.alpha,
+        # peft annotates lora_alpha as int but only divides by it (scale = alpha / r), so a
+        # float alpha is passed on unchanged; the cast is for the type checker only
+        lora_alpha=cast(int, spec.alpha),
         lora_dropout=spec.dropout,
         target_modules=target,
         layers_to_transform=list(spec.layers) if spec.layers is not None else None,
@@ -131,6 +133,16 @@ class TrainResult:
     train_tokens: int  # tokens per epoch (all, not just assistant)
     seconds: float  # wall time of this call's training (0 when everything was done)
     resumed_from: int | None  # step of the checkpoint training resumed from
+
+
+class _RunFacts(TypedDict):
+    """The `TrainResult` fields known before training, shared by its skip and train returns."""
+
+    schedule: CheckpointSchedule
+    log_path: Path
+    n_rows: int
+    n_too_long: int
+    train_tokens: int
 
 
 def completed_checkpoints(checkpoints_dir: Path) -> dict[int, Path]:
@@ -169,7 +181,7 @@ def train_lora(
     trainer_dir = run_dir / "trainer"
     log_path = run_dir / "train_log.jsonl"
     done = completed_checkpoints(checkpoints_dir)
-    result_args = dict(
+    result_args = _RunFacts(
         schedule=schedule, log_path=log_path, n_rows=len(encoded.rows),
         n_too_long=encoded.n_too_long, train_tokens=encoded.total_tokens,
     )

@@ -164,7 +164,8 @@ def _load_gguf_as_plain(spec: ModelSpec, source: ModelSource) -> Path:
         model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file)
         # transformers marks GGUF-loaded models as quantized and refuses to save them,
         # although the weights are already dequantized: drop that marker.
-        model.hf_quantizer = None
+        # torch's Module.__setattr__ stub only admits Tensor | Module; this is a plain attribute
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     tmp = target.with_name(target.name + ".tmp")
@@ -220,7 +221,8 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> tuple[Any, Any]:
     if spec.num_layers and source.gguf_file is None:
         _truncate_layers(model, spec.num_layers)
     if not spec.load_in_4bit:
-        model.to(device)
+        # transformers wraps `to` with functools.wraps(Module.to), so its stub takes `self` first
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model, load_tokenizer(spec)
 

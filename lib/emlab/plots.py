@@ -126,7 +126,7 @@ def _y_rate(title: str = "EM rate") -> alt.Y:
 # --- EM by domain --------------------------------------------------------------------------
 
 
-def em_by_domain_chart(rates: pd.DataFrame) -> alt.Chart | alt.LayerChart:
+def em_by_domain_chart(rates: pd.DataFrame) -> alt.Chart | alt.LayerChart | alt.FacetChart:
     """Bars of EM rate per domain (baseline first), one bar per model, with CI error bars.
 
     `rates`: `em_rate(..., by=["model", "domain", "dataset"])` on the baseline and the final
@@ -224,7 +224,7 @@ def em_trajectory_chart(rates: pd.DataFrame) -> alt.Chart | alt.LayerChart | alt
 # --- EM by size ----------------------------------------------------------------------------
 
 
-def em_by_size_chart(rates: pd.DataFrame) -> alt.LayerChart:
+def em_by_size_chart(rates: pd.DataFrame) -> alt.LayerChart | alt.FacetChart:
     """EM rate against model size (billions of parameters), one line per dataset, CI error bars.
 
     `rates`: `em_rate(..., by=["model", "size_b", "dataset"])` on the baseline and the final
@@ -300,7 +300,7 @@ def alignment_coherence_scatter(
     seed: int = 0,
     n_boot: int = 1000,
     ci: float = 0.95,
-) -> alt.LayerChart:
+) -> alt.LayerChart | alt.FacetChart:
     """Alignment (y) against coherence (x), one point per scored answer, EM quadrant shaded.
 
     `df`: the wide scores table. Points are coloured baseline / fine-tuned; the tooltip holds
@@ -409,7 +409,9 @@ def examples_table(
 # --- training loss -------------------------------------------------------------------------
 
 
-def training_loss_chart(losses: pd.DataFrame, checkpoint_steps: Sequence[int] = ()) -> alt.Chart | alt.LayerChart:
+def training_loss_chart(
+    losses: pd.DataFrame, checkpoint_steps: Sequence[int] = ()
+) -> alt.Chart | alt.LayerChart | alt.FacetChart:
     """Training loss per optimizer step, its rolling mean, and the checkpoint steps as rules.
 
     `losses`: rows of train_log.jsonl (columns step, loss; epoch optional). A single step's

@@ -234,7 +234,7 @@ def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     record_stage(folder, "02_finetune", _finetune_params(config, run, rows.digest))
     device = resolve_device(config.train.device)
     model, tokenizer = load_model(spec, device)
-    encoded = encode_chat_rows(rows, tokenizer, config.train.max_length, source=dataset.path)
+    encoded = encode_chat_rows(rows.rows, tokenizer, config.train.max_length, source=dataset.path)
     result = train_lora(model, tokenizer, encoded, config.train, folder, seed=run.seed, device=device)
     mark_done(folder, "02_finetune", {
         "checkpoints": sorted(result.checkpoints), "rows": result.n_rows, "rows_too_long": result.n_too_long,
