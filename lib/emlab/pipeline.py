@@ -164,7 +164,7 @@ def render_html(notebook: Path, html: Path) -> None:
     write_text(html, body)
 
 
-def run_experiment(path: str | Path, *, force_analysis: bool = True, until: str | None = None) -> ExperimentRun:
+def run_experiment(path: str | Path, *, until: str | None = None) -> ExperimentRun:
     """Run every stage of the experiment in `path` that is not complete yet; return what ran.
 
     until: the last stage to run ('01_baseline', '02_finetune', '03_eval_judge' or
@@ -225,4 +225,3 @@ def run_experiment(path: str | Path, *, force_analysis: bool = True, until: str 
     return run
 
 
-__all__ = ["preflight", "run_experiment", "execute_stage", "render_html", "ConfigError"]
