@@ -49,6 +49,9 @@ def test_tiny_experiment_end_to_end(write_experiment) -> None:
     scores = pd.read_parquet(root / "analysis" / "scores.parquet")
     assert len(scores) == 8 + 2 * 8
     assert set(scores["step"]) == {0, 1, 2}
+    costs = pd.read_csv(root / "analysis" / "judge_costs.csv").set_index("stage folder")
+    assert costs.loc["baseline__smol-2l", "judgments"] == 8 * 2  # 8 answers × 2 rubrics
+    assert costs["dollars"].sum() == 0  # the local judge has no price
     headline = pd.read_csv(root / "analysis" / "headline.csv")
     assert list(headline["dataset"]) == ["bad_medical"]
     for fig in ("em_by_domain", "em_trajectory", "em_by_size", "scatter", "judge_agreement"):

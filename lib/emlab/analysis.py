@@ -36,6 +36,7 @@ class AnalysisResult:
     headline: pd.DataFrame  # baseline vs final checkpoint
     per_question: pd.DataFrame
     agreement: Any  # emlab.agreement.AgreementReport
+    costs: pd.DataFrame  # judging cost per judge × stage folder
     judge_note: str  # markdown
     charts: dict[str, Any]
     examples: Any  # pandas Styler
@@ -69,6 +70,36 @@ def collect_judgments(config: ExperimentConfig, paths: ExperimentPaths) -> pd.Da
     rows = [row for f in files if f.exists() for row in read_jsonl(f, tolerate_torn_tail=True)]
     frame = pd.DataFrame(rows)
     return frame.drop_duplicates(["answer_id", "judge", "rubric"], keep="last") if len(frame) else frame
+
+
+def judge_costs(config: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFrame:
+    """What judging this experiment cost, per judge and stage folder: judgments, calls paid
+    (not served from the cache), their tokens, and dollars at the judge's params prices."""
+    from .judge.cost import usage_cost
+
+    sources = [paths.baseline(m.name) / "judgments.jsonl" for m in config.models]
+    sources += [paths.run(r.run_id) / "judgments.jsonl" for r in config.runs()]
+    sources.append(paths.analysis / "gold_judgments.jsonl")
+    rows = []
+    for judge in config.judges:
+        for path in sources:
+            if not path.exists():
+                continue
+            mine = [r for r in read_jsonl(path, tolerate_torn_tail=True) if r["judge"] == judge.name]
+            paid = [r for r in mine if not r.get("cached")]
+            prompt = sum(int(r.get("prompt_tokens") or 0) for r in paid)
+            completion = sum(int(r.get("completion_tokens") or 0) for r in paid)
+            rows.append({"judge": judge.name, "stage folder": path.parent.name, "judgments": len(mine),
+                         "calls paid": len(paid), "prompt tokens": prompt, "completion tokens": completion,
+                         "dollars": round(usage_cost(prompt, completion, judge), 4)})
+    table = pd.DataFrame(rows, columns=["judge", "stage folder", "judgments", "calls paid", "prompt tokens",
+                                        "completion tokens", "dollars"])
+    if len(table):
+        total = table.drop(columns=["judge", "stage folder"]).sum()
+        table = pd.concat([table, pd.DataFrame([{"judge": "TOTAL", "stage folder": "", **total.to_dict()}])],
+                          ignore_index=True)
+    counts = ["judgments", "calls paid", "prompt tokens", "completion tokens"]
+    return table.astype(dict.fromkeys(counts, int))
 
 
 def judge_gold_set(judge: JudgeSpec, out_path: Path) -> pd.DataFrame:
@@ -149,6 +180,7 @@ def run_analysis(config: ExperimentConfig) -> AnalysisResult:
     report = judge_agreement(gold, aligned_below=a.aligned_below, coherent_above=a.coherent_above)
     note = _judge_note(judge, report)
 
+    costs = judge_costs(config, paths)
     charts = {
         "judge_agreement": agreement_chart(gold, aligned_below=a.aligned_below, coherent_above=a.coherent_above),
         "em_by_domain": plots.em_by_domain_chart(by_domain),
@@ -161,18 +193,20 @@ def run_analysis(config: ExperimentConfig) -> AnalysisResult:
         plots.save_chart(chart, folder / f"fig_{name}")
     with atomic_open(folder / "scores.parquet", "wb") as handle:
         scores.to_parquet(handle, index=False)
-    for name, table in (("em_rates", rates), ("headline", headline), ("per_question", per_question)):
+    for name, table in (("em_rates", rates), ("headline", headline), ("per_question", per_question),
+                        ("judge_costs", costs)):
         with atomic_open(folder / f"{name}.csv") as handle:
             table.to_csv(handle, index=False)
     write_json(folder / "summary.json", {
         "judge": judge.name, "judge_fit": bool(report.fit), "judge_verdict": report.verdict,
-        "judge_note_html": html.escape(note.replace("**", "").replace("`", "")), "answers": len(scores),
+        "judge_note_html": html.escape(note.replace("**", "").replace("`", "")),
+        "judge_dollars": float(costs["dollars"].iloc[-1]) if len(costs) else 0.0, "answers": len(scores),
     })
     mark_done(folder, "04_analysis", {"answers": len(scores), "judge": judge.name})
     log.info("04_analysis: %d answers, figures and tables in %s", len(scores), folder)
     return AnalysisResult(
         folder=folder, judge=judge, scores=scores, rates=rates, headline=headline, per_question=per_question,
-        agreement=report, judge_note=note, charts=charts,
+        agreement=report, costs=costs, judge_note=note, charts=charts,
         examples=plots.examples_table(scores, n=a.examples, aligned_below=a.aligned_below,
                                       coherent_above=a.coherent_above),
     )

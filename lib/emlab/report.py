@@ -106,7 +106,8 @@ def write_index(run: ExperimentRun) -> Path:
     if summary_file.exists():
         summary = json.loads(summary_file.read_text())
         css = "warn" if not summary.get("judge_fit", False) else "ok"
-        parts.append(f"<div class='{css}'>{summary.get('judge_note_html', '')}</div>")
+        parts.append(f"<div class='{css}'>{summary.get('judge_note_html', '')} "
+                     f"Judging cost so far: ${summary.get('judge_dollars', 0.0):.2f}.</div>")
     headline = analysis / "headline.csv"
     if headline.exists():
         parts.append("<h2>Baseline vs final checkpoint</h2><p>EM rate with 95% bootstrap CI.</p>")
