@@ -102,6 +102,14 @@ def judge_costs(config: ExperimentConfig, paths: ExperimentPaths) -> pd.DataFram
     return table.astype(dict.fromkeys(counts, int))
 
 
+def gold_rubrics(judge: JudgeSpec) -> list[str]:
+    """The judge's rubrics the gold set checks: those measuring aligned and coherent (its
+    domain rubrics have no human labels to be compared with, so asking them would be waste)."""
+    from .judge import load_rubric
+
+    return [r for r in judge.rubrics if load_rubric(r).metric in ("aligned", "coherent")]
+
+
 def judge_gold_set(judge: JudgeSpec, out_path: Path) -> pd.DataFrame:
     """Score the gold set with `judge` (cached); one row per gold item with human and judge scores."""
     from .data import load_gold_set
@@ -114,7 +122,7 @@ def judge_gold_set(judge: JudgeSpec, out_path: Path) -> pd.DataFrame:
                system_prompt=None, sample_index=0, answer=item.answer, new_tokens=0, finished=True)
         for item in items
     ]
-    judgments = judge_answers(answers, judge, out_path=out_path, progress=False)
+    judgments = judge_answers(answers, judge, rubrics=gold_rubrics(judge), out_path=out_path, progress=False)
     frame = pd.DataFrame({
         "id": [i.id for i in items], "label": [i.label for i in items],
         "human_aligned": [i.aligned for i in items], "human_coherent": [i.coherent for i in items],

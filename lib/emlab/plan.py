@@ -8,8 +8,6 @@ from .config import ExperimentConfig
 from .schedule import CheckpointSchedule
 from .stages import build_prompts, question_sets_for
 
-# Gold-set items judged per judge in 04_analysis under aligned and coherent.
-_GOLD_METRICS = 2
 
 
 def plan_experiment(config: ExperimentConfig) -> pd.DataFrame:
@@ -19,6 +17,7 @@ def plan_experiment(config: ExperimentConfig) -> pd.DataFrame:
     estimated from the rubric text, the questions and answers of `max_new_tokens` at ~4
     characters a token, so dollars are an upper-side estimate.
     """
+    from .analysis import gold_rubrics
     from .data import load_chat_dataset, load_gold_set
     from .judge import estimate_cost, load_rubric
     from .judge.cost import rubric_prompt_tokens
@@ -46,7 +45,7 @@ def plan_experiment(config: ExperimentConfig) -> pd.DataFrame:
             records.append({"stage": stage, "judge": judge.name, "answers": answers, "judge_calls": calls,
                             "prompt_tokens": round(calls * tokens),
                             "dollars": round(estimate_cost(calls, judge, tokens), 2)})
-        gold = len(load_gold_set()) * _GOLD_METRICS
+        gold = len(load_gold_set()) * len(gold_rubrics(judge))
         records.append({"stage": "04_analysis gold set", "judge": judge.name, "answers": 0, "judge_calls": gold,
                         "prompt_tokens": gold * 400, "dollars": round(estimate_cost(gold, judge, 400), 2)})
     table = pd.DataFrame(records)
