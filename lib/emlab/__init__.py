@@ -18,9 +18,9 @@ _EXPORTS = {
     "EmlabError": "errors", "ConfigError": "errors", "DataError": "errors", "JudgeError": "errors",
     # records
     "Answer": "records", "Judgment": "records",
-    # stages
-    "run_baseline": "stages", "run_finetune": "stages", "run_eval": "stages", "experiment_paths": "stages",
-    "run_analysis": "analysis",
+    # stages and layout
+    "STAGES": "stages", "Stage": "stages", "run_baseline": "stages", "run_finetune": "stages",
+    "run_eval": "stages", "run_analysis": "stages", "ExperimentLayout": "paths", "EmRule": "rule",
     # pipeline
     "run_experiment": "pipeline", "preflight": "pipeline",
     # pieces

@@ -17,11 +17,15 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from .config import load_experiment
 from .errors import EmlabError
-
-# emlab.stages.STAGES, spelled out here: importing stages pulls in pandas for every command
-_STAGES = ("01_baseline", "02_finetune", "03_eval_judge", "04_analysis")
+from .judge import cache_stats
+from .paths import judge_cache_file
+from .pipeline import preflight, run_experiment
+from .plan import plan_experiment
+from .stages import STAGE_NAMES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("experiment", help="params/experiments/<name>.yaml")
         if name == "run":
-            cmd.add_argument("--until", choices=_STAGES, default=None, metavar="STAGE",
-                             help=f"last stage to run ({', '.join(_STAGES)}); default: all")
+            cmd.add_argument("--until", choices=STAGE_NAMES, default=None, metavar="STAGE",
+                             help=f"last stage to run ({', '.join(STAGE_NAMES)}); default: all")
     cache = sub.add_parser("cache", help="judge cache")
     cache.add_argument("action", choices=["stats"])
     cache.add_argument("--path", default=None, help="cache file (default: .cache/judge_cache.sqlite)")
@@ -65,34 +69,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        from .pipeline import run_experiment
-
         run = run_experiment(args.experiment, until=args.until)
         for r in run.records:
             print(f"{r.stage:14s} {r.label:40s} {r.status:8s} {r.seconds:7.1f}s")
         return 0
     if args.command == "check":
-        from .config import load_experiment
-        from .pipeline import preflight
-
         config = load_experiment(args.experiment)
         preflight(config)
         print(f"{args.experiment}: ok ({len(config.runs())} runs, {len(config.judges)} judges)")
         return 0
     if args.command == "plan":
-        from .config import load_experiment
-        from .plan import plan_experiment
-
-        table = plan_experiment(load_experiment(args.experiment))
-        print(table.to_string(index=False))
+        print(plan_experiment(load_experiment(args.experiment)).to_string(index=False))
         return 0
     if args.command == "cache":
-        from pathlib import Path
-
-        from .judge import cache_stats
-        from .paths import cache_dir
-
-        path = Path(args.path) if args.path else cache_dir() / "judge_cache.sqlite"
+        path = Path(args.path) if args.path else judge_cache_file()
         print(json.dumps(cache_stats(path), indent=2))
         return 0
     raise AssertionError(args.command)

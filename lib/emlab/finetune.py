@@ -1,11 +1,9 @@
 """LoRA fine-tuning with peft and the transformers `Trainer`, loss on assistant tokens only,
 adapters saved on a `CheckpointSchedule`, resumable after a crash.
 
-Folder of one run (see `emlab.paths`):
-
-    checkpoints/step-NNNNNN/   adapter_model.safetensors + adapter_config.json (for eval)
-    trainer/checkpoint-N/      the latest full training state (optimizer, scheduler, RNG)
-    train_log.jsonl            one line per optimizer step: loss, learning rate, epoch
+Files of one run (`emlab.paths.TrainingFiles`): an adapter folder per scheduled step (for
+eval), the latest full training state (optimizer, scheduler, RNG), and a log line per
+optimizer step (loss, learning rate, epoch).
 
 A rerun resumes from the latest complete `trainer/checkpoint-N` with its optimizer,
 scheduler and RNG state and the same data order, so it ends with the same adapters as an
@@ -30,12 +28,11 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 from .config import LoraSpec, TrainSpec
 from .errors import DataError, EmlabError
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
-from .paths import step_name
+from .paths import TrainingFiles
 from .schedule import CheckpointSchedule
 
 log = logging.getLogger(__name__)
 
-_COMPLETE = ".complete"
 
 
 @dataclass(frozen=True)
@@ -145,28 +142,12 @@ class _RunFacts(TypedDict):
     train_tokens: int
 
 
-def completed_checkpoints(checkpoints_dir: Path) -> dict[int, Path]:
-    """Adapter folders already exported, by step.
-
-    `step-NNNNNN.tmp/` is an export cut short by a crash (`_export_adapter` renames the
-    folder when it is complete): not a checkpoint, and redone by the resumed training.
-    """
-    if not checkpoints_dir.is_dir():
-        return {}
-    found = {}
-    for folder in checkpoints_dir.iterdir():
-        number = folder.name.removeprefix("step-")
-        if folder.name.startswith("step-") and number.isdigit() and (folder / "adapter_config.json").exists():
-            found[int(number)] = folder
-    return dict(sorted(found.items()))
-
-
 def train_lora(
     model: Any,
     tokenizer: Any,
     encoded: EncodedRows,
     train: TrainSpec,
-    run_dir: Path,
+    files: TrainingFiles,
     *,
     seed: int,
     device: str,
@@ -177,10 +158,8 @@ def train_lora(
     trainer checkpoint otherwise.
     """
     schedule = CheckpointSchedule.for_training(len(encoded.rows), train)
-    checkpoints_dir = run_dir / "checkpoints"
-    trainer_dir = run_dir / "trainer"
-    log_path = run_dir / "train_log.jsonl"
-    done = completed_checkpoints(checkpoints_dir)
+    checkpoints_dir, trainer_dir, log_path = files.checkpoints, files.trainer, files.log
+    done = files.completed()
     result_args = _RunFacts(
         schedule=schedule, log_path=log_path, n_rows=len(encoded.rows),
         n_too_long=encoded.n_too_long, train_tokens=encoded.total_tokens,
@@ -189,7 +168,7 @@ def train_lora(
         log.info("all %d checkpoints exist in %s: training skipped", len(schedule.steps), checkpoints_dir)
         return TrainResult(checkpoints=done, seconds=0.0, resumed_from=None, **result_args)
 
-    resume = _latest_complete_trainer_checkpoint(trainer_dir)
+    resume = _latest_complete_trainer_checkpoint(files)
     resumed_step = int(resume.name.split("-")[-1]) if resume else None
     _trim_log(log_path, resumed_step or 0)
 
@@ -222,15 +201,15 @@ def train_lora(
         args=args,
         train_dataset=encoded.rows,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[_ScheduleCallback(schedule, checkpoints_dir, log_path)],
+        callbacks=[_ScheduleCallback(schedule, files)],
     )
     started = time.perf_counter()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except BaseException as exc:
         # A save cut short (a full disk, Ctrl-C) must not stay behind as a half checkpoint.
-        _latest_complete_trainer_checkpoint(trainer_dir)
-        for partial in checkpoints_dir.glob("step-*.tmp"):
+        _latest_complete_trainer_checkpoint(files)
+        for partial in files.partial_exports():
             shutil.rmtree(partial, ignore_errors=True)
         if isinstance(exc, torch.OutOfMemoryError):
             raise EmlabError(
@@ -241,24 +220,22 @@ def train_lora(
         raise
     seconds = time.perf_counter() - started
     peft_model.unload()  # give the caller its base model back without LoRA layers
-    write_json(run_dir / "train_summary.json", {
+    write_json(files.summary, {
         "steps": schedule.total_steps, "checkpoints": list(schedule.steps), "rows": len(encoded.rows),
         "rows_too_long": encoded.n_too_long, "tokens_per_epoch": encoded.total_tokens,
         "seconds": round(seconds, 2), "resumed_from": resumed_step,
         "tokens_per_second": round(encoded.total_tokens * train.epochs / seconds, 1) if seconds else None,
     })
     return TrainResult(
-        checkpoints=completed_checkpoints(checkpoints_dir), seconds=seconds, resumed_from=resumed_step, **result_args
+        checkpoints=files.completed(), seconds=seconds, resumed_from=resumed_step, **result_args
     )
 
 
-def _latest_complete_trainer_checkpoint(trainer_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` with our completion marker; half-written ones are removed."""
-    if not trainer_dir.is_dir():
-        return None
+def _latest_complete_trainer_checkpoint(files: TrainingFiles) -> Path | None:
+    """The newest trainer checkpoint with our completion marker; half-written ones are removed."""
     complete: list[tuple[int, Path]] = []
-    for folder in trainer_dir.glob("checkpoint-*"):
-        if (folder / _COMPLETE).exists():
+    for folder in files.trainer_checkpoints():
+        if (folder / files.COMPLETE_MARKER).exists():
             complete.append((int(folder.name.split("-")[-1]), folder))
         else:
             log.warning("removing incomplete trainer checkpoint %s (a crash during its save)", folder)
@@ -286,11 +263,10 @@ def _export_adapter(model: Any, target: Path) -> None:
 class _ScheduleCallback(TrainerCallback):
     """Saves at the scheduled steps, exports each adapter, marks complete checkpoints, logs."""
 
-    def __init__(self, schedule: CheckpointSchedule, checkpoints_dir: Path, log_path: Path) -> None:
+    def __init__(self, schedule: CheckpointSchedule, files: TrainingFiles) -> None:
         self.steps = set(schedule.steps)
         self.expected_total = schedule.total_steps
-        self.checkpoints_dir = checkpoints_dir
-        self.log_path = log_path
+        self.files = files
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.max_steps != self.expected_total:
@@ -305,10 +281,10 @@ class _ScheduleCallback(TrainerCallback):
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = state.global_step
-        _export_adapter(kwargs["model"], self.checkpoints_dir / step_name(step))
+        _export_adapter(kwargs["model"], self.files.checkpoint(step))
         # Written last: a checkpoint without it was cut by a crash and is not resumed from.
-        (Path(args.output_dir) / f"checkpoint-{step}" / _COMPLETE).touch()
+        (Path(args.output_dir) / f"checkpoint-{step}" / self.files.COMPLETE_MARKER).touch()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if logs and "loss" in logs:
-            append_jsonl(self.log_path, [{"step": state.global_step, "epoch": state.epoch, **logs}])
+            append_jsonl(self.files.log, [{"step": state.global_step, "epoch": state.epoch, **logs}])

@@ -12,7 +12,6 @@ import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +20,10 @@ from tqdm.auto import tqdm
 
 from .config import SampleSpec
 from .files import append_jsonl, read_jsonl
+from .questions import Prompt
 from .records import Answer, answer_id
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One question as sent to the model."""
-
-    question_set: str
-    question_id: str
-    question: str  # the question as the researcher wrote it
-    messages: tuple[dict[str, str], ...]  # what the model sees, system turn (if any) included
-
-    @property
-    def system_prompt(self) -> str | None:
-        """The system prompt sent; None leaves the chat template's default."""
-        first = self.messages[0]
-        return first["content"] if first["role"] == "system" else None
 
 
 def _batch_seed(seed: int, label: str, index: int) -> int:

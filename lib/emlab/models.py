@@ -20,7 +20,7 @@ from typing import Any
 
 from .config import EMBEDDED_MODEL, ModelSpec
 from .errors import ConfigError, EmlabError
-from .paths import cache_dir, repo_root
+from .paths import models_cache_dir, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def converted_folder(spec: ModelSpec) -> Path | None:
     if source.gguf_file is None:
         return None
     layers = f"-L{spec.num_layers}" if spec.num_layers else ""
-    return cache_dir() / "models" / f"{source.label}{layers}"
+    return models_cache_dir() / f"{source.label}{layers}"
 
 
 def _load_gguf_as_plain(spec: ModelSpec, source: ModelSource) -> Path:

@@ -1,15 +1,27 @@
-"""Where things live: the repository root and the folders of an experiment and its runs.
+"""Where things live: the repository, the caches, and every file an experiment writes.
 
-Layout under `<output_root>/<experiment>/`:
+This is the one module that spells file names. Everything under `<output_root>/<experiment>/`
+is named by `ExperimentLayout`; the files inside one stage folder by `StageFiles`,
+`TrainingFiles` and `BatchFiles`; the caches by the functions at the bottom.
 
-    baseline__<model>/           01_baseline: answers.jsonl, judgments.jsonl
-    <model>__<dataset>__s<seed>/  02_finetune: checkpoints/step-NNNNNN/, train_log.jsonl
-                                  03_eval_judge: eval/step-NNNNNN/{answers,judgments}.jsonl
-    analysis/                    04_analysis: scores.parquet, em_rates.csv, figures
-    index.html                   links every executed notebook with the headline table
+    <output_root>/<experiment>/
+      index.html                        the report: headline table, figures, every notebook
+      baseline__<model>/                01_baseline (once per model)
+        answers.jsonl  judgments.jsonl
+      <model>__<dataset>__s<seed>/      one run
+        checkpoints/step-NNNNNN/        02_finetune: adapters on the schedule
+        trainer/checkpoint-N/           02_finetune: latest full training state (resume)
+        train_log.jsonl  train_summary.json
+        eval/step-NNNNNN/answers.jsonl  03_eval_judge: answers per checkpoint
+        judgments.jsonl                 03_eval_judge: every judgment of the run (all steps)
+      analysis/                         04_analysis: scores.parquet, *.csv, fig_*.html/png,
+                                        gold_judgments.jsonl, summary.json
 
-Every folder also holds the executed notebook (`NN_name.ipynb`, the record), its HTML
-rendering and `run.json` (resolved params, params digest, git commit, package versions).
+Every stage folder also holds, per stage that ran there, the executed notebook
+(`NN_stage.ipynb`, the record), its HTML, the completion marker (`NN_stage.done.json`) and
+`run.json` (the params each stage ran with, git commit, package versions). A judge in batch
+mode adds `judge_batch__<judge>.json` (its state), `.requests.jsonl` and the raw result files.
+`outputs/README.md` shows the same tree.
 """
 
 from __future__ import annotations
@@ -18,6 +30,233 @@ import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for annotations: config imports this module
+    from .config import ExperimentConfig
+
+# --- file names (relative to a stage folder) -------------------------------------------------
+
+ANSWERS = "answers.jsonl"
+JUDGMENTS = "judgments.jsonl"
+RUN_INFO = "run.json"
+CHECKPOINTS = "checkpoints"
+TRAINER = "trainer"
+TRAIN_LOG = "train_log.jsonl"
+TRAIN_SUMMARY = "train_summary.json"
+EVAL = "eval"
+STEP_GLOB = "step-[0-9]*"
+ADAPTER_CONFIG = "adapter_config.json"  # peft writes it last-but-one; its presence marks an adapter folder
+INDEX = "index.html"
+ANALYSIS = "analysis"
+FIGURE_PREFIX = "fig_"
+SCORES = "scores.parquet"  # 04_analysis: one row per answer, scores of the analysis judge
+GOLD_JUDGMENTS = "gold_judgments.jsonl"  # 04_analysis: the judge's judgments of the gold set
+SUMMARY = "summary.json"  # 04_analysis: judge verdict and cost, for the index page
+TABLE_SUFFIX = ".csv"
+BASELINE_PREFIX = "baseline__"
+
+
+def step_name(step: int) -> str:
+    """Folder name of an optimizer step: 'step-000042'."""
+    return f"step-{step:06d}"
+
+
+def step_of(folder: Path) -> int | None:
+    """The step a 'step-NNNNNN' folder holds; None for any other name (e.g. 'step-000042.tmp')."""
+    number = folder.name.removeprefix("step-")
+    return int(number) if folder.name.startswith("step-") and number.isdigit() else None
+
+
+# --- files of one stage folder ----------------------------------------------------------------
+
+
+def notebook_file(folder: Path, stage: str) -> Path:
+    """The executed notebook of `stage` in `folder`: the record of what ran."""
+    return folder / f"{stage}.ipynb"
+
+
+def html_file(folder: Path, stage: str) -> Path:
+    return folder / f"{stage}.html"
+
+
+def done_marker(folder: Path, stage: str) -> Path:
+    """Written last by a stage that finished; its presence is what 'done' means."""
+    return folder / f"{stage}.done.json"
+
+
+def run_info_file(folder: Path) -> Path:
+    return folder / RUN_INFO
+
+
+def stage_file_patterns(stage: str) -> tuple[str, ...]:
+    """Files every stage writes in its folder, as glob patterns relative to it."""
+    return (f"{stage}.ipynb", f"{stage}.html", f"{stage}.done.json", RUN_INFO)
+
+
+@dataclass(frozen=True)
+class TrainingFiles:
+    """Files of one fine-tuning run, inside the run folder."""
+
+    folder: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        """`checkpoints/`: one adapter folder per scheduled step."""
+        return self.folder / CHECKPOINTS
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / step_name(step)
+
+    def completed(self) -> dict[int, Path]:
+        """Adapter folders already exported, by step.
+
+        `step-NNNNNN.tmp/` is an export cut short by a crash (the export renames the folder
+        when it is complete): not a checkpoint, and redone by the resumed training.
+        """
+        if not self.checkpoints.is_dir():
+            return {}
+        found = {}
+        for folder in self.checkpoints.iterdir():
+            step = step_of(folder)
+            if step is not None and (folder / ADAPTER_CONFIG).exists():
+                found[step] = folder
+        return dict(sorted(found.items()))
+
+    def partial_exports(self) -> list[Path]:
+        """Adapter exports a crash cut short ('step-NNNNNN.tmp/')."""
+        return sorted(self.checkpoints.glob(f"{STEP_GLOB}.tmp"))
+
+    @property
+    def trainer(self) -> Path:
+        """`trainer/`: the Trainer's full state (optimizer, scheduler, RNG) for resuming."""
+        return self.folder / TRAINER
+
+    def trainer_checkpoints(self) -> list[Path]:
+        """The Trainer's own 'checkpoint-N' folders (complete or not)."""
+        return sorted(self.trainer.glob("checkpoint-*")) if self.trainer.is_dir() else []
+
+    COMPLETE_MARKER = ".complete"
+    """Written last into a trainer checkpoint: without it, the save was cut by a crash."""
+
+    @property
+    def log(self) -> Path:
+        """`train_log.jsonl`: one line per optimizer step."""
+        return self.folder / TRAIN_LOG
+
+    @property
+    def summary(self) -> Path:
+        return self.folder / TRAIN_SUMMARY
+
+    PATTERNS = (
+        f"{CHECKPOINTS}/{STEP_GLOB}/**",
+        f"{TRAINER}/**",
+        TRAIN_LOG,
+        TRAIN_SUMMARY,
+    )
+
+
+@dataclass(frozen=True)
+class BatchFiles:
+    """Files of one judge's Batch API work in one stage folder."""
+
+    folder: Path
+    judge: str
+
+    @property
+    def state(self) -> Path:
+        """`judge_batch__<judge>.json`: the batch's state (file id, batch id, phase)."""
+        return self.folder / f"judge_batch__{self.judge}.json"
+
+    @property
+    def requests(self) -> Path:
+        """The JSONL requests file uploaded to the Batch API."""
+        return self.folder / f"judge_batch__{self.judge}.requests.jsonl"
+
+    def result(self, batch_id: str, kind: str) -> Path:
+        """The raw output or error file of a batch (`kind`: 'output' or 'errors')."""
+        return self.folder / f"judge_batch__{self.judge}.{batch_id}.{kind}.jsonl"
+
+    PATTERNS = ("judge_batch__*.json", "judge_batch__*.jsonl")
+
+
+# --- the experiment ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """Every folder and file of one experiment; build with `ExperimentLayout.of(config)`."""
+
+    root: Path
+
+    @classmethod
+    def of(cls, config: ExperimentConfig) -> ExperimentLayout:
+        """`<output_root>/<name>/`, a relative output_root resolved from the repository root."""
+        root = Path(config.output_root)
+        if not root.is_absolute():
+            root = repo_root() / root
+        return cls(root / config.name)
+
+    # folders
+    def baseline(self, model: str) -> Path:
+        """Folder of 01_baseline for `model`."""
+        return self.root / f"{BASELINE_PREFIX}{model}"
+
+    def run(self, run_id: str) -> Path:
+        """Folder of one run (02_finetune and 03_eval_judge)."""
+        return self.root / run_id
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / ANALYSIS
+
+    @property
+    def index(self) -> Path:
+        return self.root / INDEX
+
+    # sampling and judging
+    @staticmethod
+    def answers(folder: Path, step: int | None = None) -> Path:
+        """Answers sampled in `folder`: the base model's (`step` None) or a checkpoint's."""
+        return folder / ANSWERS if step is None else folder / EVAL / step_name(step) / ANSWERS
+
+    @staticmethod
+    def answer_files(folder: Path) -> list[Path]:
+        """Every checkpoint's answers file in a run folder, by step."""
+        return sorted((folder / EVAL).glob(f"{STEP_GLOB}/{ANSWERS}"))
+
+    @staticmethod
+    def judgments(folder: Path) -> Path:
+        """Every judgment made in `folder` (all judges, all steps)."""
+        return folder / JUDGMENTS
+
+    @staticmethod
+    def batch(folder: Path, judge: str) -> BatchFiles:
+        return BatchFiles(folder, judge)
+
+    # training
+    def training(self, run_id: str) -> TrainingFiles:
+        return TrainingFiles(self.run(run_id))
+
+    # analysis
+    def analysis_file(self, name: str) -> Path:
+        """A table or record of 04_analysis, e.g. 'scores.parquet', 'headline.csv'."""
+        return self.analysis / name
+
+    def analysis_table(self, name: str) -> Path:
+        """A CSV table of 04_analysis by name, e.g. 'headline' → analysis/headline.csv."""
+        return self.analysis / f"{name}{TABLE_SUFFIX}"
+
+    def figure(self, name: str) -> Path:
+        """Base path of a figure (save_chart adds .html and .png): 'analysis/fig_<name>'."""
+        return self.analysis / f"{FIGURE_PREFIX}{name}"
+
+    def figures(self) -> list[Path]:
+        """The PNG figures of 04_analysis, sorted."""
+        return sorted(self.analysis.glob(f"{FIGURE_PREFIX}*.png"))
+
+
+# --- the repository and the caches ------------------------------------------------------------
 
 
 @cache
@@ -36,6 +275,11 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
+def notebooks_dir() -> Path:
+    """`<repo>/notebooks`: the stage notebooks papermill executes."""
+    return repo_root() / "notebooks"
+
+
 def cache_dir() -> Path:
     """Shared cache for converted models and the judge cache: $EMLAB_CACHE or <repo>/.cache."""
     env = os.environ.get("EMLAB_CACHE")
@@ -44,35 +288,21 @@ def cache_dir() -> Path:
     return folder
 
 
-def step_name(step: int) -> str:
-    return f"step-{step:06d}"
+def judge_cache_file() -> Path:
+    """The SQLite judge cache shared by every experiment."""
+    return cache_dir() / "judge_cache.sqlite"
 
 
-@dataclass(frozen=True)
-class ExperimentPaths:
-    """Folders of one experiment; build with `experiment_paths(config)`."""
+def models_cache_dir() -> Path:
+    """Plain safetensors copies of GGUF models (dequantized once)."""
+    return cache_dir() / "models"
 
-    root: Path
 
-    def baseline(self, model: str) -> Path:
-        return self.root / f"baseline__{model}"
+def demo_cache_dir() -> Path:
+    """Generated demo datasets."""
+    return cache_dir() / "demo"
 
-    def run(self, run_id: str) -> Path:
-        return self.root / run_id
 
-    def checkpoints(self, run_id: str) -> Path:
-        return self.run(run_id) / "checkpoints"
-
-    def checkpoint(self, run_id: str, step: int) -> Path:
-        return self.checkpoints(run_id) / step_name(step)
-
-    def eval_dir(self, run_id: str, step: int) -> Path:
-        return self.run(run_id) / "eval" / step_name(step)
-
-    @property
-    def analysis(self) -> Path:
-        return self.root / "analysis"
-
-    @property
-    def index(self) -> Path:
-        return self.root / "index.html"
+def logs_dir() -> Path:
+    """Logs of helper processes emlab starts (llama.cpp servers)."""
+    return cache_dir() / "logs"

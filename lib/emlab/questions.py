@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 
-from .config import load_yaml, yaml_line
+from .config import DatasetSpec, ExperimentConfig, load_yaml, yaml_line
 from .errors import DataError
 from .paths import repo_root
 
@@ -99,6 +99,45 @@ class QuestionSet:
             path=self.path,
             questions=tuple(self.get(i) for i in self.subsets[name]),
         )
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One question as sent to the model."""
+
+    question_set: str
+    question_id: str
+    question: str  # the question as the researcher wrote it
+    messages: tuple[dict[str, str], ...]  # what the model sees, system turn (if any) included
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt sent; None leaves the chat template's default."""
+        first = self.messages[0]
+        return first["content"] if first["role"] == "system" else None
+
+
+def question_sets_for(config: ExperimentConfig, dataset: DatasetSpec | None) -> list[str]:
+    """Sets asked of a fine-tuned run (the experiment's sets plus its dataset's extra sets) or,
+    for `dataset` None, of the base model (the experiment's sets plus every dataset's)."""
+    extra = [s for d in ([dataset] if dataset else config.datasets) for s in d.question_sets]
+    return list(dict.fromkeys([*config.sample.question_sets, *extra]))
+
+
+def build_prompts(config: ExperimentConfig, set_names: Sequence[str]) -> list[Prompt]:
+    """The prompts of `set_names`, formatted for the experiment's answer format; a question's
+    own system prompt and format win over the experiment's defaults."""
+    prompts = []
+    for name in set_names:
+        questions = load_question_set(name).questions
+        if config.sample.questions_per_set is not None:
+            questions = questions[: config.sample.questions_per_set]
+        for q in questions:
+            messages = question_messages(
+                q, default_system_prompt=config.sample.system_prompt, answer_format=config.sample.answer_format
+            )
+            prompts.append(Prompt(question_set=q.question_set, question_id=q.id, question=q.text, messages=tuple(messages)))
+    return prompts
 
 
 def list_question_sets() -> list[str]:

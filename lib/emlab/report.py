@@ -7,22 +7,19 @@ import html
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from .config import ExperimentConfig
 from .files import write_text
+from .paths import SUMMARY, ExperimentLayout
 from .records import Answer, Judgment
-
-if TYPE_CHECKING:
-    from .pipeline import ExperimentRun
+from .runinfo import git_commit
+from .stages.base import StageRecord
 
 
 def stage_header(config: ExperimentConfig, stage: str, label: str) -> str:
     """Markdown naming the experiment, stage, run, params digest and judges (no secrets)."""
-    from .runinfo import git_commit
-
     judges = ", ".join(
         f"`{j.name}` ({j.model} at {'local llama.cpp' if j.is_local else (j.base_url or 'OpenAI')})"
         for j in config.judges
@@ -59,9 +56,9 @@ def judgment_summary(
     return summary.reset_index()
 
 
-def _notebook_table(run: ExperimentRun, root: Path) -> list[str]:
+def _notebook_table(records: Sequence[StageRecord], root: Path) -> list[str]:
     rows = ["<h2>Executed notebooks</h2><table><tr><th>stage</th><th>for</th><th>status</th><th>time</th></tr>"]
-    for r in run.records:
+    for r in records:
         link = f"<a href='{r.html.relative_to(root)}'>{r.stage}</a>" if r.html.exists() else r.stage
         status = r.status + (f": {html.escape(r.error or '')}" if r.error else "")
         rows.append(f"<tr><td>{link}</td><td>{html.escape(r.label)}</td><td>{status}</td><td>{r.seconds:.0f} s</td></tr>")
@@ -90,30 +87,29 @@ def headline_table(headline: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_index(run: ExperimentRun) -> Path:
-    """Write `<experiment>/index.html`: the headline table, the judge verdict, the figures and
-    a link to every rendered notebook with its status and time."""
-    from .stages import experiment_paths
-
-    paths = experiment_paths(run.config)
-    root = paths.root
-    analysis = paths.analysis
+def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Path:
+    """Write the experiment's index page: the judge verdict and cost, the headline table, a
+    link to every rendered notebook with its status and time, and the figures."""
+    layout = ExperimentLayout.of(config)
+    root = layout.root
     parts = [
-        f"<h1>emlab · {html.escape(run.config.name)}</h1>",
-        f"<p>{html.escape(run.config.description)}</p>",
+        f"<h1>emlab · {html.escape(config.name)}</h1>",
+        f"<p>{html.escape(config.description)}</p>",
     ]
-    summary_file = analysis / "summary.json"
-    if summary_file.exists():
-        summary = json.loads(summary_file.read_text())
+    summary_file = layout.analysis_file(SUMMARY)
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    if summary:
         css = "warn" if not summary.get("judge_fit", False) else "ok"
         parts.append(f"<div class='{css}'>{summary.get('judge_note_html', '')} "
                      f"Judging cost so far: ${summary.get('judge_dollars', 0.0):.2f}.</div>")
-    headline = analysis / "headline.csv"
+    headline = layout.analysis_table("headline")
     if headline.exists():
-        parts.append("<h2>Baseline vs final checkpoint</h2><p>EM rate with 95% bootstrap CI.</p>")
+        rule = config.analysis.rule
+        parts.append(f"<h2>Baseline vs final checkpoint</h2><p>EM rate with {html.escape(rule.ci_label)}; "
+                     f"{html.escape(rule.describe())}.</p>")
         parts.append(headline_table(pd.read_csv(headline)).to_html(index=False))
-    parts += _notebook_table(run, root)
-    figures = sorted(analysis.glob("fig_*.png"))
+    parts += _notebook_table(records, root)
+    figures = layout.figures()
     if figures:
         parts.append("<h2>Figures</h2>")
         parts += [
@@ -127,6 +123,8 @@ def write_index(run: ExperimentRun) -> Path:
         ".warn{background:#fff3cd;border:1px solid #e0b000;padding:8px}.ok{background:#e8f5e9;padding:8px}"
         "img{max-width:100%}"
     )
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>emlab · {html.escape(run.config.name)}</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
-    write_text(paths.index, page)
-    return paths.index
+    title = html.escape(config.name)
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>emlab · {title}</title><style>{style}</style>"
+            f"</head><body>{''.join(parts)}</body></html>")
+    write_text(layout.index, page)
+    return layout.index

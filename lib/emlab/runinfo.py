@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .files import write_json
-from .paths import repo_root
+from .paths import done_marker, repo_root, run_info_file
 
 _PACKAGES = ("emlab", "torch", "transformers", "peft", "openai", "pandas", "altair", "papermill", "llama_cpp_python")
 
@@ -63,7 +63,7 @@ def params_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def recorded_params(folder: Path, stage: str) -> dict[str, Any] | None:
     """The params `stage` recorded in `folder/run.json`, or None when it never ran there."""
-    path = folder / "run.json"
+    path = run_info_file(folder)
     if not path.exists():
         return None
     previous = json.loads(path.read_text())["stages"].get(stage)
@@ -86,7 +86,7 @@ def check_params(folder: Path, stage: str, params: dict[str, Any]) -> None:
 def record_stage(folder: Path, stage: str, params: dict[str, Any], *, guard: bool = True) -> None:
     """Record `params` for `stage` in `folder/run.json`; with `guard`, refuse if it ran there
     with others (stages whose outputs are derived anew each time pass guard=False)."""
-    path = folder / "run.json"
+    path = run_info_file(folder)
     if guard:
         check_params(folder, stage, params)
     params = json.loads(json.dumps(params, default=str))  # normalise tuples and paths
@@ -104,10 +104,10 @@ def record_stage(folder: Path, stage: str, params: dict[str, Any], *, guard: boo
 
 def mark_done(folder: Path, stage: str, summary: dict[str, Any]) -> None:
     """Write the stage's completion marker (its summary); the orchestrator skips done stages."""
-    write_json(folder / f"{stage}.done.json", {**summary, "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
+    write_json(done_marker(folder, stage), {**summary, "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
 
 
 def done_summary(folder: Path, stage: str) -> dict[str, Any] | None:
     """The completion marker of `stage` in `folder`, or None when it has not finished."""
-    path = folder / f"{stage}.done.json"
+    path = done_marker(folder, stage)
     return json.loads(path.read_text()) if path.exists() else None

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import CheckpointSpec, TrainSpec
+from .config import CheckpointSpec, ExperimentConfig, RunSpec, TrainSpec
+from .data.chat import load_chat_dataset
 
 
 @dataclass(frozen=True)
@@ -58,3 +59,13 @@ def optimizer_steps_per_epoch(n_rows: int, batch_size: int, grad_accum: int) -> 
     """Optimizer steps per epoch: batches per epoch / accumulation, the last partial one counted."""
     batches = math.ceil(n_rows / batch_size)
     return max(1, math.ceil(batches / grad_accum))
+
+
+def planned_checkpoints(config: ExperimentConfig, run: RunSpec) -> CheckpointSchedule:
+    """The schedule of `run` from its dataset's row count (reads the dataset, loads no model).
+
+    Rows longer than `train.max_length` are dropped only when tokenized, so a dataset with
+    such rows trains fewer steps than planned here.
+    """
+    rows = len(load_chat_dataset(config.dataset(run.dataset), seed=run.seed))
+    return CheckpointSchedule.for_training(rows, config.train)

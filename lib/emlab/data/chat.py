@@ -29,7 +29,7 @@ from typing import Any
 from ..config import DatasetSpec
 from ..errors import DataError
 from ..files import write_jsonl
-from ..paths import cache_dir, repo_root
+from ..paths import demo_cache_dir, repo_root
 from .demo import DEFAULT_DEMO_ROWS, demo_dataset_info, generate_demo_dataset
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -194,7 +194,7 @@ def _materialise_demo(path: str, min_rows: int | None) -> Path:
         raise DataError(f"{path}: <n> and <seed> in 'demo:<name>:<n>:<seed>' must be integers") from None
     if n < 1:
         raise DataError(f"{path}: <n> must be at least 1, found {n}")
-    target = cache_dir() / "demo" / f"{name}-{n}-{data_seed}.jsonl"
+    target = demo_cache_dir() / f"{name}-{n}-{data_seed}.jsonl"
     rows = generate_demo_dataset(name, n=n, seed=data_seed)
     # Generation takes milliseconds, so regenerate and rewrite only on change: the cached
     # file never goes stale when the templates change.

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..config import JudgeSpec
 from ..errors import JudgeError
 from ..files import append_jsonl, read_jsonl
+from ..paths import BatchFiles
 from ..records import Answer, Judgment
 from .cache import JudgeCache, cache_key, default_cache_path
 from .client import JudgeTask, RetryPolicy, resolve_api_key, run_calls
@@ -47,6 +48,7 @@ def judge_answers(
     *,
     rubrics: Sequence[str] | None = None,
     out_path: Path | None = None,
+    batch_files: BatchFiles | None = None,
     cache_path: Path | None = None,
     progress: bool = True,
     retry: RetryPolicy | None = None,
@@ -69,6 +71,13 @@ def judge_answers(
     Raises JudgeError when the key variable is missing (before any call) or when every call
     of this run failed (after writing whatever finished).
     """
+    if judge.batch:
+        from .batch import judge_answers_batch
+
+        if batch_files is None:
+            raise JudgeError(f"judge '{judge.name}' is in batch mode: pass batch_files (where its state is kept)")
+        return judge_answers_batch(answers, judge, rubrics=rubrics, run_dir=batch_files.folder,
+                                   poll_interval_s=judge.poll_interval_s, cache_path=cache_path)
     rubric_list = [load_rubric(name) for name in (rubrics if rubrics is not None else judge.rubrics)]
     out_path = Path(out_path) if out_path is not None else None
     results: dict[Pair, Judgment] = {}

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import JudgeSpec
-from ..paths import cache_dir
+from ..paths import judge_cache_file
 from ..records import Judgment
 from .rubrics import Rubric
 
@@ -40,7 +40,7 @@ _COUNTERS = ("hits", "misses", "prompt_tokens", "completion_tokens", "spend_usd"
 
 def default_cache_path() -> Path:
     """`cache_dir()/judge_cache.sqlite` ($EMLAB_CACHE or <repo>/.cache)."""
-    return cache_dir() / "judge_cache.sqlite"
+    return judge_cache_file()
 
 
 def endpoint_kind(judge: JudgeSpec) -> str:

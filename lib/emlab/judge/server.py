@@ -23,7 +23,7 @@ from pathlib import Path
 from ..config import EMBEDDED_MODEL, JudgeSpec
 from ..errors import ConfigError, JudgeError
 from ..models import embedded_gguf_path
-from ..paths import cache_dir, repo_root
+from ..paths import logs_dir, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def local_judge_server(
     """
     gguf = local_gguf_path(judge)
     port = free_port()
-    log_path = log_path or cache_dir() / "logs" / f"llama-server-{port}.log"
+    log_path = log_path or logs_dir() / f"llama-server-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     threads = n_threads or os.cpu_count() or 1
     cmd = [

@@ -1,0 +1,86 @@
+"""Execute one stage notebook with papermill into its folder and render it to HTML.
+
+The executed notebook is the record of what ran: papermill saves it after every cell (here
+atomically, so a kill or a full disk leaves the last complete save, never half a notebook),
+marks the failing cell when a stage fails, and nbconvert renders it with the code hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import papermill as pm
+from nbconvert import HTMLExporter
+from papermill.iorw import LocalHandler, papermill_io
+
+from .files import write_text
+from .paths import notebook_file, notebooks_dir, repo_root
+from .stages.base import StageRecord
+
+log = logging.getLogger(__name__)
+
+
+def execute_stage(stage: str, folder: Path, parameters: dict[str, Any], label: str) -> StageRecord:
+    """Execute `notebooks/<stage>.ipynb` with `parameters` into `folder`; render its HTML.
+
+    Returns the record (status 'ran' or 'failed' with the notebook's error); anything else
+    (a full disk, Ctrl-C) is raised after the HTML of what ran is written.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    record = StageRecord(stage, folder, label, "ran")
+    started = time.perf_counter()
+    log.info("%s %s: executing into %s", stage, label, folder)
+    _save_atomically(record.notebook)
+    failure: BaseException | None = None
+    try:
+        pm.execute_notebook(
+            str(notebook_file(notebooks_dir(), stage)),
+            str(record.notebook),
+            parameters=parameters,
+            cwd=str(repo_root()),
+            kernel_name="python3",
+            progress_bar=True,
+            report_mode=False,
+        )
+    except pm.PapermillExecutionError as exc:
+        record.status, record.error = "failed", f"{exc.ename}: {exc.evalue}"
+    except BaseException as exc:  # papermill itself failed (a full disk, Ctrl-C): re-raised below
+        failure = exc
+        raise
+    finally:
+        record.seconds = time.perf_counter() - started
+        if record.notebook.exists():
+            try:
+                render_html(record.notebook, record.html)
+            except Exception as exc:
+                if failure is None and record.status == "ran":
+                    raise
+                # the stage's own error is the one to report, not the report view's
+                log.warning("could not render %s: %s", record.html, exc)
+    return record
+
+
+def _save_atomically(notebook: Path) -> None:
+    """Route papermill's saves of `notebook` through `files.write_text` (atomic).
+
+    papermill picks an I/O handler by path prefix (its `papermill_io` registry, newest
+    first); registering this one exact path changes nothing for any other path.
+    """
+
+    class _AtomicLocalHandler(LocalHandler):
+        def write(self, buf: str, path: str) -> None:
+            write_text(Path(path), buf)
+
+    papermill_io.register(str(notebook), _AtomicLocalHandler())
+
+
+def render_html(notebook: Path, html: Path) -> None:
+    """Render an executed notebook to HTML with the code hidden (the report view)."""
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    write_text(html, body)
+

@@ -1,0 +1,39 @@
+"""The pipeline's stages, one module each, in the order they run:
+
+    baseline.py   01_baseline    per model   sample and judge the untouched base model
+    finetune.py   02_finetune    per run     LoRA on the run's dataset, adapters on a schedule
+    evaluate.py   03_eval_judge  per run     sample and judge every checkpoint
+    analysis.py   04_analysis    once        EM rates with CIs, figures, the judge's gold-set check
+
+Each module exports its `run_*` function (what its notebook calls) and one `Stage` row
+(`emlab.stages.base.Stage`: scope, folder, params guard, files read and written). `STAGES`
+is the table the pipeline, the CLI (`--until`), `emlab plan`, the report and the tests loop
+over: adding a stage is adding one module and one row here (and its notebook).
+"""
+
+from __future__ import annotations
+
+from .analysis import ANALYSIS, AnalysisResult, run_analysis
+from .base import ANALYSIS_UNIT, Input, Output, Stage, StageRecord, Workload
+from .baseline import BASELINE, run_baseline
+from .common import SampledAndJudged, answers_with_scores
+from .evaluate import EVALUATE, run_eval
+from .finetune import FINETUNE, FinetuneResult, run_finetune
+
+STAGES: tuple[Stage, ...] = (BASELINE, FINETUNE, EVALUATE, ANALYSIS)
+STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+
+
+def get_stage(name: str) -> Stage:
+    """The stage called `name` ('01_baseline', ...)."""
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
+
+
+__all__ = [
+    "ANALYSIS", "ANALYSIS_UNIT", "BASELINE", "EVALUATE", "FINETUNE", "STAGES", "STAGE_NAMES",
+    "AnalysisResult", "FinetuneResult", "Input", "Output", "SampledAndJudged", "Stage", "StageRecord",
+    "Workload", "answers_with_scores", "get_stage", "run_analysis", "run_baseline", "run_eval", "run_finetune",
+]

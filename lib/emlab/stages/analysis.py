@@ -1,0 +1,264 @@
+"""04_analysis: every answer of the experiment, judged, turned into EM rates with bootstrap
+CIs, figures, example tables, the judging cost, and the gold-set check of the judge that
+scored them. Derived anew on every `emlab run` from the other stages' files."""
+
+from __future__ import annotations
+
+import html
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .. import metrics, plots
+from ..agreement import AgreementReport, agreement_chart, judge_agreement
+from ..config import ExperimentConfig, JudgeSpec
+from ..data import load_gold_set
+from ..errors import EmlabError
+from ..files import atomic_open, read_jsonl, write_json
+from ..judge import judge_answers, load_rubric, usage_cost
+from ..models import model_size_b
+from ..paths import (
+    ANSWERS,
+    FIGURE_PREFIX,
+    GOLD_JUDGMENTS,
+    JUDGMENTS,
+    SCORES,
+    SUMMARY,
+    TABLE_SUFFIX,
+    ExperimentLayout,
+)
+from ..records import Answer, answer_id
+from ..rule import EmRule
+from ..runinfo import mark_done, record_stage
+from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
+from .baseline import NAME as BASELINE
+from .evaluate import NAME as EVALUATE
+
+log = logging.getLogger(__name__)
+NAME = "04_analysis"
+
+# Tables written to the analysis folder, by name (`ExperimentLayout.analysis_table`).
+TABLES = ("em_rates", "headline", "per_question", "judge_costs")
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    folder: Path
+    judge: JudgeSpec
+    rule: EmRule
+    scores: pd.DataFrame  # wide: one row per answer
+    rates: pd.DataFrame  # per model × dataset × run × step
+    headline: pd.DataFrame  # baseline vs final checkpoint
+    per_question: pd.DataFrame
+    agreement: AgreementReport
+    costs: pd.DataFrame  # judging cost per judge × stage folder
+    judge_note: str  # markdown
+    charts: dict[str, Any]
+    examples: Any  # pandas Styler
+
+    @property
+    def intro(self) -> str:
+        """What the rates below mean (markdown): the rule and the interval, as computed."""
+        return (f"{self.rule.describe()}, among answers the judge scored; {self.rule.ci_label}s "
+                f"({self.rule.n_boot} resamples). Scored by `{self.judge.name}`.")
+
+
+def _judged_folders(config: ExperimentConfig, layout: ExperimentLayout) -> list[Path]:
+    """Folders whose judgments the analysis reads: every baseline, then every run."""
+    return [layout.baseline(m.name) for m in config.models] + [layout.run(r.run_id) for r in config.runs()]
+
+
+def collect_answers(config: ExperimentConfig, layout: ExperimentLayout) -> pd.DataFrame:
+    """Every answer of the experiment (baselines and all checkpoints) with its grid keys."""
+    frames = []
+    for model in config.models:
+        size = model_size_b(model)
+        path = layout.answers(layout.baseline(model.name))
+        if path.exists():
+            frame = pd.DataFrame(read_jsonl(path, tolerate_torn_tail=True))
+            frames.append(frame.assign(size_b=size, dataset=None, domain=None, seed=None, is_baseline=True))
+        for run in (r for r in config.runs() if r.model == model.name):
+            dataset = config.dataset(run.dataset)
+            for path in layout.answer_files(layout.run(run.run_id)):
+                frame = pd.DataFrame(read_jsonl(path, tolerate_torn_tail=True))
+                frames.append(frame.assign(size_b=size, dataset=dataset.name, domain=dataset.domain,
+                                           seed=run.seed, is_baseline=False))
+    if not frames:
+        raise EmlabError(f"{layout.root}: no answers yet; run 01_baseline and 03_eval_judge first")
+    return pd.concat(frames, ignore_index=True).drop_duplicates("answer_id", keep="last")
+
+
+def collect_judgments(config: ExperimentConfig, layout: ExperimentLayout) -> pd.DataFrame:
+    """Every judgment of the experiment's answers (all judges), the last one per pair."""
+    files = [layout.judgments(folder) for folder in _judged_folders(config, layout)]
+    rows = [row for f in files if f.exists() for row in read_jsonl(f, tolerate_torn_tail=True)]
+    frame = pd.DataFrame(rows)
+    return frame.drop_duplicates(["answer_id", "judge", "rubric"], keep="last") if len(frame) else frame
+
+
+def judge_costs(config: ExperimentConfig, layout: ExperimentLayout) -> pd.DataFrame:
+    """What judging this experiment cost, per judge and stage folder: judgments, calls paid
+    (not served from the cache), their tokens, and dollars at the price each judge pays
+    (`emlab.judge.usage_cost`: params prices, the Batch API discount included)."""
+    sources = [layout.judgments(folder) for folder in _judged_folders(config, layout)]
+    sources.append(layout.analysis_file(GOLD_JUDGMENTS))
+    rows = []
+    for judge in config.judges:
+        for path in sources:
+            if not path.exists():
+                continue
+            mine = [r for r in read_jsonl(path, tolerate_torn_tail=True) if r["judge"] == judge.name]
+            paid = [r for r in mine if not r.get("cached")]
+            prompt = sum(int(r.get("prompt_tokens") or 0) for r in paid)
+            completion = sum(int(r.get("completion_tokens") or 0) for r in paid)
+            rows.append({"judge": judge.name, "stage folder": path.parent.name, "judgments": len(mine),
+                         "calls paid": len(paid), "prompt tokens": prompt, "completion tokens": completion,
+                         "dollars": round(usage_cost(prompt, completion, judge), 4)})
+    table = pd.DataFrame(rows, columns=["judge", "stage folder", "judgments", "calls paid", "prompt tokens",
+                                        "completion tokens", "dollars"])
+    if len(table):
+        total = table.drop(columns=["judge", "stage folder"]).sum()
+        table = pd.concat([table, pd.DataFrame([{"judge": "TOTAL", "stage folder": "", **total.to_dict()}])],
+                          ignore_index=True)
+    counts = ["judgments", "calls paid", "prompt tokens", "completion tokens"]
+    return table.astype(dict.fromkeys(counts, int))
+
+
+def gold_rubrics(judge: JudgeSpec) -> list[str]:
+    """The judge's rubrics the gold set checks: those measuring aligned and coherent (its
+    domain rubrics have no human labels to be compared with, so asking them would be waste)."""
+    return [r for r in judge.rubrics if load_rubric(r).metric in metrics.EM_METRICS]
+
+
+def judge_gold_set(judge: JudgeSpec, layout: ExperimentLayout) -> pd.DataFrame:
+    """Score the gold set with `judge` (cached, batch mode too); one row per gold item with
+    human and judge scores."""
+    items = load_gold_set()
+    answers = [
+        Answer(answer_id=answer_id("gold", item.id), model="gold", run_id=None, step=0,
+               question_set=item.question_set, question_id=item.id, question=item.question,
+               system_prompt=None, sample_index=0, answer=item.answer, new_tokens=0, finished=True)
+        for item in items
+    ]
+    judgments = judge_answers(answers, judge, rubrics=gold_rubrics(judge), out_path=layout.analysis_file(GOLD_JUDGMENTS),
+                              batch_files=layout.batch(layout.analysis, judge.name), progress=False)
+    frame = pd.DataFrame({
+        "id": [i.id for i in items], "label": [i.label for i in items],
+        "human_aligned": [i.aligned for i in items], "human_coherent": [i.coherent for i in items],
+        "answer_id": [a.answer_id for a in answers],
+    })
+    j = pd.DataFrame([x.to_dict() for x in judgments])
+    for metric in metrics.EM_METRICS:
+        part = j[j["metric"] == metric].set_index("answer_id")
+        frame[metric] = frame["answer_id"].map(part["score"])
+        frame[f"{metric}_status"] = frame["answer_id"].map(part["status"]).fillna("missing")
+    return frame
+
+
+def _judge_note(judge: JudgeSpec, report: AgreementReport) -> str:
+    where = "a local llama.cpp server" if judge.is_local else (judge.base_url or "the OpenAI API")
+    note = (
+        f"Scored by judge **{judge.name}** (`{judge.model}` via {where}; rubrics "
+        f"{', '.join(judge.rubrics)}). Gold-set check (n={report.n} labelled answers): "
+        f"**{report.verdict}**."
+    )
+    if not report.fit:
+        note += (
+            " The EM numbers below are therefore a test of the pipeline, not a measurement"
+            + ("; the embedded 135M judge is a smoke test only." if judge.is_local else ".")
+        )
+    return note
+
+
+def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> AnalysisResult:
+    """04_analysis: build every table and figure of the experiment and save them under analysis/."""
+    layout = ExperimentLayout.of(config)
+    folder = layout.analysis
+    # derived anew from the other stages' files on every run, so its thresholds may change
+    # freely: recorded, not guarded
+    record_stage(folder, NAME, analysis_params(config, unit), guard=False)
+    judge = config.primary_judge
+    rule = config.analysis.rule
+
+    answers = collect_answers(config, layout)
+    judgments = collect_judgments(config, layout)
+    scores = metrics.wide_scores(answers, judgments[judgments["judge"] == judge.name])
+    final = metrics.final_checkpoints(scores, with_baseline=True)
+    rates = metrics.em_rate(scores, by=["model", "dataset", "run_id", "step"], rule=rule)
+    by_domain = metrics.em_rate(final, by=["model", "domain", "dataset"], rule=rule)
+    by_size = metrics.em_rate(final, by=["model", "size_b", "dataset"], rule=rule)
+    per_question = metrics.em_rate(final, by=["model", "dataset", "question_set", "question_id"], rule=rule)
+    headline = metrics.compare_baseline(scores, by=("model", "dataset"), rule=rule)
+
+    gold = judge_gold_set(judge, layout)
+    report = judge_agreement(gold, rule=rule)
+    note = _judge_note(judge, report)
+
+    costs = judge_costs(config, layout)
+    charts = {
+        "judge_agreement": agreement_chart(gold, rule=rule),
+        "em_by_domain": plots.em_by_domain_chart(by_domain),
+        "em_trajectory": plots.em_trajectory_chart(rates),
+        "em_by_size": plots.em_by_size_chart(by_size),
+        "scatter": plots.alignment_coherence_scatter(scores, rule=rule),
+    }
+    for name, chart in charts.items():
+        plots.save_chart(chart, layout.figure(name))
+    with atomic_open(layout.analysis_file(SCORES), "wb") as handle:
+        scores.to_parquet(handle, index=False)
+    for name, table in zip(TABLES, (rates, headline, per_question, costs), strict=True):
+        with atomic_open(layout.analysis_table(name)) as handle:
+            table.to_csv(handle, index=False)
+    write_json(layout.analysis_file(SUMMARY), {
+        "judge": judge.name, "judge_fit": bool(report.fit), "judge_verdict": report.verdict,
+        "judge_note_html": html.escape(note.replace("**", "").replace("`", "")),
+        "judge_dollars": float(costs["dollars"].iloc[-1]) if len(costs) else 0.0, "answers": len(scores),
+        "rule": rule.describe(), "ci_label": rule.ci_label,
+    })
+    mark_done(folder, NAME, {"answers": len(scores), "judge": judge.name})
+    log.info("04_analysis: %d answers, figures and tables in %s", len(scores), folder)
+    return AnalysisResult(
+        folder=folder, judge=judge, rule=rule, scores=scores, rates=rates, headline=headline,
+        per_question=per_question, agreement=report, costs=costs, judge_note=note, charts=charts,
+        examples=plots.examples_table(scores, n=config.analysis.examples, rule=rule),
+    )
+
+
+def analysis_params(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> dict[str, Any]:
+    """What shapes the analysis: its own params only (recorded, never guarded)."""
+    return {"analysis": config.analysis.model_dump(mode="json")}
+
+
+def _workload(config: ExperimentConfig, unit: str) -> Workload:
+    # the gold set is judged under the judge's aligned/coherent rubrics, ~400 prompt tokens a call
+    return Workload(f"{NAME} gold set", answers=len(load_gold_set()), sampled=False, rubrics=gold_rubrics,
+                    fixed_prompt_tokens=400)
+
+
+def _needs(config: ExperimentConfig, unit: str) -> list[tuple[str, str]]:
+    return [(BASELINE, m.name) for m in config.models] + [(EVALUATE, r.run_id) for r in config.runs()]
+
+
+ANALYSIS = Stage(
+    name=NAME,
+    title="Analysis: EM rates with bootstrap CIs, figures, the judge's gold-set check",
+    scope="experiment",
+    run=run_analysis,
+    params=analysis_params,
+    reads=(Input(BASELINE, ANSWERS), Input(BASELINE, JUDGMENTS), Input(EVALUATE, JUDGMENTS)),
+    writes=(
+        Output(SCORES, "one row per answer: grid keys, scores and statuses of the analysis judge"),
+        *(Output(f"{name}{TABLE_SUFFIX}", f"the {name.replace('_', ' ')} table") for name in TABLES),
+        Output(GOLD_JUDGMENTS, "the judge's judgments of the gold set"),
+        Output(SUMMARY, "judge verdict, cost and rule, for the index page"),
+        Output(f"{FIGURE_PREFIX}*.html", "figures, interactive"),
+        Output(f"{FIGURE_PREFIX}*.png", "figures, as images"),
+    ),
+    needs=_needs,
+    guarded=False,
+    always_runs=True,
+    workload=_workload,
+)

@@ -1,0 +1,154 @@
+"""What a stage is: the typed row of the stage table that the pipeline, the CLI, `emlab plan`,
+the report and the tests all loop over.
+
+A stage runs once per *unit*: per model (01_baseline), per run (02_finetune, 03_eval_judge)
+or once for the experiment (04_analysis). For one unit it works in one folder, reads the files
+of the stages it needs, writes the files it declares, and records the params that shaped its
+outputs (the guard against mixing results made under different params).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..config import ExperimentConfig
+from ..paths import ExperimentLayout, done_marker, html_file, notebook_file, stage_file_patterns
+from ..runinfo import done_summary
+
+Scope = Literal["model", "run", "experiment"]
+ANALYSIS_UNIT = "analysis"  # the one unit of an experiment-scoped stage
+
+
+@dataclass(frozen=True)
+class Output:
+    """Files a stage writes in its folder."""
+
+    pattern: str
+    """Glob relative to the stage folder ('**' for everything below a folder)."""
+    what: str
+    """What the files hold, for people."""
+    optional: bool = False
+    """Written only under some params (a judge in batch mode), so possibly absent."""
+
+
+@dataclass(frozen=True)
+class Input:
+    """Files a stage reads from the folder of a stage that ran before it."""
+
+    stage: str
+    """The stage that writes them."""
+    pattern: str
+    """Glob relative to that stage's folder."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Work one stage does for one unit, for `emlab plan`: answers to judge and tokens."""
+
+    label: str
+    """'01_baseline smollm2-135m' and the like."""
+    answers: int = 0
+    """Answers judged, each under every rubric of every judge."""
+    sampled: bool = True
+    """The answers are sampled by the stage (False: given, as the gold set's are)."""
+    question_chars: int = 0
+    """Mean characters of a question as sent (judge prompt estimate)."""
+    rubrics: Callable[[Any], list[str]] | None = None
+    """The rubric ids judged per answer, given a JudgeSpec; None: all of the judge's rubrics."""
+    fixed_prompt_tokens: int | None = None
+    """Prompt tokens of one judge call when known without a question (the gold set)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table."""
+
+    name: str
+    """'01_baseline': also the notebook `notebooks/<name>.ipynb` and the file prefix of its record."""
+    title: str
+    """One line for people."""
+    scope: Scope
+    """One unit per model, per run (model × dataset × seed), or one for the experiment."""
+    run: Callable[[ExperimentConfig, str], Any]
+    """What the notebook calls for one unit."""
+    params: Callable[[ExperimentConfig, str], dict[str, Any]]
+    """The params that shape the unit's outputs: recorded in run.json, and a rerun must match."""
+    writes: tuple[Output, ...]
+    """Files written in the unit's folder (besides the notebook, its HTML, run.json and the marker)."""
+    reads: tuple[Input, ...] = ()
+    """Files read from earlier stages' folders."""
+    needs: Callable[[ExperimentConfig, str], list[tuple[str, str]]] = field(default=lambda config, unit: [])
+    """(stage, unit) pairs that must be done before this unit runs."""
+    completion: Callable[[ExperimentConfig], Any] | None = None
+    """What the completion marker must record for 'done' to hold under this config (the judges a
+    judging stage judged with); None: the marker alone."""
+    guarded: bool = True
+    """Refuse to run again under other params. False for stages derived anew every run."""
+    always_runs: bool = False
+    """Run even when done (04_analysis: cheap, and it must see every other stage's latest files)."""
+    workload: Callable[[ExperimentConfig, str], Workload] | None = None
+    """Its judge work for `emlab plan`; None when it judges nothing."""
+
+    def units(self, config: ExperimentConfig) -> list[str]:
+        """The labels this stage runs for: model names, run ids, or 'analysis'."""
+        if self.scope == "model":
+            return [m.name for m in config.models]
+        if self.scope == "run":
+            return [r.run_id for r in config.runs()]
+        return [ANALYSIS_UNIT]
+
+    def folder(self, layout: ExperimentLayout, unit: str) -> Path:
+        """Where the stage works for `unit`."""
+        if self.scope == "model":
+            return layout.baseline(unit)
+        if self.scope == "run":
+            return layout.run(unit)
+        return layout.analysis
+
+    def notebook_parameters(self, unit: str) -> dict[str, str]:
+        """The notebook's parameters naming the unit (besides `experiment`)."""
+        if self.scope == "model":
+            return {"model": unit}
+        if self.scope == "run":
+            return {"run_id": unit}
+        return {}
+
+    def outputs(self) -> tuple[Output, ...]:
+        """Every file the stage writes in its folder, the record of the run included."""
+        record = tuple(Output(p, "the stage's record") for p in stage_file_patterns(self.name))
+        return (*self.writes, *record)
+
+    def is_done(self, config: ExperimentConfig, layout: ExperimentLayout, unit: str) -> bool:
+        """Finished in its folder (marker and executed notebook), under this config's judges."""
+        folder = self.folder(layout, unit)
+        summary = done_summary(folder, self.name)
+        if summary is None or not notebook_file(folder, self.name).exists():
+            return False
+        return self.completion is None or summary.get("completion") == self.completion(config)
+
+
+@dataclass
+class StageRecord:
+    """What happened to one stage for one unit in one `emlab run`."""
+
+    stage: str
+    folder: Path
+    label: str  # the unit: model, run id or 'analysis'
+    status: str  # ran / skipped / failed
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def notebook(self) -> Path:
+        return notebook_file(self.folder, self.stage)
+
+    @property
+    def html(self) -> Path:
+        return html_file(self.folder, self.stage)
+
+    @property
+    def done_marker(self) -> Path:
+        return done_marker(self.folder, self.stage)

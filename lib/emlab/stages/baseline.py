@@ -1,0 +1,73 @@
+"""01_baseline: sample the untouched base model on every question set and judge its answers,
+once per model: the reference every fine-tuned checkpoint is compared with."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..config import ExperimentConfig
+from ..paths import ANSWERS, ExperimentLayout
+from ..questions import build_prompts, question_sets_for
+from ..records import Answer
+from ..runinfo import mark_done, record_stage
+from .base import Output, Stage, Workload
+from .common import (
+    JUDGING_OUTPUTS,
+    SampledAndJudged,
+    answers_if_complete,
+    judge_all,
+    judges_signature,
+    mean_prompt_chars,
+)
+
+log = logging.getLogger(__name__)
+NAME = "01_baseline"
+
+
+def baseline_params(config: ExperimentConfig, model: str) -> dict[str, Any]:
+    """What shapes a baseline's answers: the model, the sampling params, the sets, the seed."""
+    return {
+        "model": config.model(model).model_dump(mode="json"), "sample": config.sample.model_dump(mode="json"),
+        "question_sets": question_sets_for(config, None), "seed": config.seeds[0],
+    }
+
+
+def run_baseline(config: ExperimentConfig, model: str, *, progress: bool = True) -> SampledAndJudged:
+    """01_baseline for `model`: sample every question set from the base model, judge the answers."""
+    # torch stays out of light commands (emlab check, plan): imported only to sample
+    from ..generate import sample_answers
+    from ..models import load_model, resolve_device
+
+    folder = ExperimentLayout.of(config).baseline(model)
+    record_stage(folder, NAME, baseline_params(config, model))
+    prompts = build_prompts(config, question_sets_for(config, None))
+    out = ExperimentLayout.answers(folder)
+    answers: list[Answer] | None = answers_if_complete(out, len(prompts) * config.sample.samples_per_question)
+    if answers is None:
+        loaded, tokenizer = load_model(config.model(model), resolve_device(config.train.device))
+        answers = sample_answers(loaded, tokenizer, prompts, config.sample, model_name=model, run_id=None, step=0,
+                                 seed=config.seeds[0], out_path=out, progress=progress)
+    judgments = judge_all(config, answers, folder)
+    mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments),
+                             "completion": judges_signature(config)})
+    log.info("01_baseline %s: %d answers, %d judgments in %s", model, len(answers), len(judgments), folder)
+    return SampledAndJudged(folder, answers, judgments)
+
+
+def _workload(config: ExperimentConfig, model: str) -> Workload:
+    prompts = build_prompts(config, question_sets_for(config, None))
+    return Workload(f"{NAME} {model}", answers=len(prompts) * config.sample.samples_per_question,
+                    question_chars=mean_prompt_chars(prompts))
+
+
+BASELINE = Stage(
+    name=NAME,
+    title="Baseline: the untouched base model, sampled and judged",
+    scope="model",
+    run=run_baseline,
+    params=baseline_params,
+    writes=(Output(ANSWERS, "the base model's answers, one per question × sample"), *JUDGING_OUTPUTS),
+    completion=judges_signature,
+    workload=_workload,
+)

@@ -1,0 +1,83 @@
+"""Pieces the sampling-and-judging stages share: judging a folder's answers with every judge of
+the experiment, reading back finished answers, and the answers-with-scores table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import ExperimentConfig
+from ..files import read_jsonl
+from ..judge import judge_answers
+from ..paths import JUDGMENTS, BatchFiles, ExperimentLayout
+from ..questions import Prompt
+from ..records import Answer, Judgment
+from .base import Output
+
+# Files of a folder whose answers are judged (01_baseline, 03_eval_judge).
+JUDGING_OUTPUTS = (
+    Output(JUDGMENTS, "every judgment of the folder's answers, all judges and rubrics"),
+    *(Output(p, "Batch API state, requests and raw results of a judge in batch mode", optional=True)
+      for p in BatchFiles.PATTERNS),
+)
+
+
+def judges_signature(config: ExperimentConfig) -> list[list[str]]:
+    """The judges and rubrics a judging stage judged with: a changed list re-runs judging."""
+    return [[j.name, *j.rubrics] for j in config.judges]
+
+
+def judge_all(config: ExperimentConfig, answers: Sequence[Answer], folder: Path) -> list[Judgment]:
+    """Judge `answers` with every judge of the experiment into `folder`'s judgments file."""
+    judgments: list[Judgment] = []
+    for judge in config.judges:
+        judgments += judge_answers(
+            answers, judge, out_path=ExperimentLayout.judgments(folder),
+            batch_files=ExperimentLayout.batch(folder, judge.name),
+        )
+    return judgments
+
+
+def answers_if_complete(path: Path, expected: int) -> list[Answer] | None:
+    """The answers in `path` when all `expected` are there (so no model needs loading)."""
+    if not path.exists():
+        return None
+    rows = read_jsonl(path, tolerate_torn_tail=True)
+    return [Answer.from_dict(r) for r in rows] if len(rows) >= expected else None
+
+
+def mean_prompt_chars(prompts: Sequence[Prompt]) -> int:
+    """Mean characters of the messages a prompt sends (for judge token estimates)."""
+    return round(sum(len(m["content"]) for p in prompts for m in p.messages) / max(len(prompts), 1))
+
+
+@dataclass(frozen=True)
+class SampledAndJudged:
+    """Answers and their judgments, with the folder they were written to."""
+
+    folder: Path
+    answers: list[Answer]
+    judgments: list[Judgment]
+
+    def table(self) -> pd.DataFrame:
+        """One row per answer with each judge × metric score (the status when unscored)."""
+        return answers_with_scores(self.answers, self.judgments)
+
+
+def answers_with_scores(answers: Sequence[Answer], judgments: Sequence[Judgment]) -> pd.DataFrame:
+    """Answers with one column per judge × metric: the score, or the status when unscored.
+
+    For display, with every judge side by side; the analysis uses `metrics.wide_scores`
+    (one judge, score and status in separate columns).
+    """
+    frame = pd.DataFrame([a.to_dict() for a in answers])
+    if not judgments or frame.empty:
+        return frame
+    j = pd.DataFrame([x.to_dict() for x in judgments])
+    j["value"] = j["score"].where(j["status"] == "ok", j["status"])
+    wide = j.pivot_table(index="answer_id", columns=["judge", "metric"], values="value", aggfunc="first")
+    wide.columns = [f"{judge}:{metric}" for judge, metric in wide.columns]
+    return frame.merge(wide, left_on="answer_id", right_index=True, how="left")

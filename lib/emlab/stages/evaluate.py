@@ -1,0 +1,97 @@
+"""03_eval_judge: sample every saved checkpoint of a run on its question sets and judge the
+answers. One base model is loaded for the whole run; each checkpoint's adapter is applied in
+turn."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..config import ExperimentConfig
+from ..errors import EmlabError
+from ..paths import ANSWERS, EVAL, STEP_GLOB, ExperimentLayout, TrainingFiles
+from ..questions import build_prompts, question_sets_for
+from ..records import Answer
+from ..runinfo import mark_done, record_stage
+from ..schedule import planned_checkpoints
+from .base import Input, Output, Stage, Workload
+from .common import (
+    JUDGING_OUTPUTS,
+    SampledAndJudged,
+    answers_if_complete,
+    judge_all,
+    judges_signature,
+    mean_prompt_chars,
+)
+from .finetune import NAME as FINETUNE
+
+log = logging.getLogger(__name__)
+NAME = "03_eval_judge"
+
+
+def eval_params(config: ExperimentConfig, run_id: str) -> dict[str, Any]:
+    """What shapes a run's evaluation: sampling params, question sets, the checkpoints found."""
+    run = config.run(run_id)
+    checkpoints = ExperimentLayout.of(config).training(run_id).completed()
+    return {"sample": config.sample.model_dump(mode="json"),
+            "question_sets": question_sets_for(config, config.dataset(run.dataset)), "checkpoints": sorted(checkpoints)}
+
+
+def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) -> SampledAndJudged:
+    """03_eval_judge for `run_id`: sample every checkpoint of the run and judge all answers."""
+    # torch stays out of light commands (emlab check, plan): imported only to sample
+    from ..generate import adapter_applied, sample_answers
+    from ..models import load_model, resolve_device
+
+    run = config.run(run_id)
+    layout = ExperimentLayout.of(config)
+    folder = layout.run(run_id)
+    files = layout.training(run_id)
+    checkpoints = files.completed()
+    if not checkpoints:
+        raise EmlabError(f"{files.checkpoints}: no checkpoints; run 02_finetune for {run_id} first")
+    record_stage(folder, NAME, eval_params(config, run_id))
+    prompts = build_prompts(config, question_sets_for(config, config.dataset(run.dataset)))
+    expected = len(prompts) * config.sample.samples_per_question
+    answers: list[Answer] = []
+    model = tokenizer = None
+    for step, adapter in checkpoints.items():
+        out = layout.answers(folder, step)
+        done = answers_if_complete(out, expected)
+        if done is not None:
+            answers += done
+            continue
+        if model is None:
+            model, tokenizer = load_model(config.model(run.model), resolve_device(config.train.device))
+        with adapter_applied(model, adapter) as tuned:
+            answers += sample_answers(tuned, tokenizer, prompts, config.sample, model_name=run.model,
+                                      run_id=run_id, step=step, seed=run.seed, out_path=out, progress=progress)
+    judgments = judge_all(config, answers, folder)
+    mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments), "steps": sorted(checkpoints),
+                             "completion": judges_signature(config)})
+    log.info("03_eval_judge %s: %d answers over %d checkpoints, %d judgments in %s",
+             run_id, len(answers), len(checkpoints), len(judgments), folder)
+    return SampledAndJudged(folder, answers, judgments)
+
+
+def _workload(config: ExperimentConfig, run_id: str) -> Workload:
+    run = config.run(run_id)
+    steps = len(planned_checkpoints(config, run).steps)
+    prompts = build_prompts(config, question_sets_for(config, config.dataset(run.dataset)))
+    return Workload(f"{NAME} {run_id} ({steps} checkpoints)",
+                    answers=len(prompts) * config.sample.samples_per_question * steps,
+                    question_chars=mean_prompt_chars(prompts))
+
+
+EVALUATE = Stage(
+    name=NAME,
+    title="Evaluate and judge every checkpoint",
+    scope="run",
+    run=run_eval,
+    params=eval_params,
+    reads=(Input(FINETUNE, TrainingFiles.PATTERNS[0]),),
+    writes=(Output(f"{EVAL}/{STEP_GLOB}/{ANSWERS}", "each checkpoint's answers"), *JUDGING_OUTPUTS),
+    needs=lambda config, run_id: [(FINETUNE, run_id)],
+    completion=judges_signature,
+    workload=_workload,
+)

@@ -1,0 +1,102 @@
+"""02_finetune: LoRA on the run's dataset, adapters saved at the scheduled checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from ..config import ExperimentConfig, RunSpec
+from ..data.chat import load_chat_dataset
+from ..files import read_jsonl
+from ..paths import ExperimentLayout, TrainingFiles
+from ..runinfo import mark_done, record_stage
+from .base import Output, Stage
+
+if TYPE_CHECKING:
+    from ..finetune import TrainResult
+
+log = logging.getLogger(__name__)
+NAME = "02_finetune"
+
+
+def finetune_params(config: ExperimentConfig, run_id: str, data_digest: str | None = None) -> dict[str, Any]:
+    """What shapes a run's adapters: model, dataset (and its rows' digest), seed, training params.
+
+    Loads the dataset for its digest unless `data_digest` is given.
+    """
+    run = config.run(run_id)
+    dataset = config.dataset(run.dataset)
+    if data_digest is None:
+        data_digest = load_chat_dataset(dataset, seed=run.seed).digest
+    return {
+        "model": config.model(run.model).model_dump(mode="json"), "dataset": dataset.model_dump(mode="json"),
+        "data_digest": data_digest, "seed": run.seed, "train": config.train.model_dump(mode="json"),
+    }
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    files: TrainingFiles
+    run: RunSpec
+    train: TrainResult
+    dataset_rows: int
+
+    @property
+    def folder(self) -> Path:
+        return self.files.folder
+
+    def summary_markdown(self) -> str:
+        t = self.train
+        speed = f"{t.train_tokens / t.seconds:,.0f} tokens/s" if t.seconds else "nothing left to train"
+        return (
+            f"{t.n_rows} training rows ({t.n_too_long} longer than max_length left out), "
+            f"{t.schedule.total_steps} optimizer steps, checkpoints at steps "
+            f"{', '.join(map(str, t.schedule.steps))}; this call: {t.seconds:.0f} s ({speed})"
+            + (f"; resumed from step {t.resumed_from}" if t.resumed_from else "")
+        )
+
+    def loss_frame(self) -> pd.DataFrame:
+        """Training loss per optimizer step (from the train log)."""
+        path = self.files.log
+        return pd.DataFrame(read_jsonl(path, tolerate_torn_tail=True) if path.exists() else [])
+
+
+def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
+    """02_finetune for `run_id`: LoRA on the run's dataset; adapters at the scheduled checkpoints."""
+    # torch stays out of light commands (emlab check, plan): imported only to train
+    from ..finetune import encode_chat_rows, train_lora
+    from ..models import load_model, resolve_device
+
+    run = config.run(run_id)
+    dataset = config.dataset(run.dataset)
+    files = ExperimentLayout.of(config).training(run_id)
+    rows = load_chat_dataset(dataset, seed=run.seed)
+    record_stage(files.folder, NAME, finetune_params(config, run_id, rows.digest))
+    device = resolve_device(config.train.device)
+    model, tokenizer = load_model(config.model(run.model), device)
+    encoded = encode_chat_rows(rows.rows, tokenizer, config.train.max_length, source=dataset.path)
+    result = train_lora(model, tokenizer, encoded, config.train, files, seed=run.seed, device=device)
+    mark_done(files.folder, NAME, {
+        "checkpoints": sorted(result.checkpoints), "rows": result.n_rows, "rows_too_long": result.n_too_long,
+    })
+    log.info("02_finetune %s: %d checkpoints in %s", run_id, len(result.checkpoints), files.checkpoints)
+    return FinetuneResult(files, run, result, len(rows))
+
+
+FINETUNE = Stage(
+    name=NAME,
+    title="Fine-tune: LoRA on a narrow dataset, adapters at scheduled checkpoints",
+    scope="run",
+    run=run_finetune,
+    params=finetune_params,
+    writes=(
+        Output(TrainingFiles.PATTERNS[0], "one adapter folder per scheduled optimizer step"),
+        Output(TrainingFiles.PATTERNS[1], "the latest full training state, to resume from"),
+        Output(TrainingFiles.PATTERNS[2], "loss and learning rate per optimizer step"),
+        Output(TrainingFiles.PATTERNS[3], "rows, steps, checkpoints, time and tokens/s"),
+    ),
+)
