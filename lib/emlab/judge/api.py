@@ -1,10 +1,13 @@
-"""The one synchronous entry point notebooks call: `judge_answers`.
+"""The one entry point that judges answers, live or through the Batch API: `judge_answers`.
 
-It resumes (pairs already in `out_path` are not judged again), reads the on-disk cache
-(no call is paid twice), starts a local llama.cpp server only when something is left to
-ask a local judge, runs the calls concurrently, appends each judgment to `out_path` as it
-finishes, and ends with one summary line. Async stays inside: inside a running event loop
-(a Jupyter kernel) the calls run on a worker thread with their own loop.
+Both modes share one plan and one store. The plan: pairs (answer, rubric) already in
+`out_path` are kept, pairs in the on-disk cache are read from it (no call is paid twice), and
+only the rest are asked. The judge's spec picks how they are asked: concurrent live calls
+(a llama.cpp server is started first for `base_url: local`), or one Batch API batch
+(`batch: true`; batch.py: submit, poll, collect, resumable across runs). The store: every
+finished judgment goes into the cache at the price paid (`cost.usage_cost`) and is appended
+to `out_path` as it arrives. One summary line ends the call. Async stays inside: within a
+running event loop (a Jupyter kernel) live calls run on a worker thread with their own loop.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,11 +26,12 @@ from tqdm.auto import tqdm
 
 from ..config import JudgeSpec
 from ..errors import JudgeError
-from ..files import append_jsonl, read_jsonl
+from ..files import append_jsonl, drop_torn_tail, read_jsonl
 from ..paths import BatchFiles
 from ..records import Answer, Judgment
+from .batch import judge_in_batch, resume_batch
 from .cache import JudgeCache, cache_key, default_cache_path
-from .client import JudgeTask, RetryPolicy, resolve_api_key, run_calls
+from .client import JudgeTask, RetryPolicy, check_batch_endpoint, resolve_api_key, run_calls
 from .cost import usage_cost
 from .rubrics import Rubric, load_rubric
 from .scoring import rescore
@@ -46,115 +51,196 @@ def judge_answers(
     answers: Sequence[Answer],
     judge: JudgeSpec,
     *,
-    rubrics: Sequence[str] | None = None,
+    rubrics: Sequence[str | Path | Rubric] | None = None,
     out_path: Path | None = None,
     batch_files: BatchFiles | None = None,
     cache_path: Path | None = None,
     progress: bool = True,
     retry: RetryPolicy | None = None,
+    wait_s: float | None = None,
 ) -> list[Judgment]:
     """Judge every answer under every rubric; one Judgment per (answer, rubric), in input order
-    (all rubrics of the first answer, then the next answer).
+    (all rubrics of the first answer, then the next answer). Live or batch as `judge.batch` says.
 
-    rubrics: rubric ids (params/rubrics/<id>.yaml); default `judge.rubrics`.
+    rubrics: rubric ids (params/rubrics/<id>.yaml), rubric files or Rubric objects; default
+        `judge.rubrics`.
     out_path: judgments.jsonl to resume from and append to as each judgment finishes; pairs
         already there (for this judge, status other than api_error) are not judged again.
         api_error judgments are returned but not written, so a rerun retries them and the
         file holds each (answer, judge, rubric) once.
+    batch_files: batch mode only, required there: where the batch's state, requests and raw
+        results live (`ExperimentLayout.batch(folder, judge.name)`). A batch recorded there
+        and not yet collected is picked up (polled, collected), never resubmitted; its
+        api_error pairs are asked again by the next call, not this one.
     cache_path: SQLite judge cache; default `cache_dir()/judge_cache.sqlite`.
-    progress: show a tqdm bar over the calls made.
-    retry: backoff settings; default `RetryPolicy(max_retries=judge.max_retries)`.
+    progress: live mode: a tqdm bar over the calls made.
+    retry: live mode: backoff settings; default `RetryPolicy(max_retries=judge.max_retries)`
+        (batch management calls use the openai client's retries, `judge.max_retries`).
+    wait_s: batch mode: stop waiting for a batch after this many seconds (default None: until
+        it ends, within its 24 h window); it keeps running and the next call collects it.
 
     A judge with base_url 'local' gets a llama.cpp server started for this call (only when
     something is not cached) and at most LOCAL_CONCURRENCY (2) calls in flight.
 
-    Raises JudgeError when the key variable is missing (before any call) or when every call
-    of this run failed (after writing whatever finished).
+    Raises JudgeError when batch mode lacks `batch_files` or the key is missing (before any
+    call or file is written), when a batch fails or outlives `wait_s`, or when every call of
+    this run failed (after writing whatever finished).
     """
+    rubric_list = [r if isinstance(r, Rubric) else load_rubric(r) for r in (rubrics if rubrics is not None else judge.rubrics)]
     if judge.batch:
-        from .batch import judge_answers_batch
-
+        check_batch_endpoint(judge)
         if batch_files is None:
-            raise JudgeError(f"judge '{judge.name}' is in batch mode: pass batch_files (where its state is kept)")
-        return judge_answers_batch(answers, judge, rubrics=rubrics, run_dir=batch_files.folder,
-                                   poll_interval_s=judge.poll_interval_s, cache_path=cache_path)
-    rubric_list = [load_rubric(name) for name in (rubrics if rubrics is not None else judge.rubrics)]
-    out_path = Path(out_path) if out_path is not None else None
-    results: dict[Pair, Judgment] = {}
-    from_file = 0
-    existing = _read_existing(out_path, judge)
-    pending: list[JudgeTask] = []
-    hits: list[Judgment] = []
-
-    with JudgeCache(Path(cache_path) if cache_path is not None else default_cache_path()) as cache:
-        queued: set[Pair] = set()
-        for answer in answers:
-            for rubric in rubric_list:
-                pair = (answer.answer_id, rubric.id)
-                if pair in results or pair in queued:
-                    continue
-                if pair in existing:
-                    results[pair] = existing[pair]
-                    from_file += 1
-                    continue
-                key = cache_key(judge, rubric, answer.question, answer.answer)
-                cached = cache.get(key)
-                if cached is not None:
-                    judgment = rescore(cached, answer_id=answer.answer_id, judge=judge, rubric=rubric)
-                    results[pair] = judgment
-                    hits.append(judgment)
-                    continue
-                queued.add(pair)
-                pending.append(JudgeTask(answer.answer_id, answer.question, answer.answer, rubric, key))
-        # Rubric-major order: consecutive calls share the rubric's prefix, which llama.cpp
-        # (and OpenAI's prompt cache) reuse instead of recomputing. Results stay keyed by pair.
-        order = {r.id: i for i, r in enumerate(rubric_list)}
-        pending.sort(key=lambda task: order[task.rubric.id])
-        if hits:
-            cache.count(hits=len(hits))
-            if out_path is not None:
-                append_jsonl(out_path, [j.to_dict() for j in hits])
-
-        new: list[Judgment] = []
-        base_url = judge.base_url
-        if pending:
-            api_key = resolve_api_key(judge)  # fails here, before any server start or call
-            server: AbstractContextManager[str | None] = (
-                local_judge_server(judge) if judge.is_local else nullcontext(judge.base_url)
+            raise JudgeError(
+                f"judge '{judge.name}' is in batch mode (batch: true) but no batch_files were given; pass "
+                "batch_files=ExperimentLayout.batch(folder, judge.name), where its batch state is kept"
             )
-            calling = _local_concurrency(judge)
-            with (
-                server as base_url,
-                tqdm(total=len(pending), desc=f"judge {judge.name}", unit="call", disable=not progress) as bar,
-            ):
+    out_path = Path(out_path) if out_path is not None else None
+    where = judge.base_url or "the OpenAI API"
+    with JudgeCache(Path(cache_path) if cache_path is not None else default_cache_path()) as cache:
+        store = _Store(judge, cache, out_path, answers, rubric_list)
+        fresh: list[Judgment] = []
+        if batch_files is not None and judge.batch:
+            fresh = resume_batch(judge, batch_files, rubrics=store.rubrics, keep=store.keep, timeout_s=wait_s)
+        plan = _plan(answers, judge, rubric_list, cache, existing=store.written, settled=fresh)
+        store.keep(plan.hits)
+        if plan.pending:
+            if batch_files is not None and judge.batch:
+                new = judge_in_batch(plan.pending, judge, batch_files, keep=store.keep, timeout_s=wait_s)
+            else:
+                where, new = _ask_live(plan.pending, judge, store, progress=progress, retry=retry)
+            plan.results.update({(j.answer_id, j.rubric): j for j in new})
+            fresh += new
 
-                def on_done(task: JudgeTask, judgment: Judgment) -> None:
-                    if judgment.status != "api_error":
-                        cost = usage_cost(judgment.prompt_tokens, judgment.completion_tokens, judge)
-                        cache.put(task.key, judgment, judge, cost)
-                        if out_path is not None:
-                            append_jsonl(out_path, [judgment.to_dict()])
-                    bar.update(1)
-
-                new = _run_sync(
-                    lambda: run_calls(
-                        pending, calling, base_url=base_url, api_key=api_key, on_done=on_done, retry=retry
-                    )
-                )
-            for task, judgment in zip(pending, new, strict=True):
-                results[(task.answer_id, task.rubric.id)] = judgment
-
-    ordered = [results[(a.answer_id, r.id)] for a in answers for r in rubric_list]
-    log.info(_summary(ordered, judge, rubric_list, from_file=from_file, hits=len(hits), new=new, out_path=out_path))
-    if new and all(j.status == "api_error" for j in new):
-        written = len(ordered) - len(new)
+    ordered = [plan.results[(a.answer_id, r.id)] for a in answers for r in rubric_list]
+    log.info(_summary(ordered, judge, rubric_list, plan, fresh=fresh, out_path=out_path))
+    if fresh and all(j.status == "api_error" for j in fresh):
+        asked = (f"{len(fresh)} requests of batch {fresh[0].extra.get('batch_id')}" if judge.batch
+                 else f"{len(fresh)} calls")
         raise JudgeError(
-            f"judge '{judge.name}' at {base_url or 'the OpenAI API'}: all {len(new)} calls failed after retries "
-            f"(first: {new[0].error}); {written} finished judgments are kept"
+            f"judge '{judge.name}' at {where}: all {asked} failed{'' if judge.batch else ' after retries'} "
+            f"(first: {fresh[0].error}); {len(ordered) - len(fresh)} finished judgments are kept"
             + (f" in {out_path}" if out_path else "")
             + "; check the endpoint and rerun to judge the rest"
         )
     return ordered
+
+
+@dataclass
+class _Plan:
+    """What one call does: pairs answered already (`results`: from the output file, the
+    cache, a batch just collected) and pairs still to ask (`pending`, rubric-major)."""
+
+    results: dict[Pair, Judgment] = field(default_factory=dict)
+    from_file: int = 0
+    hits: list[Judgment] = field(default_factory=list)
+    pending: list[JudgeTask] = field(default_factory=list)
+
+
+def _plan(
+    answers: Sequence[Answer],
+    judge: JudgeSpec,
+    rubrics: Sequence[Rubric],
+    cache: JudgeCache,
+    *,
+    existing: Mapping[Pair, Judgment],
+    settled: Sequence[Judgment] = (),
+) -> _Plan:
+    """Sort every (answer, rubric) pair into settled, already written, cached, or to ask."""
+    plan = _Plan()
+    done = {(j.answer_id, j.rubric): j for j in settled}
+    queued: set[Pair] = set()
+    for answer in answers:
+        for rubric in rubrics:
+            pair = (answer.answer_id, rubric.id)
+            if pair in plan.results or pair in queued:
+                continue
+            if pair in done:  # collected by this call (api_error too: asked again next call)
+                plan.results[pair] = done[pair]
+                continue
+            if pair in existing:
+                plan.results[pair] = existing[pair]
+                plan.from_file += 1
+                continue
+            key = cache_key(judge, rubric, answer.question, answer.answer)
+            cached = cache.get(key)
+            if cached is not None:
+                plan.results[pair] = rescore(cached, answer_id=answer.answer_id, judge=judge, rubric=rubric)
+                plan.hits.append(plan.results[pair])
+                continue
+            queued.add(pair)
+            plan.pending.append(JudgeTask(answer.answer_id, answer.question, answer.answer, rubric, key))
+    if plan.hits:
+        cache.count(hits=len(plan.hits))
+    # Rubric-major order: consecutive calls share the rubric's prefix, which llama.cpp
+    # (and OpenAI's prompt cache) reuse instead of recomputing. Results stay keyed by pair.
+    order = {r.id: i for i, r in enumerate(rubrics)}
+    plan.pending.sort(key=lambda task: order[task.rubric.id])
+    return plan
+
+
+class _Store:
+    """Where finished judgments go, in both modes: the cache (at the price the judge pays)
+    and `out_path`, each pair written once; api_error judgments go to neither, so a rerun
+    asks them again."""
+
+    def __init__(
+        self, judge: JudgeSpec, cache: JudgeCache, out_path: Path | None, answers: Sequence[Answer],
+        rubrics: Sequence[Rubric],
+    ) -> None:
+        self.judge, self.cache, self.out_path = judge, cache, out_path
+        self.answers = {a.answer_id: a for a in answers}
+        self.rubrics = {r.id: r for r in rubrics}
+        self.written = _read_existing(out_path, judge)
+
+    def keep(self, judgments: Sequence[Judgment]) -> None:
+        """Cache fresh judgments (not hits) and append those not yet in `out_path`."""
+        rows, uncached = [], 0
+        for judgment in judgments:
+            if judgment.status == "api_error":
+                continue
+            pair = (judgment.answer_id, judgment.rubric)
+            if not judgment.cached:
+                answer, rubric = self.answers.get(judgment.answer_id), self.rubrics.get(judgment.rubric)
+                if answer is None or rubric is None:
+                    uncached += 1  # a batch of an earlier call, for answers not passed now: no text to key by
+                else:
+                    key = cache_key(self.judge, rubric, answer.question, answer.answer)
+                    cost = usage_cost(judgment.prompt_tokens, judgment.completion_tokens, self.judge)
+                    self.cache.put(key, judgment, self.judge, cost)
+            if pair not in self.written:
+                self.written[pair] = judgment
+                rows.append(judgment.to_dict())
+        if rows and self.out_path is not None:
+            append_jsonl(self.out_path, rows)
+        if uncached:
+            log.warning("%d batch results are for answers or rubrics not passed to this call; they are not cached",
+                        uncached)
+
+
+def _ask_live(
+    tasks: Sequence[JudgeTask], judge: JudgeSpec, store: _Store, *, progress: bool, retry: RetryPolicy | None
+) -> tuple[str, list[Judgment]]:
+    """Ask `tasks` with concurrent live calls (starting a llama.cpp server for a local judge);
+    returns where they went and one Judgment per task, in task order."""
+    api_key = resolve_api_key(judge)  # fails here, before any server start or call
+    server: AbstractContextManager[str | None] = (
+        local_judge_server(judge) if judge.is_local else nullcontext(judge.base_url)
+    )
+    with (
+        server as base_url,
+        tqdm(total=len(tasks), desc=f"judge {judge.name}", unit="call", disable=not progress) as bar,
+    ):
+
+        def on_done(task: JudgeTask, judgment: Judgment) -> None:
+            store.keep([judgment])
+            bar.update(1)
+
+        new = _run_sync(
+            lambda: run_calls(
+                tasks, _local_concurrency(judge), base_url=base_url, api_key=api_key, on_done=on_done, retry=retry
+            )
+        )
+    return base_url or "the OpenAI API", new
 
 
 def judgments_frame(judgments: Sequence[Judgment]) -> pd.DataFrame:
@@ -207,37 +293,23 @@ def _local_concurrency(judge: JudgeSpec) -> JudgeSpec:
 
 
 def _read_existing(out_path: Path | None, judge: JudgeSpec) -> dict[Pair, Judgment]:
-    """Judgments of this judge already in `out_path` (the last one wins; api_error skipped)."""
+    """Judgments of this judge already in `out_path` (the last one wins; api_error skipped).
+
+    A torn last line (a write killed mid-line) is cut off first: appending after it would glue
+    the next judgment onto the fragment. The cut pair is judged again.
+    """
     if out_path is None or not out_path.exists():
         return {}
-    _drop_torn_tail(out_path)
+    cut = drop_torn_tail(out_path)
+    if cut:
+        log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", out_path, cut)
     found: dict[Pair, Judgment] = {}
-    for row in read_jsonl(out_path, tolerate_torn_tail=True):
+    for row in read_jsonl(out_path):
         if row.get("judge") != judge.name or row.get("status") == "api_error":
             continue
         judgment = Judgment.from_dict(row)
         found[(judgment.answer_id, judgment.rubric)] = judgment
     return found
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut an unterminated last line (a write killed mid-line) off `path`.
-
-    Appending after it would glue the next judgment onto the fragment and leave a malformed
-    line in the middle of the file, which no reader tolerates. The cut pair is judged again.
-    """
-    with open(path, "rb+") as handle:
-        size = handle.seek(0, 2)
-        if size == 0:
-            return
-        handle.seek(size - 1)
-        if handle.read(1) == b"\n":
-            return
-        handle.seek(0)
-        data = handle.read()
-        keep = data.rfind(b"\n") + 1
-        handle.truncate(keep)
-    log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted write", path, size - keep)
 
 
 def _run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -255,21 +327,22 @@ def _summary(
     judgments: Sequence[Judgment],
     judge: JudgeSpec,
     rubrics: Sequence[Rubric],
+    plan: _Plan,
     *,
-    from_file: int,
-    hits: int,
-    new: Sequence[Judgment],
+    fresh: Sequence[Judgment],
     out_path: Path | None,
 ) -> str:
     statuses = Counter(j.status for j in judgments)
     scored = statuses.pop("ok", 0)
     unscored = ", ".join(f"{s} {n}" for s, n in sorted(statuses.items())) or "none"
-    prompt = sum(j.prompt_tokens for j in new)
-    completion = sum(j.completion_tokens for j in new)
+    prompt = sum(j.prompt_tokens for j in fresh)
+    completion = sum(j.completion_tokens for j in fresh)
     dollars = usage_cost(prompt, completion, judge)
+    asked = f"{len(fresh)} batch requests" if judge.batch else f"{len(fresh)} calls"
     return (
         f"judge {judge.name} ({', '.join(r.id for r in rubrics)}): {len(judgments)} judgments, "
-        f"{scored} scored, unscored: {unscored}; {from_file} already in the output, {hits} cache hits, "
-        f"{len(new)} calls; {prompt:,} prompt + {completion:,} completion tokens ≈ ${dollars:.4f}"
+        f"{scored} scored, unscored: {unscored}; {plan.from_file} already in the output, {len(plan.hits)} cache hits, "
+        f"{asked}; {prompt:,} prompt + {completion:,} completion tokens ≈ ${dollars:.4f}"
+        + (" at the batch price" if judge.batch else "")
         + (f"; wrote {out_path}" if out_path else "")
     )

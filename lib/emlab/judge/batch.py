@@ -1,25 +1,30 @@
 """OpenAI Batch API mode for large judging sweeps: the same questions, half the price.
 
-OpenAI's Batch API runs a JSONL file of requests within a 24 h window at 50% of the
-synchronous price. One batch here = every (answer, rubric) pair of one judge that the judge
-cache does not already hold, written with the same `request_body` as the live client, so a
-batch judgment and a live one ask the judge exactly the same thing and land in the same cache.
+`judge_answers` (api.py) is the entry point for both modes: it plans (pairs already in the
+output, cache hits, pairs to ask) and stores what comes back; for a judge with `batch: true`
+it hands the pairs to ask to this module instead of the live client. OpenAI's Batch API runs
+a JSONL file of requests within a 24 h window at half the synchronous price
+(`cost.BATCH_DISCOUNT`). Requests use the live client's `request_body`, so a batch judgment
+and a live one ask the judge exactly the same thing and land in the same cache.
 
-    write_batch_requests  answers × rubrics -> `<run>/judge_batch__<judge>.requests.jsonl`
-    submit_batch          upload (purpose=batch), create the batch, record its id
+    write_batch_requests  pairs to ask -> the requests file (`BatchFiles.requests`)
+    submit_batch          upload it (purpose=batch), create the batch, record its id
     poll_batch            wait until the batch ends (completed / expired / cancelled / failed)
     collect_batch         output + error files -> one Judgment per request
-    judge_answers_batch   all of the above, resumable: the one entry point
+    resume_batch          pick up a batch an earlier call recorded and did not collect
+    judge_in_batch        write, submit, wait, collect: what `judge_answers` calls
 
-Crash safety: the run folder's state file (`judge_batch__<judge>.json`, written atomically) is
-the single source of truth. It records the uploaded file id *before* the batch is created and
-the batch id right after, so a rerun never pays twice: a recorded batch is polled and
-collected, not resubmitted; a file uploaded but without a recorded batch (a crash inside
-`submit_batch`) is matched to its batch through `batches.list` (by input file id) before a
-batch is created from it. Once collected, judgments sit in the judge cache (status api_error
-excepted, so a rerun retries exactly those in a new batch) and in `<run>/judgments.jsonl`.
+Every file name comes from `emlab.paths.BatchFiles` (state, requests, raw results).
 
-Not handled: two processes judging the same run folder at the same time (there is no lock);
+Crash safety: the state file (written atomically) is the single source of truth. It records
+the uploaded file id *before* the batch is created and the batch id right after, so a rerun
+never pays twice: a recorded batch is polled and collected, not resubmitted; a file uploaded
+but without a recorded batch (a crash inside `submit_batch`) is matched to its batch through
+`batches.list` (by input file id) before a batch is created from it. The state says
+'collected' only after the caller kept the judgments (cache and output file), so a crash in
+between collects the same batch again.
+
+Not handled: two processes judging the same folder at the same time (there is no lock);
 batches above OpenAI's limits (50,000 requests, 200 MB per file: split the answers first).
 """
 
@@ -28,10 +33,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,19 +45,18 @@ from openai.types import Batch
 
 from ..config import JudgeSpec
 from ..errors import JudgeError
-from ..files import append_jsonl, read_jsonl, write_json, write_jsonl, write_text
-from ..records import Answer, Judgment
-from .cache import JudgeCache, cache_key, default_cache_path
-from .cost import usage_cost
+from ..files import read_jsonl, write_json, write_jsonl, write_text
+from ..paths import BatchFiles
+from ..records import Judgment
+from .client import JudgeTask, check_batch_endpoint, resolve_api_key
 from .requests import request_body
 from .rubrics import Rubric, load_rubric
-from .scoring import api_error_judgment, judgment_from_completion, rescore
+from .scoring import api_error_judgment, judgment_from_completion
 
 log = logging.getLogger(__name__)
 
 ENDPOINT: Final[Literal["/v1/chat/completions"]] = "/v1/chat/completions"
 COMPLETION_WINDOW: Final[Literal["24h"]] = "24h"  # the only window the Batch API offers
-BATCH_DISCOUNT = 0.5  # Batch API price relative to synchronous calls (OpenAI pricing page)
 MAX_REQUESTS = 50_000  # per batch input file (Batch API limits)
 MAX_FILE_BYTES = 200 * 1024 * 1024  # per batch input file (files.create docs)
 _SEP = "::"  # custom_id = answer_id + _SEP + rubric id
@@ -63,17 +65,8 @@ _ENDED = ("completed", "expired", "cancelled", "failed")
 # the upload): clocks of client and server differ a little.
 _ADOPT_SLACK_S = 300
 
-
-# --- paths -----------------------------------------------------------------------------------
-
-
-def state_path_for(run_dir: Path, judge: JudgeSpec) -> Path:
-    """`<run_dir>/judge_batch__<judge>.json`: the batch state of one judge in one run folder."""
-    return Path(run_dir) / f"judge_batch__{judge.name}.json"
-
-
-def _requests_path(state_path: Path) -> Path:
-    return state_path.with_suffix(".requests.jsonl")
+Keep = Callable[[Sequence[Judgment]], None]
+"""Stores collected judgments (cache, output file); runs before the state says 'collected'."""
 
 
 def custom_id(answer_id: str, rubric_id: str) -> str:
@@ -89,42 +82,103 @@ def parse_custom_id(value: str) -> tuple[str, str]:
     return answer, rubric
 
 
+# --- what judge_answers calls ----------------------------------------------------------------
+
+
+def resume_batch(
+    judge: JudgeSpec,
+    files: BatchFiles,
+    *,
+    rubrics: Mapping[str, Rubric],
+    keep: Keep,
+    timeout_s: float | None = None,
+) -> list[Judgment]:
+    """Collect the batch an earlier call recorded in `files.state` and did not collect; []
+    when there is none (no state file, or its batch was collected or failed).
+
+    A batch uploaded but not recorded as created is first adopted or created. Every judgment
+    of the batch is returned and handed to `keep`, also those of answers this call does not
+    ask for (they were paid for). Waits as `poll_batch` (judge.poll_interval_s, `timeout_s`).
+    """
+    if not files.state.exists():
+        return []
+    state = _read_state(files.state)
+    _check_same_judge(state, judge, files.state)
+    if state["phase"] == "uploaded":
+        _create_batch(_client(judge), judge, files.state, state)  # adopts one created before a crash
+        state = _read_state(files.state)
+    if state["phase"] != "submitted":
+        return []
+    log.info("picking up batch %s recorded in %s", state["batch_id"], files.state)
+    return _finish(judge, files, rubrics=rubrics, keep=keep, timeout_s=timeout_s)
+
+
+def judge_in_batch(
+    tasks: Sequence[JudgeTask],
+    judge: JudgeSpec,
+    files: BatchFiles,
+    *,
+    keep: Keep,
+    timeout_s: float | None = None,
+) -> list[Judgment]:
+    """Ask `tasks` in one batch: write the requests file, submit, wait, collect, `keep`.
+
+    Returns one Judgment per request (api_error for requests without a result). The key is
+    resolved before anything is written. timeout_s: stop waiting after this many seconds
+    (default None: up to the batch's 24 h window); the batch keeps running and the next call
+    collects it.
+    """
+    check_batch_endpoint(judge)
+    resolve_api_key(judge)  # fails before the requests file is written
+    n = write_batch_requests(tasks, judge, files.requests)
+    log.info("judge '%s': %d requests neither judged nor cached; submitting a batch (%s)", judge.name, n,
+             files.requests)
+    submit_batch(files, judge)
+    rubrics = {task.rubric.id: task.rubric for task in tasks}
+    return _finish(judge, files, rubrics=rubrics, keep=keep, timeout_s=timeout_s)
+
+
+def _finish(
+    judge: JudgeSpec, files: BatchFiles, *, rubrics: Mapping[str, Rubric], keep: Keep, timeout_s: float | None
+) -> list[Judgment]:
+    """Wait for the recorded batch, collect it, keep its judgments, then mark it collected."""
+    batch = poll_batch(judge, files, interval_s=judge.poll_interval_s, timeout_s=timeout_s)
+    collected = collect_batch(judge, files, batch=batch, rubrics=rubrics)
+    keep(collected)
+    counts = {"judged": sum(j.status != "api_error" for j in collected),
+              "api_error": sum(j.status == "api_error" for j in collected)}
+    _mark(files.state, phase="collected", status=batch.status, collected_at=_now(), counts=counts)
+    return collected
+
+
 # --- the four steps --------------------------------------------------------------------------
 
 
-def write_batch_requests(
-    items: Iterable[Answer],
-    judge: JudgeSpec,
-    rubrics: Sequence[Rubric],
-    path: Path,
-    *,
-    skip: Iterable[tuple[str, str]] = (),
-) -> int:
-    """Write one Batch API request line per (answer, rubric) to `path` (atomically).
+def write_batch_requests(tasks: Iterable[JudgeTask], judge: JudgeSpec, path: Path) -> int:
+    """Write one Batch API request line per task to `path` (atomically).
 
     Each line is `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}` with
-    `body = request_body(judge, rubric, question, answer)`, the live client's exact body.
-    skip: (answer_id, rubric id) pairs to leave out (already judged). An answer id seen twice
-    is written once (the Batch API rejects repeated custom_ids). Returns the number of lines.
+    `body = request_body(judge, rubric, question, answer)`, the live client's exact body. A
+    pair seen twice is written once (the Batch API rejects repeated custom_ids). Returns the
+    number of lines.
     """
-    skipped = set(skip)
-    for rubric in rubrics:
-        if _SEP in rubric.id:
-            raise JudgeError(f"rubric id {rubric.id!r} contains {_SEP!r}, which batch custom_ids use as separator; rename it")
     seen: set[str] = set()
     rows: list[dict[str, Any]] = []
-    for answer in items:
-        for rubric in rubrics:
-            cid = custom_id(answer.answer_id, rubric.id)
-            if cid in seen or (answer.answer_id, rubric.id) in skipped:
-                continue
-            seen.add(cid)
-            rows.append({
-                "custom_id": cid,
-                "method": "POST",
-                "url": ENDPOINT,
-                "body": request_body(judge, rubric, answer.question, answer.answer),
-            })
+    for task in tasks:
+        if _SEP in task.rubric.id:
+            raise JudgeError(
+                f"rubric id {task.rubric.id!r} contains {_SEP!r}, which batch custom_ids use as separator; rename it"
+            )
+        cid = custom_id(task.answer_id, task.rubric.id)
+        if cid in seen:
+            continue
+        seen.add(cid)
+        rows.append({
+            "custom_id": cid,
+            "method": "POST",
+            "url": ENDPOINT,
+            "body": request_body(judge, task.rubric, task.question, task.answer),
+        })
     if len(rows) > MAX_REQUESTS:
         raise JudgeError(
             f"{len(rows)} judge requests exceed the Batch API's {MAX_REQUESTS} per batch; "
@@ -140,20 +194,20 @@ def write_batch_requests(
     return len(rows)
 
 
-def submit_batch(path: Path, judge: JudgeSpec, state_path: Path) -> str:
-    """Upload `path` (purpose=batch), create the batch and record it in `state_path`.
+def submit_batch(files: BatchFiles, judge: JudgeSpec) -> str:
+    """Upload `files.requests` (purpose=batch), create the batch and record it in `files.state`.
 
     The state file is written atomically twice: after the upload (file id) and right after
     the batch is created (batch id, request count, time), before this returns, so a crash
     at any point never leads a rerun to create a second batch. Returns the batch id.
     """
-    path, state_path = Path(path), Path(state_path)
+    path, state_path = files.requests, files.state
     client = _client(judge)
     old = _read_state(state_path) if state_path.exists() else {}
     if old.get("phase") in ("uploaded", "submitted"):
         raise JudgeError(
             f"{state_path} records batch {old.get('batch_id') or old.get('input_file_id')} that was not collected; "
-            "collect it (judge_answers_batch picks it up) or delete the state file to abandon it"
+            "collect it (judge_answers picks it up) or delete the state file to abandon it"
         )
     history = list(old.get("history", []))
     if old.get("batch_id"):
@@ -169,21 +223,21 @@ def submit_batch(path: Path, judge: JudgeSpec, state_path: Path) -> str:
         "model": judge.model,
         "base_url": judge.base_url,
         "phase": "uploaded",
-        # beside the state file (the usual case) by name, so a moved run folder still reads
+        # beside the state file (the usual case) by name, so a moved folder still reads
         "requests_path": path.name if path.resolve().parent == state_path.resolve().parent else str(path.resolve()),
         "requests": requests,
         "requests_sha256": hashlib.sha256(data).hexdigest(),  # collect checks it is still that file
         "input_file_id": uploaded.id,
         "uploaded_at": _now(),
         "uploaded_unix": int(time.time()),  # for matching batches.list's created_at after a crash
-        "history": history,  # earlier batches of this judge in this run folder
+        "history": history,  # earlier batches of this judge in this folder
     }
     write_json(state_path, state)
     return _create_batch(client, judge, state_path, state)
 
 
 def poll_batch(
-    judge: JudgeSpec, state_path: Path, *, interval_s: float = 30.0, timeout_s: float | None = None
+    judge: JudgeSpec, files: BatchFiles, *, interval_s: float = 30.0, timeout_s: float | None = None
 ) -> Batch:
     """Wait for the recorded batch to end; returns its final Batch object.
 
@@ -193,7 +247,8 @@ def poll_batch(
     JudgeError when the batch failed (input validation or quota; with the reported errors); an expired
     or cancelled batch is returned, its finished requests are still collectable.
     """
-    state = _read_state(Path(state_path))
+    state_path = files.state
+    state = _read_state(state_path)
     batch_id = _batch_id(state, state_path)
     client = _client(judge)
     started = time.monotonic()
@@ -227,14 +282,14 @@ def poll_batch(
             status = batch.status if batch is not None else "unknown"
             raise JudgeError(
                 f"judge '{judge.name}': batch {batch_id} is still '{status}' after {waited:.0f} s; it keeps "
-                f"running and {state_path} keeps its id: call judge_answers_batch again later to collect it"
+                f"running and {state_path} keeps its id: run again later to collect it"
             )
         time.sleep(interval_s if timeout_s is None else max(0.0, min(interval_s, timeout_s - waited)))
 
 
 def collect_batch(
     judge: JudgeSpec,
-    state_path: Path,
+    files: BatchFiles,
     *,
     batch: Batch | None = None,
     rubrics: Mapping[str, Rubric] | None = None,
@@ -245,9 +300,9 @@ def collect_batch(
     (default: loaded by id). Successful lines are read with `judgment_from_completion`;
     lines with an error (a non-2xx response, or an `error` such as batch_expired) and
     requests without any line become status api_error with the reason. Every judgment carries
-    `extra["batch_id"]`. The raw result files are saved beside the state file.
+    `extra["batch_id"]`. The raw result files are saved as `files.result(batch_id, kind)`.
     """
-    state_path = Path(state_path)
+    state_path = files.state
     state = _read_state(state_path)
     batch_id = _batch_id(state, state_path)
     client = _client(judge)
@@ -268,8 +323,8 @@ def collect_batch(
             text = client.files.content(file_id).text
         except openai.APIError as exc:
             raise JudgeError(f"judge '{judge.name}': downloading {kind} file {file_id} of batch {batch_id} failed: {_reason(exc)}") from None
-        saved = state_path.with_suffix(f".{batch_id}.{kind}.jsonl")
-        write_text(saved, text)  # the raw record, kept in the run folder beside the state
+        saved = files.result(batch_id, kind)
+        write_text(saved, text)  # the raw record, kept beside the state
         for row in read_jsonl(saved):
             lines[str(row.get("custom_id"))] = row
 
@@ -283,166 +338,23 @@ def collect_batch(
     if batch.status != "completed":
         log.warning(
             "batch %s %s before it finished: %d of %d requests judged, %d are api_error; "
-            "calling judge_answers_batch again submits them in a new batch",
+            "the next call submits them in a new batch",
             batch_id, batch.status, len(judgments) - errors, len(judgments), errors,
         )
     elif errors:
         log.warning("batch %s: %d of %d requests failed (api_error); see %s", batch_id, errors, len(judgments),
-                    state_path.with_suffix(f".{batch_id}.errors.jsonl"))
+                    files.result(batch_id, "errors"))
     return judgments
-
-
-# --- the entry point -------------------------------------------------------------------------
-
-
-def judge_answers_batch(
-    answers: Sequence[Answer],
-    judge: JudgeSpec,
-    *,
-    rubrics: Sequence[str | Rubric] | None = None,
-    run_dir: Path,
-    poll_interval_s: float = 30.0,
-    timeout_s: float | None = None,
-    cache_path: Path | None = None,
-) -> list[Judgment]:
-    """Judge every answer under every rubric through the Batch API; resumable.
-
-    rubrics: rubric ids or Rubric objects (default `judge.rubrics`). run_dir: the folder that
-    holds the batch state file and `judgments.jsonl`. poll_interval_s: seconds between status
-    checks (default 30). timeout_s: stop waiting after this many seconds (default None: wait
-    for the batch, up to its 24 h window); the batch keeps running and a later call collects
-    it. cache_path: judge cache file (default `default_cache_path()`).
-
-    Like `judge_answers` with `out_path=run_dir/"judgments.jsonl"`: pairs already in that file
-    (this judge, not api_error) or in the judge cache are not sent; new judgments are appended
-    to it (api_error ones are returned but not written, so a rerun retries them) and cached.
-    A batch recorded in the state file and not yet collected is picked up (polled, collected),
-    never resubmitted; its api_error pairs are retried by the next call, not this one.
-    Returns one Judgment per (answer, rubric), all rubrics of the first answer first.
-
-    Raises JudgeError when the key is missing (before any upload), when a batch fails
-    validation, when waiting exceeds `timeout_s`, or when every request of the batch failed.
-    """
-    _api_key(judge)  # fail before any work when the key is missing
-    run_dir = Path(run_dir)
-    names = rubrics if rubrics is not None else judge.rubrics
-    rubric_list = [r if isinstance(r, Rubric) else load_rubric(r) for r in names]
-    by_id = {r.id: r for r in rubric_list}
-    by_answer = {a.answer_id: a for a in answers}
-    state_path = state_path_for(run_dir, judge)
-    out_path = run_dir / "judgments.jsonl"
-    written = _read_written(out_path, judge)
-    results: dict[tuple[str, str], Judgment] = {}
-    fresh: list[Judgment] = []
-
-    with JudgeCache(Path(cache_path) if cache_path is not None else default_cache_path()) as cache:
-
-        def finish() -> None:
-            batch = poll_batch(judge, state_path, interval_s=poll_interval_s, timeout_s=timeout_s)
-            # All of the batch's judgments are kept, also those of answers or rubrics this call
-            # does not ask for (a batch submitted by an earlier call): they were paid for.
-            collected = collect_batch(judge, state_path, batch=batch, rubrics=by_id)
-            _store(collected, by_answer, by_id, judge, cache)
-            # A crash after this append and before the state says 'collected' makes the next
-            # call collect again: skip what the file already holds so it keeps each pair once.
-            new_rows = [j for j in collected if j.status != "api_error" and (j.answer_id, j.rubric) not in written]
-            append_jsonl(out_path, [j.to_dict() for j in new_rows])
-            written.update({(j.answer_id, j.rubric): j for j in new_rows})
-            counts = {"judged": sum(j.status != "api_error" for j in collected),
-                      "api_error": sum(j.status == "api_error" for j in collected)}
-            _mark(state_path, phase="collected", status=batch.status, collected_at=_now(), counts=counts)
-            results.update({(j.answer_id, j.rubric): j for j in collected})
-            fresh.extend(collected)
-
-        if state_path.exists():
-            state = _read_state(state_path)
-            _check_same_judge(state, judge, state_path)
-            if state["phase"] == "uploaded":
-                _create_batch(_client(judge), judge, state_path, state)  # adopts one created before a crash
-                state = _read_state(state_path)
-            if state["phase"] == "submitted":
-                log.info("picking up batch %s recorded in %s", state["batch_id"], state_path)
-                finish()
-
-        from_file = 0
-        hits: list[Judgment] = []
-        todo: set[tuple[str, str]] = set()
-        for answer in answers:
-            for rubric in rubric_list:
-                pair = (answer.answer_id, rubric.id)
-                if pair in results or pair in todo:
-                    continue  # api_error from the batch just collected too: retried by the next call
-                if pair in written:
-                    results[pair] = written[pair]
-                    from_file += 1
-                    continue
-                hit = cache.get(cache_key(judge, rubric, answer.question, answer.answer))
-                if hit is not None:
-                    results[pair] = rescore(hit, answer_id=answer.answer_id, judge=judge, rubric=rubric)
-                    hits.append(results[pair])
-                else:
-                    todo.add(pair)
-        if hits:
-            cache.count(hits=len(hits))
-            append_jsonl(out_path, [j.to_dict() for j in hits])
-            written.update({(j.answer_id, j.rubric): j for j in hits})
-
-        if todo:
-            skip = {(a.answer_id, r.id) for a in answers for r in rubric_list} - todo
-            requests_path = _requests_path(state_path)
-            n = write_batch_requests(answers, judge, rubric_list, requests_path, skip=skip)
-            log.info("judge '%s': %d requests neither judged nor cached; submitting a batch (%s)",
-                     judge.name, n, requests_path)
-            submit_batch(requests_path, judge, state_path)
-            finish()
-
-    ordered = [results[(a.answer_id, r.id)] for a in answers for r in rubric_list]
-    statuses = Counter(j.status for j in ordered)
-    tokens = (sum(j.prompt_tokens for j in fresh), sum(j.completion_tokens for j in fresh))
-    log.info(
-        "judge %s (batch): %d judgments, %d scored, unscored: %s; %d already in the output, %d cache hits, "
-        "%d batch requests; %s prompt + %s completion tokens ≈ $%.4f at the batch price; wrote %s",
-        judge.name, len(ordered), statuses.pop("ok", 0),
-        ", ".join(f"{k} {v}" for k, v in sorted(statuses.items())) or "none", from_file, len(hits), len(fresh),
-        f"{tokens[0]:,}", f"{tokens[1]:,}", BATCH_DISCOUNT * usage_cost(*tokens, judge), out_path,
-    )
-    if fresh and all(j.status == "api_error" for j in fresh):
-        raise JudgeError(
-            f"judge '{judge.name}': all {len(fresh)} requests of batch {fresh[0].extra.get('batch_id')} failed "
-            f"(first: {fresh[0].error}); {len(ordered) - len(fresh)} other judgments are kept in {out_path}; "
-            "check the endpoint and call again to resubmit them"
-        )
-    return ordered
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _api_key(judge: JudgeSpec) -> str:
-    """The key from os.environ[judge.api_key_env]; never a fallback."""
-    if judge.is_local:
-        raise JudgeError(
-            f"judge '{judge.name}' is a local llama.cpp server (base_url: local), which has no Batch API; "
-            "use the synchronous judge_answers for it"
-        )
-    if not judge.api_key_env:
-        raise JudgeError(
-            f"judge '{judge.name}': batch mode needs an API key; set api_key_env to the name of the "
-            "environment variable holding it (e.g. OPENAI_API_KEY)"
-        )
-    key = os.environ.get(judge.api_key_env)
-    if not key:
-        raise JudgeError(
-            f"judge '{judge.name}' needs the environment variable {judge.api_key_env} for batch mode; "
-            "export it (the key is read from the environment only)"
-        )
-    return key
-
-
 def _client(judge: JudgeSpec) -> openai.OpenAI:
     # The client's own retries cover transient errors of these few, cheap management calls.
+    check_batch_endpoint(judge)
     return openai.OpenAI(
-        api_key=_api_key(judge), base_url=judge.base_url, timeout=judge.timeout_s, max_retries=judge.max_retries
+        api_key=resolve_api_key(judge), base_url=judge.base_url, timeout=judge.timeout_s, max_retries=judge.max_retries
     )
 
 
@@ -618,39 +530,3 @@ def _judgment_from_line(
         return judgment_from_completion(body, answer_id=answer_id, judge=judge, rubric=rubric)
     except Exception as exc:  # one unreadable line must not lose the other results
         return api_error_judgment(answer_id, judge, rubric, f"unreadable reply: {type(exc).__name__}: {exc}")
-
-
-def _store(
-    judgments: Sequence[Judgment],
-    answers: Mapping[str, Answer],
-    rubrics: Mapping[str, Rubric],
-    judge: JudgeSpec,
-    cache: JudgeCache,
-) -> None:
-    """Put fresh judgments in the cache at the batch price; api_error ones are not stored."""
-    unknown = 0
-    for judgment in judgments:
-        answer = answers.get(judgment.answer_id)
-        if judgment.status == "api_error":
-            continue
-        if answer is None:
-            unknown += 1  # from a batch submitted for other answers: no text to key the cache
-            continue
-        rubric = rubrics.get(judgment.rubric) or load_rubric(judgment.rubric)
-        cost = BATCH_DISCOUNT * usage_cost(judgment.prompt_tokens, judgment.completion_tokens, judge)
-        cache.put(cache_key(judge, rubric, answer.question, answer.answer), judgment, judge, cost)
-    if unknown:
-        log.warning("%d batch results are for answers not passed to this call; they are not cached", unknown)
-
-
-def _read_written(out_path: Path, judge: JudgeSpec) -> dict[tuple[str, str], Judgment]:
-    """This judge's judgments already in `out_path` (api_error skipped; the last one wins),
-    read the way `judge_answers` reads its output, so both modes resume from the same file."""
-    if not out_path.exists():
-        return {}
-    found: dict[tuple[str, str], Judgment] = {}
-    for row in read_jsonl(out_path, tolerate_torn_tail=True):
-        if row.get("judge") == judge.name and row.get("status") != "api_error":
-            judgment = Judgment.from_dict(row)
-            found[(judgment.answer_id, judgment.rubric)] = judgment
-    return found

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import importlib.util
 import logging
 import os
 import random
@@ -34,11 +35,14 @@ from ..records import Judgment
 from .requests import request_body
 from .rubrics import Rubric
 from .scoring import api_error_judgment, judgment_from_completion
+from .server import local_gguf_path
 
 log = logging.getLogger(__name__)
 
 LOCAL_API_KEY = "sk-local-no-key"  # local servers ignore the key; the client insists on one
 _RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
+# `python -m llama_cpp.server` imports these (the [server] extra); find_spec loads none of them
+_LOCAL_SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
 
 
 @dataclass(frozen=True)
@@ -74,25 +78,63 @@ class JudgeTask:
 
 
 def resolve_api_key(judge: JudgeSpec) -> str:
-    """The key for `judge`, read from os.environ[judge.api_key_env]; a dummy for local servers.
+    """The key for `judge`: os.environ[judge.api_key_env], never a fallback; the one key check
+    of the live client, batch mode and `check_judge`.
 
-    Raises JudgeError when the variable is unset, before any call is made.
+    No key is needed for a llama.cpp server emlab starts (base_url 'local') or a self-hosted
+    server without authentication (a base_url and api_key_env null): those get a dummy the
+    client insists on. OpenAI (base_url null) and the Batch API always need one. Raises
+    JudgeError (one line) when the key is needed and api_key_env is null or its variable unset.
     """
     if judge.is_local:
         return LOCAL_API_KEY
     if judge.api_key_env is None:
-        if judge.base_url is None:
+        if judge.base_url is None or judge.batch:
+            why = "uses the Batch API (batch: true)" if judge.batch else "calls the OpenAI API (no base_url)"
             raise JudgeError(
-                f"judge '{judge.name}' calls OpenAI but api_key_env is empty; set api_key_env "
-                "to the name of the environment variable holding the key (e.g. OPENAI_API_KEY)"
+                f"judge '{judge.name}' {why}, which needs a key, but api_key_env is null; set api_key_env "
+                "to the environment variable that holds the key (e.g. api_key_env: OPENAI_API_KEY)"
             )
         return LOCAL_API_KEY  # a self-hosted server without authentication
     key = os.environ.get(judge.api_key_env)
     if not key:
         raise JudgeError(
-            f"judge '{judge.name}' needs the environment variable {judge.api_key_env}; export it or set api_key_env"
+            f"judge '{judge.name}' needs the environment variable {judge.api_key_env}; "
+            f"export {judge.api_key_env}=... (keys are never read from params)"
         )
     return key
+
+
+def check_batch_endpoint(judge: JudgeSpec) -> None:
+    """Raise JudgeError when `judge` is in batch mode at a llama.cpp server emlab starts.
+
+    The params loader refuses this combination too; a judge built in code (`model_copy`)
+    skips that validation, so batch mode checks it again before writing anything.
+    """
+    if judge.batch and judge.is_local:
+        raise JudgeError(
+            f"judge '{judge.name}' has batch: true but base_url 'local', a llama.cpp server, which has no Batch API; "
+            "set batch: false or point base_url at an endpoint with the Batch API"
+        )
+
+
+def check_judge(judge: JudgeSpec) -> None:
+    """Check what `judge` needs before any model loads or call is made (`emlab check`/`run`
+    preflight): batch mode only for a remote endpoint; for base_url 'local', llama-cpp-python
+    with its server extra installed and the GGUF present; otherwise the key (`resolve_api_key`).
+    Raises a one-line EmlabError naming the judge and what to do. Calls nothing, starts nothing.
+    """
+    check_batch_endpoint(judge)
+    if not judge.is_local:
+        resolve_api_key(judge)
+        return
+    missing = [name for name in _LOCAL_SERVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise JudgeError(
+            f"judge '{judge.name}' has base_url 'local' but llama-cpp-python's server is not installed "
+            f"(missing: {', '.join(missing)}); pip install 'llama-cpp-python[server]' (make install does this)"
+        )
+    local_gguf_path(judge)  # raises when the GGUF file is missing
 
 
 def retry_after_s(headers: Any, now: float | None = None) -> float | None:

@@ -1,28 +1,35 @@
-"""Dollar estimates for judging, before (`emlab plan`) and after (the summary line) a run."""
+"""Dollars for judging: the one place prices are applied.
+
+`usage_cost` prices tokens at what the judge actually pays: the params prices
+(`price_per_mtok_in/out`, $ per 1M tokens) times `BATCH_DISCOUNT` for a judge in batch mode.
+The cache's spend, the judging summary line, the report's cost table (tokens used) and
+`emlab plan` (`estimate_cost`, tokens expected) all go through it, so a batch judge is charged
+the batch price everywhere.
+"""
 
 from __future__ import annotations
 
 from ..config import JudgeSpec
 from .rubrics import Rubric
 
+BATCH_DISCOUNT = 0.5  # Batch API price relative to synchronous calls (OpenAI pricing page)
 CHARS_PER_TOKEN = 4.0  # rough English average for BPE tokenizers; estimates only
 TOKENS_PER_MESSAGE = 4  # chat-format overhead per turn (role markers, separators)
+
+
+def usage_cost(prompt_tokens: float, completion_tokens: float, judge: JudgeSpec) -> float:
+    """Dollars for tokens used by `judge`, at the price it pays: params prices ($ per 1M
+    tokens), times BATCH_DISCOUNT (0.5) when `judge.batch`."""
+    dollars = (prompt_tokens * judge.price_per_mtok_in + completion_tokens * judge.price_per_mtok_out) / 1e6
+    return dollars * BATCH_DISCOUNT if judge.batch else dollars
 
 
 def estimate_cost(
     n_calls: int, judge: JudgeSpec, prompt_tokens_per_call: float, completion_tokens_per_call: float = 1
 ) -> float:
-    """Dollars for `n_calls` judge calls at the judge's `price_per_mtok_in/out` ($ per 1M tokens)."""
-    return (
-        n_calls
-        * (prompt_tokens_per_call * judge.price_per_mtok_in + completion_tokens_per_call * judge.price_per_mtok_out)
-        / 1e6
-    )
-
-
-def usage_cost(prompt_tokens: int, completion_tokens: int, judge: JudgeSpec) -> float:
-    """Dollars for tokens actually used."""
-    return (prompt_tokens * judge.price_per_mtok_in + completion_tokens * judge.price_per_mtok_out) / 1e6
+    """Dollars for `n_calls` judge calls of the given size (tokens per call; default one
+    completion token, the logprobs mode), priced by `usage_cost`."""
+    return usage_cost(n_calls * prompt_tokens_per_call, n_calls * completion_tokens_per_call, judge)
 
 
 def rubric_prompt_tokens(rubric: Rubric, *, question_chars: int = 0, answer_chars: int = 0) -> int:
