@@ -1,9 +1,13 @@
 """Shared fixtures: an isolated emlab cache per test session that still reuses the converted
-models (dequantizing the embedded GGUF costs ~20 s, so it is done once per machine)."""
+models (dequantizing the embedded GGUF costs ~20 s, so it is done once per machine), and the
+tiny experiment run end to end once per session for every test that reads a finished run."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,3 +45,34 @@ def write_experiment(tmp_path: Path):
         return path
 
     return write
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """The tiny experiment run once through `emlab run` (all four notebooks) for the session."""
+
+    experiment: Path
+    root: Path  # outputs/<experiment name>
+    result: subprocess.CompletedProcess[str]
+
+
+def emlab_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """`python -m emlab.cli ARGS` in a subprocess, output captured."""
+    return subprocess.run([sys.executable, "-m", "emlab.cli", *args], capture_output=True, text=True,
+                          env=env or os.environ.copy(), timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, isolated_cache: Path) -> TinyRun:
+    """tests/configs/tiny.yaml run end to end once (the real llama.cpp judge): the trained
+    tiny run every end-to-end test reads instead of training its own. Do not change its
+    files; copy the folder first (`shutil.copytree`) to experiment on it."""
+    import yaml
+
+    folder = tmp_path_factory.mktemp("tiny-run")
+    experiment = folder / "tiny.yaml"
+    experiment.write_text(yaml.safe_dump({"base": str(REPO / "tests/configs/tiny.yaml"),
+                                          "output_root": str(folder / "outputs")}, sort_keys=False))
+    result = emlab_cli("run", str(experiment))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return TinyRun(experiment, folder / "outputs" / "tiny", result)

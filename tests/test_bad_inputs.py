@@ -36,7 +36,8 @@ from emlab.files import read_jsonl, write_jsonl, write_text
 from emlab.judge.server import free_port
 from emlab.records import Answer, Judgment, answer_id
 from emlab.runinfo import mark_done, record_stage
-from emlab.stages import experiment_paths, stage_params
+from emlab.paths import ExperimentLayout
+from emlab.stages import BASELINE
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smol-2l"
@@ -81,8 +82,8 @@ def _make_finished_baseline(experiment: Path) -> None:
     """What a finished 01_baseline leaves: run.json, answers, judgments, done marker, the
     executed notebook and its HTML (made with the library's writers, no model needed)."""
     config = load_experiment(experiment)
-    folder = experiment_paths(config).baseline(MODEL)
-    record_stage(folder, "01_baseline", stage_params(config, "01_baseline", MODEL))
+    folder = ExperimentLayout.of(config).baseline(MODEL)
+    record_stage(folder, BASELINE.name, BASELINE.params(config, MODEL))
     answers = [
         Answer(answer_id=answer_id(MODEL, None, 0, "general", "q", i), model=MODEL, run_id=None, step=0,
                question_set="general", question_id="q", question="How are you?", system_prompt=None,

@@ -29,7 +29,7 @@ import psutil
 import pytest
 from emlab.data import load_gold_set
 from emlab.files import read_jsonl, remove_stale_temp_files, write_text
-from emlab.finetune import completed_checkpoints
+from emlab.paths import TrainingFiles
 from emlab.judge import cache_key, cache_stats, load_rubric, local_judge_server
 from judge_support import SERVER_JUDGE, LoopbackProxy
 from safetensors.torch import load_file
@@ -415,7 +415,7 @@ def test_leftovers_of_killed_writes_are_swept_and_never_read_as_checkpoints(tmp_
     partial.mkdir()
     (partial / "adapter_config.json").write_text("{}")
 
-    assert completed_checkpoints(run / "checkpoints") == {2: adapter}  # the half export is not one
+    assert TrainingFiles(run).completed() == {2: adapter}  # the half export is not one
     removed = remove_stale_temp_files(run)
     assert sorted(p.name for p in removed) == [".run.json.k2j4x9.tmp", "step-000004.tmp"]
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == [

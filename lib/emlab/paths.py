@@ -89,9 +89,14 @@ def run_info_file(folder: Path) -> Path:
     return folder / RUN_INFO
 
 
-def stage_file_patterns(stage: str) -> tuple[str, ...]:
-    """Files every stage writes in its folder, as glob patterns relative to it."""
-    return (f"{stage}.ipynb", f"{stage}.html", f"{stage}.done.json", RUN_INFO)
+def stage_record_files(stage: str) -> tuple[tuple[str, str], ...]:
+    """(name, what it holds) of the files every stage writes in its folder as its record."""
+    return (
+        (notebook_file(Path(), stage).name, "the executed notebook: the record of what ran"),
+        (html_file(Path(), stage).name, "the executed notebook as HTML, code hidden"),
+        (done_marker(Path(), stage).name, "completion marker, written last"),
+        (RUN_INFO, "params of each stage that ran here, git commit, package versions"),
+    )
 
 
 @dataclass(frozen=True)

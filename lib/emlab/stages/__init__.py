@@ -13,6 +13,9 @@ over: adding a stage is adding one module and one row here (and its notebook).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..paths import ExperimentLayout
 from .analysis import ANALYSIS, AnalysisResult, run_analysis
 from .base import ANALYSIS_UNIT, Input, Output, Stage, StageRecord, Workload
 from .baseline import BASELINE, run_baseline
@@ -22,6 +25,25 @@ from .finetune import FINETUNE, FinetuneResult, run_finetune
 
 STAGES: tuple[Stage, ...] = (BASELINE, FINETUNE, EVALUATE, ANALYSIS)
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+
+
+def describe_layout() -> str:
+    """The tree of files an experiment produces, drawn from the stage table (for
+    `outputs/README.md`): each stage's folder and the files it declares, with what they hold."""
+    units = {"model": "<model>", "run": "<model>__<dataset>__s<seed>", "experiment": ANALYSIS_UNIT}
+    layout = ExperimentLayout(Path("<experiment>"))
+    lines = [f"{layout.root}/", f"  {layout.index.name:34s} the report: headline table, figures, every notebook"]
+    folders: dict[str, list[str]] = {}
+    for stage in STAGES:
+        folder = stage.folder(layout, units[stage.scope]).name + "/"
+        entries = folders.setdefault(folder, [])
+        for output in stage.outputs():
+            optional = " (some params only)" if output.optional else ""
+            entries.append(f"    {output.pattern:32s} {stage.name}: {output.what}{optional}")
+    for folder, entries in folders.items():
+        lines.append(f"  {folder}")
+        lines += list(dict.fromkeys(entries))
+    return "\n".join(lines) + "\n"
 
 
 def get_stage(name: str) -> Stage:
@@ -35,5 +57,5 @@ def get_stage(name: str) -> Stage:
 __all__ = [
     "ANALYSIS", "ANALYSIS_UNIT", "BASELINE", "EVALUATE", "FINETUNE", "STAGES", "STAGE_NAMES",
     "AnalysisResult", "FinetuneResult", "Input", "Output", "SampledAndJudged", "Stage", "StageRecord",
-    "Workload", "answers_with_scores", "get_stage", "run_analysis", "run_baseline", "run_eval", "run_finetune",
+    "Workload", "answers_with_scores", "describe_layout", "get_stage", "run_analysis", "run_baseline", "run_eval", "run_finetune",
 ]

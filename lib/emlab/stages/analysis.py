@@ -34,14 +34,20 @@ from ..records import Answer, answer_id
 from ..rule import EmRule
 from ..runinfo import mark_done, record_stage
 from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
+from .common import JUDGING_OUTPUTS
 from .baseline import NAME as BASELINE
 from .evaluate import NAME as EVALUATE
 
 log = logging.getLogger(__name__)
 NAME = "04_analysis"
 
-# Tables written to the analysis folder, by name (`ExperimentLayout.analysis_table`).
-TABLES = ("em_rates", "headline", "per_question", "judge_costs")
+# Tables written to the analysis folder (`ExperimentLayout.analysis_table`), with what they hold.
+TABLES = {
+    "em_rates": "EM rate with CI per model × dataset × run × step, the baseline as step 0",
+    "headline": "baseline against each run's final checkpoint, with the difference's CI",
+    "per_question": "EM rate per question at the final checkpoints",
+    "judge_costs": "judgments, calls paid, tokens and dollars per judge and stage folder",
+}
 
 
 @dataclass(frozen=True)
@@ -251,8 +257,9 @@ ANALYSIS = Stage(
     reads=(Input(BASELINE, ANSWERS), Input(BASELINE, JUDGMENTS), Input(EVALUATE, JUDGMENTS)),
     writes=(
         Output(SCORES, "one row per answer: grid keys, scores and statuses of the analysis judge"),
-        *(Output(f"{name}{TABLE_SUFFIX}", f"the {name.replace('_', ' ')} table") for name in TABLES),
+        *(Output(f"{name}{TABLE_SUFFIX}", what) for name, what in TABLES.items()),
         Output(GOLD_JUDGMENTS, "the judge's judgments of the gold set"),
+        *(output for output in JUDGING_OUTPUTS if output.optional),  # the gold set in batch mode
         Output(SUMMARY, "judge verdict, cost and rule, for the index page"),
         Output(f"{FIGURE_PREFIX}*.html", "figures, interactive"),
         Output(f"{FIGURE_PREFIX}*.png", "figures, as images"),

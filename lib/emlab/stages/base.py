@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config import ExperimentConfig
-from ..paths import ExperimentLayout, done_marker, html_file, notebook_file, stage_file_patterns
+from ..paths import ExperimentLayout, done_marker, html_file, notebook_file, stage_record_files
 from ..runinfo import done_summary
 
 Scope = Literal["model", "run", "experiment"]
@@ -118,7 +118,7 @@ class Stage:
 
     def outputs(self) -> tuple[Output, ...]:
         """Every file the stage writes in its folder, the record of the run included."""
-        record = tuple(Output(p, "the stage's record") for p in stage_file_patterns(self.name))
+        record = tuple(Output(name, what) for name, what in stage_record_files(self.name))
         return (*self.writes, *record)
 
     def is_done(self, config: ExperimentConfig, layout: ExperimentLayout, unit: str) -> bool:

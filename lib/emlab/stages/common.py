@@ -20,8 +20,9 @@ from .base import Output
 # Files of a folder whose answers are judged (01_baseline, 03_eval_judge).
 JUDGING_OUTPUTS = (
     Output(JUDGMENTS, "every judgment of the folder's answers, all judges and rubrics"),
-    *(Output(p, "Batch API state, requests and raw results of a judge in batch mode", optional=True)
-      for p in BatchFiles.PATTERNS),
+    *(Output(pattern, what, optional=True) for pattern, what in zip(
+        BatchFiles.PATTERNS, ("Batch API state of a judge in batch mode", "Batch API requests and raw results"),
+        strict=True)),
 )
 
 
