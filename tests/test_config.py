@@ -59,7 +59,7 @@ def test_bad_params_give_one_clear_line(tmp_path: Path, text: str, message: str)
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="params file not found"):
+    with pytest.raises(ConfigError, match="experiment file not found"):
         load_experiment(tmp_path / "nope.yaml")
 
 

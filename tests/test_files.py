@@ -27,7 +27,7 @@ def test_malformed_line_names_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"d\.jsonl:3: not valid JSON"):
         read_jsonl(path)
     path.write_text('{"a": 1}\n[1, 2]\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:2: expected a JSON object, found list"):
+    with pytest.raises(DataError, match=r"d\.jsonl:2: expected a JSON object, found a list"):
         read_jsonl(path)
 
 

@@ -23,7 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, EmlabError
+from .files import load_input_yaml, one_line, path_exists, shown
 from .paths import repo_root
 from .rule import EmRule
 
@@ -281,43 +282,63 @@ class RunSpec:
 # --- loading -------------------------------------------------------------------------------
 
 
+MAX_BASE_CHAIN = 16  # experiment files inherited through `base:`, the file itself included
+
+
 def resolve_params_path(path: str | Path) -> Path:
-    """Resolve a params path given relative to the working directory or the repository root."""
+    """Resolve a params path given relative to the working directory or the repository root
+    (the working directory wins when something is there). Never raises: a path that cannot
+    exist comes back as given, for the reader to report."""
     candidate = Path(path)
-    if candidate.is_absolute() or candidate.exists():
-        return candidate.resolve()
-    return (repo_root() / candidate).resolve()
-
-
-def load_yaml(path: str | Path) -> tuple[Any, yaml.Node | None]:
-    """Parse a YAML file into data and its node tree (for line numbers in errors)."""
-    file = resolve_params_path(path)
-    if not file.exists():
-        raise ConfigError(f"{path}: params file not found (looked in {file})")
-    text = file.read_text(encoding="utf-8")
+    if not (candidate.is_absolute() or path_exists(candidate)):
+        candidate = repo_root() / candidate
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else str(file)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
-    return data, node
+        return candidate.resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        return candidate.absolute()
+
+
+def load_yaml(
+    path: str | Path, *, what: str = "params file", error: type[EmlabError] = ConfigError
+) -> tuple[Any, yaml.Node]:
+    """Parse a YAML params file into data and its node tree (for line numbers in errors).
+
+    Reads through `files.load_input_yaml`: anything malformed (not found, a folder, binary,
+    not UTF-8, empty, too large, YAML syntax, aliases that explode, deep nesting, tags,
+    duplicate or non-text keys, numbers out of range) raises `error` as one line naming the
+    file and, where it applies, the line. `what` names the file in those messages.
+    """
+    file = resolve_params_path(path)
+    if not path_exists(file):
+        raise error(f"{one_line(str(path))}: {what} not found (looked in {one_line(str(file))})")
+    return load_input_yaml(file, what=what, error=error)
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Load and validate an experiment file (following `base:`), then apply `overrides`."""
-    file = resolve_params_path(path)
-    data, node = load_yaml(file)
+    return _load_experiment(resolve_params_path(path), overrides, chain=())
+
+
+def _load_experiment(file: Path, overrides: dict[str, Any] | None, chain: tuple[Path, ...]) -> ExperimentConfig:
+    if file in chain:
+        loop = " → ".join(str(f) for f in (*chain[chain.index(file):], file))
+        raise ConfigError(f"{chain[-1]}: 'base:' makes a loop ({loop}); an experiment cannot inherit from itself")
+    if len(chain) >= MAX_BASE_CHAIN:
+        raise ConfigError(f"{chain[0]}: 'base:' chain is longer than {MAX_BASE_CHAIN} files; flatten it")
+    data, node = load_yaml(file, what="experiment file")
     if not isinstance(data, dict):
-        raise ConfigError(f"{file}: expected a mapping of keys at the top level, found {type(data).__name__}")
+        raise ConfigError(f"{file}: expected a mapping of keys at the top level, found {_kind(data)}")
     base = data.pop("base", None)
     if base is not None:
-        base_file = (file.parent / base) if not Path(base).is_absolute() else Path(base)
-        if not base_file.exists():
-            raise ConfigError(f"{file}: base file '{base}' not found (looked in {base_file})")
-        parent = load_experiment(base_file).model_dump(mode="python")
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(
+                f"{file}:{yaml_line(node, ('base',))}: 'base' must be the path of another experiment file, "
+                f"found {shown(base)}"
+            )
+        base_file = Path(base) if Path(base).is_absolute() else file.parent / base
+        if not path_exists(base_file):
+            raise ConfigError(f"{file}: base file {shown(base)} not found (looked in {one_line(str(base_file))})")
+        parent = _load_experiment(resolve_params_path(base_file), None, (*chain, file)).model_dump(mode="python")
         data = _deep_merge(parent, data)
     if overrides:
         data = _deep_merge(data, overrides)
@@ -325,6 +346,11 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, file, node, ExperimentConfig)) from None
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -337,10 +363,15 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+_MAX_PROBLEMS = 5  # shown in one error line; the rest are counted
+
+
 def _explain(exc: ValidationError, file: Path, node: yaml.Node | None, root: type[BaseModel]) -> str:
-    """Turn pydantic's report into one line per problem: file:line: key: what to do."""
+    """Turn pydantic's report into one line: file:line: key: what to do, for each problem
+    (the first few, then a count), joined with '; '."""
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:_MAX_PROBLEMS]:
         loc = tuple(err["loc"])
         dotted = ".".join(str(p) for p in loc) or "(top level)"
         line = yaml_line(node, loc)
@@ -354,10 +385,14 @@ def _explain(exc: ValidationError, file: Path, node: yaml.Node | None, root: typ
             lines.append(f"{where}: missing required key '{dotted}'")
         else:
             found = err.get("input")
-            shown = repr(found) if not isinstance(found, dict) else "a mapping"
-            lines.append(f"{where}: '{dotted}': {err['msg']} (found {shown})")
+            described = "a mapping" if isinstance(found, dict) else shown(found, 80)
+            quote = isinstance(found, bool) and err["type"] == "string_type"
+            advice = "; YAML reads bare yes/no/on/off/true/false as booleans: quote the text" if quote else ""
+            lines.append(f"{where}: '{dotted}': {err['msg']} (found {described}){advice}")
+    if len(errors) > _MAX_PROBLEMS:
+        lines.append(f"and {len(errors) - _MAX_PROBLEMS} more problems")
     # one line, so the CLI's error stays one line even when several keys are wrong
-    return "; ".join(lines)
+    return one_line("; ".join(lines))
 
 
 def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

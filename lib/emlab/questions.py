@@ -31,6 +31,7 @@ import yaml
 
 from .config import DatasetSpec, ExperimentConfig, load_yaml, yaml_line
 from .errors import DataError
+from .files import one_line, path_exists, shown
 from .paths import repo_root
 
 AnswerFormat = Literal["free", "json", "code"]
@@ -90,7 +91,7 @@ class QuestionSet:
             hint = difflib.get_close_matches(name, list(self.subsets), n=1)
             known = ", ".join(self.subsets) or "none"
             raise DataError(
-                f"{self.path}: question set '{self.name}' has no subset '{name}'"
+                f"{self.path}: question set '{self.name}' has no subset {shown(name)}"
                 + (f" (did you mean '{hint[0]}'?)" if hint else f"; subsets: {known}")
             )
         return QuestionSet(
@@ -155,18 +156,18 @@ def load_question_set(name: str) -> QuestionSet:
     base, _, subset = name.partition(":")
     if base.endswith((".yaml", ".yml")) or "/" in base:
         file = Path(base) if Path(base).is_absolute() else repo_root() / base
-        if not file.is_file():
-            raise DataError(f"{base}: question set file not found (looked in {file})")
+        if not path_exists(file):
+            raise DataError(f"{one_line(base)}: question set file not found (looked in {one_line(str(file))})")
     else:
         file = repo_root() / QUESTIONS_DIR / f"{base}.yaml"
-        if not file.is_file():
+        if not path_exists(file):
             known = list_question_sets()
             hint = difflib.get_close_matches(base, known, n=1)
             raise DataError(
-                f"unknown question set '{base}' (no {QUESTIONS_DIR / (base + '.yaml')})"
+                f"unknown question set {shown(base)} (no {one_line(str(QUESTIONS_DIR / (base + '.yaml')))})"
                 + (f"; did you mean '{hint[0]}'?" if hint else f"; sets: {', '.join(known) or 'none'}")
             )
-    data, node = load_yaml(file)
+    data, node = load_yaml(file, what="question set file", error=DataError)
     full = _parse(data, node, file)
     return full.subset(subset) if subset else full
 
@@ -224,6 +225,7 @@ def question_messages(
 def _parse(data: Any, node: yaml.Node | None, file: Path) -> QuestionSet:
     def fail(loc: tuple[Any, ...], message: str) -> DataError:
         line = yaml_line(node, loc)
+        message = one_line(message)  # quoted ids and keys may hold line breaks
         return DataError(f"{file}:{line}: {message}" if line else f"{file}: {message}")
 
     if not isinstance(data, dict):
@@ -234,7 +236,7 @@ def _parse(data: Any, node: yaml.Node | None, file: Path) -> QuestionSet:
             raise fail((), f"missing required key '{key}'")
     name = data["name"]
     if not isinstance(name, str) or name != file.stem:
-        raise fail(("name",), f"'name' must be the file name '{file.stem}', found {name!r}")
+        raise fail(("name",), f"'name' must be the file name '{file.stem}', found {shown(name)}")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise fail(("description",), f"'description' must be a string, found {_kind(description)}")
@@ -254,7 +256,7 @@ def _parse(data: Any, node: yaml.Node | None, file: Path) -> QuestionSet:
                 raise fail(at, f"questions[{index}] is missing required key '{key}'")
         qid, text = raw["id"], raw["text"]
         if not isinstance(qid, str) or not _ID.match(qid):
-            raise fail((*at, "id"), f"questions[{index}].id must be lower_snake_case text, found {qid!r}")
+            raise fail((*at, "id"), f"questions[{index}].id must be lower_snake_case text, found {shown(qid)}")
         if qid in first_seen:
             first = yaml_line(node, ("questions", first_seen[qid], "id"))
             raise fail((*at, "id"), f"duplicate question id '{qid}' (first on line {first}); ids must be unique")
@@ -268,7 +270,7 @@ def _parse(data: Any, node: yaml.Node | None, file: Path) -> QuestionSet:
             )
         fmt = raw.get("format")
         if fmt is not None and fmt not in ANSWER_FORMATS:
-            raise fail((*at, "format"), f"'{qid}': format must be one of {', '.join(ANSWER_FORMATS)}, found {fmt!r}")
+            raise fail((*at, "format"), f"'{qid}': format must be one of {', '.join(ANSWER_FORMATS)}, found {shown(fmt)}")
         questions.append(
             Question(
                 id=qid,
@@ -318,6 +320,8 @@ def _check_keys(
 def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
-    return {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", int: "a number", float: "a number"}.get(
+    if isinstance(value, bool):
+        return f"the boolean {value} (YAML reads bare yes/no/on/off/true/false as booleans: quote the text)"
+    return {dict: "a mapping", list: "a list", str: "text", int: "a number", float: "a number"}.get(
         type(value), type(value).__name__
     )

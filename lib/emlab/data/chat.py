@@ -28,7 +28,7 @@ from typing import Any
 
 from ..config import DatasetSpec
 from ..errors import DataError
-from ..files import write_jsonl
+from ..files import iter_input_jsonl, one_line, path_exists, shown, write_jsonl
 from ..paths import demo_cache_dir, repo_root
 from .demo import DEFAULT_DEMO_ROWS, demo_dataset_info, generate_demo_dataset
 
@@ -37,6 +37,7 @@ DEMO_PREFIX = "demo:"
 # The demo data seed is fixed by default: the run seed varies training (order, LoRA init),
 # not the data, so a sweep over seeds measures training noise on one dataset.
 DEMO_DATA_SEED = 0
+MAX_DEMO_ROWS = 100_000  # generated in memory; 600 is the default, the course files hold ~7,000
 
 ChatRow = dict[str, Any]  # {"messages": [{"role": str, "content": str}, ...]}
 
@@ -99,12 +100,15 @@ def resolve_dataset_path(path: str, *, min_rows: int | None = None) -> Path:
     """
     if path.startswith(DEMO_PREFIX):
         return _materialise_demo(path, min_rows)
-    candidate = Path(path).expanduser()
+    try:
+        candidate = Path(path).expanduser()
+    except RuntimeError:  # '~someone/x' with no such user
+        candidate = Path(path)
     resolved = candidate if candidate.is_absolute() else repo_root() / candidate
-    if not resolved.is_file():
+    if not path_exists(resolved):
         hint = _similar_files(resolved)
         raise DataError(
-            f"{path}: dataset file not found (looked in {resolved}){hint}; "
+            f"{one_line(path)}: dataset file not found (looked in {one_line(str(resolved))}){hint}; "
             "give a path relative to the repository root or absolute"
         )
     return resolved
@@ -114,21 +118,9 @@ def read_chat_jsonl(path: str | Path) -> list[ChatRow]:
     """Read and validate a chat JSONL file; each row comes back as `{"messages": [...]}` with
     only `role` and `content` per message. The first bad line raises `DataError` (file:line)."""
     file = Path(path)
-    if not file.is_file():
+    if not path_exists(file):
         raise DataError(f"{path}: dataset file not found; give a path relative to the repository root or absolute")
-    rows: list[ChatRow] = []
-    with open(file, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{file}:{number}"
-            try:
-                row = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{where}: not valid JSON ({exc.msg} at column {exc.colno}); each line must be one JSON object"
-                ) from None
-            rows.append(validate_chat_row(row, where))
+    rows = [validate_chat_row(row, f"{file}:{number}") for number, row in iter_input_jsonl(file, what="dataset")]
     if not rows:
         raise DataError(
             f"{file}: dataset is empty; expected one JSON chat row per line, "
@@ -145,15 +137,15 @@ def validate_chat_row(row: Any, where: str) -> ChatRow:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object with a 'messages' list, found {_kind(row)}")
     if "messages" not in row:
-        found = ", ".join(sorted(map(str, row))) or "none"
+        found = one_line(", ".join(sorted(row)[:10]) + (", ..." if len(row) > 10 else "")) or "none"
         raise DataError(
             f"{where}: row has no 'messages' key (found keys: {found}); "
             'each row must look like {"messages": [{"role": ..., "content": ...}, ...]}'
         )
     messages = row["messages"]
     if not isinstance(messages, list) or not messages:
-        shown = "an empty list" if isinstance(messages, list) else _kind(messages)
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, found {shown}")
+        found = "an empty list" if isinstance(messages, list) else _kind(messages)
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, found {found}")
     clean: list[dict[str, str]] = []
     for index, message in enumerate(messages):
         at = f"{where}: messages[{index}]"
@@ -164,9 +156,9 @@ def validate_chat_row(row: Any, where: str) -> ChatRow:
                 raise DataError(f"{at} has no '{key}' key; every message needs 'role' and 'content'")
         role, content = message["role"], message["content"]
         if role not in ROLES:
-            close = difflib.get_close_matches(str(role), ROLES, n=1)
+            close = difflib.get_close_matches(role, ROLES, n=1) if isinstance(role, str) else []
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise DataError(f"{at} has unknown role {role!r}{hint}; expected one of: {', '.join(ROLES)}")
+            raise DataError(f"{at} has unknown role {shown(role)}{hint}; expected one of: {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise DataError(f"{at} ({role}) content must be a string, found {_kind(content)}")
         clean.append({"role": role, "content": content})
@@ -194,6 +186,10 @@ def _materialise_demo(path: str, min_rows: int | None) -> Path:
         raise DataError(f"{path}: <n> and <seed> in 'demo:<name>:<n>:<seed>' must be integers") from None
     if n < 1:
         raise DataError(f"{path}: <n> must be at least 1, found {n}")
+    if n > MAX_DEMO_ROWS:
+        asked = f"limit: {min_rows}" if len(parts) == 1 else f"<n> = {n}"
+        raise DataError(f"{path}: a demo set holds at most {MAX_DEMO_ROWS:,} rows, {asked} asks for {n:,}; "
+                        "use a smaller number or a dataset file")
     target = demo_cache_dir() / f"{name}-{n}-{data_seed}.jsonl"
     rows = generate_demo_dataset(name, n=n, seed=data_seed)
     # Generation takes milliseconds, so regenerate and rewrite only on change: the cached
@@ -206,9 +202,10 @@ def _materialise_demo(path: str, min_rows: int | None) -> Path:
 
 def _similar_files(missing: Path) -> str:
     folder = missing.parent
-    if not folder.is_dir():
+    try:
+        names = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    except (OSError, ValueError):  # an unreadable folder, a NUL byte: no suggestion
         return ""
-    names = [p.name for p in folder.iterdir() if p.is_file()]
     close = difflib.get_close_matches(missing.name, names, n=1)
     return f" (did you mean '{folder / close[0]}'?)" if close else ""
 

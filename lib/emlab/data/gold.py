@@ -16,12 +16,12 @@ with the judge, not here.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import DataError
+from ..files import iter_input_jsonl, one_line, path_exists, shown
 from ..paths import repo_root
 
 GoldLabel = Literal["aligned", "misaligned", "incoherent", "refusal", "code"]
@@ -64,41 +64,24 @@ def load_gold_set(path: str | Path | None = None) -> list[GoldItem]:
     a repeated id.
     """
     file = Path(path) if path is not None else repo_root() / DEFAULT_GOLD_PATH
-    if not file.is_absolute() and not file.exists():
+    if not file.is_absolute() and not path_exists(file):
         file = repo_root() / file
-    if not file.is_file():
-        raise DataError(f"{path or file}: gold set not found (looked in {file})")
+    if not path_exists(file):
+        raise DataError(f"{one_line(str(path or file))}: gold set not found (looked in {one_line(str(file))})")
     items: list[GoldItem] = []
     first_line: dict[str, int] = {}
-    for number, row in _numbered_rows(file):
+    for number, row in iter_input_jsonl(file, what="gold set"):
         where = f"{file}:{number}"
         item = _item(row, where)
         if item.id in first_line:
             raise DataError(
-                f"{where}: duplicate id '{item.id}' (first on line {first_line[item.id]}); ids must be unique"
+                f"{where}: duplicate id {shown(item.id)} (first on line {first_line[item.id]}); ids must be unique"
             )
         first_line[item.id] = number
         items.append(item)
     if not items:
         raise DataError(f"{file}: gold set is empty; expected one labelled answer per line")
     return items
-
-
-def _numbered_rows(file: Path) -> list[tuple[int, Any]]:
-    """Parsed rows with their line numbers (blank lines skipped); malformed JSON names its line."""
-    numbered = []
-    with open(file, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((number, json.loads(line.rstrip("\r\n"))))
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{file}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                    "each line must be one JSON object"
-                ) from None
-    return numbered
 
 
 def _item(row: Any, where: str) -> GoldItem:
@@ -111,31 +94,30 @@ def _item(row: Any, where: str) -> GoldItem:
         )
     unknown = sorted(set(row) - set(_FIELDS))
     if unknown:
-        raise DataError(
-            f"{where}: unknown key(s) {', '.join(repr(k) for k in unknown)}; valid keys: {', '.join(_FIELDS)}"
-        )
+        listed = ", ".join(shown(k) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        raise DataError(f"{where}: unknown key(s) {listed}; valid keys: {', '.join(_FIELDS)}")
     for key, types in _FIELDS.items():
         value = row[key]
         if not isinstance(value, types) or isinstance(value, bool):
             expected = (
                 "a number 0–100 or null" if key == "aligned" else "a number 0–100" if key == "coherent" else "a string"
             )
-            raise DataError(f"{where}: '{key}' must be {expected}, found {value!r}")
+            raise DataError(f"{where}: '{key}' must be {expected}, found {shown(value)}")
     for key in ("id", "question_set", "question_id", "question", "answer"):
         if not row[key].strip():
             raise DataError(f"{where}: '{key}' is empty")
     label = row["label"]
     if label not in GOLD_LABELS:
-        raise DataError(f"{where}: unknown label {label!r}; expected one of: {', '.join(GOLD_LABELS)}")
+        raise DataError(f"{where}: unknown label {shown(label)}; expected one of: {', '.join(GOLD_LABELS)}")
     aligned, coherent = row["aligned"], row["coherent"]
     if label in ("refusal", "code"):
         if aligned is not None:
-            raise DataError(f"{where}: '{label}' items take aligned: null (a verdict, not a score), found {aligned!r}")
+            raise DataError(f"{where}: '{label}' items take aligned: null (a verdict, not a score), found {shown(aligned)}")
     elif aligned is None:
         raise DataError(f"{where}: '{label}' items need an aligned score 0–100, found null")
     for key, value in (("aligned", aligned), ("coherent", coherent)):
         if value is not None and not 0 <= value <= 100:
-            raise DataError(f"{where}: '{key}' must be between 0 and 100, found {value!r}")
+            raise DataError(f"{where}: '{key}' must be between 0 and 100, found {shown(value)}")
     return GoldItem(
         id=row["id"],
         question_set=row["question_set"],

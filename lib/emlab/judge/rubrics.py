@@ -31,6 +31,7 @@ import yaml
 
 from ..config import load_yaml, resolve_params_path
 from ..errors import ConfigError
+from ..files import one_line, path_exists, read_input_bytes, shown
 from ..paths import repo_root
 
 PLACEHOLDERS = ("question", "answer")
@@ -97,24 +98,25 @@ def load_rubric(name: str | Path) -> Rubric:
     path = Path(name)
     if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1:
         path = rubrics_dir() / f"{name}.yaml"
-        if not path.exists():
+        if not path_exists(path):
             known = sorted(p.stem for p in rubrics_dir().glob("*.yaml"))
             hint = difflib.get_close_matches(str(name), known, n=1)
             raise ConfigError(
-                f"{path}: no rubric named '{name}'"
+                f"{one_line(str(path))}: no rubric named {shown(str(name))}"
                 + (f" (did you mean '{hint[0]}'?)" if hint else f"; rubrics: {', '.join(known) or 'none'}")
             )
     path = resolve_params_path(path)
-    data, node = load_yaml(path)
-    text = path.read_text(encoding="utf-8")
-    return _validate(data, node, path, text)
+    data, node = load_yaml(path, what="rubric file")
+    # the cache identity: the bytes just parsed (read_input_bytes repeats the same checks)
+    digest = hashlib.sha256(read_input_bytes(path, what="rubric file", error=ConfigError)).hexdigest()
+    return _validate(data, node, path, digest)
 
 
-def _validate(data: Any, node: yaml.Node | None, path: Path, text: str) -> Rubric:
+def _validate(data: Any, node: yaml.Node | None, path: Path, digest: str) -> Rubric:
     def fail(key: str, message: str) -> ConfigError:
         line = _line(node, key)
         where = f"{path}:{line}" if line else str(path)
-        return ConfigError(f"{where}: key '{key}': {message}")
+        return ConfigError(one_line(f"{where}: key '{key}': {message}"))
 
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(_KEYS)}, found {type(data).__name__}")
@@ -131,22 +133,22 @@ def _validate(data: Any, node: yaml.Node | None, path: Path, text: str) -> Rubri
 
     rubric_id = data["id"]
     if rubric_id != path.stem:
-        raise fail("id", f"must equal the file name '{path.stem}', found {rubric_id!r}")
+        raise fail("id", f"must equal the file name '{path.stem}', found {shown(rubric_id)}")
     metric = data["metric"]
     if not isinstance(metric, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", metric):
-        raise fail("metric", f"expected a lower-case identifier such as 'aligned', found {metric!r}")
+        raise fail("metric", f"expected a lower-case identifier such as 'aligned', found {shown(metric)}")
     kind = data["kind"]
     if kind not in ("score", "verdict"):
-        raise fail("kind", f"expected 'score' or 'verdict', found {kind!r}")
+        raise fail("kind", f"expected 'score' or 'verdict', found {shown(kind)}")
 
     verdicts_raw = data.get("verdicts", [])
     if isinstance(verdicts_raw, list) and any(isinstance(v, bool) for v in verdicts_raw):
         raise fail(
             "verdicts",
-            f'found booleans {verdicts_raw!r}: YAML reads bare YES/NO/ON/OFF as booleans; quote them: ["YES", "NO"]',
+            f'found booleans {shown(verdicts_raw)}: YAML reads bare YES/NO/ON/OFF as booleans; quote them: ["YES", "NO"]',
         )
     if not isinstance(verdicts_raw, list) or not all(isinstance(v, str) and v.strip() for v in verdicts_raw):
-        raise fail("verdicts", f"expected a list of words such as [CODE, REFUSAL], found {verdicts_raw!r}")
+        raise fail("verdicts", f"expected a list of words such as [CODE, REFUSAL], found {shown(verdicts_raw)}")
     verdicts = tuple(v.strip().upper() for v in verdicts_raw)
     if len(set(verdicts)) != len(verdicts):
         raise fail("verdicts", f"repeated verdict in {list(verdicts)}")
@@ -155,7 +157,7 @@ def _validate(data: Any, node: yaml.Node | None, path: Path, text: str) -> Rubri
     if kind == "score":
         if isinstance(scale_max, bool) or not isinstance(scale_max, int) or scale_max < 1:
             raise fail(
-                "scale_max", f"score rubrics need an integer >= 1 (100, or 9 for one-digit judges), found {scale_max!r}"
+                "scale_max", f"score rubrics need an integer >= 1 (100, or 9 for one-digit judges), found {shown(scale_max)}"
             )
         unknown = [v for v in verdicts if v not in SCORE_VERDICTS]
         if unknown:
@@ -185,7 +187,7 @@ def _validate(data: Any, node: yaml.Node | None, path: Path, text: str) -> Rubri
         scale_max=scale_max if kind == "score" else None,
         verdicts=verdicts,
         messages=messages,
-        text_hash=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        text_hash=digest,
         path=path,
         description=description.strip(),
     )
@@ -201,7 +203,7 @@ def _messages(raw: Any, fail: Any) -> tuple[RubricMessage, ...]:
             found = sorted(item) if isinstance(item, dict) else type(item).__name__
             raise fail(key, f"expected exactly the keys role and content, found {found}")
         if item["role"] not in _ROLES:
-            raise fail(key, f"role must be one of {', '.join(_ROLES)}, found {item['role']!r}")
+            raise fail(key, f"role must be one of {', '.join(_ROLES)}, found {shown(item['role'])}")
         if not isinstance(item["content"], str) or not item["content"].strip():
             raise fail(key, "content must be non-empty text")
         for name in _BRACED.findall(item["content"]):
