@@ -1,4 +1,5 @@
-"""Batch API mode (`emlab.judge.batch`) against a local Files + Batch server.
+"""Batch API mode (`judge_answers` with `batch: true`, `emlab.judge.batch`) against a local
+Files + Batch server.
 
 `tests/batch_server.py` implements the documented endpoints and executes every request for
 real on the llama.cpp server serving the embedded SmolLM2 judge, so scores, logprobs and
@@ -30,18 +31,18 @@ from emlab.config import JudgeSpec
 from emlab.errors import JudgeError
 from emlab.files import read_jsonl, write_jsonl
 from emlab.judge import batch as batch_mod
-from emlab.judge import Rubric, judgment_from_completion, load_rubric, request_body
+from emlab.judge import Rubric, cache_stats, judge_answers, judgment_from_completion, load_rubric, request_body
 from emlab.judge.batch import (
     collect_batch,
     custom_id,
-    judge_answers_batch,
     parse_custom_id,
     poll_batch,
-    state_path_for,
     submit_batch,
     write_batch_requests,
 )
+from emlab.judge.client import JudgeTask
 from emlab.judge.server import N_CTX
+from emlab.paths import BatchFiles, ExperimentLayout
 from emlab.records import Answer, answer_id
 
 from batch_server import BatchServer
@@ -84,7 +85,7 @@ def _env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def _judge(server: BatchServer, **over: object) -> JudgeSpec:
     fields = {"name": "batch-judge", "model": "smollm2", "base_url": server.base_url, "api_key_env": KEY_ENV,
-              "rubrics": RUBRICS}
+              "rubrics": RUBRICS, "batch": True, "poll_interval_s": 0.1}
     return JudgeSpec(**{**fields, **over})
 
 
@@ -119,9 +120,20 @@ def tiny(tinies: list[Rubric]) -> Rubric:
     return tinies[0]
 
 
-def _run(answers: list[Answer], judge: JudgeSpec, run_dir: Path, rubrics: list | None = None, **kw: object) -> list:
-    """judge_answers_batch with test timings (poll every 0.1 s, give up after 90 s)."""
-    return judge_answers_batch(answers, judge, rubrics=rubrics, run_dir=run_dir, poll_interval_s=0.1, timeout_s=90, **kw)
+def _files(judge: JudgeSpec, folder: Path) -> BatchFiles:
+    return ExperimentLayout.batch(folder, judge.name)
+
+
+def _run(answers: list[Answer], judge: JudgeSpec, folder: Path, rubrics: list | None = None,
+         wait_s: float = 90) -> list:
+    """judge_answers in batch mode into `folder`, as a stage calls it (the judge polls every
+    0.1 s; give up after `wait_s`)."""
+    return judge_answers(answers, judge, rubrics=rubrics, out_path=ExperimentLayout.judgments(folder),
+                         batch_files=_files(judge, folder), wait_s=wait_s)
+
+
+def _tasks(answers: list[Answer], judge: JudgeSpec, rubrics: list[Rubric]) -> list[JudgeTask]:
+    return [JudgeTask(a.answer_id, a.question, a.answer, r, key="") for a in answers for r in rubrics]
 
 
 # --- the server keeps to the documented contract ------------------------------------------
@@ -158,8 +170,9 @@ def test_requests_file_is_the_documented_batch_format(tmp_path: Path) -> None:
     judge = JudgeSpec(name="j", model="gpt-4o-mini", api_key_env=KEY_ENV)
     rubrics = [load_rubric(r) for r in RUBRICS]
     path = tmp_path / "requests.jsonl"
-    skip = {(ANSWERS[1].answer_id, "coherent_digit")}
-    n = write_batch_requests([*ANSWERS, ANSWERS[0]], judge, rubrics, path, skip=skip)  # a repeated answer
+    tasks = [t for t in _tasks([*ANSWERS, ANSWERS[0]], judge, rubrics)  # a repeated answer
+             if (t.answer_id, t.rubric.id) != (ANSWERS[1].answer_id, "coherent_digit")]
+    n = write_batch_requests(tasks, judge, path)
     rows = read_jsonl(path)
     assert n == len(rows) == 5
     assert len({r["custom_id"] for r in rows}) == 5
@@ -174,24 +187,30 @@ def test_requests_file_is_the_documented_batch_format(tmp_path: Path) -> None:
 
 def test_key_comes_from_the_environment_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV)
-    judge = JudgeSpec(name="j", model="m", base_url="http://127.0.0.1:9/v1", api_key_env=KEY_ENV)
-    with pytest.raises(JudgeError, match=KEY_ENV):
-        judge_answers_batch(ANSWERS, judge, run_dir=tmp_path)
-    with pytest.raises(JudgeError, match="api_key_env"):
-        judge_answers_batch(ANSWERS, judge.model_copy(update={"api_key_env": None}), run_dir=tmp_path)
+    judge = JudgeSpec(name="j", model="m", base_url="http://127.0.0.1:9/v1", api_key_env=KEY_ENV, batch=True)
+    run = tmp_path / "run"
+    with pytest.raises(JudgeError, match=f"^judge 'j' needs the environment variable {KEY_ENV}; export"):
+        _run(ANSWERS, judge, run)
+    with pytest.raises(JudgeError, match="^judge 'j' uses the Batch API .* but api_key_env is null; set api_key_env"):
+        _run(ANSWERS, judge.model_copy(update={"api_key_env": None}), run)
     with pytest.raises(JudgeError, match="no Batch API"):
-        judge_answers_batch(ANSWERS, judge.model_copy(update={"base_url": "local"}), run_dir=tmp_path)
-    assert not any(tmp_path.iterdir())  # nothing written before the key check
+        _run(ANSWERS, judge.model_copy(update={"base_url": "local"}), run)
+    with pytest.raises(JudgeError, match="^judge 'j' is in batch mode .* no batch_files were given"):
+        judge_answers(ANSWERS, judge, out_path=run / "judgments.jsonl")
+    assert not run.exists()  # nothing written before the key check
 
 
 # --- round trips ---------------------------------------------------------------------------
 
 
-def test_batch_round_trip_scores_every_answer(server: BatchServer, tmp_path: Path, tinies: list[Rubric]) -> None:
-    judge = _judge(server)
+def test_batch_round_trip_scores_every_answer(
+    server: BatchServer, tmp_path: Path, tinies: list[Rubric], caplog: pytest.LogCaptureFixture
+) -> None:
+    judge = _judge(server, price_per_mtok_in=2.0, price_per_mtok_out=8.0)
     answers = ANSWERS[:2]
     ids = [r.id for r in tinies]
-    judgments = _run(answers, judge, tmp_path, rubrics=tinies)
+    with caplog.at_level(logging.INFO, logger="emlab.judge.api"):
+        judgments = _run(answers, judge, tmp_path, rubrics=tinies)
 
     assert [(j.answer_id, j.rubric) for j in judgments] == [(a.answer_id, r) for a in answers for r in ids]
     assert all(j.status not in ("api_error", "unparsed") for j in judgments), [j.error for j in judgments]
@@ -208,13 +227,21 @@ def test_batch_round_trip_scores_every_answer(server: BatchServer, tmp_path: Pat
                                         judge=judge, rubric=rubric)
     assert (judgments[2].status, judgments[2].score) == (expected.status, pytest.approx(expected.score))
 
-    state = json.loads(state_path_for(tmp_path, judge).read_text())
+    state = json.loads(_files(judge, tmp_path).state.read_text())
     assert state["phase"] == "collected" and state["batch_id"] == batch_id and state["requests"] == 4
     assert state["input_file_id"] in server.files and state["status"] == "completed"
     rows = read_jsonl(tmp_path / "judgments.jsonl")
-    assert [(r["answer_id"], r["rubric"], r["score"]) for r in rows] == [
+    # written as collected (the requests go rubric-major, like live calls); returned in input order
+    assert sorted((r["answer_id"], r["rubric"], r["score"]) for r in rows) == sorted(
         (j.answer_id, j.rubric, j.score) for j in judgments
-    ]
+    )
+
+    # Paid at the batch price: half the live price, in the cache's spend and the summary line.
+    prompt, completion = sum(j.prompt_tokens for j in judgments), sum(j.completion_tokens for j in judgments)
+    live = (prompt * 2.0 + completion * 8.0) / 1e6
+    assert cache_stats()["spend_usd"] == pytest.approx(live / 2)
+    (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("judge batch-judge")]
+    assert f"4 batch requests; {prompt:,} prompt + {completion:,} completion tokens ≈ ${live / 2:.4f} at the batch price" in summary
 
     # A second call sends nothing: everything is in judgments.jsonl (and the cache).
     again = _run(answers, judge, tmp_path, rubrics=tinies)
@@ -235,12 +262,11 @@ def test_batch_round_trip_scores_every_answer(server: BatchServer, tmp_path: Pat
 
 def test_crash_after_submit_picks_up_the_same_batch(server: BatchServer, tmp_path: Path, tiny: Rubric) -> None:
     judge = _judge(server)
-    state_path = state_path_for(tmp_path, judge)
-    requests = tmp_path / "judge_batch__batch-judge.requests.jsonl"
-    write_batch_requests(ANSWERS[:2], judge, [tiny], requests)
-    batch_id = submit_batch(requests, judge, state_path)
+    files = _files(judge, tmp_path)
+    write_batch_requests(_tasks(ANSWERS[:2], judge, [tiny]), judge, files.requests)
+    batch_id = submit_batch(files, judge)
     # The process "dies" here; the state file already names the batch.
-    state = json.loads(state_path.read_text())
+    state = json.loads(files.state.read_text())
     assert (state["batch_id"], state["requests"], state["phase"]) == (batch_id, 2, "submitted")
 
     judgments = _run(ANSWERS[:2], judge, tmp_path, rubrics=[tiny])  # a fresh call, as after a restart
@@ -249,9 +275,9 @@ def test_crash_after_submit_picks_up_the_same_batch(server: BatchServer, tmp_pat
     assert {j.extra["batch_id"] for j in judgments} == {batch_id}
     assert all(j.status != "api_error" for j in judgments)
     # Submitting over a live (uncollected) batch is refused outright.
-    batch_mod._mark(state_path, phase="submitted")
+    batch_mod._mark(files.state, phase="submitted")
     with pytest.raises(JudgeError, match="not collected"):
-        submit_batch(requests, judge, state_path)
+        submit_batch(files, judge)
 
 
 def test_crash_between_create_and_record_adopts_the_batch(
@@ -267,7 +293,7 @@ def test_crash_between_create_and_record_adopts_the_batch(
         with pytest.raises(KeyboardInterrupt):
             _run(ANSWERS[:2], judge, tmp_path, rubrics=[tiny])
     assert len(server.batches) == 1  # created, but its id never reached the state file
-    assert json.loads(state_path_for(tmp_path, judge).read_text())["phase"] == "uploaded"
+    assert json.loads(_files(judge, tmp_path).state.read_text())["phase"] == "uploaded"
 
     judgments = _run(ANSWERS[:2], judge, tmp_path, rubrics=[tiny])
     assert len(server.batches) == 1 and server.forwarded == 2  # found by its input file, not recreated
@@ -332,31 +358,30 @@ def test_expired_batch_is_reported_and_resubmitted(
     assert 1 <= len(expired) <= 2 and len(judgments) == 3
     assert all("batch expired: batch_expired" in (j.error or "") for j in expired)
     assert any("expired before it finished" in r.getMessage() for r in caplog.records)
-    state = json.loads(state_path_for(tmp_path, judge).read_text())
+    state = json.loads(_files(judge, tmp_path).state.read_text())
     assert state["status"] == "expired" and state["counts"]["api_error"] == len(expired)
 
     server.window_s, server.request_delay_s = 24 * 3600.0, 0.0
     again = _run(ANSWERS, judge, tmp_path, rubrics=[tiny])
     assert all(j.status != "api_error" for j in again)
     assert len(server.batches) == 2 and list(server.batches.values())[1].total == len(expired)
-    history = json.loads(state_path_for(tmp_path, judge).read_text())["history"]
+    history = json.loads(_files(judge, tmp_path).state.read_text())["history"]
     assert [h["batch_id"] for h in history] == [first.id]
 
 
 def test_failed_batch_raises_a_clear_error(server: BatchServer, tmp_path: Path, tiny: Rubric) -> None:
     judge = _judge(server)
-    state_path = state_path_for(tmp_path, judge)
-    path = tmp_path / "bad.jsonl"
+    files = _files(judge, tmp_path)
     line = {"custom_id": custom_id(ANSWERS[0].answer_id, tiny.id), "method": "POST", "url": "/v1/chat/completions",
             "body": request_body(judge, tiny, ANSWERS[0].question, ANSWERS[0].answer)}
-    write_jsonl(path, [line, line])  # a repeated custom_id fails validation
-    submit_batch(path, judge, state_path)
+    write_jsonl(files.requests, [line, line])  # a repeated custom_id fails validation
+    submit_batch(files, judge)
     with pytest.raises(JudgeError, match=r"failed: line 2 duplicate_custom_id"):
-        poll_batch(judge, state_path, interval_s=0.1, timeout_s=30)
+        poll_batch(judge, files, interval_s=0.1, timeout_s=30)
     assert server.forwarded == 0
-    assert json.loads(state_path.read_text())["phase"] == "failed"
+    assert json.loads(files.state.read_text())["phase"] == "failed"
     with pytest.raises(JudgeError, match="only a completed, expired or cancelled"):
-        collect_batch(judge, state_path)
+        collect_batch(judge, files)
     # The next call does not pick up the failed batch: it submits a fresh one.
     judgments = _run(ANSWERS[:1], judge, tmp_path, rubrics=[tiny])
     assert len(server.batches) == 2 and judgments[0].status != "api_error"
@@ -365,8 +390,8 @@ def test_failed_batch_raises_a_clear_error(server: BatchServer, tmp_path: Path, 
 def test_poll_timeout_leaves_the_batch_for_later(server: BatchServer, tmp_path: Path, tiny: Rubric) -> None:
     judge = _judge(server)
     server.validating_s = 1.0
-    with pytest.raises(JudgeError, match="still 'validating'.*call judge_answers_batch again"):
-        judge_answers_batch(ANSWERS[:1], judge, rubrics=[tiny], run_dir=tmp_path, poll_interval_s=0.1, timeout_s=0.3)
+    with pytest.raises(JudgeError, match="still 'validating'.*run again later to collect it"):
+        _run(ANSWERS[:1], judge, tmp_path, rubrics=[tiny], wait_s=0.3)
     judgments = _run(ANSWERS[:1], judge, tmp_path, rubrics=[tiny])
     assert len(server.batches) == 1 and judgments[0].status != "api_error"
 
@@ -377,10 +402,10 @@ def test_changed_judge_refuses_and_cancelled_batch_is_reported(
     judge = _judge(server)
     server.validating_s = 1.5
     with pytest.raises(JudgeError, match="still"):
-        judge_answers_batch(ANSWERS[:1], judge, rubrics=[tiny], run_dir=tmp_path, poll_interval_s=0.1, timeout_s=0.2)
+        _run(ANSWERS[:1], judge, tmp_path, rubrics=[tiny], wait_s=0.2)
     # Same judge name, other model: collecting would file another model's scores under it.
     with pytest.raises(JudgeError, match="was submitted for model 'smollm2'"):
-        judge_answers_batch(ANSWERS[:1], _judge(server, model="other"), rubrics=[tiny], run_dir=tmp_path)
+        _run(ANSWERS[:1], _judge(server, model="other"), tmp_path, rubrics=[tiny])
 
     (batch_id,) = server.batches
     assert openai.OpenAI(base_url=server.base_url, api_key=KEY).batches.cancel(batch_id).status == "cancelling"

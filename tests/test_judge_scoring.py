@@ -12,18 +12,22 @@ from pathlib import Path
 import judge_support  # noqa: F401  (puts lib/ on sys.path when emlab is not installed)
 import pytest
 from emlab.config import JudgeSpec
-from emlab.errors import JudgeError
+from emlab.errors import ConfigError, JudgeError
 from emlab.judge import (
+    BATCH_DISCOUNT,
     JudgeCache,
     cache_key,
     cache_stats,
+    check_judge,
     estimate_cost,
+    judge_answers,
     judgment_from_completion,
     load_rubric,
     parse_sampled,
     request_body,
     rubric_prompt_tokens,
     score_from_top_logprobs,
+    usage_cost,
 )
 from emlab.judge.client import resolve_api_key, retry_after_s
 from emlab.judge.scoring import rescore
@@ -280,17 +284,60 @@ def test_estimate_cost() -> None:
     assert rubric_prompt_tokens(rubric, question_chars=400, answer_chars=400) == pytest.approx(base + 200, abs=1)
 
 
+def test_batch_judge_pays_half_the_live_price_everywhere() -> None:
+    batch = JUDGE.model_copy(update={"batch": True, "base_url": "https://api.example/v1"})
+    # 1M prompt tokens x $0.15/M + 1M completion tokens x $0.60/M = $0.75 live, $0.375 in batch
+    assert usage_cost(1_000_000, 1_000_000, JUDGE) == pytest.approx(0.75)
+    assert usage_cost(1_000_000, 1_000_000, batch) == pytest.approx(0.375) == 0.75 * BATCH_DISCOUNT
+    # `emlab plan` estimates through the same rule
+    assert estimate_cost(1000, batch, 500) == pytest.approx(0.0756 / 2)
+
+
 def test_missing_key_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(
-        JudgeError,
-        match="judge 'gpt-4o-mini' needs the environment variable OPENAI_API_KEY; export it or set api_key_env",
-    ):
+    message = ("^judge 'gpt-4o-mini' needs the environment variable OPENAI_API_KEY; "
+               r"export OPENAI_API_KEY=\.\.\. \(keys are never read from params\)$")
+    with pytest.raises(JudgeError, match=message):
         resolve_api_key(JUDGE)
+    with pytest.raises(JudgeError, match=message):
+        check_judge(JUDGE)  # the pre-run check is the same rule
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     assert resolve_api_key(JUDGE) == "sk-test"
+    check_judge(JUDGE)
     local = JudgeSpec(name="l", model="m", base_url="local")
     assert resolve_api_key(local)  # dummy key, no variable needed
+
+
+def test_openai_judge_without_key_variable_is_refused_before_any_call(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The key is in the environment, but params say api_key_env: null: OpenAI would answer 401
+    # only at judging time, after the answers were sampled. Refused by the pre-run check.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    no_env = JudgeSpec(name="gpt", model="gpt-4o-mini", api_key_env=None)
+    message = r"^judge 'gpt' calls the OpenAI API \(no base_url\), which needs a key, but api_key_env is null; "
+    with pytest.raises(JudgeError, match=message):
+        check_judge(no_env)
+    with pytest.raises(JudgeError, match=message):  # and by judging itself, before any call
+        judge_answers(judge_support.make_answers(1, tag="key"), no_env, cache_path=tmp_path / "c.sqlite", progress=False)
+    # A self-hosted server without authentication needs no key ...
+    open_server = JudgeSpec(name="vllm", model="m", base_url="http://127.0.0.1:9/v1", api_key_env=None)
+    check_judge(open_server)
+    assert resolve_api_key(open_server)
+    # ... but its Batch API does.
+    with pytest.raises(JudgeError, match=r"^judge 'vllm' uses the Batch API \(batch: true\), which needs a key"):
+        check_judge(open_server.model_copy(update={"batch": True}))
+
+
+def test_check_judge_for_a_local_server(tmp_path: Path) -> None:
+    check_judge(JudgeSpec(name="l", model="m", base_url="local"))  # llama-cpp-python and the embedded GGUF
+    missing = JudgeSpec(name="l", model="m", base_url="local", local_gguf=str(tmp_path / "none.gguf"))
+    with pytest.raises(ConfigError, match=r"^judge 'l': local_gguf .*none\.gguf not found"):
+        check_judge(missing)
+    # The params loader refuses batch + local; a judge made in code is refused here too.
+    in_batch = JudgeSpec(name="l", model="m", base_url="local").model_copy(update={"batch": True})
+    with pytest.raises(JudgeError, match="^judge 'l' has batch: true but base_url 'local'.*no Batch API"):
+        check_judge(in_batch)
 
 
 def test_retry_after_forms() -> None:

@@ -1,4 +1,7 @@
-"""Concurrent judge calls through the `openai` client, with our own retries.
+"""Concurrent judge calls through the `openai` client, with our own retries; the key rule.
+
+`resolve_api_key` is the one key check: the live calls here, batch mode and the pre-run
+`check_judge` (called by preflight before any model loads) all go through it.
 
 One code path for every judge (OpenAI, vLLM, Ollama, llama.cpp server): `AsyncOpenAI`
 pointed at the judge's base URL, at most `judge.concurrency` calls in flight (a semaphore),
