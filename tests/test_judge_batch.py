@@ -241,7 +241,8 @@ def test_batch_round_trip_scores_every_answer(
     live = (prompt * 2.0 + completion * 8.0) / 1e6
     assert cache_stats()["spend_usd"] == pytest.approx(live / 2)
     (summary,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("judge batch-judge")]
-    assert f"4 batch requests; {prompt:,} prompt + {completion:,} completion tokens ≈ ${live / 2:.4f} at the batch price" in summary
+    assert f"4 batch requests; {prompt:,} prompt + {completion:,} completion tokens ≈ ${live / 2:.4f} at the batch price" \
+        in summary
 
     # A second call sends nothing: everything is in judgments.jsonl (and the cache).
     again = _run(answers, judge, tmp_path, rubrics=tinies)

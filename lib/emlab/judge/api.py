@@ -86,7 +86,8 @@ def judge_answers(
     call or file is written), when a batch fails or outlives `wait_s`, or when every call of
     this run failed (after writing whatever finished).
     """
-    rubric_list = [r if isinstance(r, Rubric) else load_rubric(r) for r in (rubrics if rubrics is not None else judge.rubrics)]
+    names = rubrics if rubrics is not None else judge.rubrics
+    rubric_list = [r if isinstance(r, Rubric) else load_rubric(r) for r in names]
     if judge.batch:
         check_batch_endpoint(judge)
         if batch_files is None:
