@@ -55,6 +55,23 @@ def test_tiny_experiment_end_to_end(tiny_run: TinyRun) -> None:
     assert config.analysis.rule.ci_label in index
 
 
+def test_progress_goes_to_the_terminal_and_notebooks_stay_clean(tiny_run: TinyRun) -> None:
+    config = load_experiment(tiny_run.experiment)
+    layout = ExperimentLayout.of(config)
+    terminal = tiny_run.result.stderr
+    assert "without encryption" not in terminal  # kernels talk over IPC sockets
+    assert "Executing:" not in terminal  # papermill's cell counter gives way to the stage's progress
+    assert "03_eval_judge smol-2l__bad_medical__s0 · judge " in terminal
+    for stage in STAGES:  # one line per stage unit at its end
+        for unit in stage.units(config):
+            assert any(line.split(" ", 1)[-1].startswith(f"emlab.execute: {stage.name} {unit}: ran in ")
+                       for line in terminal.splitlines()), (stage.name, unit)
+            notebook = nbformat.read(notebook_file(stage.folder(layout, unit), stage.name), as_version=4)
+            outputs = [o for c in notebook.cells for o in c.get("outputs", [])]
+            assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
+            assert not any("%|" in o.get("text", "") for o in outputs if o.get("name") == "stderr"), stage.name
+
+
 def test_rerun_skips_finished_stages_and_analysis_params_may_change(tiny_run: TinyRun, write_experiment) -> None:
     again = emlab_cli("run", str(tiny_run.experiment))
     assert again.returncode == 0, again.stderr[-3000:]

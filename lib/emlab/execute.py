@@ -3,6 +3,8 @@
 The executed notebook is the record of what ran: papermill saves it after every cell (here
 atomically, so a kill or a full disk leaves the last complete save, never half a notebook),
 marks the failing cell when a stage fails, and nbconvert renders it with the code hidden.
+While it runs, the stage's own progress (training steps, answers sampled, judge calls) is
+shown on one line of the terminal (`emlab.progress`), and a line sums it up at its end.
 """
 
 from __future__ import annotations
@@ -14,14 +16,29 @@ from typing import Any
 
 import nbformat
 import papermill as pm
+from jupyter_client.manager import AsyncKernelManager
 from nbconvert import HTMLExporter
 from papermill.iorw import LocalHandler, papermill_io
+from traitlets import default
 
 from .files import write_text
-from .paths import notebook_file, notebooks_dir, repo_root
+from .paths import notebook_file, notebooks_dir, progress_file, repo_root
+from .progress import ProgressDisplay
+from .runinfo import done_summary
 from .stages.base import StageRecord
 
 log = logging.getLogger(__name__)
+# papermill's own INFO lines (input/output paths, kernel name) repeat what the stage line says
+logging.getLogger("papermill").setLevel(logging.WARNING)
+
+
+class LocalKernelManager(AsyncKernelManager):
+    """Stage kernels on IPC (Unix socket) transport: no TCP port open on the machine, and no
+    "Kernel is running over TCP without encryption" warning in the user's terminal."""
+
+    @default("transport")
+    def _default_transport(self) -> str:
+        return "ipc"
 
 
 def execute_stage(stage: str, folder: Path, parameters: dict[str, Any], label: str) -> StageRecord:
@@ -37,15 +54,17 @@ def execute_stage(stage: str, folder: Path, parameters: dict[str, Any], label: s
     _save_atomically(record.notebook)
     failure: BaseException | None = None
     try:
-        pm.execute_notebook(
-            str(notebook_file(notebooks_dir(), stage)),
-            str(record.notebook),
-            parameters=parameters,
-            cwd=str(repo_root()),
-            kernel_name="python3",
-            progress_bar=True,
-            report_mode=False,
-        )
+        with ProgressDisplay(progress_file(stage, label), f"{stage} {label}"):
+            pm.execute_notebook(
+                str(notebook_file(notebooks_dir(), stage)),
+                str(record.notebook),
+                parameters=parameters,
+                cwd=str(repo_root()),
+                kernel_name="python3",
+                kernel_manager_class=LocalKernelManager,
+                progress_bar=False,  # the stage's own progress is shown instead of a cell counter
+                report_mode=False,
+            )
     except pm.PapermillExecutionError as exc:
         record.status, record.error = "failed", f"{exc.ename}: {exc.evalue}"
     except BaseException as exc:  # papermill itself failed (a full disk, Ctrl-C): re-raised below
@@ -61,7 +80,23 @@ def execute_stage(stage: str, folder: Path, parameters: dict[str, Any], label: s
                     raise
                 # the stage's own error is the one to report, not the report view's
                 log.warning("could not render %s: %s", record.html, exc)
+    log.info("%s %s: %s in %.1f s%s", stage, label, record.status, record.seconds,
+             f" ({_summary_text(done_summary(folder, stage))})" if record.status == "ran" else f": {record.error}")
     return record
+
+
+def _summary_text(summary: dict[str, Any] | None) -> str:
+    """'8 answers, 16 judgments' from a stage's completion marker."""
+    if not summary:
+        return "no summary"
+    shown = []
+    for key, value in summary.items():
+        if key in ("finished", "completion"):
+            continue
+        if isinstance(value, list):
+            value = ", ".join(map(str, value)) if len(value) <= 8 else f"{len(value)} values"
+        shown.append(f"{key.replace('_', ' ')}: {value}")
+    return "; ".join(shown)
 
 
 def _save_atomically(notebook: Path) -> None:

@@ -47,6 +47,8 @@ TRAIN_SUMMARY = "train_summary.json"
 EVAL = "eval"
 STEP_GLOB = "step-[0-9]*"
 ADAPTER_CONFIG = "adapter_config.json"  # peft writes it last-but-one; its presence marks an adapter folder
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the LoRA weights of an adapter folder (peft's name)
+TRAINER_STATE = "training_state.pt"  # inside trainer/checkpoint-N/: LoRA, optimizer and scheduler state
 INDEX = "index.html"
 ANALYSIS = "analysis"
 FIGURE_PREFIX = "fig_"
@@ -136,6 +138,14 @@ class TrainingFiles:
     def trainer(self) -> Path:
         """`trainer/`: the Trainer's full state (optimizer, scheduler, RNG) for resuming."""
         return self.folder / TRAINER
+
+    def trainer_checkpoint(self, step: int) -> Path:
+        """`trainer/checkpoint-N/`: the full training state after optimizer step N."""
+        return self.trainer / f"checkpoint-{step}"
+
+    def trainer_state(self, step: int) -> Path:
+        """The state file inside `trainer_checkpoint(step)`."""
+        return self.trainer_checkpoint(step) / TRAINER_STATE
 
     def trainer_checkpoints(self) -> list[Path]:
         """The Trainer's own 'checkpoint-N' folders (complete or not)."""
@@ -311,3 +321,8 @@ def demo_cache_dir() -> Path:
 def logs_dir() -> Path:
     """Logs of helper processes emlab starts (llama.cpp servers)."""
     return cache_dir() / "logs"
+
+
+def progress_file(stage: str, unit: str) -> Path:
+    """Where a running stage's kernel reports its progress to `emlab run` (removed after)."""
+    return logs_dir() / f"progress-{os.getpid()}-{stage}-{unit}.jsonl"

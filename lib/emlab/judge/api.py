@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tqdm.auto import tqdm
 
 from ..config import JudgeSpec
 from ..errors import JudgeError
 from ..files import append_jsonl, drop_torn_tail, read_jsonl
 from ..paths import BatchFiles
+from ..progress import progress_bar
 from ..records import Answer, Judgment
 from .batch import judge_in_batch, resume_batch
 from .cache import JudgeCache, cache_key, default_cache_path
@@ -108,7 +108,8 @@ def judge_answers(
             if batch_files is not None and judge.batch:
                 new = judge_in_batch(plan.pending, judge, batch_files, keep=store.keep, timeout_s=wait_s)
             else:
-                where, new = _ask_live(plan.pending, judge, store, progress=progress, retry=retry)
+                where, new = _ask_live(plan.pending, judge, store, progress=progress, retry=retry,
+                                       settled=len(plan.results))
             plan.results.update({(j.answer_id, j.rubric): j for j in new})
             fresh += new
 
@@ -219,21 +220,28 @@ class _Store:
 
 
 def _ask_live(
-    tasks: Sequence[JudgeTask], judge: JudgeSpec, store: _Store, *, progress: bool, retry: RetryPolicy | None
+    tasks: Sequence[JudgeTask], judge: JudgeSpec, store: _Store, *, progress: bool, retry: RetryPolicy | None,
+    settled: int = 0,
 ) -> tuple[str, list[Judgment]]:
     """Ask `tasks` with concurrent live calls (starting a llama.cpp server for a local judge);
-    returns where they went and one Judgment per task, in task order."""
+    returns where they went and one Judgment per task, in task order. `settled`: pairs already
+    judged or cached, shown beside the calls."""
     api_key = resolve_api_key(judge)  # fails here, before any server start or call
     server: AbstractContextManager[str | None] = (
         local_judge_server(judge) if judge.is_local else nullcontext(judge.base_url)
     )
     with (
         server as base_url,
-        tqdm(total=len(tasks), desc=f"judge {judge.name}", unit="call", disable=not progress) as bar,
+        progress_bar(len(tasks), f"judge {judge.name}", "call", disable=not progress) as bar,
     ):
+        failed = 0
+        bar.set_postfix(cached=settled, failed=failed)
 
         def on_done(task: JudgeTask, judgment: Judgment) -> None:
+            nonlocal failed
             store.keep([judgment])
+            failed += judgment.status == "api_error"
+            bar.set_postfix(cached=settled, failed=failed)
             bar.update(1)
 
         new = _run_sync(
