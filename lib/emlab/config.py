@@ -108,6 +108,18 @@ class TrainSpec(_Strict):
     weight_decay: float = Field(default=0.01, ge=0)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    tokens_per_pass: int | None = Field(
+        default=None, ge=16,
+        description="Tokens in one forward/backward pass: an optimizer step's rows are laid end to end without "
+        "padding. None: as much activation memory as a padded batch of batch_size × max_length (see "
+        "emlab.finetune.pass_token_budget). Lower it if a pass runs out of GPU memory.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass: less memory (8B QLoRA on a 24 GB card), ~1.3× slower."
+    )
+    compile: bool = Field(
+        default=False, description="torch.compile each decoder layer (GPU only): faster steps after a one-time compile per run."
+    )
     lora: LoraSpec = LoraSpec()
     checkpoints: CheckpointSpec = CheckpointSpec()
 
@@ -123,6 +135,16 @@ class SampleSpec(_Strict):
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=600, ge=1)
     batch_size: int = Field(default=64, ge=1, description="Sequences generated together.")
+    wave_size: int | None = Field(
+        default=None, ge=1,
+        description="Answers sampled as one resumable unit (a crash redoes at most one wave); within a wave a "
+        "finished answer frees its slot for the next. None: batch_size (no refill).",
+    )
+    engine: Literal["auto", "transformers"] = Field(
+        default="auto",
+        description="auto: emlab's batched sampler (Llama-family decoders: static KV cache, adapter merged into a "
+        "weight copy, finished answers leave the batch), else transformers' generate; transformers: always generate.",
+    )
     system_prompt: str | None = Field(
         default=None, description="System prompt for every question without its own; None keeps the template's default."
     )
