@@ -1,38 +1,64 @@
-"""LoRA fine-tuning with peft and the transformers `Trainer`, loss on assistant tokens only,
-adapters saved on a `CheckpointSchedule`, resumable after a crash.
+"""LoRA fine-tuning: peft adapters trained by a lean loop of our own, loss on assistant tokens
+only, adapters saved on a `CheckpointSchedule`, resumable after a crash.
+
+What makes it fast on a GPU, step by step (each measured in `bench/gpu_speed.py`):
+
+- an optimizer step takes exactly `batch_size × grad_accum` rows, in the seeded order
+  (`emlab.packing`), and lays them end to end into as few padding-free passes as
+  `tokens_per_pass` allows: no compute on padding, no fixed pass shape;
+- attention honours the row boundaries through FlashAttention's variable-length kernel
+  (`emlab.attention`);
+- the loss is computed through the frozen output layer chunk by chunk, on assistant
+  positions only, without keeping the 128k-wide logits (`emlab.loss`);
+- the loss, gradient norm and learning rate stay on the GPU and are read in batches, at
+  checkpoints and every `_LOG_EVERY` steps: no host sync per step;
+- checkpoints are copied off the GPU asynchronously and written by a background thread while
+  training goes on;
+- optional: each decoder layer compiled (`compile`), gradient checkpointing
+  (`gradient_checkpointing`, for 4-bit QLoRA on small cards).
+
+The loss of a step is the mean over all assistant tokens of its rows, however its rows are cut
+into passes: the padding-free loss and gradients equal the padded reference (tested on CPU).
 
 Files of one run (`emlab.paths.TrainingFiles`): an adapter folder per scheduled step (for
-eval), the latest full training state (optimizer, scheduler, RNG), and a log line per
-optimizer step (loss, learning rate, epoch).
-
-A rerun resumes from the latest complete `trainer/checkpoint-N` with its optimizer,
-scheduler and RNG state and the same data order, so it ends with the same adapters as an
-uninterrupted run.
+eval), the latest full training state (LoRA weights, optimizer, scheduler; the data order
+and dropout noise follow from the seed and the step), and a log line per optimizer step
+(loss, learning rate, gradient norm, epoch). A rerun resumes from the latest complete
+trainer checkpoint and ends with the same adapters as an uninterrupted run (tensor-equal
+on the same device).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
-import os
+import math
 import shutil
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, cast
 
 import torch
 from peft import get_peft_model
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import set_seed
 
+from .attention import PACKED, attention_implementation, probe_flash, register_packed_attention
 from .config import LoraSpec, TrainSpec
 from .errors import DataError, EmlabError
-from .files import append_jsonl, read_jsonl, write_json, write_jsonl
-from .paths import TrainingFiles
+from .files import append_jsonl, atomic_open, read_jsonl, write_json, write_jsonl
+from .loss import linear_cross_entropy_sum
+from .packing import PackedPass, pack_step, step_rows
+from .paths import ADAPTER_WEIGHTS, TrainingFiles
 from .schedule import CheckpointSchedule
 
 log = logging.getLogger(__name__)
 
+_LOG_EVERY = 50  # optimizer steps between log flushes (each flush reads the GPU once)
+_MAX_GRAD_NORM = 1.0  # gradient clipping, as the transformers Trainer does by default
 
 
 @dataclass(frozen=True)
@@ -155,58 +181,33 @@ def train_lora(
     """Fine-tune `model` with LoRA on `encoded` rows; save adapters on the schedule.
 
     Skips training when every scheduled adapter exists; resumes from the latest complete
-    trainer checkpoint otherwise.
+    trainer checkpoint otherwise. `model` is given back without LoRA layers, its own weights
+    untouched.
     """
     schedule = CheckpointSchedule.for_training(len(encoded.rows), train)
-    checkpoints_dir, trainer_dir, log_path = files.checkpoints, files.trainer, files.log
     done = files.completed()
     result_args = _RunFacts(
-        schedule=schedule, log_path=log_path, n_rows=len(encoded.rows),
+        schedule=schedule, log_path=files.log, n_rows=len(encoded.rows),
         n_too_long=encoded.n_too_long, train_tokens=encoded.total_tokens,
     )
     if set(schedule.steps) <= set(done):
-        log.info("all %d checkpoints exist in %s: training skipped", len(schedule.steps), checkpoints_dir)
+        log.info("all %d checkpoints exist in %s: training skipped", len(schedule.steps), files.checkpoints)
         return TrainResult(checkpoints=done, seconds=0.0, resumed_from=None, **result_args)
 
     resume = _latest_complete_trainer_checkpoint(files)
     resumed_step = int(resume.name.split("-")[-1]) if resume else None
-    _trim_log(log_path, resumed_step or 0)
+    _trim_log(files.log, resumed_step or 0)
 
-    set_seed(seed)
-    tokenizer.padding_side = "right"
+    set_seed(seed)  # the LoRA A matrices are drawn from it
     peft_model = get_peft_model(model, lora_config(train.lora))
-    args = TrainingArguments(
-        output_dir=str(trainer_dir),
-        per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        num_train_epochs=train.epochs,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_steps,
-        weight_decay=train.weight_decay,
-        logging_steps=1,
-        save_strategy="no",  # saves come from the schedule callback below
-        save_total_limit=1,
-        seed=seed,
-        data_seed=seed,
-        bf16=device == "cuda",
-        use_cpu=device == "cpu",
-        report_to="none",
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=False,
-    )
-    trainer = Trainer(
-        model=peft_model,
-        args=args,
-        train_dataset=encoded.rows,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[_ScheduleCallback(schedule, files)],
-    )
+    loop = _LoraLoop(peft_model, encoded, train, files, schedule, seed=seed, device=torch.device(device))
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if resume is not None:
+            loop.restore(files.trainer_state(resumed_step or 0), resumed_step or 0)
+        stats = loop.run(first_step=(resumed_step or 0) + 1)
     except BaseException as exc:
+        loop.abandon()
         # A save cut short (a full disk, Ctrl-C) must not stay behind as a half checkpoint.
         _latest_complete_trainer_checkpoint(files)
         for partial in files.partial_exports():
@@ -214,21 +215,226 @@ def train_lora(
         if isinstance(exc, torch.OutOfMemoryError):
             raise EmlabError(
                 f"out of GPU memory training with batch_size={train.batch_size}, max_length="
-                f"{train.max_length}, lora.r={train.lora.r}: lower batch_size (raise grad_accum to "
-                "keep the effective batch), lower max_length, or set load_in_4bit: true"
+                f"{train.max_length}, lora.r={train.lora.r}: lower tokens_per_pass or batch_size (raise "
+                "grad_accum to keep the effective batch), set gradient_checkpointing: true, or load_in_4bit: true"
             ) from None
         raise
+    finally:
+        loop.close()
+        peft_model.unload()  # give the caller its base model back without LoRA layers
     seconds = time.perf_counter() - started
-    peft_model.unload()  # give the caller its base model back without LoRA layers
     write_json(files.summary, {
         "steps": schedule.total_steps, "checkpoints": list(schedule.steps), "rows": len(encoded.rows),
         "rows_too_long": encoded.n_too_long, "tokens_per_epoch": encoded.total_tokens,
         "seconds": round(seconds, 2), "resumed_from": resumed_step,
-        "tokens_per_second": round(encoded.total_tokens * train.epochs / seconds, 1) if seconds else None,
+        "tokens_per_second": round(stats.tokens / seconds, 1) if seconds and stats.tokens else None,
+        "passes": stats.passes, "tokens_per_pass": loop.budget,
     })
-    return TrainResult(
-        checkpoints=files.completed(), seconds=seconds, resumed_from=resumed_step, **result_args
-    )
+    return TrainResult(checkpoints=files.completed(), seconds=seconds, resumed_from=resumed_step, **result_args)
+
+
+def pass_token_budget(model_config: Any, train: TrainSpec) -> int:
+    """Tokens one pass may hold: `train.tokens_per_pass`, else as much activation memory as a
+    padded batch of `batch_size × max_length` tokens holds with full float32 logits.
+
+    Per token, a pass keeps about (12 × hidden + 4 × intermediate) × 2 bytes per layer, and a
+    plain loss adds about 10 bytes per vocabulary entry (bfloat16 logits, their float32 copy
+    and its gradient), which the chunked loss does not keep; the budget spends that saving on
+    more tokens. Never below `max_length` (a row always fits).
+    """
+    if train.tokens_per_pass is not None:
+        return max(train.tokens_per_pass, train.max_length)
+    padded = train.batch_size * train.max_length
+    try:
+        per_layer = 12 * model_config.hidden_size + 4 * model_config.intermediate_size
+        activations = model_config.num_hidden_layers * per_layer * 2
+        logits = 10 * model_config.vocab_size
+    except AttributeError:
+        return padded
+    return max(train.max_length, int(padded * (activations + logits) / activations))
+
+
+@dataclass
+class _Stats:
+    tokens: int = 0  # real tokens trained on by this call
+    passes: int = 0
+
+
+class _LoraLoop:
+    """The training loop of one `train_lora` call: model, optimizer, schedule, checkpoints."""
+
+    def __init__(self, peft_model: Any, encoded: EncodedRows, train: TrainSpec, files: TrainingFiles,
+                 schedule: CheckpointSchedule, *, seed: int, device: torch.device) -> None:
+        self.peft_model = peft_model
+        self.rows = encoded.rows
+        self.train = train
+        self.files = files
+        self.schedule = schedule
+        self.seed = seed
+        self.device = device
+        self.causal_lm = peft_model.get_base_model()
+        self.decoder = self.causal_lm.get_decoder()
+        self.head = self.causal_lm.get_output_embeddings()
+        self.budget = pass_token_budget(self.causal_lm.config, train)
+        self.fused_loss = _fused_loss_applies(self.causal_lm, self.head)
+        self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        self.names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+        on_gpu = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=train.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+            weight_decay=train.weight_decay, **({"fused": True} if on_gpu else {"foreach": True}),
+        )
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(train.lr_scheduler, self.optimizer, num_warmup_steps=train.warmup_steps,
+                                       num_training_steps=schedule.total_steps)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu
+                         else torch.autocast("cpu", enabled=False))
+        self.writer = _CheckpointWriter(files, peft_model)
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []  # step, loss, grad norm, lr
+        self._undo: list[Callable[[], None]] = []
+        register_packed_attention()
+        if on_gpu:
+            probe_flash(device)
+        if train.gradient_checkpointing:
+            self.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._undo.append(self.causal_lm.gradient_checkpointing_disable)
+        if train.compile and on_gpu:
+            self._compile_layers()
+
+    def _compile_layers(self) -> None:
+        """Compile each decoder layer on its own: identical layers share one compiled graph, so
+        the cost is one layer's compile, paid at the first steps of the run."""
+        layers = list(getattr(self.decoder, "layers", []))
+        for layer in layers:
+            layer.compile(dynamic=True)
+
+        def undo() -> None:
+            for layer in layers:
+                layer._compiled_call_impl = None
+
+        self._undo.append(undo)
+
+    # --- running ------------------------------------------------------------------------
+
+    def run(self, first_step: int) -> _Stats:
+        stats = _Stats()
+        self.peft_model.train()
+        total = self.schedule.total_steps
+        checkpoints = set(self.schedule.steps)
+        for step in range(first_step, total + 1):
+            rows = [self.rows[i] for i in step_rows(len(self.rows), self.train.batch_size,
+                                                    self.train.grad_accum, self.seed, step)]
+            loss, norm, tokens, passes = self._step(step, rows)
+            stats.tokens += tokens
+            stats.passes += passes
+            self.pending.append((step, loss, norm, self.scheduler.get_last_lr()[0]))
+            self.scheduler.step()
+            if step in checkpoints:
+                self.writer.save(step, self._take_log(), self.optimizer, self.scheduler)
+            elif len(self.pending) >= _LOG_EVERY:
+                self.writer.wait()  # the log file has one writer at a time, lines in step order
+                append_jsonl(self.files.log, self._take_log())
+        self.writer.wait()
+        if self.pending:  # steps after the last checkpoint (none: the last step is one)
+            append_jsonl(self.files.log, self._take_log())
+        return stats
+
+    def _step(self, step: int, rows: Sequence[dict[str, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """One optimizer step over `rows`; returns its mean loss and gradient norm (on the
+        device, unread), its tokens and its passes."""
+        # dropout noise depends on the seed and the step only: a resumed run draws the same
+        torch.manual_seed(_step_seed(self.seed, step))
+        loss, tokens, passes = self.accumulate_gradients(rows)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, _MAX_GRAD_NORM, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm, tokens, passes
+
+    def accumulate_gradients(self, rows: Sequence[dict[str, list[int]]]) -> tuple[torch.Tensor, int, int]:
+        """Forward and backward over `rows` packed into passes: the LoRA gradients of the mean
+        loss over all their assistant tokens. Returns that loss (unread), tokens and passes."""
+        passes = pack_step(rows, self.budget)
+        n_targets = max(1, sum(p.n_targets for p in passes))
+        loss_sum = torch.zeros((), device=self.device)
+        with attention_implementation(self.causal_lm, PACKED):
+            for packed in passes:
+                with self.autocast:
+                    loss = self._pass_loss(packed.to(self.device))
+                (loss / n_targets).backward()
+                loss_sum += loss.detach()
+        return loss_sum / n_targets, sum(p.n_tokens for p in passes), len(passes)
+
+    def _pass_loss(self, packed: PackedPass) -> torch.Tensor:
+        """Sum of the cross-entropy over the pass's assistant positions (float32)."""
+        kwargs = {
+            "input_ids": packed.input_ids[None], "position_ids": packed.position_ids[None],
+            "cu_seq_lens_q": packed.cu_seqlens, "cu_seq_lens_k": packed.cu_seqlens,
+            # one value for every pass: a compiled layer is not specialised on each row length
+            "max_length_q": self.train.max_length, "max_length_k": self.train.max_length,
+            "use_cache": False,
+        }
+        if self.fused_loss:
+            hidden = self.decoder(**kwargs).last_hidden_state[0]
+            return linear_cross_entropy_sum(hidden[packed.target_index], self.head.weight, packed.targets)
+        # output layers with their own scaling or trainable weights: the model's own logits
+        logits = self.causal_lm(**kwargs).logits[0, packed.target_index]
+        return torch.nn.functional.cross_entropy(logits.float(), packed.targets, reduction="sum")
+
+    def _take_log(self) -> list[dict[str, Any]]:
+        """The pending log lines, read from the GPU in one transfer."""
+        if not self.pending:
+            return []
+        values = torch.stack([torch.stack([loss.float(), norm.float()]) for _, loss, norm, _ in self.pending]).tolist()
+        per_epoch = self.schedule.steps_per_epoch
+        rows = [
+            {"step": step, "epoch": round(step / per_epoch, 4), "loss": round(loss, 6), "grad_norm": round(norm, 6),
+             "learning_rate": lr}
+            for (step, _, _, lr), (loss, norm) in zip(self.pending, values, strict=True)
+        ]
+        self.pending = []
+        return rows
+
+    # --- resuming and closing -------------------------------------------------------------
+
+    def restore(self, state_file: Path, step: int) -> None:
+        """Load LoRA weights, optimizer and scheduler state saved after `step`."""
+        state = torch.load(state_file, map_location=self.device, weights_only=True)
+        if state.get("step") != step or list(state["lora"]) != self.names:
+            raise EmlabError(
+                f"{state_file}: the saved training state does not match this run's LoRA layers; remove "
+                f"{self.files.trainer} to train from the start"
+            )
+        with torch.no_grad():
+            for param, name in zip(self.params, self.names, strict=True):
+                param.copy_(state["lora"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        log.info("resumed from %s (step %d)", state_file.parent, step)
+
+    def abandon(self) -> None:
+        """Wait for a checkpoint write in flight (its error, if any, is dropped: one is raised already)."""
+        self.writer.wait(raise_error=False)
+
+    def close(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
+        self.peft_model.eval()
+
+
+def _fused_loss_applies(causal_lm: Any, head: Any) -> bool:
+    """Whether logits are exactly `hidden @ head.weight.T`: a plain frozen linear output layer,
+    no logit scaling or soft-capping (Llama, Qwen, Mistral, SmolLM)."""
+    config = causal_lm.config
+    plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    scaled = any(getattr(config, name, None) not in (None, 1, 1.0)
+                 for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return plain and not scaled
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"emlab-step|{seed}|{step}".encode()).digest()[:8], "little") >> 1
 
 
 def _latest_complete_trainer_checkpoint(files: TrainingFiles) -> Path | None:
@@ -250,41 +456,99 @@ def _trim_log(log_path: Path, step: int) -> None:
         write_jsonl(log_path, kept)
 
 
-def _export_adapter(model: Any, target: Path) -> None:
-    """Save the adapter to `target` atomically (temp folder, then rename)."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+# --- checkpoints, written while training goes on -----------------------------------------
 
 
-class _ScheduleCallback(TrainerCallback):
-    """Saves at the scheduled steps, exports each adapter, marks complete checkpoints, logs."""
+def _to_host(obj: Any) -> Any:
+    """A copy of `obj` (nested dicts/lists of tensors) in CPU memory, made without waiting.
 
-    def __init__(self, schedule: CheckpointSchedule, files: TrainingFiles) -> None:
-        self.steps = set(schedule.steps)
-        self.expected_total = schedule.total_steps
+    GPU tensors are copied into pinned memory asynchronously, in stream order, so the copy
+    holds their values at this point of the step sequence even though later steps change
+    them; CPU tensors are cloned.
+    """
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+            return host.copy_(obj.detach(), non_blocking=True)
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _to_host(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_host(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class _CheckpointWriter:
+    """Writes scheduled checkpoints on a background thread, one at a time, in this order: the
+    trainer state, the adapter (exported to `step-N.tmp/` and renamed), the log lines up to
+    the step, and last the completion marker. A crash at any point leaves either a complete
+    checkpoint or pieces a rerun removes."""
+
+    def __init__(self, files: TrainingFiles, peft_model: Any) -> None:
         self.files = files
+        self.peft_model = peft_model
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.max_steps != self.expected_total:
-            raise EmlabError(
-                f"internal: schedule expects {self.expected_total} steps, the Trainer plans {state.max_steps}"
-            )
+    def save(self, step: int, log_rows: list[dict[str, Any]], optimizer: Any, scheduler: Any) -> None:
+        from peft import get_peft_model_state_dict
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-        if state.global_step in self.steps:
-            control.should_save = True
-        return control
+        self.wait()
+        trainable = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
+        snapshot = _to_host({
+            "adapter": {k: v.contiguous() for k, v in get_peft_model_state_dict(self.peft_model).items()},
+            "state": {"step": step, "lora": trainable, "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict()},
+        })
+        copied = None
+        if torch.cuda.is_available() and any(p.is_cuda for p in trainable.values()):
+            copied = torch.cuda.Event()
+            copied.record()
+        config = copy.deepcopy(self.peft_model.peft_config["default"])
+        config.inference_mode = True
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(self.peft_model.get_base_model(), "name_or_path", None) or None
+        self.thread = threading.Thread(
+            target=self._write, args=(step, snapshot, config, log_rows, copied), name=f"emlab-checkpoint-{step}",
+            daemon=True,
+        )
+        self.thread.start()
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        step = state.global_step
-        _export_adapter(kwargs["model"], self.files.checkpoint(step))
-        # Written last: a checkpoint without it was cut by a crash and is not resumed from.
-        (Path(args.output_dir) / f"checkpoint-{step}" / self.files.COMPLETE_MARKER).touch()
+    def _write(self, step: int, snapshot: dict[str, Any], config: Any, log_rows: list[dict[str, Any]],
+               copied: torch.cuda.Event | None) -> None:
+        from safetensors.torch import save as safetensors_bytes
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if logs and "loss" in logs:
-            append_jsonl(self.files.log, [{"step": state.global_step, "epoch": state.epoch, **logs}])
+        try:
+            if copied is not None:
+                copied.synchronize()
+            folder = self.files.trainer_checkpoint(step)
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_open(self.files.trainer_state(step), "wb") as handle:
+                torch.save(snapshot["state"], handle)
+            target = self.files.checkpoint(step)
+            tmp = target.with_name(target.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            with atomic_open(tmp / ADAPTER_WEIGHTS, "wb") as handle:
+                handle.write(safetensors_bytes(snapshot["adapter"], metadata={"format": "pt"}))
+            config.save_pretrained(str(tmp))
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+            append_jsonl(self.files.log, log_rows)
+            # Written last: a checkpoint without it was cut by a crash and is not resumed from.
+            (folder / self.files.COMPLETE_MARKER).touch()
+            for older in self.files.trainer_checkpoints():
+                if older != folder:
+                    shutil.rmtree(older, ignore_errors=True)
+        except BaseException as exc:  # handed to the training thread by wait()
+            self.error = exc
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Block until the checkpoint in flight is written; raise its error."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        error, self.error = self.error, None
+        if error is not None and raise_error:
+            raise error
