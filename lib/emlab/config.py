@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -212,6 +213,90 @@ class AnalysisSpec(_Strict):
                       aligned_inclusive=self.aligned_inclusive, n_boot=self.bootstrap, ci=self.ci)
 
 
+# --- where stages run ----------------------------------------------------------------------
+
+
+_SBATCH_OWN = ("--dependency", "-d", "--output", "-o", "--error", "-e", "--job-name", "-J", "--chdir", "-D",
+               "--parsable", "--kill-on-invalid-dep", "--wrap")
+
+
+class SlurmResources(_Strict):
+    """What one Slurm job asks for; a field left out is the cluster's default."""
+
+    partition: str | None = Field(default=None, description="--partition, e.g. 'gpu'.")
+    gpus: int | None = Field(default=None, ge=0, description="--gpus: GPUs for the job (0: none).")
+    cpus: int | None = Field(default=None, ge=1, description="--cpus-per-task.")
+    memory: str | None = Field(default=None, description="--mem: memory per node, e.g. '32G' (megabytes without a unit).")
+    time: str | None = Field(default=None, description="--time: the job's time limit: 'MM', 'HH:MM:SS' or 'D-HH:MM:SS'.")
+    sbatch: tuple[str, ...] = Field(
+        default=(), description="Extra sbatch options, one per item, e.g. ['--account=lab', '--qos=high']."
+    )
+
+    @field_validator("memory")
+    @classmethod
+    def _slurm_memory(cls, memory: str | None) -> str | None:
+        if memory is not None and not re.fullmatch(r"[0-9]+[KMGT]?", memory):
+            raise ValueError("expected a Slurm memory size: a number with K, M, G or T, e.g. '32G' (no 'B')")
+        return memory
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, time: str | None) -> str | None:
+        if time is not None and not re.fullmatch(r"([0-9]+-)?[0-9]+(:[0-9]{1,2}){0,2}", time):
+            raise ValueError("expected a Slurm time limit: minutes, 'HH:MM:SS' or 'D-HH:MM:SS', e.g. '04:00:00'")
+        return time
+
+    @field_validator("sbatch")
+    @classmethod
+    def _options_not_ours(cls, options: tuple[str, ...]) -> tuple[str, ...]:
+        for option in options:
+            if not option.startswith("-"):
+                raise ValueError(f"{option!r} is not an sbatch option (one option per item, e.g. '--account=lab')")
+            if option.split("=", 1)[0] in _SBATCH_OWN:
+                raise ValueError(f"{option!r} is set by emlab for every job (dependencies, log, name, folder); remove it")
+        return options
+
+    def over(self, base: SlurmResources) -> SlurmResources:
+        """These resources where given, `base` elsewhere; sbatch options of both (base first)."""
+        fields = {name: getattr(self, name) if getattr(self, name) is not None else getattr(base, name)
+                  for name in ("partition", "gpus", "cpus", "memory", "time")}
+        return SlurmResources(**fields, sbatch=(*base.sbatch, *self.sbatch))
+
+
+class ExecutorSpec(_Strict):
+    """Where `emlab run` executes the stages: here, one after another (local), or as Slurm jobs.
+    Not part of the params that shape results (`digest` leaves it out)."""
+
+    kind: Literal["local", "slurm"] = Field(default="local", description="`emlab run --executor` overrides it.")
+    python: str | None = Field(
+        default=None, description="Slurm: the Python on the compute nodes with emlab installed; default: the one running `emlab run`."
+    )
+    setup: tuple[str, ...] = Field(
+        default=(), description="Slurm: shell lines each job runs first, e.g. 'module load cuda/12.4'."
+    )
+    resources: SlurmResources = Field(default=SlurmResources(), description="Slurm: what every job asks for.")
+    stages: dict[str, SlurmResources] = Field(
+        default={}, description="Slurm: per stage ('02_finetune': {gpus: 1}), over `resources`."
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: dict[str, SlurmResources]) -> dict[str, SlurmResources]:
+        from .stages import STAGE_NAMES  # at validation time: stages import this module
+
+        for name in stages:
+            if name not in STAGE_NAMES:
+                hint = difflib.get_close_matches(name, STAGE_NAMES, n=1)
+                raise ValueError(f"unknown stage {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint
+                                                              else f"; stages: {', '.join(STAGE_NAMES)}"))
+        return stages
+
+    def resources_for(self, stage: str) -> SlurmResources:
+        """The resources of `stage`'s jobs: its own entry over the common `resources`."""
+        own = self.stages.get(stage)
+        return own.over(self.resources) if own is not None else self.resources
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(description="Experiment id; outputs go to <output_root>/<name>/.")
     description: str = ""
@@ -223,6 +308,7 @@ class ExperimentConfig(_Strict):
     judges: tuple[JudgeSpec, ...]
     analysis: AnalysisSpec = AnalysisSpec()
     output_root: str = Field(default="outputs", description="Relative paths resolve from the repository root.")
+    executor: ExecutorSpec = ExecutorSpec()
 
     @field_validator("models", "datasets", "judges")
     @classmethod
@@ -276,8 +362,9 @@ class ExperimentConfig(_Strict):
         )
 
     def digest(self) -> str:
-        """Short hash of the resolved params, stored in every run folder."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        """Short hash of the resolved params, stored in every run folder (where the stages
+        run is not a param: `executor` is left out)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"executor"}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 
