@@ -16,6 +16,8 @@ is named by `ExperimentLayout`; the files inside one stage folder by `StageFiles
         judgments.jsonl                 03_eval_judge: every judgment of the run (all steps)
       analysis/                         04_analysis: scores.parquet, *.csv, fig_*.html/png,
                                         gold_judgments.jsonl, summary.json
+      slurm/                            `emlab run --executor slurm`: jobs.json (every job
+                                        submitted, by stage and unit), scripts/, logs/
 
 Every stage folder also holds, per stage that ran there, the executed notebook
 (`NN_stage.ipynb`, the record), its HTML, the completion marker (`NN_stage.done.json`) and
@@ -57,6 +59,11 @@ GOLD_JUDGMENTS = "gold_judgments.jsonl"  # 04_analysis: the judge's judgments of
 SUMMARY = "summary.json"  # 04_analysis: judge verdict and cost, for the index page
 TABLE_SUFFIX = ".csv"
 BASELINE_PREFIX = "baseline__"
+SLURM = "slurm"  # the Slurm executor's folder in the experiment root
+SLURM_JOBS = "jobs.json"
+SLURM_LOCK = "submit.lock"
+SLURM_SCRIPTS = "scripts"
+SLURM_LOGS = "logs"
 
 
 def step_name(step: int) -> str:
@@ -195,6 +202,43 @@ class BatchFiles:
     PATTERNS = ("judge_batch__*.json", "judge_batch__*.jsonl")
 
 
+@dataclass(frozen=True)
+class SlurmFiles:
+    """Files of the Slurm executor for one experiment, in `<experiment>/slurm/`."""
+
+    folder: Path
+
+    @property
+    def jobs(self) -> Path:
+        """`jobs.json`: every job submitted for the experiment, by stage and unit (the adoption record)."""
+        return self.folder / SLURM_JOBS
+
+    @property
+    def lock(self) -> Path:
+        """`submit.lock`: held while one `emlab run --executor slurm` submits, so two never race."""
+        return self.folder / SLURM_LOCK
+
+    @property
+    def scripts(self) -> Path:
+        return self.folder / SLURM_SCRIPTS
+
+    def script(self, stage: str, unit: str) -> Path:
+        """The batch script of `stage` for `unit` (the latest submitted)."""
+        return self.scripts / f"{stage}__{unit}.sbatch"
+
+    @property
+    def logs(self) -> Path:
+        return self.folder / SLURM_LOGS
+
+    def log_pattern(self, stage: str, unit: str) -> Path:
+        """sbatch's --output for `stage` and `unit`: '%j' becomes the job id."""
+        return self.logs / f"{stage}__{unit}.%j.log"
+
+    def log(self, stage: str, unit: str, job_id: str) -> Path:
+        """The log (stdout and stderr) of one job."""
+        return self.logs / f"{stage}__{unit}.{job_id}.log"
+
+
 # --- the experiment ---------------------------------------------------------------------------
 
 
@@ -269,6 +313,12 @@ class ExperimentLayout:
     def figures(self) -> list[Path]:
         """The PNG figures of 04_analysis, sorted."""
         return sorted(self.analysis.glob(f"{FIGURE_PREFIX}*.png"))
+
+    # executors
+    @property
+    def slurm(self) -> SlurmFiles:
+        """The Slurm executor's job record, batch scripts and job logs."""
+        return SlurmFiles(self.root / SLURM)
 
 
 # --- the repository and the caches ------------------------------------------------------------
