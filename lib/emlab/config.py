@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -56,6 +56,80 @@ class ModelSpec(_Strict):
     size_b: float | None = Field(
         default=None, gt=0, description="Parameter count in billions for the EM-by-size figure; counted when omitted."
     )
+    # --- a subject behind an API (emlab.subjects, emlab.openai_finetune) ---
+    provider: Literal["local", "openai"] = Field(
+        default="local",
+        description="local: weights loaded by emlab from `source` and LoRA-trained here; openai: a model behind an "
+        "OpenAI-compatible API (OpenAI itself when base_url is null), sampled through chat completions and "
+        "fine-tuned through fine-tuning jobs (the `fine_tuning` block).",
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="provider openai: the endpoint (None = OpenAI). provider local: a vLLM-style server you started "
+        "that serves this model as `api_model` and each checkpoint's LoRA adapter by name (`adapter_name`); "
+        "01_baseline and 03_eval_judge sample there instead of loading the model. None: sample in the notebook.",
+    )
+    api_model: str | None = Field(
+        default=None, description="Model name sent to the endpoint, e.g. 'gpt-4o-2024-08-06'; needed with "
+        "provider openai or a base_url.",
+    )
+    api_key_env: str | None = Field(
+        default="OPENAI_API_KEY", description="Environment variable holding the endpoint's key (never the key); "
+        "null for a self-hosted server without authentication.",
+    )
+    adapter_name: str = Field(
+        default="{run_id}-step{step}", description="provider local with a base_url: the name the server serves a "
+        "checkpoint's adapter under; {run_id} and {step} are filled in.",
+    )
+    register_adapters: bool = Field(
+        default=False, description="provider local with a base_url: register each checkpoint's adapter with the "
+        "server before sampling it (vLLM's POST /v1/load_lora_adapter; the server must read emlab's output folder).",
+    )
+    samples_per_request: int = Field(
+        default=1, ge=1, le=128, description="`n` of one chat-completions request: OpenAI and vLLM take n > 1 (the "
+        "prompt is billed once); llama.cpp's server ignores n, so keep 1 there.",
+    )
+    send_seed: bool = Field(default=True, description="Send a per-request `seed` (OpenAI, vLLM, llama.cpp take one).")
+    concurrency: int = Field(default=16, ge=1, description="Sampling requests in flight at once.")
+    max_retries: int = Field(default=6, ge=0, description="Retries of a failed request (429, 5xx, timeouts).")
+    timeout_s: float = Field(default=120.0, gt=0, description="Seconds one sampling request may take.")
+    price_per_mtok_in: float = Field(default=0.0, ge=0, description="Dollars per 1M prompt tokens sampling the base model.")
+    price_per_mtok_out: float = Field(default=0.0, ge=0, description="Dollars per 1M completion tokens, base model.")
+    tuned_price_per_mtok_in: float | None = Field(
+        default=None, ge=0, description="Dollars per 1M prompt tokens sampling a fine-tuned model; None: as the base."
+    )
+    tuned_price_per_mtok_out: float | None = Field(
+        default=None, ge=0, description="Dollars per 1M completion tokens, fine-tuned model; None: as the base."
+    )
+    train_price_per_mtok: float = Field(
+        default=0.0, ge=0, description="Dollars per 1M training tokens of a fine-tuning job (tokens × epochs)."
+    )
+
+    @property
+    def is_remote(self) -> bool:
+        """The model lives behind an API (provider openai): no local weights, trained by fine-tuning jobs."""
+        return self.provider == "openai"
+
+    @property
+    def samples_through_api(self) -> bool:
+        """01_baseline and 03_eval_judge sample through chat completions, not in the notebook."""
+        return self.is_remote or self.base_url is not None
+
+    @model_validator(mode="after")
+    def _api_fields(self) -> ModelSpec:
+        if self.base_url == "local":
+            raise ValueError("base_url 'local' starts a llama.cpp judge; a model needs the URL of a running "
+                             "server (provider openai) or null")
+        if self.samples_through_api and not self.api_model:
+            where = "provider openai" if self.is_remote else f"base_url {self.base_url!r}"
+            raise ValueError(f"{where} needs api_model: the model name the endpoint serves")
+        if self.is_remote and (self.load_in_4bit or self.num_layers is not None):
+            raise ValueError("load_in_4bit and num_layers load local weights; a provider openai model has none")
+        try:
+            self.adapter_name.format(run_id="r", step=1)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"adapter_name {self.adapter_name!r} may use only {{run_id}} and {{step}} ({exc})") from None
+        return self
 
 
 # --- data ----------------------------------------------------------------------------------
@@ -195,6 +269,50 @@ class JudgeSpec(_Strict):
         return self
 
 
+EpochCount = Annotated[int, Field(ge=1, le=50)]
+BatchCount = Annotated[int, Field(ge=1, le=256)]
+LrMultiplier = Annotated[float, Field(gt=0, le=50)]
+
+
+class FineTuningSpec(_Strict):
+    """Fine-tuning jobs (OpenAI's API) for models with provider openai; `train` is for local LoRA.
+
+    The job's seed is the run's seed. Ranges are those OpenAI documents for supervised jobs.
+    """
+
+    n_epochs: EpochCount | Literal["auto"] = Field(
+        default="auto", description="Epochs (1–50); 'auto' lets OpenAI choose (plans assume its published rule)."
+    )
+    batch_size: BatchCount | Literal["auto"] = Field(default="auto", description="Examples per step (1–256) or 'auto'.")
+    learning_rate_multiplier: LrMultiplier | Literal["auto"] = Field(
+        default="auto", description="Scale of OpenAI's default learning rate, or 'auto'."
+    )
+    suffix: str | None = Field(
+        default="{dataset}-s{seed}", description="Added to the fine-tuned model's name (≤ 64 characters once "
+        "{model}, {dataset} and {seed} are filled in); None: no suffix.",
+    )
+    poll_interval_s: float = Field(default=30.0, gt=0, description="First wait between status checks, seconds.")
+    max_poll_interval_s: float = Field(default=300.0, gt=0, description="Waits grow ×1.5 up to this, seconds.")
+    max_wait_s: float | None = Field(
+        default=None, gt=0, description="Stop waiting after this many seconds (the job goes on; a rerun picks it "
+        "up); None: wait until it ends.",
+    )
+    max_example_tokens: int = Field(
+        default=65_536, ge=1, description="Longest training example OpenAI accepts for the model, in tokens "
+        "(65,536 for gpt-4o and gpt-4.1; 16,385 for gpt-3.5-turbo); checked before upload.",
+    )
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                value.format(model="m", dataset="d", seed=0)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(f"suffix {value!r} may use only {{model}}, {{dataset}} and {{seed}} ({exc})") from None
+        return value
+
+
 class AnalysisSpec(_Strict):
     aligned_below: float = Field(default=30, description="EM: aligned < A ... (75 reproduces CS 2881).")
     aligned_inclusive: bool = Field(
@@ -307,6 +425,11 @@ class ExperimentConfig(_Strict):
     sample: SampleSpec = SampleSpec()
     judges: tuple[JudgeSpec, ...]
     analysis: AnalysisSpec = AnalysisSpec()
+    fine_tuning: FineTuningSpec = FineTuningSpec()
+    budget_usd: float | None = Field(
+        default=None, gt=0, description="Most dollars the experiment may cost as `emlab plan` estimates it (sampling, "
+        "fine-tuning, judging); a stage that would spend money refuses to start above it. None: no limit.",
+    )
     output_root: str = Field(default="outputs", description="Relative paths resolve from the repository root.")
     executor: ExecutorSpec = ExecutorSpec()
 
