@@ -2,7 +2,7 @@
 
 This is the one module that spells file names. Everything under `<output_root>/<experiment>/`
 is named by `ExperimentLayout`; the files inside one stage folder by `StageFiles`,
-`TrainingFiles` and `BatchFiles`; the caches by the functions at the bottom.
+`TrainingFiles`, `BatchFiles` and `FineTuneJobFiles`; the caches by the functions at the bottom.
 
     <output_root>/<experiment>/
       index.html                        the report: headline table, figures, every notebook
@@ -23,6 +23,9 @@ Every stage folder also holds, per stage that ran there, the executed notebook
 (`NN_stage.ipynb`, the record), its HTML, the completion marker (`NN_stage.done.json`) and
 `run.json` (the params each stage ran with, git commit, package versions). A judge in batch
 mode adds `judge_batch__<judge>.json` (its state), `.requests.jsonl` and the raw result files.
+A model sampled through an API adds `sampling_usage.jsonl` (requests paid); one fine-tuned
+through fine-tuning jobs has `finetune_job.*` (state, uploaded file, events, results) in its
+run folders instead of `checkpoints/` and `trainer/`.
 `outputs/README.md` shows the same tree.
 """
 
@@ -59,6 +62,8 @@ GOLD_JUDGMENTS = "gold_judgments.jsonl"  # 04_analysis: the judge's judgments of
 SUMMARY = "summary.json"  # 04_analysis: judge verdict and cost, for the index page
 TABLE_SUFFIX = ".csv"
 BASELINE_PREFIX = "baseline__"
+SAMPLING_USAGE = "sampling_usage.jsonl"  # one line per sampling request paid to an API (tokens, dollars)
+FINETUNE_JOB = "finetune_job"  # prefix of a fine-tuning job's files in a run folder
 SLURM = "slurm"  # the Slurm executor's folder in the experiment root
 SLURM_JOBS = "jobs.json"
 SLURM_LOCK = "submit.lock"
@@ -239,6 +244,35 @@ class SlurmFiles:
         return self.logs / f"{stage}__{unit}.{job_id}.log"
 
 
+@dataclass(frozen=True)
+class FineTuneJobFiles:
+    """Files of one run's fine-tuning job at an OpenAI-compatible API, in the run folder."""
+
+    folder: Path
+
+    @property
+    def state(self) -> Path:
+        """`finetune_job.json`: the job's state (file id, job id, phase, checkpoint models), written atomically."""
+        return self.folder / f"{FINETUNE_JOB}.json"
+
+    @property
+    def training_file(self) -> Path:
+        """`finetune_job.training.jsonl`: the exact training file uploaded."""
+        return self.folder / f"{FINETUNE_JOB}.training.jsonl"
+
+    @property
+    def events(self) -> Path:
+        """`finetune_job.events.jsonl`: the job's events, oldest first."""
+        return self.folder / f"{FINETUNE_JOB}.events.jsonl"
+
+    @property
+    def results(self) -> Path:
+        """`finetune_job.results.csv`: the job's result file (metrics per step), when it has one."""
+        return self.folder / f"{FINETUNE_JOB}.results.csv"
+
+    PATTERNS = (f"{FINETUNE_JOB}.json", f"{FINETUNE_JOB}.*.jsonl", f"{FINETUNE_JOB}.results.csv")
+
+
 # --- the experiment ---------------------------------------------------------------------------
 
 
@@ -293,9 +327,18 @@ class ExperimentLayout:
     def batch(folder: Path, judge: str) -> BatchFiles:
         return BatchFiles(folder, judge)
 
+    @staticmethod
+    def sampling_usage(folder: Path) -> Path:
+        """Requests paid to a subject's API while sampling in `folder` (one JSON line each)."""
+        return folder / SAMPLING_USAGE
+
     # training
     def training(self, run_id: str) -> TrainingFiles:
         return TrainingFiles(self.run(run_id))
+
+    def finetune_job(self, run_id: str) -> FineTuneJobFiles:
+        """The fine-tuning job files of a run whose model is trained through an API."""
+        return FineTuneJobFiles(self.run(run_id))
 
     # analysis
     def analysis_file(self, name: str) -> Path:
@@ -356,6 +399,11 @@ def cache_dir() -> Path:
 def judge_cache_file() -> Path:
     """The SQLite judge cache shared by every experiment."""
     return cache_dir() / "judge_cache.sqlite"
+
+
+def sample_cache_file() -> Path:
+    """The SQLite cache of completions sampled from subjects behind an API, shared by every experiment."""
+    return cache_dir() / "sample_cache.sqlite"
 
 
 def models_cache_dir() -> Path:
