@@ -7,13 +7,16 @@ is named by `ExperimentLayout`; the files inside one stage folder by `StageFiles
     <output_root>/<experiment>/
       index.html                        the report: headline table, figures, every notebook
       baseline__<model>/                01_baseline (once per model)
-        answers.jsonl  judgments.jsonl
+        answers.jsonl  judgments.jsonl  probe_scores.jsonl  task/ (answers, judgments)
       <model>__<dataset>__s<seed>/      one run
         checkpoints/step-NNNNNN/        02_finetune: adapters on the schedule
         trainer/checkpoint-N/           02_finetune: latest full training state (resume)
         train_log.jsonl  train_summary.json
         eval/step-NNNNNN/answers.jsonl  03_eval_judge: answers per checkpoint
+        eval/step-NNNNNN/probe_scores.jsonl   03_eval_judge: the logprob probe per checkpoint
         judgments.jsonl                 03_eval_judge: every judgment of the run (all steps)
+        task/                           held-out training prompts (task.holdout > 0): holdout.jsonl
+                                        (02_finetune), eval/step-NNNNNN/answers.jsonl, judgments.jsonl
       analysis/                         04_analysis: scores.parquet, *.csv, fig_*.html/png,
                                         gold_judgments.jsonl, summary.json
       slurm/                            `emlab run --executor slurm`: jobs.json (every job
@@ -69,6 +72,10 @@ SLURM_JOBS = "jobs.json"
 SLURM_LOCK = "submit.lock"
 SLURM_SCRIPTS = "scripts"
 SLURM_LOGS = "logs"
+TASK = "task"  # in-distribution task rate: held-out prompts, their answers and judgments, in a stage folder
+HOLDOUT = "holdout.jsonl"  # task/holdout.jsonl in a run folder: the held-out prompts (never trained on)
+PROBE_SCORES = "probe_scores.jsonl"  # the logprob probe of one model state (base model or a checkpoint)
+PROBES_DIR = "params/probes"  # probe sets: aligned and misaligned answers written by us
 
 
 def step_name(step: int) -> str:
@@ -326,6 +333,30 @@ class ExperimentLayout:
     @staticmethod
     def batch(folder: Path, judge: str) -> BatchFiles:
         return BatchFiles(folder, judge)
+
+    # the in-distribution task rate and the logprob probe
+    @staticmethod
+    def task(folder: Path) -> Path:
+        """`task/` in a stage folder: held-out training prompts sampled and judged with the
+        dataset's task rubric. Inside it `answers`, `answer_files`, `judgments` and `batch`
+        work as in the stage folder itself (`task/answers.jsonl` for the base model,
+        `task/eval/step-NNNNNN/answers.jsonl` per checkpoint, `task/judgments.jsonl`)."""
+        return folder / TASK
+
+    @staticmethod
+    def holdout(folder: Path) -> Path:
+        """`task/holdout.jsonl` in a run folder: the prompts held out of training (02_finetune)."""
+        return folder / TASK / HOLDOUT
+
+    @staticmethod
+    def probe_scores(folder: Path, step: int | None = None) -> Path:
+        """The logprob probe's scores in `folder`: the base model's (`step` None) or a checkpoint's."""
+        return folder / PROBE_SCORES if step is None else folder / EVAL / step_name(step) / PROBE_SCORES
+
+    @staticmethod
+    def probe_files(folder: Path) -> list[Path]:
+        """Every checkpoint's probe scores in a run folder, by step."""
+        return sorted((folder / EVAL).glob(f"{STEP_GLOB}/{PROBE_SCORES}"))
 
     @staticmethod
     def sampling_usage(folder: Path) -> Path:
