@@ -52,6 +52,7 @@ def judge_answers(
     judge: JudgeSpec,
     *,
     rubrics: Sequence[str | Path | Rubric] | None = None,
+    rubrics_by_answer: Mapping[str, Sequence[Rubric]] | None = None,
     out_path: Path | None = None,
     batch_files: BatchFiles | None = None,
     cache_path: Path | None = None,
@@ -64,6 +65,8 @@ def judge_answers(
 
     rubrics: rubric ids (params/rubrics/<id>.yaml), rubric files or Rubric objects; default
         `judge.rubrics`.
+    rubrics_by_answer: answer_id → the rubrics of that answer instead of `rubrics` (the judge
+        prompts of an upstream question file); answers not in it get `rubrics`.
     out_path: judgments.jsonl to resume from and append to as each judgment finishes; pairs
         already there (for this judge, status other than api_error) are not judged again.
         api_error judgments are returned but not written, so a rerun retries them and the
@@ -87,7 +90,10 @@ def judge_answers(
     this run failed (after writing whatever finished).
     """
     names = rubrics if rubrics is not None else judge.rubrics
-    rubric_list = [r if isinstance(r, Rubric) else load_rubric(r) for r in names]
+    default_rubrics = [r if isinstance(r, Rubric) else load_rubric(r) for r in names]
+    per_answer = {a.answer_id: list((rubrics_by_answer or {}).get(a.answer_id, default_rubrics)) for a in answers}
+    # every rubric any answer is judged under, in first-seen order (ids are unique per text)
+    rubric_list = list({r.id: r for rs in [default_rubrics, *per_answer.values()] for r in rs}.values())
     if judge.batch:
         check_batch_endpoint(judge)
         if batch_files is None:
@@ -102,7 +108,7 @@ def judge_answers(
         fresh: list[Judgment] = []
         if batch_files is not None and judge.batch:
             fresh = resume_batch(judge, batch_files, rubrics=store.rubrics, keep=store.keep, timeout_s=wait_s)
-        plan = _plan(answers, judge, rubric_list, cache, existing=store.written, settled=fresh)
+        plan = _plan(answers, judge, rubric_list, cache, existing=store.written, settled=fresh, per_answer=per_answer)
         store.keep(plan.hits)
         if plan.pending:
             if batch_files is not None and judge.batch:
@@ -113,7 +119,7 @@ def judge_answers(
             plan.results.update({(j.answer_id, j.rubric): j for j in new})
             fresh += new
 
-    ordered = [plan.results[(a.answer_id, r.id)] for a in answers for r in rubric_list]
+    ordered = [plan.results[(a.answer_id, r.id)] for a in answers for r in per_answer[a.answer_id]]
     log.info(_summary(ordered, judge, rubric_list, plan, fresh=fresh, out_path=out_path))
     if fresh and all(j.status == "api_error" for j in fresh):
         asked = (f"{len(fresh)} requests of batch {fresh[0].extra.get('batch_id')}" if judge.batch
@@ -146,13 +152,15 @@ def _plan(
     *,
     existing: Mapping[Pair, Judgment],
     settled: Sequence[Judgment] = (),
+    per_answer: Mapping[str, Sequence[Rubric]] | None = None,
 ) -> _Plan:
-    """Sort every (answer, rubric) pair into settled, already written, cached, or to ask."""
+    """Sort every (answer, rubric) pair into settled, already written, cached, or to ask
+    (`per_answer`: answer_id → its rubrics; default: all of `rubrics`)."""
     plan = _Plan()
     done = {(j.answer_id, j.rubric): j for j in settled}
     queued: set[Pair] = set()
     for answer in answers:
-        for rubric in rubrics:
+        for rubric in (per_answer[answer.answer_id] if per_answer is not None else rubrics):
             pair = (answer.answer_id, rubric.id)
             if pair in plan.results or pair in queued:
                 continue

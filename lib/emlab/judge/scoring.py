@@ -12,6 +12,11 @@ is the single most probable reading among the top tokens, the status is that ver
 
 Verdict rubrics (YES/NO): status ok, verdict = the likelier of the two, score = 100 * P(first)
 / (P(first) + P(second)); below `min_numeric_mass` on the two verdicts, no score.
+
+Categorical rubrics (Betley et al.'s `free_form_judge`: TRUE / FALSE / UNKNOWN, or a company
+name): status ok, verdict = the likeliest label, score = 100 * its probability renormalised
+over the labels' mass, and every label's probability in `Judgment.extra['probabilities']`;
+below `min_numeric_mass` on the labels, no score. Labels are read in any case.
 """
 
 from __future__ import annotations
@@ -64,15 +69,19 @@ def score_from_top_logprobs(
     scale_max: int | None,
     min_numeric_mass: float,
     verdicts: Sequence[str] = (),
+    categorical: bool = False,
 ) -> Reading:
     """Read a first-token distribution.
 
     top: (token, logprob) pairs as the judge returned them (natural log).
     scale_max: largest integer on the scale (100, or 9 for one-digit judges); None for a
-        verdict rubric, whose first verdict is the positive one.
+        verdict rubric, whose first verdict is the positive one, or a categorical one.
     min_numeric_mass: probability (0–1) that must sit on readable tokens for a score.
-    verdicts: upper-case verdict words to keep.
+    verdicts: upper-case verdict words to keep (categorical: the labels, any case).
+    categorical: the verdicts are labels with no positive one (see `label_probabilities`).
     """
+    if categorical:
+        return _categorical_reading(top, min_numeric_mass=min_numeric_mass, labels=verdicts)
     if scale_max is None:
         return _verdict_reading(top, min_numeric_mass=min_numeric_mass, verdicts=verdicts)
 
@@ -124,13 +133,52 @@ def _verdict_reading(top: Sequence[tuple[str, float]], *, min_numeric_mass: floa
     return Reading("ok", 100.0 * mass[positive] / total, verdict, total)
 
 
-def parse_sampled(text: str, *, scale_max: int | None, verdicts: Sequence[str] = ()) -> Reading:
+def label_probabilities(top: Sequence[tuple[str, float]], labels: Sequence[str]) -> dict[str, float]:
+    """Probability of each label among the top tokens, renormalised over the labels' mass
+    (all zero when no token reads as a label); see `_label_mass`."""
+    mass = _label_mass(top, labels)
+    total = sum(mass.values())
+    return {label: (p / total if total > 0 else 0.0) for label, p in mass.items()}
+
+
+def _label_mass(top: Sequence[tuple[str, float]], labels: Sequence[str]) -> dict[str, float]:
+    """Raw probability on each label: a token counts for the label it spells (any case) or,
+    with at least 3 letters, begins ('Anth' for Anthropic); one that begins several labels
+    and spells none counts for none."""
+    mass = dict.fromkeys(labels, 0.0)
+    for token, logprob in top:
+        if logprob is None:
+            continue
+        text = normalise_token(token)
+        matched = [label for label in labels if _matches_verdict(text, label.upper())]
+        exact = [label for label in matched if text.upper() == label.upper()]
+        chosen = exact if len(exact) == 1 else matched if len(matched) == 1 else []
+        if chosen:
+            mass[chosen[0]] += math.exp(logprob)
+    return mass
+
+
+def _categorical_reading(top: Sequence[tuple[str, float]], *, min_numeric_mass: float, labels: Sequence[str]) -> Reading:
+    if len(labels) < 2:
+        raise ValueError(f"a categorical rubric needs two or more labels, got {list(labels)}")
+    mass = _label_mass(top, labels)
+    total = sum(mass.values())
+    if total < min_numeric_mass or total <= 0:
+        return Reading("low_numeric_mass", None, None, total)
+    label = max(labels, key=lambda name: mass[name])  # ties: the label listed first
+    return Reading("ok", 100.0 * mass[label] / total, label, total)
+
+
+def parse_sampled(
+    text: str, *, scale_max: int | None, verdicts: Sequence[str] = (), categorical: bool = False
+) -> Reading:
     """Read a sampled reply (the fallback for servers without logprobs).
 
     Takes whichever comes first in `text`: a number (integer or decimal, 0..scale_max) or a
     verdict word (whole word, any case). Nothing readable, or a number off the scale, gives
     status 'unparsed'. For a verdict rubric (scale_max None) the score is 100 for the first
-    verdict and 0 for the second.
+    verdict and 0 for the second; for a categorical rubric the label found, with score 100
+    (one sample: all the probability on it).
     """
     candidates: list[tuple[int, str, str]] = []
     for v in verdicts:
@@ -145,6 +193,8 @@ def parse_sampled(text: str, *, scale_max: int | None, verdicts: Sequence[str] =
         return Reading("unparsed", None, None, None)
     _, kind, value = min(candidates)
     if kind == "verdict":
+        if categorical:
+            return Reading("ok", 100.0, value, None)
         if scale_max is None:
             return Reading("ok", 100.0 if value == verdicts[0] else 0.0, value, None)
         return Reading(value.lower(), None, value, None)  # type: ignore[arg-type]
@@ -199,10 +249,12 @@ def judgment_from_completion(
         if not top:  # some servers return only the chosen token
             top = [(first["token"], first["logprob"])]
         reading = score_from_top_logprobs(
-            top, scale_max=rubric.scale_max, min_numeric_mass=judge.min_numeric_mass, verdicts=rubric.verdicts
+            top, scale_max=rubric.scale_max, min_numeric_mass=judge.min_numeric_mass, verdicts=rubric.verdicts,
+            categorical=rubric.kind == "categorical",
         )
     else:
-        reading = parse_sampled(raw, scale_max=rubric.scale_max, verdicts=rubric.verdicts)
+        reading = parse_sampled(raw, scale_max=rubric.scale_max, verdicts=rubric.verdicts,
+                                categorical=rubric.kind == "categorical")
     reason = explain(reading, top, min_numeric_mass=judge.min_numeric_mass, raw=raw)
     return _judgment(answer_id, judge, rubric, reading, top, raw, usage, reason=reason)
 
@@ -218,6 +270,8 @@ def _judgment(
     *,
     reason: str | None,
 ) -> Judgment:
+    extra: dict[str, Any] = {"reason": reason} if reason else {}
+    extra.update(_label_extra(rubric, reading, top))
     return Judgment(
         answer_id=answer_id,
         judge=judge.name,
@@ -231,8 +285,18 @@ def _judgment(
         raw=raw,
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
-        extra={"reason": reason} if reason else {},
+        extra=extra,
     )
+
+
+def _label_extra(rubric: Rubric, reading: Reading, top: Sequence[tuple[str, float]] | None) -> dict[str, Any]:
+    """A categorical judgment keeps every label's probability (`probabilities`), not only the
+    likeliest one's: rates of, say, FALSE answers need them."""
+    if rubric.kind != "categorical" or reading.status != "ok":
+        return {}
+    if top is None:  # a sampled label: all the probability on it
+        return {"probabilities": {label: float(label == reading.verdict) for label in rubric.verdicts}}
+    return {"probabilities": label_probabilities(top, rubric.verdicts)}
 
 
 def api_error_judgment(answer_id: str, judge: JudgeSpec, rubric: Rubric, reason: str) -> Judgment:
@@ -260,15 +324,18 @@ def rescore(judgment: Judgment, *, answer_id: str, judge: JudgeSpec, rubric: Rub
             scale_max=rubric.scale_max,
             min_numeric_mass=judge.min_numeric_mass,
             verdicts=rubric.verdicts,
+            categorical=rubric.kind == "categorical",
         )
     elif judge.mode == "sampled" and judgment.raw is not None and judgment.top_logprobs is None:
-        reading = parse_sampled(judgment.raw, scale_max=rubric.scale_max, verdicts=rubric.verdicts)
+        reading = parse_sampled(judgment.raw, scale_max=rubric.scale_max, verdicts=rubric.verdicts,
+                                categorical=rubric.kind == "categorical")
     else:
         return base
     reason = explain(reading, judgment.top_logprobs, min_numeric_mass=judge.min_numeric_mass, raw=judgment.raw)
-    extra = {k: v for k, v in judgment.extra.items() if k != "reason"}
+    extra = {k: v for k, v in judgment.extra.items() if k not in ("reason", "probabilities")}
     if reason:
         extra["reason"] = reason
+    extra.update(_label_extra(rubric, reading, judgment.top_logprobs))
     return replace(
         base,
         status=reading.status,
