@@ -204,7 +204,8 @@ ERRORS = [
         5,
         "'questions' must be a non-empty list, found a list",
     ),
-    ("- just\n- a list\n", 1, "expected a mapping with keys name, description, subsets, questions, found a list"),
+    ("- just\n- a list\n", 1, "entry 0 must be a mapping with id, type, paraphrases, found text"),
+    ("just text\n", 1, "expected emlab's mapping with keys name, description, subsets, questions, or a list of entries (Betley et al.'s / Turner et al.'s question files), found text"),
     ("name: t\n", 1, "missing required key 'questions'"),
     (
         GOOD.replace("  - id: a\n    text: First?\n", "  - just text\n"),

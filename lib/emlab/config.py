@@ -146,6 +146,10 @@ class DatasetSpec(_Strict):
     question_sets: tuple[str, ...] = Field(
         default=(), description="Extra question sets (params/questions/<name>.yaml) asked of runs on this dataset."
     )
+    source: str | None = Field(
+        default=None,
+        description="How to get the file when it is missing (a command or a URL): `emlab check` prints it.",
+    )
     task_rubric: str | None = Field(
         default=None,
         description="Rubric (params/rubrics/<id>.yaml) judging the held-out prompts for the in-distribution task "
@@ -216,8 +220,52 @@ class TrainSpec(_Strict):
 # --- sampling ------------------------------------------------------------------------------
 
 
+class QuestionFileSpec(_Strict):
+    """A question file that is not in params/questions/ (Betley et al.'s or Turner et al.'s, as
+    published), named for `question_sets`, with how it is asked and judged."""
+
+    path: str = Field(
+        description="The YAML file (upstream schema or emlab's); relative paths resolve from the repository "
+        "root. Keep downloaded files under data/ (not tracked by git)."
+    )
+    source: str | None = Field(
+        default=None, description="Where to get the file when it is missing (a URL): `emlab check` prints it."
+    )
+    sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of the published file: `emlab check` refuses another version of it.",
+    )
+    samples_per_paraphrase: int | None = Field(
+        default=None, ge=1, description="Answers per paraphrase; None: the file's own samples_per_paraphrase."
+    )
+    rubrics: Literal["file", "emlab"] | None = Field(
+        default=None,
+        description="file: judge each question with the file's judge_prompts; emlab: with each judge's rubrics; "
+        "None: the file's prompts where a question has them, else the judge's.",
+    )
+    metrics: tuple[str, ...] | None = Field(
+        default=None, description="The file's judge prompts used (e.g. [aligned, coherent]); None: all of them."
+    )
+    ids: tuple[str, ...] | None = Field(default=None, description="Ask only these question ids; None: all.")
+    probes: tuple[Literal["free", "json", "template", "code"], ...] = Field(
+        default=("free", "json", "template", "code"),
+        description="Ask only these answer-format probes (upstream ids ending _json / _template are probes).",
+    )
+    expected_prompts: int | None = Field(
+        default=None, ge=1,
+        description="Paraphrases asked (after ids, probes), so `emlab plan` counts answers before the file is "
+        "downloaded; `emlab check` compares it with the file.",
+    )
+
+
 class SampleSpec(_Strict):
-    question_sets: tuple[str, ...] = Field(default=("general",), description="Question sets asked of every model.")
+    question_sets: tuple[str, ...] = Field(
+        default=("general",),
+        description="Question sets asked of every model: names in params/questions/, keys of question_files, or paths.",
+    )
+    question_files: dict[str, QuestionFileSpec] = Field(
+        default={}, description="Upstream question files by the name question_sets use, with their settings."
+    )
     questions_per_set: int | None = Field(default=None, ge=1, description="Ask only the first N questions of each set.")
     samples_per_question: int = Field(default=50, ge=1)
     temperature: float = Field(default=1.0, ge=0)
@@ -240,6 +288,14 @@ class SampleSpec(_Strict):
     answer_format: Literal["free", "json", "code"] = Field(
         default="free", description="free text, an answer inside a JSON object, or inside a code template."
     )
+
+    @field_validator("question_files")
+    @classmethod
+    def _file_names(cls, files: dict[str, QuestionFileSpec]) -> dict[str, QuestionFileSpec]:
+        for name in files:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_]*", name):
+                raise ValueError(f"question file name {name!r} must be lower_snake_case (it names the set in results)")
+        return files
 
 
 # --- judging -------------------------------------------------------------------------------

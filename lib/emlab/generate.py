@@ -47,7 +47,7 @@ def sample_answers(
 
     Returns every answer for these prompts (earlier runs' included), in item order.
     """
-    items = [(p, i) for p in prompts for i in range(sample.samples_per_question)]
+    items = [(p, i) for p in prompts for i in p.sample_indices(sample)]  # per-prompt counts (questions.Prompt)
     ids = [answer_id(model_name, run_id, step, p.question_set, p.question_id, i) for p, i in items]
     existing = {r["answer_id"]: r for r in read_jsonl(out_path, tolerate_torn_tail=True)} if out_path.exists() else {}
     batches = [range(s, min(s + sample.batch_size, len(items))) for s in range(0, len(items), sample.batch_size)]

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import ExperimentConfig
 from ..paths import ANSWERS, ExperimentLayout
-from ..questions import build_prompts, question_sets_for
+from ..questions import build_prompts, count_answers, planned_prompts, question_sets_for
 from ..records import Answer
 from ..runinfo import mark_done, record_stage
 from .base import Output, Stage, Workload
@@ -43,7 +43,7 @@ def run_baseline(config: ExperimentConfig, model: str, *, progress: bool = True)
     record_stage(folder, NAME, baseline_params(config, model))
     prompts = build_prompts(config, question_sets_for(config, None))
     out = ExperimentLayout.answers(folder)
-    answers: list[Answer] | None = answers_if_complete(out, len(prompts) * config.sample.samples_per_question)
+    answers: list[Answer] | None = answers_if_complete(out, count_answers(prompts, config.sample))
     if answers is None:
         loaded, tokenizer = load_model(config.model(model), resolve_device(config.train.device))
         answers = sample_answers(loaded, tokenizer, prompts, config.sample, model_name=model, run_id=None, step=0,
@@ -56,8 +56,8 @@ def run_baseline(config: ExperimentConfig, model: str, *, progress: bool = True)
 
 
 def _workload(config: ExperimentConfig, model: str) -> Workload:
-    prompts = build_prompts(config, question_sets_for(config, None))
-    return Workload(f"{NAME} {model}", answers=len(prompts) * config.sample.samples_per_question,
+    prompts = planned_prompts(config, question_sets_for(config, None))
+    return Workload(f"{NAME} {model}", answers=count_answers(prompts, config.sample),
                     question_chars=mean_prompt_chars(prompts))
 
 

@@ -13,7 +13,7 @@ from ..config import ExperimentConfig
 from ..files import read_jsonl
 from ..judge import judge_answers
 from ..paths import JUDGMENTS, BatchFiles, ExperimentLayout
-from ..questions import Prompt
+from ..questions import Prompt, question_rubrics, question_sets_for
 from ..records import Answer, Judgment
 from .base import Output
 
@@ -32,11 +32,16 @@ def judges_signature(config: ExperimentConfig) -> list[list[str]]:
 
 
 def judge_all(config: ExperimentConfig, answers: Sequence[Answer], folder: Path) -> list[Judgment]:
-    """Judge `answers` with every judge of the experiment into `folder`'s judgments file."""
+    """Judge `answers` with every judge of the experiment into `folder`'s judgments file: an
+    answer to a question of an upstream file that brings its judge prompts is judged under
+    those (`questions.question_rubrics`), every other answer under each judge's rubrics."""
+    by_question = question_rubrics(config, question_sets_for(config, None))
+    per_answer = {a.answer_id: by_question[(a.question_set, a.question_id)] for a in answers
+                  if (a.question_set, a.question_id) in by_question}
     judgments: list[Judgment] = []
     for judge in config.judges:
         judgments += judge_answers(
-            answers, judge, out_path=ExperimentLayout.judgments(folder),
+            answers, judge, rubrics_by_answer=per_answer or None, out_path=ExperimentLayout.judgments(folder),
             batch_files=ExperimentLayout.batch(folder, judge.name),
         )
     return judgments

@@ -10,7 +10,7 @@ from typing import Any
 from ..config import ExperimentConfig
 from ..errors import EmlabError
 from ..paths import ANSWERS, EVAL, STEP_GLOB, ExperimentLayout, TrainingFiles
-from ..questions import build_prompts, question_sets_for
+from ..questions import build_prompts, count_answers, planned_prompts, question_sets_for
 from ..records import Answer
 from ..runinfo import mark_done, record_stage
 from ..schedule import planned_checkpoints
@@ -52,7 +52,7 @@ def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) ->
         raise EmlabError(f"{files.checkpoints}: no checkpoints; run 02_finetune for {run_id} first")
     record_stage(folder, NAME, eval_params(config, run_id))
     prompts = build_prompts(config, question_sets_for(config, config.dataset(run.dataset)))
-    expected = len(prompts) * config.sample.samples_per_question
+    expected = count_answers(prompts, config.sample)
     answers: list[Answer] = []
     model = tokenizer = None
     for step, adapter in checkpoints.items():
@@ -77,9 +77,9 @@ def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) ->
 def _workload(config: ExperimentConfig, run_id: str) -> Workload:
     run = config.run(run_id)
     steps = len(planned_checkpoints(config, run).steps)
-    prompts = build_prompts(config, question_sets_for(config, config.dataset(run.dataset)))
+    prompts = planned_prompts(config, question_sets_for(config, config.dataset(run.dataset)))
     return Workload(f"{NAME} {run_id} ({steps} checkpoints)",
-                    answers=len(prompts) * config.sample.samples_per_question * steps,
+                    answers=count_answers(prompts, config.sample) * steps,
                     question_chars=mean_prompt_chars(prompts))
 
 
