@@ -252,7 +252,7 @@ def _ask_live(
             bar.set_postfix(cached=settled, failed=failed)
             bar.update(1)
 
-        new = _run_sync(
+        new = run_sync(
             lambda: run_calls(
                 tasks, _local_concurrency(judge), base_url=base_url, api_key=api_key, on_done=on_done, retry=retry
             )
@@ -329,8 +329,9 @@ def _read_existing(out_path: Path | None, judge: JudgeSpec) -> dict[Pair, Judgme
     return found
 
 
-def _run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion from synchronous code, even inside a running loop."""
+def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion from synchronous code, even inside a running loop (a
+    Jupyter kernel): the one sync entry for async API work (judging, sampling subjects)."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -10,6 +10,10 @@ and full jitter (AWS Architecture Blog, "Exponential Backoff And Jitter", 2015),
 server's `Retry-After` (seconds or an HTTP date). The openai client's own retries are off
 (max_retries=0) so `judge.max_retries` is the only budget and every wait is ours.
 
+`complete_with_retries` (one chat-completions call with that retry rule), `Breaker` and
+`key_from_env` are generic: the sampler of subjects behind an API (`emlab.subjects`) uses them
+too.
+
 A call that still fails becomes a Judgment with status api_error and its reason; it never
 stops the run. When the endpoint looks down (a run of consecutive calls all failing on
 connection errors or 5xx, nothing succeeding in between), calls not yet started are not
@@ -33,7 +37,7 @@ from typing import Any
 import openai
 
 from ..config import JudgeSpec
-from ..errors import JudgeError
+from ..errors import EmlabError, JudgeError
 from ..records import Judgment
 from .requests import request_body
 from .rubrics import Rubric
@@ -80,6 +84,28 @@ class JudgeTask:
     key: str  # cache key
 
 
+def key_from_env(owner: str, api_key_env: str | None, *, required_because: str | None = None,
+                 error: type[EmlabError] = JudgeError) -> str:
+    """The key in os.environ[api_key_env] for `owner` ("judge 'x'", "model 'y'"), never a fallback.
+
+    api_key_env None: no key is needed (a self-hosted server without authentication; the client
+    gets a dummy) unless `required_because` says why one is (then `error`, one line). An unset
+    or empty variable raises `error`, naming the variable.
+    """
+    if api_key_env is None:
+        if required_because:
+            raise error(
+                f"{owner} {required_because}, which needs a key, but api_key_env is null; set api_key_env "
+                "to the environment variable that holds the key (e.g. api_key_env: OPENAI_API_KEY)"
+            )
+        return LOCAL_API_KEY
+    key = os.environ.get(api_key_env)
+    if not key:
+        raise error(f"{owner} needs the environment variable {api_key_env}; "
+                    f"export {api_key_env}=... (keys are never read from params)")
+    return key
+
+
 def resolve_api_key(judge: JudgeSpec) -> str:
     """The key for `judge`: os.environ[judge.api_key_env], never a fallback; the one key check
     of the live client, batch mode and `check_judge`.
@@ -91,21 +117,10 @@ def resolve_api_key(judge: JudgeSpec) -> str:
     """
     if judge.is_local:
         return LOCAL_API_KEY
-    if judge.api_key_env is None:
-        if judge.base_url is None or judge.batch:
-            why = "uses the Batch API (batch: true)" if judge.batch else "calls the OpenAI API (no base_url)"
-            raise JudgeError(
-                f"judge '{judge.name}' {why}, which needs a key, but api_key_env is null; set api_key_env "
-                "to the environment variable that holds the key (e.g. api_key_env: OPENAI_API_KEY)"
-            )
-        return LOCAL_API_KEY  # a self-hosted server without authentication
-    key = os.environ.get(judge.api_key_env)
-    if not key:
-        raise JudgeError(
-            f"judge '{judge.name}' needs the environment variable {judge.api_key_env}; "
-            f"export {judge.api_key_env}=... (keys are never read from params)"
-        )
-    return key
+    why = None
+    if judge.base_url is None or judge.batch:
+        why = "uses the Batch API (batch: true)" if judge.batch else "calls the OpenAI API (no base_url)"
+    return key_from_env(f"judge '{judge.name}'", judge.api_key_env, required_because=why)
 
 
 def check_batch_endpoint(judge: JudgeSpec) -> None:
@@ -165,8 +180,9 @@ def retry_after_s(headers: Any, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-class _Breaker:
-    """Counts consecutive calls that failed as if the endpoint were down."""
+class Breaker:
+    """Counts consecutive calls that failed as if the endpoint were down; `open` once
+    `threshold` of them came in a row (calls not yet started are then not attempted)."""
 
     def __init__(self, threshold: int) -> None:
         self.threshold = threshold
@@ -203,7 +219,7 @@ async def run_calls(
     """
     retry = retry or RetryPolicy.for_judge(judge)
     semaphore = asyncio.Semaphore(judge.concurrency)
-    breaker = _Breaker(threshold=max(2 * judge.concurrency, 8))
+    breaker = Breaker(threshold=max(2 * judge.concurrency, 8))
     client = openai.AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=judge.timeout_s)
 
     async def one(task: JudgeTask) -> Judgment:
@@ -231,13 +247,41 @@ async def _call(
 ) -> tuple[Judgment, bool]:
     """One judgment with retries; returns it and whether a failure looked like a down endpoint."""
     body = request_body(judge, task.rubric, task.question, task.answer)
+    outcome = await complete_with_retries(client, body, retry, timeout_s=judge.timeout_s,
+                                          label=f"judge call {task.answer_id}/{task.rubric.id}")
+    if outcome.data is None:
+        return api_error_judgment(task.answer_id, judge, task.rubric, outcome.error or "failed"), outcome.down_like
+    try:
+        return judgment_from_completion(outcome.data, answer_id=task.answer_id, judge=judge, rubric=task.rubric), False
+    except Exception as exc:  # a reply we cannot read must not stop the run
+        reason = f"unreadable reply: {type(exc).__name__}: {exc} (after 1 attempt)"
+        return api_error_judgment(task.answer_id, judge, task.rubric, reason), False
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """What one chat-completions call with retries came to."""
+
+    data: dict[str, Any] | None
+    """The completion as JSON; None when the call failed."""
+    error: str | None = None
+    """Why it failed, with the number of attempts."""
+    down_like: bool = False
+    """The failure looked like a down endpoint (connection error, timeout, 5xx)."""
+
+
+async def complete_with_retries(
+    client: openai.AsyncOpenAI, body: dict[str, Any], retry: RetryPolicy, *, timeout_s: float, label: str = "call"
+) -> CallOutcome:
+    """POST one chat-completions `body`, retried on 429 / 408 / 409 / 5xx / timeouts /
+    connection errors with backoff and full jitter, honouring Retry-After (up to
+    `retry.max_retry_after_s`). `timeout_s` is named in the failure reason; `label` in logs."""
     attempts = retry.max_retries + 1
     for attempt in range(attempts):
         wait: float | None = None
         try:
             completion = await client.chat.completions.create(**body)
-            data = completion.model_dump(mode="json", exclude_unset=False)
-            return judgment_from_completion(data, answer_id=task.answer_id, judge=judge, rubric=task.rubric), False
+            return CallOutcome(completion.model_dump(mode="json", exclude_unset=False))
         except openai.APIStatusError as exc:
             status = exc.status_code
             retryable = status in _RETRY_STATUS or status >= 500
@@ -246,7 +290,7 @@ async def _call(
             wait = retry_after_s(exc.response.headers)
         except openai.APITimeoutError:
             retryable, down_like = True, True
-            reason = f"no reply within timeout_s={judge.timeout_s:g}"
+            reason = f"no reply within timeout_s={timeout_s:g}"
         except openai.APIConnectionError as exc:
             retryable, down_like = True, True
             reason = f"connection error: {exc.__cause__ or exc}"
@@ -255,16 +299,9 @@ async def _call(
             reason = f"unreadable reply: {type(exc).__name__}: {exc}"
         if not retryable or attempt == attempts - 1:
             tries = f"{attempt + 1} attempt{'s' if attempt else ''}"
-            return api_error_judgment(task.answer_id, judge, task.rubric, f"{reason} (after {tries})"), down_like
+            return CallOutcome(None, f"{reason} (after {tries})", down_like)
         delay = min(wait, retry.max_retry_after_s) if wait is not None else retry.backoff(attempt)
-        log.debug(
-            "judge call %s/%s failed (%s); retry %d in %.2f s",
-            task.answer_id,
-            task.rubric.id,
-            reason,
-            attempt + 1,
-            delay,
-        )
+        log.debug("%s failed (%s); retry %d in %.2f s", label, reason, attempt + 1, delay)
         await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 

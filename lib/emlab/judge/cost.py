@@ -1,4 +1,4 @@
-"""Dollars for judging: the one place prices are applied.
+"""Dollars for judging (and for sampling subjects behind an API): the one place prices are applied.
 
 `usage_cost` prices tokens at what the judge actually pays: the params prices
 (`price_per_mtok_in/out`, $ per 1M tokens) times `BATCH_DISCOUNT` for a judge in batch mode.
@@ -17,10 +17,16 @@ CHARS_PER_TOKEN = 4.0  # rough English average for BPE tokenizers; estimates onl
 TOKENS_PER_MESSAGE = 4  # chat-format overhead per turn (role markers, separators)
 
 
+def token_cost(prompt_tokens: float, completion_tokens: float, price_in: float, price_out: float) -> float:
+    """Dollars for tokens at params prices ($ per 1M prompt / completion tokens): the one price
+    rule, for judges (`usage_cost`) and for subject models behind an API alike."""
+    return (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
+
+
 def usage_cost(prompt_tokens: float, completion_tokens: float, judge: JudgeSpec) -> float:
     """Dollars for tokens used by `judge`, at the price it pays: params prices ($ per 1M
     tokens), times BATCH_DISCOUNT (0.5) when `judge.batch`."""
-    dollars = (prompt_tokens * judge.price_per_mtok_in + completion_tokens * judge.price_per_mtok_out) / 1e6
+    dollars = token_cost(prompt_tokens, completion_tokens, judge.price_per_mtok_in, judge.price_per_mtok_out)
     return dollars * BATCH_DISCOUNT if judge.batch else dollars
 
 
