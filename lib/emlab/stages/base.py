@@ -45,6 +45,23 @@ class Input:
 
 
 @dataclass(frozen=True)
+class ApiSpend:
+    """What one stage unit pays a subject model's API (sampling, a fine-tuning job), for `emlab plan`."""
+
+    kind: Literal["sampling", "fine-tuning"]
+    model: str
+    """The model (params name) whose API is paid."""
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    train_tokens: int = 0
+    """Training tokens billed: tokens per epoch × epochs."""
+    dollars: float = 0.0
+    note: str = ""
+    """How the estimate was made, for people ('6000 examples × 1 epochs')."""
+
+
+@dataclass(frozen=True)
 class Workload:
     """Work one stage does for one unit, for `emlab plan`: answers to judge and tokens."""
 
@@ -60,6 +77,8 @@ class Workload:
     """The rubric ids judged per answer, given a JudgeSpec; None: all of the judge's rubrics."""
     fixed_prompt_tokens: int | None = None
     """Prompt tokens of one judge call when known without a question (the gold set)."""
+    spend: ApiSpend | None = None
+    """What the unit pays a subject model's API besides judging (None: nothing)."""
 
 
 @dataclass(frozen=True)
