@@ -2,9 +2,15 @@
 
     emlab run params/experiments/default.yaml      # every notebook, then the HTML index
     emlab run X.yaml --until 02_finetune           # stop after a stage (the rest runs next time)
-    emlab check params/experiments/default.yaml    # validate inputs only
+    emlab run X.yaml --executor slurm              # one Slurm job per step (see executors/slurm.py)
+    emlab status X.yaml                            # each step: done, queued, running, failed (log tail)
+    emlab step X.yaml 02_finetune <run id>         # one step, here (what a Slurm job runs)
+    emlab check params/experiments/default.yaml    # validate inputs; list every missing one with its fix
+    emlab check X.yaml --params-only               # validate only what is in the repo (CI)
     emlab plan params/experiments/default.yaml     # answers, judge calls and dollars, before running
     emlab cache stats                              # judge cache hits, misses and spend
+    emlab data unprotect FILE.zip.enc --password P --out data/   # decrypt a shipped dataset archive
+    emlab data check FILE.jsonl --tokenizer SOURCE --max-length N  # rows, roles, lengths, duplicates
 
 User errors print one line (`emlab: error: ...`) and exit 2; `--debug` shows the traceback.
 """
@@ -23,7 +29,8 @@ from .config import load_experiment
 from .errors import EmlabError
 from .judge import cache_stats
 from .paths import judge_cache_file
-from .pipeline import preflight, run_experiment
+from .executors import EXECUTORS
+from .pipeline import load_plan, run_step
 from .plan import plan_experiment
 from .stages import STAGE_NAMES
 
@@ -36,13 +43,45 @@ def _parser() -> argparse.ArgumentParser:
                        ("plan", "estimate answers, judge calls and cost")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("experiment", help="params/experiments/<name>.yaml")
+        if name == "check":
+            cmd.add_argument("--params-only", action="store_true",
+                             help="validate only what is in the repo (schema, question sets, rubrics, thresholds): "
+                                  "no model, dataset, downloaded question file or key needed")
         if name == "run":
             cmd.add_argument("--until", choices=STAGE_NAMES, default=None, metavar="STAGE",
                              help=f"last stage to run ({', '.join(STAGE_NAMES)}); default: all")
+            cmd.add_argument("--executor", choices=EXECUTORS, default=None,
+                             help="where the stages run: local (here, one after another) or slurm (one job "
+                                  "per step); default: the experiment's executor.kind, else local")
+    status = sub.add_parser("status", help="each step's state: done, queued, running, failed (with the log tail)")
+    status.add_argument("experiment", help="params/experiments/<name>.yaml")
+    status.add_argument("--until", choices=STAGE_NAMES, default=None, metavar="STAGE", help="last stage shown")
+    step = sub.add_parser("step", help="run one stage for one unit, here (what a Slurm job runs)")
+    step.add_argument("experiment", help="params/experiments/<name>.yaml")
+    step.add_argument("stage", choices=STAGE_NAMES, metavar="STAGE", help=", ".join(STAGE_NAMES))
+    step.add_argument("unit", help="the model (01_baseline), the run id (02, 03) or 'analysis' (04)")
     cache = sub.add_parser("cache", help="judge cache")
     cache.add_argument("action", choices=["stats"])
     cache.add_argument("--path", default=None, help="cache file (default: .cache/judge_cache.sqlite)")
+    _data_parser(sub)
     return parser
+
+
+def _data_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    data = sub.add_parser("data", help="dataset files: unprotect a shipped archive, check a chat JSONL file")
+    action = data.add_subparsers(dest="data_command", required=True)
+    unprotect = action.add_parser("unprotect", help="decrypt and extract an easy-dataset-share archive (.zip.enc or .zip)")
+    unprotect.add_argument("archive", help="the .zip.enc (or .zip) file")
+    unprotect.add_argument("--password", default=None, help="the archive's password (its README gives it)")
+    unprotect.add_argument("--out", default="data", help="folder to extract into (default: data/, ignored by git)")
+    check = action.add_parser("check", help="rows, roles, token lengths, rows over max_length, duplicates")
+    check.add_argument("file", help="a chat JSONL file")
+    check.add_argument("--tokenizer", default=None, metavar="SOURCE",
+                       help="model whose chat template counts tokens, as in params (hub id, folder, .gguf); "
+                            "default: the embedded SmolLM2")
+    check.add_argument("--max-length", type=int, default=512, metavar="N",
+                       help="training max_length in tokens (default 512)")
+    check.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,15 +108,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        run = run_experiment(args.experiment, until=args.until)
-        for r in run.records:
+        plan = load_plan(args.experiment, args.until)
+        if (args.executor or plan.config.executor.kind) == "slurm":
+            from .executors.slurm import submit_plan
+
+            for s in submit_plan(plan):
+                after = f"after {','.join(s.after)}" if s.after else ""
+                print(f"{s.step.stage.name:14s} {s.step.unit:40s} {s.action:9s} {s.job or '':>8s} {after}".rstrip())
+            print(f"`emlab status {args.experiment}` shows how they go")
+            return 0
+        from .executors.local import run_local
+
+        for r in run_local(plan).records:
             print(f"{r.stage:14s} {r.label:40s} {r.status:8s} {r.seconds:7.1f}s")
         return 0
-    if args.command == "check":
-        config = load_experiment(args.experiment)
-        preflight(config)
-        print(f"{args.experiment}: ok ({len(config.runs())} runs, {len(config.judges)} judges)")
+    if args.command == "status":
+        from .executors.status import experiment_status
+
+        for s in experiment_status(load_plan(args.experiment, args.until)):
+            print(f"{s.step.stage.name:14s} {s.step.unit:40s} {s.state:11s} {s.job or '':>8s} {s.detail}".rstrip())
+            for line in s.log_tail:
+                print(f"    | {line}")
         return 0
+    if args.command == "step":
+        r = run_step(args.experiment, args.stage, args.unit)
+        print(f"{r.stage:14s} {r.label:40s} {r.status:8s} {r.seconds:7.1f}s")
+        return 0
+    if args.command == "check":
+        return _check(args.experiment, params_only=args.params_only)
+    if args.command == "data":
+        return _data(args)
     if args.command == "plan":
         print(plan_experiment(load_experiment(args.experiment)).to_string(index=False))
         return 0
@@ -86,6 +146,39 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(cache_stats(path), indent=2))
         return 0
     raise AssertionError(args.command)
+
+
+def _check(experiment: str, *, params_only: bool) -> int:
+    from .checks import MissingInputsError, check_params, preflight
+
+    config = load_experiment(experiment)
+    if params_only:
+        check_params(config)
+        print(f"{experiment}: params ok ({len(config.runs())} runs, {len(config.judges)} judges); "
+              "models, datasets, downloaded files and keys not checked")
+        return 0
+    try:
+        preflight(config)
+    except MissingInputsError as exc:
+        for item in exc.missing:  # every one, each with its fix; the error line sums them up
+            print(f"missing: {item.what} ({item.where}): {item.fix}")
+        raise
+    print(f"{experiment}: ok ({len(config.runs())} runs, {len(config.judges)} judges)")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .config import EMBEDDED_MODEL
+    from .data.commands import check_chat_file, unprotect_files
+
+    if args.data_command == "unprotect":
+        files = unprotect_files(args.archive, args.out, password=args.password)
+        for f in files:
+            print(f"{f.path}: {f.rows:,} rows")
+        return 0
+    report = check_chat_file(args.file, tokenizer=args.tokenizer or EMBEDDED_MODEL, max_length=args.max_length)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else "\n".join(report.lines()))
+    return 0
 
 
 if __name__ == "__main__":

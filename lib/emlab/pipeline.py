@@ -1,12 +1,18 @@
-"""Run a whole experiment: check every input first, then execute each stage's notebook for
-each of its units (papermill) in table order, skipping units that are complete, render every
-executed notebook to HTML and write the index page.
+"""What every executor shares: check every input, plan the experiment's steps (each stage
+for each of its units, in the order they may run), guard the params, and execute ONE step
+through papermill. The executors decide only where and when steps run:
 
-    emlab run params/experiments/default.yaml
+    emlab run params/experiments/default.yaml                    # here, one after another
     emlab run params/experiments/default.yaml --until 02_finetune   # stop after training
+    emlab run X.yaml --executor slurm                           # one Slurm job per step
+    emlab step X.yaml 02_finetune <run id>                      # one step: what a Slurm job runs
+
+`emlab.executors.local` loops over the steps in this process; `emlab.executors.slurm`
+submits one job per step whose script calls `emlab step`, so a step runs on a compute node
+through exactly the code it runs through here (`run_step` → `execute_step`).
 
 A stage that fails leaves its executed notebook (papermill marks the failing cell) and its
-HTML as the record of where it died; the next `emlab run` continues from the finished work.
+HTML as the record of where it died; the next run continues from the finished work.
 """
 
 from __future__ import annotations
@@ -18,44 +24,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nbformat
+
+from .checks import preflight  # the pre-run checks (emlab check) live in checks.py
 from .config import ExperimentConfig, load_experiment, resolve_params_path
-from .data.chat import load_chat_dataset
 from .errors import ConfigError, EmlabError
 from .execute import execute_stage
 from .files import remove_stale_temp_files
-from .judge import check_judge, load_rubric
-from .models import check_model_options, resolve_device, resolve_source
-from .paths import ExperimentLayout, notebook_file, notebooks_dir
-from .questions import load_question_set, question_sets_for
+from .paths import ExperimentLayout
 from .report import write_index
-from .runinfo import check_params, recorded_params
-from .stages import STAGE_NAMES, STAGES, Stage, StageRecord
+from .runinfo import check_params, done_summary, recorded_params
+from .stages import STAGE_NAMES, STAGES, Stage, StageRecord, get_stage
 
 log = logging.getLogger(__name__)
 
 _DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-
-
-def preflight(config: ExperimentConfig) -> None:
-    """Check every input before any model is loaded: question sets, rubrics, judges (keys,
-    servers), datasets, models, device options, notebooks. Raises the first problem as one
-    clear `EmlabError`."""
-    for name in question_sets_for(config, None):
-        load_question_set(name)
-    for judge in config.judges:
-        for rubric in judge.rubrics:
-            load_rubric(rubric)
-        check_judge(judge)
-    for dataset in config.datasets:
-        for seed in config.seeds:
-            load_chat_dataset(dataset, seed=seed)
-    device = resolve_device(config.train.device)
-    for model in config.models:
-        resolve_source(model)
-        check_model_options(model, device)
-    for stage in STAGES:
-        if not notebook_file(notebooks_dir(), stage.name).exists():
-            raise EmlabError(f"notebook {notebook_file(notebooks_dir(), stage.name)} is missing")
 
 
 @dataclass(frozen=True)
@@ -69,6 +52,50 @@ class Step:
     @property
     def parameters(self) -> dict[str, str]:
         return self.stage.notebook_parameters(self.unit)
+
+    @property
+    def key(self) -> str:
+        """'02_finetune/<run id>': names the step in job records and messages."""
+        return f"{self.stage.name}/{self.unit}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """An experiment's steps, from one experiment file; build with `load_plan`."""
+
+    file: Path
+    """The experiment file, resolved (what every notebook gets as `experiment`)."""
+    config: ExperimentConfig
+    steps: tuple[Step, ...]
+    """In the order they may run: every step's needs come before it."""
+
+    @property
+    def layout(self) -> ExperimentLayout:
+        return ExperimentLayout.of(self.config)
+
+    def step(self, stage: str, unit: str) -> Step:
+        """The step of `stage` for `unit`; ConfigError naming the valid units when there is none."""
+        if stage not in STAGE_NAMES:
+            raise ConfigError(f"{stage!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
+        found = get_stage(stage)
+        units = found.units(self.config)
+        if unit not in units:
+            raise ConfigError(f"{stage} has no unit {unit!r} in {self.file}; its units: {', '.join(units)}")
+        return Step(found, unit, found.folder(self.layout, unit))
+
+    def needs(self, step: Step) -> list[Step]:
+        """The steps that must be done before `step` runs (the stage table's `needs`)."""
+        return [self.step(stage, unit) for stage, unit in step.stage.needs(self.config, step.unit)]
+
+    def is_done(self, step: Step) -> bool:
+        """Finished in its folder, under this config's judges."""
+        return step.stage.is_done(self.config, self.layout, step.unit)
+
+    def is_current(self, step: Step) -> bool:
+        """Done, and (for a stage derived anew every run) done under the params of now."""
+        if not self.is_done(step):
+            return False
+        return step.stage.guarded or recorded_params(step.folder, step.stage.name) == step.stage.params(self.config, step.unit)
 
 
 @dataclass
@@ -99,6 +126,13 @@ def plan_steps(config: ExperimentConfig, until: str | None = None) -> list[Step]
     return steps
 
 
+def load_plan(path: str | Path, until: str | None = None) -> Plan:
+    """Load the experiment file at `path` and plan its steps up to stage `until` (default: all)."""
+    file = resolve_params_path(path)
+    config = load_experiment(file)
+    return Plan(file, config, tuple(plan_steps(config, until)))
+
+
 def guard_params(config: ExperimentConfig, steps: Sequence[Step]) -> None:
     """Refuse, before anything runs, a folder where a stage ran (finished or not) under other
     params, naming the keys: rather than skipping it as done, or failing hours later."""
@@ -107,42 +141,84 @@ def guard_params(config: ExperimentConfig, steps: Sequence[Step]) -> None:
             check_params(step.folder, step.stage.name, step.stage.params(config, step.unit))
 
 
+def execute_step(plan: Plan, step: Step) -> StageRecord:
+    """Execute one step's notebook into its folder, or skip it when it is complete (a stage
+    that `always_runs` never is). Returns its record: ran, skipped or failed."""
+    if not step.stage.always_runs and plan.is_done(step):
+        log.info("%s %s: complete, skipped", step.stage.name, step.unit)
+        return StageRecord(step.stage.name, step.folder, step.unit, "skipped")
+    return execute_stage(step.stage.name, step.folder, {"experiment": str(plan.file), **step.parameters}, step.unit)
+
+
+def run_step(path: str | Path, stage: str, unit: str) -> StageRecord:
+    """Run one step of the experiment at `path` (`emlab step`, what a Slurm job runs): check
+    that what it needs is done, guard its params, clear what a killed write left in its
+    folder, execute it; after the experiment's last stage, or a failure, write the index.
+
+    Raises `EmlabError` when it cannot start or its notebook failed (naming the notebook).
+    """
+    plan = load_plan(path)
+    step = plan.step(stage, unit)
+    missing = [need.key for need in plan.needs(step) if not plan.is_done(need)]
+    if missing:
+        raise EmlabError(f"{step.key} needs {', '.join(missing)} done first (not done in {plan.layout.root}); "
+                         f"run `emlab run {plan.file}` to run everything in order")
+    guard_params(plan.config, [step])
+    for stale in remove_stale_temp_files(step.folder):
+        log.info("removed %s, left by a write that was killed", stale)
+    record = execute_step(plan, step)
+    if record.status == "failed" or step.stage.scope == "experiment":
+        write_index(plan.config, records_on_disk(plan, {step.key: record}))
+    if record.status == "failed":
+        raise EmlabError(failure_message(record))
+    return record
+
+
+def records_on_disk(plan: Plan, known: dict[str, StageRecord] | None = None) -> list[StageRecord]:
+    """A record per step of the plan as its folder shows it (for the index page when the steps
+    ran elsewhere): 'done' with the notebook's run time, 'failed' when an executed notebook
+    has no completion marker, 'not run' otherwise; `known` (by step key) wins."""
+    records = []
+    for step in plan.steps:
+        if known and step.key in known:
+            records.append(known[step.key])
+            continue
+        record = StageRecord(step.stage.name, step.folder, step.unit, "not run")
+        if done_summary(step.folder, step.stage.name) is not None:
+            record.status = "done"
+        elif record.notebook.exists():
+            record.status, record.error = "failed", "the executed notebook has no completion marker"
+        if record.notebook.exists():
+            record.seconds = _notebook_seconds(record.notebook)
+        records.append(record)
+    return records
+
+
+def _notebook_seconds(notebook: Path) -> float:
+    """How long papermill ran the notebook (its own metadata); 0 when unreadable."""
+    try:
+        return float(nbformat.read(notebook, as_version=4).metadata.get("papermill", {}).get("duration") or 0.0)
+    except Exception:  # a notebook being written right now: the time is only informative
+        return 0.0
+
+
 def run_experiment(path: str | Path, *, until: str | None = None) -> ExperimentRun:
-    """Run every stage of the experiment in `path` that is not complete yet; return what ran.
+    """Run every stage of the experiment in `path` that is not complete yet, here, one after
+    another (the local executor); return what ran. For Slurm see `emlab.executors.slurm`.
 
     until: the last stage to run (a name from `emlab.stages.STAGE_NAMES`; default: all);
         later stages are left for the next call.
 
     Raises `EmlabError` naming the first failed stage and its executed notebook.
     """
-    file = resolve_params_path(path)
-    config = load_experiment(file)
-    steps = plan_steps(config, until)
-    preflight(config)
-    guard_params(config, steps)
-    layout = ExperimentLayout.of(config)
-    for folder in dict.fromkeys(step.folder for step in steps):
-        for stale in remove_stale_temp_files(folder):
-            log.info("removed %s, left by a write that was killed", stale)
+    from .executors.local import run_local  # the executors build on this module
 
-    run = ExperimentRun(config)
-    for step in steps:
-        stage = step.stage
-        if not stage.always_runs and stage.is_done(config, layout, step.unit):
-            log.info("%s %s: complete, skipped", stage.name, step.unit)
-            run.records.append(StageRecord(stage.name, step.folder, step.unit, "skipped"))
-            continue
-        record = execute_stage(stage.name, step.folder, {"experiment": str(file), **step.parameters}, step.unit)
-        run.records.append(record)
-        if record.status == "failed":
-            write_index(config, run.records)
-            raise EmlabError(_failure_message(record))
-    index = write_index(config, run.records)
-    log.info("experiment %s: index at %s", config.name, index)
-    return run
+    return run_local(load_plan(path, until))
 
 
-def _failure_message(record: StageRecord) -> str:
+def failure_message(record: StageRecord) -> str:
+    """One line for a failed step: the cause (disk full named as such), its executed notebook,
+    and what to do."""
     # OSError, SafetensorError, torch's RuntimeError...: each words it its own way, but all
     # quote the C library's text for the errno
     disk_full = any(os.strerror(code) in (record.error or "") for code in _DISK_FULL)

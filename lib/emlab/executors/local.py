@@ -1,0 +1,37 @@
+"""The local executor: every step of the plan in this process, in plan order, skipping the
+complete ones; the index page at the end (and on the first failure, which stops the run)."""
+
+from __future__ import annotations
+
+import logging
+
+from ..errors import EmlabError
+from ..files import remove_stale_temp_files
+from ..pipeline import ExperimentRun, Plan, execute_step, failure_message, guard_params, preflight
+from ..report import write_index
+
+log = logging.getLogger(__name__)
+
+
+def run_local(plan: Plan) -> ExperimentRun:
+    """Check the inputs and the params guard, then execute each step that is not complete.
+
+    Raises `EmlabError` naming the first failed stage and its executed notebook.
+    """
+    preflight(plan.config)
+    guard_params(plan.config, plan.steps)
+    # nothing else writes to these folders while this process runs the experiment
+    for folder in dict.fromkeys(step.folder for step in plan.steps):
+        for stale in remove_stale_temp_files(folder):
+            log.info("removed %s, left by a write that was killed", stale)
+
+    run = ExperimentRun(plan.config)
+    for step in plan.steps:
+        record = execute_step(plan, step)
+        run.records.append(record)
+        if record.status == "failed":
+            write_index(plan.config, run.records)
+            raise EmlabError(failure_message(record))
+    index = write_index(plan.config, run.records)
+    log.info("experiment %s: index at %s", plan.config.name, index)
+    return run
