@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, EmlabError
-from .files import load_input_yaml, one_line, path_exists, shown
+from .files import BOOLEAN_HINT, load_input_yaml, one_line, path_exists, shown
 from .paths import repo_root
 from .rule import EmRule
 
@@ -761,7 +761,7 @@ def _explain(exc: ValidationError, file: Path, node: yaml.Node | None, root: typ
             found = err.get("input")
             described = "a mapping" if isinstance(found, dict) else shown(found, 80)
             quote = isinstance(found, bool) and err["type"] == "string_type"
-            advice = "; YAML reads bare yes/no/on/off/true/false as booleans: quote the text" if quote else ""
+            advice = f"; {BOOLEAN_HINT}" if quote else ""
             lines.append(f"{where}: '{dotted}': {err['msg']} (found {described}){advice}")
     if len(errors) > _MAX_PROBLEMS:
         lines.append(f"and {len(errors) - _MAX_PROBLEMS} more problems")

@@ -16,13 +16,13 @@ from typing import Any
 
 import nbformat
 import papermill as pm
-from jupyter_client.manager import AsyncKernelManager
 from nbconvert import HTMLExporter
 from papermill.iorw import LocalHandler, papermill_io
 from traitlets import default
 
 from .files import write_text
 from .paths import notebook_file, notebooks_dir, progress_file, repo_root
+from .procs import BoundKernelManager
 from .progress import ProgressDisplay
 from .runinfo import done_summary
 from .stages.base import StageRecord
@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 logging.getLogger("papermill").setLevel(logging.WARNING)
 
 
-class LocalKernelManager(AsyncKernelManager):
+class LocalKernelManager(BoundKernelManager):
     """Stage kernels on IPC (Unix socket) transport: no TCP port open on the machine, and no
-    "Kernel is running over TCP without encryption" warning in the user's terminal."""
+    "Kernel is running over TCP without encryption" warning in the user's terminal; bound to
+    this process (procs.BoundKernelManager), so a SIGKILLed run takes its kernel with it."""
 
     @default("transport")
     def _default_transport(self) -> str:

@@ -214,6 +214,9 @@ def one_line(text: str) -> str:
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
+BOOLEAN_HINT = "YAML reads bare yes/no/on/off/true/false as booleans: quote the text"
+
+
 def shown(value: Any, limit: int = 60) -> str:
     """A short one-line repr of a user value for error messages (long ones cut with '…')."""
     text = one_line(repr(value))
@@ -406,8 +409,8 @@ def _open_input(file: Path, *, what: str, error: type[EmlabError], max_bytes: in
     if not stat.S_ISREG(info.st_mode):
         raise error(f"{file}: is not a regular file (a device, pipe or socket); expected a {what}")
     if info.st_size > max_bytes:
-        raise error(f"{file}: {what} is {_size(info.st_size)}, over the limit of {_size(max_bytes)}; "
-                    "is it the right file?")
+        raise error(f"{file}: {what} is {_size(info.st_size)} ({info.st_size:,} bytes), over the limit of "
+                    f"{_size(max_bytes)}; is it the right file?")
     try:
         handle = open(file, "rb")
     except OSError as exc:
@@ -511,6 +514,13 @@ class _InputLoader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._depth = 0
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        # The scanner keeps a candidate key per open bracket and rescans them all at every
+        # token: '[' * 3000 takes seconds before the composer ever sees the depth.
+        if self.flow_level >= MAX_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels", self.get_mark().line + 1)
+        super().fetch_flow_collection_start(TokenClass)  # type: ignore[no-untyped-call]
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         # The composer recurses once per level: refuse deep documents before Python's stack does.

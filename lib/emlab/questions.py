@@ -56,7 +56,7 @@ import yaml
 
 from .config import DatasetSpec, ExperimentConfig, QuestionFileSpec, SampleSpec, load_yaml, yaml_line
 from .errors import DataError
-from .files import one_line, path_exists, shown
+from .files import BOOLEAN_HINT, one_line, path_exists, shown
 from .paths import repo_root
 
 if TYPE_CHECKING:  # annotations only: the judge package imports the openai client (~2 s)
@@ -623,7 +623,7 @@ def _kind(value: Any) -> str:
     if value is None:
         return "nothing"
     if isinstance(value, bool):
-        return f"the boolean {value} (YAML reads bare yes/no/on/off/true/false as booleans: quote the text)"
+        return f"the boolean {value} ({BOOLEAN_HINT})"
     return {dict: "a mapping", list: "a list", str: "text", int: "a number", float: "a number"}.get(
         type(value), type(value).__name__
     )

@@ -42,7 +42,7 @@ import yaml
 
 from ..config import load_yaml, resolve_params_path, yaml_line
 from ..errors import ConfigError
-from ..files import one_line, path_exists, read_input_bytes, shown
+from ..files import BOOLEAN_HINT, one_line, path_exists, read_input_bytes, shown
 from ..paths import repo_root
 
 PLACEHOLDERS = ("question", "answer")
@@ -159,13 +159,13 @@ def _validate(data: Any, node: yaml.Node | None, path: Path, digest: str) -> Rub
 
     rubric_id = data["id"]
     if rubric_id != path.stem:
-        raise fail("id", f"must equal the file name '{path.stem}', found {shown(rubric_id)}")
+        raise fail("id", f"must equal the file name '{path.stem}', found {_found(rubric_id)}")
     metric = data["metric"]
     if not isinstance(metric, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", metric):
-        raise fail("metric", f"expected a lower-case identifier such as 'aligned', found {shown(metric)}")
+        raise fail("metric", f"expected a lower-case identifier such as 'aligned', found {_found(metric)}")
     kind = data["kind"]
     if kind not in _KINDS:
-        raise fail("kind", f"expected one of {', '.join(_KINDS)}, found {shown(kind)}")
+        raise fail("kind", f"expected one of {', '.join(_KINDS)}, found {_found(kind)}")
 
     verdicts_raw = data.get("verdicts", [])
     if isinstance(verdicts_raw, list) and any(isinstance(v, bool) for v in verdicts_raw):
@@ -208,7 +208,7 @@ def _validate(data: Any, node: yaml.Node | None, path: Path, digest: str) -> Rub
 
     description = data.get("description", "")
     if not isinstance(description, str):
-        raise fail("description", f"expected text, found {shown(description)}")
+        raise fail("description", f"expected text, found {_found(description)}")
 
     messages = _messages(data["messages"], fail)
     return Rubric(
@@ -234,9 +234,9 @@ def _messages(raw: Any, fail: Any) -> tuple[RubricMessage, ...]:
             found = sorted(item) if isinstance(item, dict) else type(item).__name__
             raise fail(key, f"expected exactly the keys role and content, found {found}")
         if item["role"] not in _ROLES:
-            raise fail(key, f"role must be one of {', '.join(_ROLES)}, found {shown(item['role'])}")
+            raise fail(key, f"role must be one of {', '.join(_ROLES)}, found {_found(item['role'])}")
         if not isinstance(item["content"], str) or not item["content"].strip():
-            raise fail(key, f"content must be non-empty text, found {shown(item['content'])}")
+            raise fail(key, f"content must be non-empty text, found {_found(item['content'])}")
         for name in _BRACED.findall(item["content"]):
             # Literal braces are allowed (code in few-shot turns); a near-miss of a
             # placeholder is almost certainly a typo that would send the text unfilled.
@@ -250,6 +250,10 @@ def _messages(raw: Any, fail: Any) -> tuple[RubricMessage, ...]:
         raise fail("messages", "no turn contains the placeholder {answer}")
     return tuple(out)
 
+
+def _found(value: Any) -> str:
+    """A found value for a message; a boolean where text belongs says why YAML made it one."""
+    return f"the boolean {value} ({BOOLEAN_HINT})" if isinstance(value, bool) else shown(value)
 
 
 def _line(node: yaml.Node | None, key: str) -> int | None:

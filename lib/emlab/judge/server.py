@@ -3,7 +3,8 @@
 `python -m llama_cpp.server` (package `llama-cpp-python[server]`) speaks the OpenAI chat API
 and returns `logprobs` with `top_logprobs`, so local judges use the same client code path as
 OpenAI. Its log goes to a file (never the notebook); when it dies or does not come up, the
-error quotes the log's tail.
+error quotes the log's tail. The server is started with `procs.spawn`: it dies with the
+process that started it, even when that one is SIGKILLed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..config import EMBEDDED_MODEL, JudgeSpec
 from ..errors import ConfigError, JudgeError
 from ..models import embedded_gguf_path
 from ..paths import logs_dir, repo_root
+from ..procs import spawn
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ def local_judge_server(
     base_url = f"http://127.0.0.1:{port}/v1"
     log.info("starting llama.cpp judge server for %s on %s (log %s)", gguf.name, base_url, log_path)
     with open(log_path, "ab") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # bound to this process: a SIGKILLed run (or kernel) takes the server with it
+        proc = spawn(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         _wait_ready(proc, base_url, log_path, startup_timeout_s)
         yield base_url
