@@ -226,9 +226,9 @@ def batch_script(plan: Plan, step: Step, after: Sequence[str]) -> str:
         "# written and submitted by `emlab run --executor slurm`; submit again with that command",
         *(f"#SBATCH {shlex.quote(option)}" for option in options),
         "set -eo pipefail",
-        *executor.setup,
         f"export EMLAB_ROOT={shlex.quote(str(repo_root()))}",
         f"export EMLAB_CACHE={shlex.quote(str(cache_dir()))}",
+        *executor.setup,  # after the exports: a setup line may point EMLAB_CACHE elsewhere
         'echo "emlab: job ${SLURM_JOB_ID} on $(hostname) at $(date -Iseconds)"',
         f"exec {shlex.join(command)}",
     ]
@@ -249,6 +249,27 @@ def _sbatch(plan: Plan, step: Step, after: Sequence[str]) -> tuple[str, Path]:
     if not job.isdigit():
         raise SlurmError(f"sbatch answered {done.stdout.strip()!r} for {step.key}, not a job id")
     return job, script
+
+
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "ceph", "fuse.sshfs",
+                                  "fuse.glusterfs", "panfs", "wekafs"})
+
+
+def network_filesystem(path: Path) -> str | None:
+    """The type of the network filesystem `path` lies on (from /proc/mounts), else None."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target, best, kind = path.resolve(), -1, None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if (target == point or point in target.parents) and len(point.parts) > best:
+            best, kind = len(point.parts), fields[2]
+    return kind if kind in NETWORK_FILESYSTEMS else None
 
 
 @contextmanager
@@ -287,6 +308,12 @@ def submit_plan(plan: Plan) -> list[Submitted]:
     require_slurm()
     preflight(plan.config)
     guard_params(plan.config, plan.steps)
+    shared = network_filesystem(cache_dir())
+    if shared:
+        # SQLite's WAL journal (the judge cache) keeps its index in shared memory of one host
+        log.warning("the judge cache %s is on %s: jobs on different nodes must not share it (SQLite WAL); "
+                    "give each job its own, e.g. executor.setup: ['export EMLAB_CACHE=$TMPDIR/emlab-cache'] "
+                    "(judgments.jsonl in the run folders still keeps every paid call)", cache_dir(), shared)
     files = plan.layout.slurm
     with _submit_lock(files):
         record = JobRecord.load(files)

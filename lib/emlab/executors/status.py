@@ -57,7 +57,10 @@ def experiment_status(plan: Plan, *, tail_lines: int = LOG_TAIL_LINES) -> list[S
         notebook = notebook_file(step.folder, step.stage.name)
         if info is not None and info.active:
             state = "queued" if info.queued else "running"
-            detail = f"{info.state.lower()}" + (f" ({info.reason})" if info.reason and info.reason != "None" else "")
+            shown = [] if info.state in ("PENDING", "RUNNING") else [info.state.lower()]
+            if info.reason and info.reason != "None":  # squeue's 'None': nothing to wait for
+                shown.append(f"waiting: {info.reason}" if info.queued else info.reason)
+            detail = "; ".join(shown)
             statuses.append(StepStatus(step, state, job, detail))
         elif plan.is_done(step):
             statuses.append(StepStatus(step, "done", job))
