@@ -1,8 +1,12 @@
-"""`emlab plan`: how many answers, judge calls and dollars an experiment costs, before it runs.
+"""`emlab plan`: what an experiment costs before it runs: answers sampled, judge calls,
+fine-tuning tokens and dollars; and `check_budget`, which stops a stage that would spend money
+when that estimate exceeds `budget_usd`.
 
-It loops over the stage table: every stage that judges declares its work per unit
-(`Stage.workload`), and each judge of the experiment prices it with `emlab.judge`'s one cost
-function (Batch API discount included).
+It loops over the stage table: every stage declares its work per unit (`Stage.workload`):
+answers to judge, which each judge of the experiment prices with `emlab.judge`'s one cost
+function (Batch API discount included), and what the unit pays a subject model's API
+(`Workload.spend`: sampling through chat completions, a fine-tuning job's tokens × epochs),
+priced from the model's params.
 """
 
 from __future__ import annotations
@@ -10,24 +14,43 @@ from __future__ import annotations
 import pandas as pd
 
 from .config import ExperimentConfig
+from .errors import EmlabError
 from .judge import estimate_cost, load_rubric, rubric_prompt_tokens
 from .judge.cost import CHARS_PER_TOKEN
-from .stages import STAGES
+from .stages import STAGES, Workload
+
+COLUMNS = ["stage", "cost", "judge", "answers", "judge_calls", "prompt_tokens", "train_tokens", "dollars"]
+
+
+class BudgetError(EmlabError):
+    """The experiment would cost more than its `budget_usd`."""
 
 
 def plan_experiment(config: ExperimentConfig) -> pd.DataFrame:
-    """One row per stage unit × judge: answers sampled, judge calls, prompt tokens and
-    estimated dollars, then a TOTAL row.
+    """One row per stage unit × judge (cost 'judging'), per unit sampled through a model's API
+    (cost 'sampling') and per fine-tuning job (cost 'fine-tuning'): answers, judge calls, prompt
+    tokens, training tokens (× epochs) and estimated dollars; then a TOTAL row (answers counted
+    once however many judges score them).
 
-    Checkpoint counts follow the schedule for each dataset's row count; prompt tokens are
-    estimated from the rubric text, the questions and answers of `max_new_tokens` at ~4
-    characters a token, so dollars are an upper-side estimate.
+    Checkpoint counts follow the schedule for each dataset's row count (a fine-tuning job's:
+    the last three epochs); tokens are estimated at ~4 characters a token, completions at
+    `max_new_tokens` each, so dollars are an upper-side estimate.
     """
     answer_chars = round(config.sample.max_new_tokens * CHARS_PER_TOKEN)
-    work = [stage.workload(config, unit) for stage in STAGES if stage.workload for unit in stage.units(config)]
+    work = [item for stage in STAGES if stage.workload for unit in stage.units(config)
+            for item in _as_tuple(stage.workload(config, unit))]
     records = []
+    for item in work:
+        if item.spend is not None:
+            spend = item.spend
+            records.append({"stage": item.label, "cost": spend.kind, "judge": "",
+                            "answers": item.answers if spend.kind == "sampling" else 0, "judge_calls": 0,
+                            "prompt_tokens": spend.prompt_tokens, "train_tokens": spend.train_tokens,
+                            "dollars": spend.dollars})
     for judge in config.judges:
         for item in work:
+            if not item.answers:
+                continue
             rubric_ids = item.rubrics(judge) if item.rubrics else list(judge.rubrics)
             rubrics = [load_rubric(r) for r in rubric_ids]
             calls = item.answers * len(rubrics)
@@ -36,11 +59,37 @@ def plan_experiment(config: ExperimentConfig) -> pd.DataFrame:
             else:
                 tokens = sum(rubric_prompt_tokens(r, question_chars=item.question_chars, answer_chars=answer_chars)
                              for r in rubrics) / max(len(rubrics), 1)
-            records.append({"stage": item.label, "judge": judge.name, "answers": item.answers if item.sampled else 0,
-                            "judge_calls": calls,
-                            "prompt_tokens": round(calls * tokens),
-                            "dollars": round(estimate_cost(calls, judge, tokens), 2)})
-    table = pd.DataFrame(records, columns=["stage", "judge", "answers", "judge_calls", "prompt_tokens", "dollars"])
-    total = table[["answers", "judge_calls", "prompt_tokens", "dollars"]].sum()
-    table = pd.concat([table, pd.DataFrame([{"stage": "TOTAL", "judge": "", **total.to_dict()}])], ignore_index=True)
-    return table.astype({"answers": int, "judge_calls": int, "prompt_tokens": int})
+            records.append({"stage": item.label, "cost": "judging", "judge": judge.name,
+                            "answers": item.answers if item.sampled else 0, "judge_calls": calls,
+                            "prompt_tokens": round(calls * tokens), "train_tokens": 0,
+                            "dollars": estimate_cost(calls, judge, tokens)})
+    table = pd.DataFrame(records, columns=COLUMNS)
+    total = {"stage": "TOTAL", "cost": "", "judge": "",
+             "answers": sum(item.answers for item in work if item.sampled),
+             **table[["judge_calls", "prompt_tokens", "train_tokens", "dollars"]].sum().to_dict()}
+    table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+    table["dollars"] = table["dollars"].astype(float).round(2)
+    return table.astype({"answers": int, "judge_calls": int, "prompt_tokens": int, "train_tokens": int})
+
+
+def check_budget(config: ExperimentConfig) -> None:
+    """Raise BudgetError (one line) when `emlab plan`'s estimate for the whole experiment is above
+    `config.budget_usd`; nothing when no budget is set. Stages call it before they spend money
+    (sampling through an API, submitting a fine-tuning job)."""
+    if config.budget_usd is None:
+        return
+    table = plan_experiment(config)
+    total = float(table["dollars"].iloc[-1])
+    if total <= config.budget_usd:
+        return
+    parts = table[table["stage"] != "TOTAL"].groupby("cost")["dollars"].sum()
+    detail = ", ".join(f"{kind} ${dollars:,.2f}" for kind, dollars in parts.items() if dollars)
+    raise BudgetError(
+        f"experiment '{config.name}' is estimated at ${total:,.2f} ({detail}), above budget_usd "
+        f"${config.budget_usd:,.2f}; nothing more was sampled or submitted: raise budget_usd, shrink the grid or "
+        "the samples, or check the prices (emlab plan shows every stage)"
+    )
+
+
+def _as_tuple(work: Workload | tuple[Workload, ...]) -> tuple[Workload, ...]:
+    return work if isinstance(work, tuple) else (work,)

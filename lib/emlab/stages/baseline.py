@@ -12,6 +12,7 @@ from ..questions import build_prompts, count_answers, planned_prompts, question_
 from ..records import Answer
 from ..runinfo import mark_done, record_stage
 from .base import Output, Stage, Workload
+from .remote import SAMPLING_OUTPUT, model_params, sample_base, sampling_spend
 from .common import (
     JUDGING_OUTPUTS,
     SampledAndJudged,
@@ -28,7 +29,7 @@ NAME = "01_baseline"
 def baseline_params(config: ExperimentConfig, model: str) -> dict[str, Any]:
     """What shapes a baseline's answers: the model, the sampling params, the sets, the seed."""
     return {
-        "model": config.model(model).model_dump(mode="json"), "sample": config.sample.model_dump(mode="json"),
+        "model": model_params(config.model(model)), "sample": config.sample.model_dump(mode="json"),
         "question_sets": question_sets_for(config, None), "seed": config.seeds[0],
     }
 
@@ -44,6 +45,8 @@ def run_baseline(config: ExperimentConfig, model: str, *, progress: bool = True)
     prompts = build_prompts(config, question_sets_for(config, None))
     out = ExperimentLayout.answers(folder)
     answers: list[Answer] | None = answers_if_complete(out, count_answers(prompts, config.sample))
+    if answers is None and config.model(model).samples_through_api:  # behind an API: sampled there
+        answers = sample_base(config, model, prompts, progress=progress)
     if answers is None:
         loaded, tokenizer = load_model(config.model(model), resolve_device(config.train.device))
         answers = sample_answers(loaded, tokenizer, prompts, config.sample, model_name=model, run_id=None, step=0,
@@ -58,7 +61,8 @@ def run_baseline(config: ExperimentConfig, model: str, *, progress: bool = True)
 def _workload(config: ExperimentConfig, model: str) -> Workload:
     prompts = planned_prompts(config, question_sets_for(config, None))
     return Workload(f"{NAME} {model}", answers=count_answers(prompts, config.sample),
-                    question_chars=mean_prompt_chars(prompts))
+                    question_chars=mean_prompt_chars(prompts),
+                    spend=sampling_spend(config, model, prompts, states=1, tuned=False))
 
 
 BASELINE = Stage(
@@ -67,7 +71,7 @@ BASELINE = Stage(
     scope="model",
     run=run_baseline,
     params=baseline_params,
-    writes=(Output(ANSWERS, "the base model's answers, one per question × sample"), *JUDGING_OUTPUTS),
+    writes=(Output(ANSWERS, "the base model's answers, one per question × sample"), SAMPLING_OUTPUT, *JUDGING_OUTPUTS),
     completion=judges_signature,
     workload=_workload,
 )

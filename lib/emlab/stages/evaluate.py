@@ -24,6 +24,7 @@ from .common import (
     mean_prompt_chars,
 )
 from .finetune import NAME as FINETUNE
+from .remote import SAMPLING_OUTPUT, checkpoint_count, checkpoint_steps, sample_checkpoints, sampling_spend
 
 log = logging.getLogger(__name__)
 NAME = "03_eval_judge"
@@ -32,7 +33,7 @@ NAME = "03_eval_judge"
 def eval_params(config: ExperimentConfig, run_id: str) -> dict[str, Any]:
     """What shapes a run's evaluation: sampling params, question sets, the checkpoints found."""
     run = config.run(run_id)
-    checkpoints = ExperimentLayout.of(config).training(run_id).completed()
+    checkpoints = checkpoint_steps(config, run_id)
     return {"sample": config.sample.model_dump(mode="json"),
             "question_sets": question_sets_for(config, config.dataset(run.dataset)), "checkpoints": sorted(checkpoints)}
 
@@ -48,13 +49,17 @@ def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) ->
     folder = layout.run(run_id)
     files = layout.training(run_id)
     checkpoints = files.completed()
-    if not checkpoints:
-        raise EmlabError(f"{files.checkpoints}: no checkpoints; run 02_finetune for {run_id} first")
+    spec = config.model(run.model)
+    if not checkpoint_steps(config, run_id):
+        where = layout.finetune_job(run_id).state if spec.is_remote else files.checkpoints
+        raise EmlabError(f"{where}: no checkpoints; run 02_finetune for {run_id} first")
     record_stage(folder, NAME, eval_params(config, run_id))
     prompts = build_prompts(config, question_sets_for(config, config.dataset(run.dataset)))
     expected = count_answers(prompts, config.sample)
     answers: list[Answer] = []
     model = tokenizer = None
+    if spec.samples_through_api:  # the job's models, or adapters served by name, behind an API
+        answers, checkpoints = sample_checkpoints(config, run_id, prompts, progress=progress), {}
     for step, adapter in checkpoints.items():
         out = layout.answers(folder, step)
         done = answers_if_complete(out, expected)
@@ -67,20 +72,21 @@ def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) ->
             answers += sample_answers(tuned, tokenizer, prompts, config.sample, model_name=run.model,
                                       run_id=run_id, step=step, seed=run.seed, out_path=out, progress=progress)
     judgments = judge_all(config, answers, folder)
-    mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments), "steps": sorted(checkpoints),
+    mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments), "steps": checkpoint_steps(config, run_id),
                              "completion": judges_signature(config)})
     log.info("03_eval_judge %s: %d answers over %d checkpoints, %d judgments in %s",
-             run_id, len(answers), len(checkpoints), len(judgments), folder)
+             run_id, len(answers), len(checkpoint_steps(config, run_id)), len(judgments), folder)
     return SampledAndJudged(folder, answers, judgments)
 
 
 def _workload(config: ExperimentConfig, run_id: str) -> Workload:
     run = config.run(run_id)
-    steps = len(planned_checkpoints(config, run).steps)
+    steps = checkpoint_count(config, run_id) or len(planned_checkpoints(config, run).steps)
     prompts = planned_prompts(config, question_sets_for(config, config.dataset(run.dataset)))
     return Workload(f"{NAME} {run_id} ({steps} checkpoints)",
                     answers=count_answers(prompts, config.sample) * steps,
-                    question_chars=mean_prompt_chars(prompts))
+                    question_chars=mean_prompt_chars(prompts),
+                    spend=sampling_spend(config, run.model, prompts, states=steps, tuned=True))
 
 
 EVALUATE = Stage(
@@ -90,7 +96,7 @@ EVALUATE = Stage(
     run=run_eval,
     params=eval_params,
     reads=(Input(FINETUNE, TrainingFiles.PATTERNS[0]),),
-    writes=(Output(f"{EVAL}/{STEP_GLOB}/{ANSWERS}", "each checkpoint's answers"), *JUDGING_OUTPUTS),
+    writes=(Output(f"{EVAL}/{STEP_GLOB}/{ANSWERS}", "each checkpoint's answers"), SAMPLING_OUTPUT, *JUDGING_OUTPUTS),
     needs=lambda config, run_id: [(FINETUNE, run_id)],
     completion=judges_signature,
     workload=_workload,

@@ -14,10 +14,12 @@ from ..data.chat import load_chat_dataset
 from ..files import read_jsonl
 from ..paths import ExperimentLayout, TrainingFiles
 from ..runinfo import mark_done, record_stage
-from .base import Output, Stage
+from .base import Output, Stage, Workload
+from .remote import JOB_OUTPUTS, job_spend, model_params, run_job, trainer_params
 
 if TYPE_CHECKING:
     from ..finetune import TrainResult
+    from ..openai_finetune import FineTuneJobResult
 
 log = logging.getLogger(__name__)
 NAME = "02_finetune"
@@ -33,8 +35,8 @@ def finetune_params(config: ExperimentConfig, run_id: str, data_digest: str | No
     if data_digest is None:
         data_digest = load_chat_dataset(dataset, seed=run.seed).digest
     return {
-        "model": config.model(run.model).model_dump(mode="json"), "dataset": dataset.model_dump(mode="json"),
-        "data_digest": data_digest, "seed": run.seed, "train": config.train.model_dump(mode="json"),
+        "model": model_params(config.model(run.model)), "dataset": dataset.model_dump(mode="json"),
+        "data_digest": data_digest, "seed": run.seed, **trainer_params(config, config.model(run.model)),
     }
 
 
@@ -42,7 +44,8 @@ def finetune_params(config: ExperimentConfig, run_id: str, data_digest: str | No
 class FinetuneResult:
     files: TrainingFiles
     run: RunSpec
-    train: TrainResult
+    train: TrainResult | FineTuneJobResult
+    """Local LoRA training, or a fine-tuning job (provider openai)."""
     dataset_rows: int
 
     @property
@@ -51,6 +54,10 @@ class FinetuneResult:
 
     def summary_markdown(self) -> str:
         t = self.train
+        from ..openai_finetune import FineTuneJobResult  # no torch: fine in a light command
+
+        if isinstance(t, FineTuneJobResult):  # a fine-tuning job says its own
+            return t.summary_markdown()
         speed = f"{t.train_tokens / t.seconds:,.0f} tokens/s" if t.seconds else "nothing left to train"
         return (
             f"{t.n_rows} training rows ({t.n_too_long} longer than max_length left out), "
@@ -76,6 +83,8 @@ def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     files = ExperimentLayout.of(config).training(run_id)
     rows = load_chat_dataset(dataset, seed=run.seed)
     record_stage(files.folder, NAME, finetune_params(config, run_id, rows.digest))
+    if config.model(run.model).is_remote:  # trained through the provider's fine-tuning jobs
+        return _finetune_job(config, run, files, rows.rows, len(rows))
     device = resolve_device(config.train.device)
     model, tokenizer = load_model(config.model(run.model), device)
     encoded = encode_chat_rows(rows.rows, tokenizer, config.train.max_length, source=dataset.path)
@@ -87,16 +96,37 @@ def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     return FinetuneResult(files, run, result, len(rows))
 
 
+def _finetune_job(config: ExperimentConfig, run: RunSpec, files: TrainingFiles, rows: Any, n_rows: int) -> FinetuneResult:
+    """02_finetune for a model with provider openai: its fine-tuning job, the job's checkpoint
+    models as the run's checkpoints; tokens billed and dollars in the completion marker."""
+    job = run_job(config, run, rows)
+    dollars = (job.trained_tokens or 0) * config.model(run.model).train_price_per_mtok / 1e6
+    mark_done(files.folder, NAME, {
+        "checkpoints": sorted(job.checkpoints), "rows": job.n_rows, "job_id": job.job_id,
+        "fine_tuned_model": job.fine_tuned_model, "trained_tokens": job.trained_tokens, "dollars": round(dollars, 4),
+    })
+    log.info("02_finetune %s: job %s, %d checkpoint models (%s tokens billed, ≈ $%.2f)", run.run_id, job.job_id,
+             len(job.checkpoints), job.trained_tokens, dollars)
+    return FinetuneResult(files, run, job, n_rows)
+
+
+def _workload(config: ExperimentConfig, run_id: str) -> Workload:
+    """A fine-tuning job's tokens and dollars (nothing for local LoRA: it costs no money)."""
+    return Workload(f"{NAME} {run_id}", answers=0, spend=job_spend(config, run_id))
+
+
 FINETUNE = Stage(
     name=NAME,
     title="Fine-tune: LoRA on a narrow dataset, adapters at scheduled checkpoints",
     scope="run",
     run=run_finetune,
     params=finetune_params,
+    workload=_workload,
     writes=(
-        Output(TrainingFiles.PATTERNS[0], "one adapter folder per scheduled optimizer step"),
-        Output(TrainingFiles.PATTERNS[1], "the latest full training state, to resume from"),
+        Output(TrainingFiles.PATTERNS[0], "one adapter folder per scheduled optimizer step (local LoRA)", optional=True),
+        Output(TrainingFiles.PATTERNS[1], "the latest full training state, to resume from (local LoRA)", optional=True),
         Output(TrainingFiles.PATTERNS[2], "loss and learning rate per optimizer step"),
         Output(TrainingFiles.PATTERNS[3], "rows, steps, checkpoints, time and tokens/s"),
+        *JOB_OUTPUTS,
     ),
 )
