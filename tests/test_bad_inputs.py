@@ -67,8 +67,9 @@ class Lab:
         judge = {"name": "smol", "model": "smollm2-judge", "base_url": f"http://127.0.0.1:{CLOSED_PORT}/v1",
                  "api_key_env": None, "rubrics": list(RUBRICS), "concurrency": 2, "max_retries": 1}
         head = (f"base: {REPO / 'tests/configs/tiny.yaml'}\n"
-                f"output_root: {self.outputs}\n"
-                f"judges: [{json.dumps(judge)}]\n")
+                f"output_root: {self.outputs}\n")
+        if not re.search(r"(?m)^judges:", body):  # a key given twice is refused (files.load_input_yaml)
+            head += f"judges: [{json.dumps(judge)}]\n"
         path = self.root / name
         path.write_text(head + body)
         return path
