@@ -223,6 +223,15 @@ def shown(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def user_path(text: str | Path) -> Path:
+    """`Path(text).expanduser()` that never raises ('~nobody/x' with no such user stays as
+    given, for the reader to report as not found)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
 def path_exists(path: str | Path) -> bool:
     """Whether anything (file, folder, ...) is at `path`; never raises (a name too long, a NUL
     byte or a folder without permission count as nothing there)."""

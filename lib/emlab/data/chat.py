@@ -28,7 +28,7 @@ from typing import Any
 
 from ..config import DatasetSpec
 from ..errors import DataError
-from ..files import iter_input_jsonl, one_line, path_exists, shown, write_jsonl
+from ..files import iter_input_jsonl, one_line, path_exists, shown, user_path, write_jsonl
 from ..paths import demo_cache_dir, repo_root
 from .demo import DEFAULT_DEMO_ROWS, demo_dataset_info, generate_demo_dataset
 
@@ -100,10 +100,7 @@ def resolve_dataset_path(path: str, *, min_rows: int | None = None) -> Path:
     """
     if path.startswith(DEMO_PREFIX):
         return _materialise_demo(path, min_rows)
-    try:
-        candidate = Path(path).expanduser()
-    except RuntimeError:  # '~someone/x' with no such user
-        candidate = Path(path)
+    candidate = user_path(path)
     resolved = candidate if candidate.is_absolute() else repo_root() / candidate
     if not path_exists(resolved):
         hint = _similar_files(resolved)

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from types import ModuleType
 
 from ..errors import DataError
-from ..files import one_line, path_exists, read_input_bytes
+from ..files import one_line, path_exists, read_input_bytes, user_path
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def unprotect_dataset(
     large, the package is not installed, the password is missing or wrong, the archive is
     damaged, unsafe or too large unpacked, or holds no `.jsonl` files.
     """
-    source = _expand(path)
+    source = user_path(path)
     if not path_exists(source):
         raise DataError(f"{one_line(str(path))}: protected dataset not found; give the path of the .zip.enc or .zip file")
     _, canary = _package()
@@ -76,7 +76,7 @@ def unprotect_dataset(
     data = read_input_bytes(source, what="protected dataset", max_bytes=MAX_ARCHIVE_BYTES)
     if password is not None and encrypted:
         data = _decrypt(data, password, source)
-    target = _expand(out_dir)
+    target = user_path(out_dir)
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -91,13 +91,6 @@ def unprotect_dataset(
         raise DataError(f"{source}: archive holds no .jsonl files (extracted to {target})")
     log.info("unprotected %s -> %d JSONL file(s) in %s", source, len(files), target)
     return files
-
-
-def _expand(path: str | Path) -> Path:
-    try:
-        return Path(path).expanduser()
-    except RuntimeError:  # '~someone/x' with no such user
-        return Path(path)
 
 
 def _decrypt(data: bytes, password: str, source: Path) -> bytes:
