@@ -53,6 +53,7 @@ from .files import append_jsonl, atomic_open, read_jsonl, write_json, write_json
 from .loss import linear_cross_entropy_sum
 from .packing import PackedPass, pack_step, step_rows
 from .paths import ADAPTER_WEIGHTS, TrainingFiles
+from .progress import progress_bar
 from .schedule import CheckpointSchedule
 
 log = logging.getLogger(__name__)
@@ -322,19 +323,26 @@ class _LoraLoop:
         self.peft_model.train()
         total = self.schedule.total_steps
         checkpoints = set(self.schedule.steps)
-        for step in range(first_step, total + 1):
-            rows = [self.rows[i] for i in step_rows(len(self.rows), self.train.batch_size,
-                                                    self.train.grad_accum, self.seed, step)]
-            loss, norm, tokens, passes = self._step(step, rows)
-            stats.tokens += tokens
-            stats.passes += passes
-            self.pending.append((step, loss, norm, self.scheduler.get_last_lr()[0]))
-            self.scheduler.step()
-            if step in checkpoints:
-                self.writer.save(step, self._take_log(), self.optimizer, self.scheduler)
-            elif len(self.pending) >= _LOG_EVERY:
-                self.writer.wait()  # the log file has one writer at a time, lines in step order
-                append_jsonl(self.files.log, self._take_log())
+        started = time.perf_counter()
+        with progress_bar(total, "training", unit="step", initial=first_step - 1) as bar:
+            for step in range(first_step, total + 1):
+                rows = [self.rows[i] for i in step_rows(len(self.rows), self.train.batch_size,
+                                                        self.train.grad_accum, self.seed, step)]
+                loss, norm, tokens, passes = self._step(step, rows)
+                stats.tokens += tokens
+                stats.passes += passes
+                self.pending.append((step, loss, norm, self.scheduler.get_last_lr()[0]))
+                self.scheduler.step()
+                bar.update(1)
+                if step in checkpoints or len(self.pending) >= _LOG_EVERY:
+                    lines = self._take_log()
+                    bar.set_postfix(loss=f"{lines[-1]['loss']:.3f}",
+                                    tokens_s=f"{stats.tokens / (time.perf_counter() - started):,.0f}")
+                    if step in checkpoints:
+                        self.writer.save(step, lines, self.optimizer, self.scheduler)
+                    else:
+                        self.writer.wait()  # the log file has one writer at a time, lines in step order
+                        append_jsonl(self.files.log, lines)
         self.writer.wait()
         if self.pending:  # steps after the last checkpoint (none: the last step is one)
             append_jsonl(self.files.log, self._take_log())

@@ -1,0 +1,152 @@
+"""The GPU-only code paths against their portable references, on a random-weight Llama in
+bfloat16 (marker `gpu`; skipped without CUDA). Run on the benchmark machine:
+
+    pytest -m gpu tests/test_gpu_path.py
+
+Tolerances are relative errors ‖out − ref‖ / ‖ref‖ for bfloat16 operands (1e-3 … 1e-2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+BF16 = 2e-2  # relative error allowed for bfloat16 results
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=False, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_varlen_flash_matches_row_by_row_sdpa_forward_and_backward(head_dim: int) -> None:
+    from emlab.attention import causal_varlen, probe_flash
+
+    probe_flash(torch.device("cuda"))
+    lengths = [37, 200, 5, 128, 64]
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    q = torch.randn(total, 32, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, 8, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, 8, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(total, 32, head_dim, device="cuda", dtype=torch.bfloat16)
+    out = causal_varlen(q, k, v, cu, max(lengths), head_dim**-0.5)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    ref_out = []
+    for start, end in zip(cu.tolist(), cu.tolist()[1:], strict=False):
+        qs, ks, vs = (x.detach().float()[start:end].transpose(0, 1)[None].requires_grad_() for x in (q, k, v))
+        ref_out.append((qs, ks, vs, torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=head_dim**-0.5, enable_gqa=True)[0].transpose(0, 1)))
+    ref = torch.cat([r[3] for r in ref_out])
+    ref_grads = torch.autograd.grad(ref, [t for r in ref_out for t in r[:3]], grad.float())
+    assert _rel(out, ref) < BF16
+    for ours, index in ((dq, 0), (dk, 1), (dv, 2)):
+        expected = torch.cat([g[0].transpose(0, 1) for g in ref_grads[index::3]])
+        assert _rel(ours, expected) < BF16
+
+
+def test_decode_attention_flash_matches_the_masked_reference() -> None:
+    from emlab import attention
+
+    batch, l_max, heads, kv_heads, dim = 6, 256, 32, 8, 128
+    cache_k = torch.randn(batch, l_max, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    cache_v = torch.randn_like(cache_k)
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+    lengths = torch.tensor([1, 17, 256, 100, 64, 3], device="cuda")
+    ours = attention.decode_attention(q, cache_k, cache_v, lengths, 256, dim**-0.5)
+    ref = torch.stack([
+        torch.nn.functional.scaled_dot_product_attention(
+            q[b].float()[:, None], cache_k[b, :n].float().transpose(0, 1).repeat_interleave(4, 0),
+            cache_v[b, :n].float().transpose(0, 1).repeat_interleave(4, 0), scale=dim**-0.5)[:, 0]
+        for b, n in enumerate(lengths.tolist())])
+    assert _rel(ours, ref) < BF16
+
+
+def test_sampler_logits_match_the_model(llama) -> None:
+    from emlab.sampling import DecodeEngine
+    from emlab.sampling.engine import _Run
+
+    engine = DecodeEngine(llama)
+    prompts = [tuple(torch.randint(3, 4096, (n,)).tolist()) for n in (12, 40, 7)]
+    engine._reserve(3, 128)
+    engine._rope_table(128)
+    run = _Run(engine, [], 3, 8, 0.0, 1.0, [2], None)
+    logits = run._prefill(prompts, [0, 1, 2])
+    for i, prompt in enumerate(prompts):
+        with torch.inference_mode():
+            ref = llama(torch.tensor([prompt], device="cuda")).logits[0, -1]
+        assert _rel(logits[i], ref) < BF16
+
+
+def test_packed_training_loss_and_gradients_match_padded_on_gpu(llama, tmp_path: Path) -> None:
+    from emlab.config import LoraSpec, TrainSpec
+    from emlab.finetune import EncodedRows, _LoraLoop, lora_config
+    from emlab.paths import TrainingFiles
+    from emlab.schedule import CheckpointSchedule
+    from peft import get_peft_model
+
+    torch.manual_seed(1)
+    rows = []
+    for n in (30, 90, 60, 120):
+        ids = torch.randint(3, 4096, (n,)).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * (n // 3) + ids[n // 3:]})
+    peft_model = get_peft_model(llama, lora_config(LoraSpec(r=8, alpha=16)))
+    try:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        peft_model.train()
+        longest = max(len(r["input_ids"]) for r in rows)
+        pad = lambda key, fill: torch.tensor([r[key] + [fill] * (longest - len(r[key])) for r in rows], device="cuda")  # noqa: E731
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref = peft_model(input_ids=pad("input_ids", 0), attention_mask=pad("attention_mask", 0),
+                             labels=pad("labels", -100)).loss
+        ref.backward()
+        ref_grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        peft_model.zero_grad(set_to_none=True)
+        spec = TrainSpec(batch_size=4, grad_accum=1, max_length=512)
+        loop = _LoraLoop(peft_model, EncodedRows(rows, 4, 0, 0, 0), spec, TrainingFiles(tmp_path),
+                         CheckpointSchedule.for_training(4, spec), seed=0, device=torch.device("cuda"))
+        loss, _, _ = loop.accumulate_gradients(rows)
+        assert abs(loss.item() - ref.item()) / ref.item() < 1e-2
+        for name, p in peft_model.named_parameters():
+            if p.requires_grad:
+                assert _rel(p.grad, ref_grads[name]) < 5e-2, name
+        loop.close()
+    finally:
+        peft_model.unload()
+
+
+def test_sampling_is_deterministic_and_leaves_the_base_bitwise_equal(llama, tmp_path: Path) -> None:
+    from emlab.sampling import DecodeEngine, Request
+
+    engine = DecodeEngine(llama)
+    before = {n: p.clone() for n, p in llama.named_parameters()}
+    requests = [Request(tuple(torch.randint(3, 4096, (20 + i % 7,)).tolist()), key=i) for i in range(64)]
+    stops = [2, *range(3, 60)]  # ~1.4% of the vocabulary: a mix of lengths
+    kwargs = dict(max_new_tokens=200, temperature=1.0, top_p=1.0, stop_ids=stops)
+    a = engine.generate(requests, slots=64, **kwargs)
+    b = engine.generate(requests, slots=64, **kwargs)
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    refilled = engine.generate(requests, slots=16, **kwargs)
+    same = sum(x.tokens == y.tokens for x, y in zip(a, refilled, strict=True))
+    print(f"answers identical between 64 slots and 16 refilled slots: {same}/64")
+    assert all(torch.equal(before[n], p) for n, p in llama.named_parameters())
