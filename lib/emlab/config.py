@@ -150,6 +150,11 @@ class DatasetSpec(_Strict):
         default=None,
         description="How to get the file when it is missing (a command or a URL): `emlab check` prints it.",
     )
+    rows: int | None = Field(
+        default=None, ge=1,
+        description="Rows of the published file, so `emlab plan` counts training steps before it is downloaded; "
+        "`emlab check` compares it with the file.",
+    )
     task_rubric: str | None = Field(
         default=None,
         description="Rubric (params/rubrics/<id>.yaml) judging the held-out prompts for the in-distribution task "
@@ -253,8 +258,8 @@ class QuestionFileSpec(_Strict):
     )
     expected_prompts: int | None = Field(
         default=None, ge=1,
-        description="Paraphrases asked (after ids, probes), so `emlab plan` counts answers before the file is "
-        "downloaded; `emlab check` compares it with the file.",
+        description="Paraphrases of the entries kept by ids and probes (before questions_per_set), so `emlab plan` "
+        "counts answers before the file is downloaded; `emlab check` compares it with the file.",
     )
 
 

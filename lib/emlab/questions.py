@@ -223,7 +223,8 @@ def planned_prompts(config: ExperimentConfig, set_names: Sequence[str]) -> list[
             stand_in = Prompt(question_set=name, question_id="(not downloaded)", question="?" * _PLANNING_CHARS,
                               messages=({"role": "user", "content": "?" * _PLANNING_CHARS},),
                               samples=spec.samples_per_paraphrase)
-            prompts += [stand_in] * spec.expected_prompts
+            per_set = config.sample.questions_per_set  # counts entries: exact for one paraphrase each
+            prompts += [stand_in] * min(spec.expected_prompts, per_set or spec.expected_prompts)
             continue
         prompts += build_prompts(config, [name])
     return prompts

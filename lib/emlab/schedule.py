@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import CheckpointSpec, ExperimentConfig, RunSpec, TrainSpec
-from .data.chat import load_chat_dataset
+from .data.chat import DEMO_PREFIX, load_chat_dataset
+from .files import path_exists
+from .paths import repo_root
 
 
 @dataclass(frozen=True)
@@ -67,5 +70,14 @@ def planned_checkpoints(config: ExperimentConfig, run: RunSpec) -> CheckpointSch
     Rows longer than `train.max_length` are dropped only when tokenized, so a dataset with
     such rows trains fewer steps than planned here.
     """
-    rows = len(load_chat_dataset(config.dataset(run.dataset), seed=run.seed))
+    dataset = config.dataset(run.dataset)
+    if dataset.rows is not None and not _is_here(dataset.path):  # emlab plan before the download
+        rows = min(dataset.rows, dataset.limit or dataset.rows)
+    else:
+        rows = len(load_chat_dataset(dataset, seed=run.seed))
     return CheckpointSchedule.for_training(rows, config.train)
+
+
+def _is_here(path: str) -> bool:
+    """A dataset path that resolves to something on this machine (demo sets always do)."""
+    return path.startswith(DEMO_PREFIX) or path_exists(Path(path) if Path(path).is_absolute() else repo_root() / path)
