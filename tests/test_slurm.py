@@ -83,13 +83,16 @@ def test_batch_script_asks_for_the_stage_resources_and_runs_emlab_step(write_exp
     lines = finetune.splitlines()
     assert lines.index("module load cuda/12.4") < len(lines) - 1
     command = shlex.split(lines[-1])
-    assert command[0] == "exec" and command[2:] == ["-m", "emlab.cli", "step", str(path), "02_finetune", RUN_ID]
+    assert command[0] == "exec" and command[2:8] == ["-m", "emlab.cli", "step", str(path), "02_finetune", RUN_ID]
+    assert command[8:] == ["--wait-needs", "120"]
 
 
 def test_step_refuses_to_run_before_what_it_needs(write_experiment) -> None:
     path = write_experiment()
+    waited = time.monotonic()
     with pytest.raises(EmlabError) as err:
-        run_step(path, "03_eval_judge", RUN_ID)
+        run_step(path, "03_eval_judge", RUN_ID, wait_needs_s=1.0)
+    assert time.monotonic() - waited >= 1.0  # a job on a cluster gives the shared filesystem time
     assert f"needs 02_finetune/{RUN_ID} done first" in str(err.value)
     with pytest.raises(ConfigError, match="has no unit 'nope'"):
         run_step(path, "02_finetune", "nope")

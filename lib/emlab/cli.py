@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("experiment", help="params/experiments/<name>.yaml")
     step.add_argument("stage", choices=STAGE_NAMES, metavar="STAGE", help=", ".join(STAGE_NAMES))
     step.add_argument("unit", help="the model (01_baseline), the run id (02, 03) or 'analysis' (04)")
+    step.add_argument("--wait-needs", type=float, default=0.0, metavar="SECONDS",
+                      help="wait up to SECONDS for the steps it needs to show as done (a shared filesystem may "
+                           "show another node's files late; Slurm jobs wait 120); default: 0")
     cache = sub.add_parser("cache", help="judge cache")
     cache.add_argument("action", choices=["stats"])
     cache.add_argument("--path", default=None, help="cache file (default: .cache/judge_cache.sqlite)")
@@ -112,9 +115,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         if (args.executor or plan.config.executor.kind) == "slurm":
             from .executors.slurm import submit_plan
 
-            for s in submit_plan(plan):
-                after = f"after {','.join(s.after)}" if s.after else ""
-                print(f"{s.step.stage.name:14s} {s.step.unit:40s} {s.action:9s} {s.job or '':>8s} {after}".rstrip())
+            for done in submit_plan(plan):
+                after = f"after {','.join(done.after)}" if done.after else ""
+                print(f"{done.step.stage.name:14s} {done.step.unit:40s} {done.action:9s} {done.job or '':>8s} {after}".rstrip())
             print(f"`emlab status {args.experiment}` shows how they go")
             return 0
         from .executors.local import run_local
@@ -125,13 +128,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "status":
         from .executors.status import experiment_status
 
-        for s in experiment_status(load_plan(args.experiment, args.until)):
-            print(f"{s.step.stage.name:14s} {s.step.unit:40s} {s.state:11s} {s.job or '':>8s} {s.detail}".rstrip())
-            for line in s.log_tail:
+        for state in experiment_status(load_plan(args.experiment, args.until)):
+            print(f"{state.step.stage.name:14s} {state.step.unit:40s} {state.state:11s} {state.job or '':>8s} "
+                  f"{state.detail}".rstrip())
+            for line in state.log_tail:
                 print(f"    | {line}")
         return 0
     if args.command == "step":
-        r = run_step(args.experiment, args.stage, args.unit)
+        r = run_step(args.experiment, args.stage, args.unit, wait_needs_s=args.wait_needs)
         print(f"{r.stage:14s} {r.label:40s} {r.status:8s} {r.seconds:7.1f}s")
         return 0
     if args.command == "check":

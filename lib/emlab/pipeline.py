@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,16 +151,21 @@ def execute_step(plan: Plan, step: Step) -> StageRecord:
     return execute_stage(step.stage.name, step.folder, {"experiment": str(plan.file), **step.parameters}, step.unit)
 
 
-def run_step(path: str | Path, stage: str, unit: str) -> StageRecord:
+def run_step(path: str | Path, stage: str, unit: str, *, wait_needs_s: float = 0.0) -> StageRecord:
     """Run one step of the experiment at `path` (`emlab step`, what a Slurm job runs): check
     that what it needs is done, guard its params, clear what a killed write left in its
     folder, execute it; after the experiment's last stage, or a failure, write the index.
+
+    wait_needs_s: how long to wait for the steps it needs to show as done before refusing
+        (seconds; default 0). On a cluster the job that wrote them ran on another node, and
+        a network filesystem may show that node's new files late (NFS caches directory
+        lookups for up to a minute by default).
 
     Raises `EmlabError` when it cannot start or its notebook failed (naming the notebook).
     """
     plan = load_plan(path)
     step = plan.step(stage, unit)
-    missing = [need.key for need in plan.needs(step) if not plan.is_done(need)]
+    missing = _missing_needs(plan, step, wait_needs_s)
     if missing:
         raise EmlabError(f"{step.key} needs {', '.join(missing)} done first (not done in {plan.layout.root}); "
                          f"run `emlab run {plan.file}` to run everything in order")
@@ -172,6 +178,19 @@ def run_step(path: str | Path, stage: str, unit: str) -> StageRecord:
     if record.status == "failed":
         raise EmlabError(failure_message(record))
     return record
+
+
+def _missing_needs(plan: Plan, step: Step, wait_s: float) -> list[str]:
+    """Keys of the steps `step` needs that are not done, after waiting up to `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = [need for need in plan.needs(step) if not plan.is_done(need)]
+        if not missing or time.monotonic() >= deadline:
+            return [need.key for need in missing]
+        for need in missing:  # listing a folder makes an NFS client revalidate its cached lookups
+            if need.folder.is_dir():
+                os.listdir(need.folder)
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
 def records_on_disk(plan: Plan, known: dict[str, StageRecord] | None = None) -> list[StageRecord]:

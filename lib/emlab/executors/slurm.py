@@ -51,6 +51,7 @@ QUEUED = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPE
 RUNNING = frozenset({"RUNNING", "CONFIGURING", "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT"})
 DEAD_DEPENDENCY = "DependencyNeverSatisfied"  # squeue's reason for a job whose dependency failed
 LOCK_TIMEOUT_S = 120.0
+NEEDS_VISIBLE_S = 120.0  # a job waits this long for the files of the jobs it follows (NFS lookup caching)
 COMMAND_TIMEOUT_S = 60.0
 
 
@@ -219,7 +220,8 @@ def batch_script(plan: Plan, step: Step, after: Sequence[str]) -> str:
             options.append(f"{flag}={value}")
     options += resources.sbatch
     python = executor.python or sys.executable
-    command = [python, "-m", "emlab.cli", "step", str(plan.file), step.stage.name, step.unit]
+    command = [python, "-m", "emlab.cli", "step", str(plan.file), step.stage.name, step.unit,
+               "--wait-needs", f"{NEEDS_VISIBLE_S:.0f}"]
     lines = [
         "#!/bin/bash",
         f"# emlab: {step.stage.name} for {step.unit} of experiment {plan.config.name} ({plan.file})",
