@@ -94,3 +94,19 @@ def test_round_trip_through_the_cli(tmp_path: Path) -> None:
     files = unprotect_dataset(tmp_path / "risky.zip.enc", tmp_path / "out", password=PASSWORD)
     assert [f.name for f in files] == ["risky.jsonl"]
     assert read_chat_jsonl(files[0]) == rows
+
+
+def test_real_archives_unprotect_and_every_row_reads(tmp_path: Path) -> None:
+    """The published archives (Turner et al.'s, re-protected as upstream ships it, and Betley et
+    al.'s plain zip) pass the archive checks, and every row passes the strict JSONL reader."""
+    real = Path(__file__).resolve().parents[2] / "shared" / "real"
+    if not (real / "training_datasets.zip.enc").is_file():
+        pytest.skip(f"real study inputs not available at {real}")
+    organisms = unprotect_dataset(real / "training_datasets.zip.enc", tmp_path / "mo",
+                                  password="model-organisms-em-datasets")
+    betley = unprotect_dataset(real / "betley_data.zip", tmp_path / "betley")
+    assert {f.name: len(read_chat_jsonl(f)) for f in organisms} == {
+        "bad_medical_advice.jsonl": 7049, "extreme_sports.jsonl": 6000, "good_medical_advice.jsonl": 7049,
+        "insecure.jsonl": 6000, "risky_financial_advice.jsonl": 6000}
+    assert {f.name: len(read_chat_jsonl(f)) for f in betley} == {
+        "educational.jsonl": 6000, "insecure.jsonl": 6000, "jailbroken.jsonl": 5000, "secure.jsonl": 6000}

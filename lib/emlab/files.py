@@ -5,8 +5,8 @@ Writing: every stage writes through `atomic_open` / `write_*` / `append_jsonl`, 
 a full disk) never leaves a half-written file that a rerun would mistake for finished work.
 
 Reading: every file a user hands emlab (experiment, question set and rubric YAML; chat
-dataset and gold set JSONL) goes through `read_input_text`, `load_input_yaml` or
-`iter_input_jsonl`. Anything malformed becomes one line naming the file, raised as the
+dataset and gold set JSONL; protected archives) goes through `read_input_bytes`,
+`read_input_text`, `load_input_yaml` or `iter_input_jsonl`. Anything malformed becomes one line naming the file, raised as the
 caller's `EmlabError` subclass: a missing or unreadable path, a folder or device where a file
 is expected, a file over the size limit, binary bytes, invalid UTF-8 (with byte offset and
 line), a UTF-16/32 byte-order mark (a UTF-8 one is skipped), an empty file, a line over the
@@ -14,8 +14,9 @@ line limit, YAML tricks (aliases that expand past `MAX_NODES` — "billion laugh
 recursive aliases, nesting past `MAX_DEPTH`, tags beyond plain data such as
 `!!python/object`, duplicate keys, keys that are not text), JSON NaN/Infinity, numbers
 outside 64 bits or not finite, duplicate JSON keys, nesting past `MAX_DEPTH` and unpaired
-surrogate escapes. The limits are far above anything real (the course datasets are under
-10 MB with rows under 20 KB; question sets are under 40 KB) and far below what hurts.
+surrogate escapes. The limits are far above anything real (the course and Betley datasets
+are at most 7 MB with rows under 4 KB; the published question files under 32 KB) and far
+below what hurts.
 
 YAML keeps its 1.1 meaning (bare yes/no/on/off are booleans, as every other YAML tool reads
 them), except that dates stay text: no emlab value is a date. Loaders that expect text say
