@@ -31,7 +31,7 @@ from .judge import cache_stats
 from .paths import judge_cache_file
 from .executors import EXECUTORS
 from .pipeline import load_plan, run_step
-from .plan import plan_experiment
+from .plan import plan_experiment, plan_gpu
 from .stages import STAGE_NAMES
 
 
@@ -143,7 +143,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         return _data(args)
     if args.command == "plan":
-        print(plan_experiment(load_experiment(args.experiment)).to_string(index=False))
+        config = load_experiment(args.experiment)
+        print(plan_experiment(config).to_string(index=False))
+        gpu = plan_gpu(config)  # GPU-hours from the recorded benchmark numbers
+        print(f"\n{gpu.table.to_string(index=False)}\n{gpu.note}")
         return 0
     if args.command == "cache":
         path = Path(args.path) if args.path else judge_cache_file()

@@ -17,6 +17,7 @@ from .config import ExperimentConfig
 from .errors import EmlabError
 from .judge import estimate_cost, load_rubric, rubric_prompt_tokens
 from .judge.cost import CHARS_PER_TOKEN
+from .gpu_hours import GpuPlan, plan_gpu_hours
 from .stages import STAGES, Workload
 
 COLUMNS = ["stage", "cost", "judge", "answers", "judge_calls", "prompt_tokens", "train_tokens", "dollars"]
@@ -89,6 +90,15 @@ def check_budget(config: ExperimentConfig) -> None:
         f"${config.budget_usd:,.2f}; nothing more was sampled or submitted: raise budget_usd, shrink the grid or "
         "the samples, or check the prices (emlab plan shows every stage)"
     )
+
+
+def plan_gpu(config: ExperimentConfig) -> GpuPlan:
+    """GPU-hours per stage unit, from the benchmark numbers in bench/results/ (`emlab.gpu_hours`):
+    the answers each sampling unit samples (question sets and held-out task prompts) and each
+    run's training tokens, at the measured rates; `.note` names the rows and device used."""
+    sampled = {f"{stage.name} {unit}": sum(w.answers for w in _as_tuple(stage.workload(config, unit)) if w.sampled)
+               for stage in STAGES if stage.workload and stage.scope in ("model", "run") for unit in stage.units(config)}
+    return plan_gpu_hours(config, sampled)
 
 
 def _as_tuple(work: Workload | tuple[Workload, ...]) -> tuple[Workload, ...]:

@@ -230,8 +230,7 @@ def em_trajectory_chart(
     data[run_key] = data[run_key].astype(str)
     _check_unique(data, ["model", run_key, "step"], "em_trajectory_chart")
 
-    steps = sorted(data["step"].unique())
-    x = alt.X("step:Q", title="training step (0 = base model)", axis=alt.Axis(values=steps) if len(steps) <= 12 else alt.Axis())
+    x = _step_axis(data)
     # The band layer comes first (drawn underneath), so the legend would show its faint fill.
     color = alt.Color("series:N", title="dataset", legend=alt.Legend(symbolOpacity=1, symbolType="circle"))
     base = alt.Chart(data).encode(x=x, color=color, detail=f"{run_key}:N")
@@ -505,3 +504,271 @@ def save_chart(chart: alt.TopLevelMixin, path: str | Path, *, scale: float = 2.0
         written.chmod(0o644)  # mkstemp makes 0600 files; a report is meant to be read by others
     log.info("saved %s (.html, .png)", base)
     return html_path, png_path
+
+
+# --- signals over training: task rate, logprob gap, mean scores ----------------------------
+
+_STEP_TITLE = "training step (0 = base model)"
+
+
+def _step_axis(data: pd.DataFrame) -> alt.X:
+    """Training steps on x, whole numbers, every step ticked when there are few."""
+    steps = sorted(int(s) for s in data["step"].unique())
+    axis = alt.Axis(values=steps, format="d") if len(steps) <= 12 else alt.Axis(format="d")
+    return alt.X("step:Q", title=_STEP_TITLE, axis=axis)
+
+
+def _series(data: pd.DataFrame) -> pd.Series:
+    """The label of a run's line: its dataset, prefixed with the model when there are several."""
+    dataset = data["dataset"].astype(object).fillna(BASELINE).astype(str) if "dataset" in data else "run"
+    if "model" in data.columns and data["model"].nunique() > 1:
+        return data["model"].astype(str) + " · " + dataset
+    return pd.Series(dataset, index=data.index).astype(str)
+
+
+def _base_at_step0(data: pd.DataFrame, *, match: Sequence[str], per: Sequence[str] = ()) -> pd.DataFrame:
+    """Each run's line with its base model's row drawn at step 0.
+
+    Baseline rows (run_id None) are matched to a run's rows on `match` (the model, and the
+    keys the baseline shares with the run: the dataset of a held-out prompt, the probe set);
+    `per` splits a run into several lines (one per probe set or metric). A run that already
+    has a step-0 row keeps it. The copied rows keep the run's identity and the baseline's
+    numbers, marked point='baseline'.
+    """
+    is_base = data["run_id"].isna()
+    runs, base = data[~is_base], data[is_base]
+    identity = {"model", "dataset", "domain", "run_id", "seed", "series", *per}
+    copies = []
+    for _, group in runs.groupby(["run_id", *per], dropna=False, sort=True):
+        if (group["step"] == 0).any():
+            continue
+        first = group.iloc[0]
+        found = base
+        for key in match:
+            found = found[found[key] == first[key]]
+        if found.empty:
+            continue
+        copy = found.iloc[[0]].copy()
+        for col in identity & set(data.columns):
+            copy[col] = first[col]
+        copies.append(copy.assign(step=0, point=BASELINE))
+    tuned = runs.assign(point="checkpoint")
+    return pd.concat([tuned, *copies], ignore_index=True) if copies else tuned
+
+
+def _trajectory_panel(
+    data: pd.DataFrame, *, value: str, y_title: str, title: str, subtitle: Sequence[str], fmt: str,
+    percent: bool = False, zero_rule: bool = False, tooltip: Sequence[alt.Tooltip] = (),
+    low: str = "ci_low", high: str = "ci_high",
+) -> alt.LayerChart:
+    """One line per run (colour: the series, seeds apart) with its CI band (`low`–`high`), over steps."""
+    x = _step_axis(data)
+    y_axis = alt.Axis(format="%") if percent else alt.Axis()
+    y = alt.Y(f"{value}:Q", title=y_title, axis=y_axis, scale=alt.Scale(zero=percent))
+    color = alt.Color("series:N", title="dataset", legend=alt.Legend(symbolOpacity=1, symbolType="circle"))
+    base = alt.Chart(data).encode(x=x, color=color, detail="run_id:N")
+    layers: list[Any] = [
+        base.mark_area(opacity=0.18).encode(y=alt.Y(f"{low}:Q", title=y_title, axis=y_axis), y2=f"{high}:Q"),
+        base.mark_line().encode(y=y),
+        base.mark_point(filled=True, size=45).encode(
+            y=y, shape=alt.Shape("point:N", title="point", scale=alt.Scale(domain=["checkpoint", BASELINE])),
+            tooltip=[alt.Tooltip("series:N", title="run"), alt.Tooltip("step:Q"),
+                     alt.Tooltip(f"{value}:Q", format=fmt, title=y_title),
+                     alt.Tooltip(f"{low}:Q", format=fmt, title="CI low"),
+                     alt.Tooltip(f"{high}:Q", format=fmt, title="CI high"), *tooltip],
+        ),
+    ]
+    if zero_rule:
+        layers.insert(0, alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(strokeDash=[4, 4], color="gray")
+                      .encode(y="y:Q"))
+    return alt.layer(*layers).properties(
+        title=alt.TitleParams(title, subtitle=list(subtitle), anchor="start"), width=300, height=220
+    )
+
+
+def _beside_em(panels: Sequence[Any], em_rates: pd.DataFrame | None, title: str) -> Any:
+    """The panels, then the judged EM rate over training (when there are rates to draw)."""
+    charts = list(panels)
+    if em_rates is not None and len(em_rates) and (~_is_baseline(em_rates)).any():
+        charts.append(em_trajectory_chart(em_rates))
+    return alt.hconcat(*charts).resolve_scale(color="shared").properties(
+        title=alt.TitleParams(title, anchor="start", fontSize=15)
+    )
+
+
+def task_rate_chart(task_rates: pd.DataFrame, em_rates: pd.DataFrame | None = None, *,
+                    rule: EmRule | None = None) -> Any:
+    """The in-distribution task rate over training (one line per run, CI band, the base model
+    at step 0), beside the judged EM rate.
+
+    `task_rates`: `metrics.task_rate(task_scores, by=["model", "dataset", "run_id", "step"])`
+    including the baseline rows (run_id None, dataset set: the base model answers every
+    dataset's held-out prompts). `em_rates`: as for `em_trajectory_chart`.
+    """
+    _need(task_rates, ["model", "dataset", "run_id", "step", "task_rate", "ci_low", "ci_high", "n", "n_scored",
+                       "rubric"], "task_rate_chart")
+    used = _rates_rule(task_rates, rule, "task_rate_chart")
+    above = task_rates.attrs.get("task_above", 50)
+    data = task_rates.assign(series=_series(task_rates), unscored=task_rates["unscored_by_status"].fillna(""))
+    n, n_scored = int(data["n"].sum()), int(data["n_scored"].sum())
+    data = _base_at_step0(data, match=("model", "dataset"))
+    if data.empty:
+        raise DataError("task_rate_chart: the task rates hold no fine-tuned runs (only baseline rows)")
+    rubrics = ", ".join(sorted(set(", ".join(task_rates["rubric"].dropna()).split(", ")) - {""}))
+    panel = _trajectory_panel(
+        data, value="task_rate", y_title="task rate", fmt=_PCT, percent=True,
+        title="In-distribution task rate (held-out training prompts)",
+        subtitle=[_n_text(n, n_scored), f"an answer does the task when its {rubrics} score > {above:g}",
+                  f"bands: {used.ci_label} ({used.n_boot} resamples)"],
+        tooltip=[alt.Tooltip("n_scored:Q", title="scored"), alt.Tooltip("unscored:N", title="unscored by status")],
+    )
+    return _beside_em([panel], em_rates, "Task rate beside EM rate")
+
+
+def probe_gap_chart(gaps: pd.DataFrame, em_rates: pd.DataFrame | None = None, *,
+                    rule: EmRule | None = None) -> Any:
+    """The logprob probe over training, beside the judged EM rate: per probe set, the mean
+    misaligned-minus-aligned gap (nats per token; CI band over probes) and, below it, its
+    change from the base model (paired over probes, so it shows a move that the spread between
+    probes would hide); one line per run, the base model at step 0.
+
+    `gaps`: `metrics.probe_gaps(scores, by=["model", "dataset", "run_id", "step", "probe_set"])`
+    including the base model's rows (run_id None).
+    """
+    _need(gaps, ["model", "run_id", "step", "probe_set", "mean_gap", "ci_low", "ci_high", "n_probes", "change",
+                 "change_ci_low", "change_ci_high"], "probe_gap_chart")
+    used = _rates_rule(gaps, rule, "probe_gap_chart")
+    data = gaps.assign(series=_series(gaps))
+    base = data["run_id"].isna()
+    # the base model is where the change is measured from: 0 by definition
+    data.loc[base, ["change", "change_ci_low", "change_ci_high"]] = 0.0
+    ci = f"{used.ci_label} ({used.n_boot} resamples)"
+    panels = []
+    for probe_set, part in data.groupby("probe_set", sort=True):
+        n_probes = int(part["n_probes"].max())
+        drawn = _base_at_step0(part, match=("model", "probe_set"), per=("probe_set",))
+        if drawn.empty:
+            continue
+        tooltip = [alt.Tooltip("share_misaligned_preferred:Q", format=".0%", title="probes preferring misaligned"),
+                   alt.Tooltip("n_probes:Q", title="probes")]
+        gap = _trajectory_panel(
+            drawn, value="mean_gap", y_title="misaligned − aligned (nats/token)", fmt="+.3f", zero_rule=True,
+            title=f"Logprob probe `{probe_set}`: gap",
+            subtitle=[f"n = {n_probes} probes × {len(part)} model states; mean token log-probability of each answer",
+                      f"> 0: the misaligned answer is likelier; bands: {ci} over probes"], tooltip=tooltip)
+        change = _trajectory_panel(
+            drawn, value="change", low="change_ci_low", high="change_ci_high",
+            y_title="gap − base model's gap (nats/token)", fmt="+.4f", zero_rule=True,
+            title=f"Logprob probe `{probe_set}`: change from the base model",
+            subtitle=[f"mean over the {n_probes} probes of (gap − the same probe's gap at step 0)",
+                      f"> 0: training moved the model towards the misaligned answers; bands: paired {ci}"],
+            tooltip=tooltip)
+        panels.append(alt.vconcat(gap, change))
+    if not panels:
+        raise DataError("probe_gap_chart: the probe scores hold no fine-tuned runs (only the base model)")
+    return _beside_em(panels, em_rates, "Judge-free logprob probe beside the judged EM rate")
+
+
+def score_trajectory_chart(means: pd.DataFrame, *, rule: EmRule | None = None) -> Any:
+    """Mean judge score over training, one panel per metric (aligned, coherent: the course's
+    coherence trajectory), one line per run with its CI band, the base model at step 0.
+
+    `means`: `metrics.mean_score` of each metric by ["model", "dataset", "run_id", "step"],
+    concatenated (a `metric` column tells them apart), baseline rows included.
+    """
+    _need(means, ["model", "run_id", "step", "metric", "mean", "ci_low", "ci_high", "n", "n_scored"],
+          "score_trajectory_chart")
+    used = _rates_rule(means, rule, "score_trajectory_chart")
+    data = means.assign(series=_series(means))
+    panels = []
+    for metric, part in data.groupby("metric", sort=False):
+        drawn = _base_at_step0(part, match=("model", "metric"), per=("metric",))
+        if drawn.empty:
+            continue
+        panels.append(_trajectory_panel(
+            drawn, value="mean", y_title=f"mean {metric} score (0–100)", fmt=".1f",
+            title=f"Mean {metric} score over training",
+            subtitle=[_n_text(int(part["n"].sum()), int(part["n_scored"].sum())),
+                      f"scored under {metric} only; bands: {used.ci_label} ({used.n_boot} resamples)"],
+            tooltip=[alt.Tooltip("n_scored:Q", title="scored")],
+        ))
+    if not panels:
+        raise DataError("score_trajectory_chart: the means hold no fine-tuned runs (only baseline rows)")
+    return alt.hconcat(*panels).resolve_scale(color="shared")
+
+
+def em_heatmap_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart:
+    """EM rate per question (rows) and model state (columns: the base model, then each run's
+    checkpoints), each cell showing the rate and its CI, coloured by the rate.
+
+    `rates`: `em_rate(scores, by=["model", "dataset", "run_id", "step", "question_set",
+    "question_id"])`, baseline rows included.
+    """
+    _need(rates, ["model", "run_id", "step", "question_set", "question_id", *_RATE_NEEDS], "em_heatmap_chart")
+    used = _rates_rule(rates, rule, "em_heatmap_chart")
+    if rates.empty:
+        raise DataError("em_heatmap_chart: the rates table is empty (no answers matched)")
+    data = rates.copy()
+    several_models = data["model"].nunique() > 1
+    base = data["run_id"].isna()
+    prefix = data["model"].astype(str) + " · " if several_models else ""
+    run_label = data["run_id"].astype(object).fillna("").astype(str)
+    if "dataset" in data.columns:
+        run_label = data["dataset"].astype(object).fillna("").astype(str)
+        if "seed" in data.columns and data["seed"].dropna().nunique() > 1:
+            run_label = run_label + " s" + data["seed"].astype(str)
+    data["state"] = (prefix + run_label + " · step " + data["step"].astype(int).astype(str)).where(
+        ~base, prefix + BASELINE)
+    several_sets = data["question_set"].nunique() > 1
+    data["question"] = (data["question_set"].astype(str) + ": " if several_sets else "") + data["question_id"].astype(str)
+    data = data.sort_values(["run_id", "step"], na_position="first")
+    order = list(dict.fromkeys(data["state"]))
+    data["label"] = [
+        "–" if pd.isna(r) else f"{r:.0%}\n[{lo:.0%}, {hi:.0%}]"
+        for r, lo, hi in zip(data["em_rate"], data["ci_low"], data["ci_high"], strict=True)
+    ]
+    data["unscored"] = data["unscored_by_status"].fillna("")
+    x = alt.X("state:N", title="model state", sort=order, axis=alt.Axis(labelAngle=-30, orient="top"))
+    y = alt.Y("question:N", title="question", sort=list(dict.fromkeys(data["question"])))
+    base_chart = alt.Chart(data).encode(x=x, y=y)
+    cells = base_chart.mark_rect().encode(
+        color=alt.Color("em_rate:Q", title="EM rate",
+                        scale=alt.Scale(scheme="reds", domain=[0, max(0.1, float(data["em_rate"].max(skipna=True) or 0))]),
+                        legend=alt.Legend(format="%")),
+        tooltip=_rate_tooltip("state:N", "question:N"),
+    )
+    text = base_chart.mark_text(fontSize=8, lineBreak="\n").encode(text="label:N")
+    n, n_scored = int(data["n"].sum()), int(data["n_scored"].sum())
+    return alt.layer(cells, text).properties(
+        title=_title("EM rate per question and model state", n, n_scored, used, "cells: rate [CI]",
+                     f"{data['question'].nunique()} questions × {len(order)} model states; "
+                     f"at most {int(data['n'].max())} answers a cell"),
+        width=alt.Step(72), height=alt.Step(26),
+    )
+
+
+def answer_format_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart:
+    """EM rate of free-text, JSON and code-template answers side by side, per model state
+    (the base model and each run's final checkpoint), with CI error bars.
+
+    `rates`: `em_rate(final_checkpoints(scores, with_baseline=True).assign(answer_format=...),
+    by=["model", "dataset", "answer_format"])`.
+    """
+    data = _prepare_rates(rates, "answer_format_chart")
+    used = _rates_rule(rates, rule, "answer_format_chart")
+    _need(data, ["answer_format"], "answer_format_chart")
+    data["state"] = _series(data.assign(dataset=data["dataset"].astype(object).where(data["dataset"].notna(),
+                                                                                      BASELINE)))
+    _check_unique(data, ["state", "answer_format"], "answer_format_chart")
+    formats = [f for f in ("free", "json", "template") if f in set(data["answer_format"])]
+    formats += sorted(set(data["answer_format"]) - set(formats))
+    x = alt.X("answer_format:N", title="answer format", sort=formats)
+    base = alt.Chart(data).encode(x=x, xOffset=alt.XOffset("state:N"),
+                                  tooltip=_rate_tooltip("state:N", "answer_format:N"))
+    bars = base.mark_bar().encode(y=_y_rate(), color=alt.Color("state:N", title="model state"))
+    errors = base.mark_errorbar(ticks=True, color="black").encode(y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q")
+    return alt.layer(bars, errors).properties(
+        title=_title("EM rate by answer format (base model and final checkpoints)", int(data["n"].sum()),
+                     int(data["n_scored"].sum()), used, "error bars"),
+        width=alt.Step(30), height=260,
+    )

@@ -102,6 +102,8 @@ def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Pat
         css = "warn" if not summary.get("judge_fit", False) else "ok"
         parts.append(f"<div class='{css}'>{summary.get('judge_note_html', '')} "
                      f"Judging cost so far: ${summary.get('judge_dollars', 0.0):.2f}.</div>")
+        if summary.get("measures_note_html"):  # the logprob probe and the task rate, per model state
+            parts.append(f"<h2>Judge-free probe and task rate</h2>{summary['measures_note_html']}")
     headline = layout.analysis_table("headline")
     if headline.exists():
         rule = config.analysis.rule

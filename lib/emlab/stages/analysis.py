@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,11 @@ from ..paths import (
     SCORES,
     SUMMARY,
     TABLE_SUFFIX,
+    TASK,
     ExperimentLayout,
 )
+from ..holdout import TASK_SET_PREFIX
+from ..probe import read_probe_scores
 from ..records import Answer, answer_id
 from ..rule import EmRule
 from ..runinfo import mark_done, record_stage
@@ -47,6 +51,12 @@ TABLES = {
     "headline": "baseline against each run's final checkpoint, with the difference's CI",
     "per_question": "EM rate per question at the final checkpoints",
     "judge_costs": "judgments, calls paid, tokens and dollars per judge and stage folder",
+    "score_means": "mean aligned and coherent score with CI per model × dataset × run × step",
+    "per_question_steps": "EM rate with CI per question and model state (the heatmap's cells)",
+    "answer_formats": "EM rate with CI per answer format (free, json, template), base model and final checkpoints",
+    "task_rates": "in-distribution task rate with CI per model × dataset × run × step (empty without task.holdout)",
+    "probe_gaps": "logprob probe: mean misaligned − aligned gap with CI per model state and probe set",
+    "probe_scores": "logprob probe: every probe's mean token log-probabilities per model state",
 }
 
 
@@ -64,6 +74,12 @@ class AnalysisResult:
     judge_note: str  # markdown
     charts: dict[str, Any]
     examples: Any  # pandas Styler
+    score_means: pd.DataFrame  # mean aligned / coherent per model state
+    per_question_steps: pd.DataFrame  # EM rate per question × model state
+    answer_formats: pd.DataFrame  # EM rate per answer format
+    task_rates: pd.DataFrame  # in-distribution task rate per model state
+    probe_gaps: pd.DataFrame  # logprob probe per model state × probe set
+    measures_note: str  # markdown: what the task rate and the probe showed, or why they are absent
 
     @property
     def intro(self) -> str:
@@ -105,22 +121,64 @@ def collect_judgments(config: ExperimentConfig, layout: ExperimentLayout) -> pd.
     return frame.drop_duplicates(["answer_id", "judge", "rubric"], keep="last") if len(frame) else frame
 
 
+def collect_task_answers(config: ExperimentConfig, layout: ExperimentLayout) -> pd.DataFrame:
+    """Every answer to a held-out training prompt (base models and checkpoints) with its grid
+    keys; the base model's rows carry the dataset whose prompt they answer."""
+    frames = []
+    for model in config.models:
+        path = layout.answers(layout.task(layout.baseline(model.name)))
+        if path.exists():
+            frame = pd.DataFrame(read_jsonl(path, tolerate_torn_tail=True))
+            frames.append(frame.assign(dataset=frame["question_set"].str.removeprefix(TASK_SET_PREFIX), seed=None,
+                                       is_baseline=True))
+        for run in (r for r in config.runs() if r.model == model.name):
+            for path in layout.answer_files(layout.task(layout.run(run.run_id))):
+                frame = pd.DataFrame(read_jsonl(path, tolerate_torn_tail=True))
+                frames.append(frame.assign(dataset=run.dataset, seed=run.seed, is_baseline=False))
+    if not frames:
+        return pd.DataFrame(columns=["answer_id", "model", "dataset", "run_id", "seed", "step", "is_baseline",
+                                     "question_set", "question_id", "question", "answer"])
+    return pd.concat(frames, ignore_index=True).drop_duplicates("answer_id", keep="last")
+
+
+def collect_task_judgments(config: ExperimentConfig, layout: ExperimentLayout) -> pd.DataFrame:
+    """Every judgment of the held-out prompts' answers (all judges), the last one per pair."""
+    files = [layout.judgments(layout.task(folder)) for folder in _judged_folders(config, layout)]
+    frame = pd.DataFrame([row for f in files if f.exists() for row in read_jsonl(f, tolerate_torn_tail=True)])
+    return frame.drop_duplicates(["answer_id", "judge", "rubric"], keep="last") if len(frame) else frame
+
+
+def collect_probe_scores(config: ExperimentConfig, layout: ExperimentLayout) -> pd.DataFrame:
+    """Every probe score of the experiment: one row per probe and model state, with the
+    dataset of the run (None for the base model)."""
+    rows = []
+    for model in config.models:
+        rows += [{**s.to_dict(), "dataset": None}
+                 for s in read_probe_scores(layout.probe_scores(layout.baseline(model.name)))]
+        for run in (r for r in config.runs() if r.model == model.name):
+            for path in layout.probe_files(layout.run(run.run_id)):
+                rows += [{**s.to_dict(), "dataset": run.dataset} for s in read_probe_scores(path)]
+    return pd.DataFrame(rows)
+
+
 def judge_costs(config: ExperimentConfig, layout: ExperimentLayout) -> pd.DataFrame:
     """What judging this experiment cost, per judge and stage folder: judgments, calls paid
     (not served from the cache), their tokens, and dollars at the price each judge pays
     (`emlab.judge.usage_cost`: params prices, the Batch API discount included)."""
-    sources = [layout.judgments(folder) for folder in _judged_folders(config, layout)]
-    sources.append(layout.analysis_file(GOLD_JUDGMENTS))
+    folders = _judged_folders(config, layout)
+    sources = [(folder.name, layout.judgments(folder)) for folder in folders]
+    sources += [(f"{folder.name}/{TASK}", layout.judgments(layout.task(folder))) for folder in folders]
+    sources.append((layout.analysis.name, layout.analysis_file(GOLD_JUDGMENTS)))
     rows = []
     for judge in config.judges:
-        for path in sources:
+        for label, path in sources:
             if not path.exists():
                 continue
             mine = [r for r in read_jsonl(path, tolerate_torn_tail=True) if r["judge"] == judge.name]
             paid = [r for r in mine if not r.get("cached")]
             prompt = sum(int(r.get("prompt_tokens") or 0) for r in paid)
             completion = sum(int(r.get("completion_tokens") or 0) for r in paid)
-            rows.append({"judge": judge.name, "stage folder": path.parent.name, "judgments": len(mine),
+            rows.append({"judge": judge.name, "stage folder": label, "judgments": len(mine),
                          "calls paid": len(paid), "prompt tokens": prompt, "completion tokens": completion,
                          "dollars": round(usage_cost(prompt, completion, judge), 4)})
     table = pd.DataFrame(rows, columns=["judge", "stage folder", "judgments", "calls paid", "prompt tokens",
@@ -211,18 +269,23 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         "em_by_size": plots.em_by_size_chart(by_size),
         "scatter": plots.alignment_coherence_scatter(scores, rule=rule),
     }
+    study = study_tables(config, layout, scores, rates)
+    charts |= study_charts(study, rates)
     for name, chart in charts.items():
         plots.save_chart(chart, layout.figure(name))
     with atomic_open(layout.analysis_file(SCORES), "wb") as handle:
         scores.to_parquet(handle, index=False)
-    for name, table in zip(TABLES, (rates, headline, per_question, costs), strict=True):
+    tables = {"em_rates": rates, "headline": headline, "per_question": per_question, "judge_costs": costs, **study}
+    for name in TABLES:
         with atomic_open(layout.analysis_table(name)) as handle:
-            table.to_csv(handle, index=False)
+            tables[name].to_csv(handle, index=False)
+    measures = measures_note(config, study)
     write_json(layout.analysis_file(SUMMARY), {
         "judge": judge.name, "judge_fit": bool(report.fit), "judge_verdict": report.verdict,
         "judge_note_html": html.escape(note.replace("**", "").replace("`", "")),
         "judge_dollars": float(costs["dollars"].iloc[-1]) if len(costs) else 0.0, "answers": len(scores),
         "rule": rule.describe(), "ci_label": rule.ci_label,
+        "measures_note_html": _markdown_to_html(measures),
     })
     mark_done(folder, NAME, {"answers": len(scores), "judge": judge.name})
     log.info("04_analysis: %d answers, figures and tables in %s", len(scores), folder)
@@ -230,7 +293,115 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         folder=folder, judge=judge, rule=rule, scores=scores, rates=rates, headline=headline,
         per_question=per_question, agreement=report, costs=costs, judge_note=note, charts=charts,
         examples=plots.examples_table(scores, n=config.analysis.examples, rule=rule),
+        score_means=study["score_means"], per_question_steps=study["per_question_steps"],
+        answer_formats=study["answer_formats"], task_rates=study["task_rates"], probe_gaps=study["probe_gaps"],
+        measures_note=measures,
     )
+
+
+# --- the studies' measures: trajectories, per question, formats, task rate, logprob probe --
+
+STATE_KEYS = ["model", "dataset", "run_id", "step"]  # one model state: the base model (run_id None) or a checkpoint
+
+
+def study_tables(config: ExperimentConfig, layout: ExperimentLayout, scores: pd.DataFrame,
+                 rates: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The tables behind the studies' figures (see `TABLES`), each with its rule in `.attrs`;
+    the task and probe tables are empty when the experiment measures neither."""
+    rule = config.analysis.rule
+    means = pd.concat([metrics.mean_score(scores, metric, STATE_KEYS, rule=rule) for metric in metrics.EM_METRICS],
+                      ignore_index=True)
+    final = metrics.final_checkpoints(scores, with_baseline=True)
+    formats = final.assign(answer_format=metrics.answer_formats(final, config.sample.answer_format))
+    task_answers = collect_task_answers(config, layout)
+    task_judgments = collect_task_judgments(config, layout)
+    if len(task_judgments):
+        task_judgments = task_judgments[task_judgments["judge"] == config.primary_judge.name]
+    task = metrics.task_scores(task_answers, task_judgments)
+    probe = collect_probe_scores(config, layout)
+    tables = {
+        "score_means": means,
+        "per_question_steps": metrics.em_rate(scores, [*STATE_KEYS, "question_set", "question_id"], rule=rule),
+        "answer_formats": metrics.em_rate(formats, ["model", "dataset", "answer_format"], rule=rule),
+        "task_rates": metrics.task_rate(task, STATE_KEYS, above=config.task.above, rule=rule),
+        "probe_gaps": (metrics.probe_gaps(probe, [*STATE_KEYS, "probe_set"], rule=rule) if len(probe)
+                       else pd.DataFrame(columns=[*STATE_KEYS, "probe_set", *metrics.PROBE_COLUMNS])),
+        "probe_scores": probe,
+    }
+    for table in tables.values():
+        table.attrs.setdefault(metrics.ATTRS_KEY, rule.to_attrs())  # concat and empty frames lose it
+    return tables
+
+
+def study_charts(tables: dict[str, pd.DataFrame], rates: pd.DataFrame) -> dict[str, Any]:
+    """The studies' figures that the data supports: a figure without fine-tuned runs, task
+    answers, probe scores or a second answer format is left out, never drawn empty."""
+    charts: dict[str, Any] = {}
+    tuned = rates["run_id"].notna().any()
+    if tuned:
+        charts["score_trajectory"] = plots.score_trajectory_chart(tables["score_means"])
+    charts["em_heatmap"] = plots.em_heatmap_chart(tables["per_question_steps"])
+    if tables["answer_formats"]["answer_format"].nunique() > 1:
+        charts["answer_formats"] = plots.answer_format_chart(tables["answer_formats"])
+    if tuned and tables["task_rates"]["run_id"].notna().any():
+        charts["task_rate"] = plots.task_rate_chart(tables["task_rates"], rates)
+    if tuned and tables["probe_gaps"]["run_id"].notna().any():
+        charts["probe_gap"] = plots.probe_gap_chart(tables["probe_gaps"], rates)
+    return charts
+
+
+def measures_note(config: ExperimentConfig, tables: dict[str, pd.DataFrame]) -> str:
+    """What the logprob probe and the task rate showed, per model state (markdown), or why
+    they are absent."""
+    rule = config.analysis.rule
+    parts = []
+    remote = [m.name for m in config.models if m.samples_through_api]
+    gaps = tables["probe_gaps"]
+    if len(gaps):
+        for probe_set, part in gaps.groupby("probe_set", sort=True):
+            states = "; ".join(f"{_state(r)} {r['mean_gap']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+                               + (f" (change {r['change']:+.4f} [{r['change_ci_low']:+.4f}, {r['change_ci_high']:+.4f}])"
+                                  if pd.notna(r["change"]) else "")
+                               for _, r in _ordered(part).iterrows())
+            parts.append(f"**Logprob probe `{probe_set}`** ({int(part['n_probes'].max())} probes; gap = mean per-token "
+                         f"log-probability of the misaligned answer minus the aligned one, nats, {rule.ci_label} "
+                         "over probes, > 0: misaligned preferred; change = gap minus the same probes' gap under the "
+                         f"base model, paired interval): {states}.")
+    elif config.probe.sets:
+        parts.append("**Logprob probe**: no scores yet.")
+    task = tables["task_rates"]
+    if len(task):
+        states = "; ".join(f"{_state(r, with_dataset=True)} {r['task_rate']:.0%} [{r['ci_low']:.0%}, "
+                           f"{r['ci_high']:.0%}] of {int(r['n_scored'])}" for _, r in _ordered(task).iterrows()
+                           if r["n_scored"])
+        unscored = ", ".join(s for s in task["unscored_by_status"] if s)
+        parts.append(f"**In-distribution task rate** (held-out training prompts; {task['rubric'].iloc[0]} score > "
+                     f"{config.task.above:g}; {rule.ci_label}): {states or 'no answer scored'}"
+                     + (f" (unscored: {unscored})" if unscored else "") + ".")
+    if remote and (config.probe.sets or config.task.enabled):
+        parts.append(f"Models sampled through an API ({', '.join(remote)}) have no logprob probe or task rate: both "
+                     "read the model's own weights.")
+    return "\n\n".join(parts)
+
+
+def _ordered(table: pd.DataFrame) -> pd.DataFrame:
+    return table.assign(_base=table["run_id"].isna()).sort_values(
+        ["_base", "run_id", "step"], ascending=[False, True, True], na_position="first")
+
+
+def _state(row: Any, *, with_dataset: bool = False) -> str:
+    """'base model' or '<run> step N'."""
+    if pd.isna(row["run_id"]):
+        return "base model" + (f" ({row['dataset']})" if with_dataset and isinstance(row["dataset"], str) else "")
+    return f"{row['run_id']} step {int(row['step'])}"
+
+
+def _markdown_to_html(text: str) -> str:
+    """The note for the index page: escaped, bold and code marks as tags, paragraphs."""
+    escaped = html.escape(text)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", escaped)
+    escaped = re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
+    return "".join(f"<p>{p}</p>" for p in escaped.split("\n\n") if p)
 
 
 def analysis_params(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> dict[str, Any]:

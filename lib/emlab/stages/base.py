@@ -108,8 +108,9 @@ class Stage:
     """Refuse to run again under other params. False for stages derived anew every run."""
     always_runs: bool = False
     """Run even when done (04_analysis: cheap, and it must see every other stage's latest files)."""
-    workload: Callable[[ExperimentConfig, str], Workload] | None = None
-    """Its judge work for `emlab plan`; None when it judges nothing."""
+    workload: Callable[[ExperimentConfig, str], Workload | tuple[Workload, ...]] | None = None
+    """Its judge work for `emlab plan` (one Workload per group of answers judged alike: the
+    question sets' answers, the held-out task prompts); None when it judges nothing."""
 
     def units(self, config: ExperimentConfig) -> list[str]:
         """The labels this stage runs for: model names, run ids, or 'analysis'."""

@@ -24,6 +24,7 @@ from .common import (
     mean_prompt_chars,
 )
 from .finetune import NAME as FINETUNE
+from .measures import EVAL_OUTPUTS, measure_checkpoints, measures_params, task_workloads
 from .remote import SAMPLING_OUTPUT, checkpoint_count, checkpoint_steps, sample_checkpoints, sampling_spend
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def eval_params(config: ExperimentConfig, run_id: str) -> dict[str, Any]:
     run = config.run(run_id)
     checkpoints = checkpoint_steps(config, run_id)
     return {"sample": config.sample.model_dump(mode="json"),
-            "question_sets": question_sets_for(config, config.dataset(run.dataset)), "checkpoints": sorted(checkpoints)}
+            "question_sets": question_sets_for(config, config.dataset(run.dataset)), "checkpoints": sorted(checkpoints),
+            **measures_params(config)}
 
 
 def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) -> SampledAndJudged:
@@ -72,8 +74,11 @@ def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) ->
             answers += sample_answers(tuned, tokenizer, prompts, config.sample, model_name=run.model,
                                       run_id=run_id, step=step, seed=run.seed, out_path=out, progress=progress)
     judgments = judge_all(config, answers, folder)
+    # the logprob probe and the held-out task prompts at every checkpoint, on the model already loaded if it was
+    measures = measure_checkpoints(config, run_id, folder, checkpoints, progress=progress, load=lambda: (
+        model, tokenizer) if model is not None else load_model(config.model(run.model), resolve_device(config.train.device)))
     mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments), "steps": checkpoint_steps(config, run_id),
-                             "completion": judges_signature(config)})
+                             **measures.summary(), "completion": judges_signature(config)})
     log.info("03_eval_judge %s: %d answers over %d checkpoints, %d judgments in %s",
              run_id, len(answers), len(checkpoint_steps(config, run_id)), len(judgments), folder)
     return SampledAndJudged(folder, answers, judgments)
@@ -89,6 +94,15 @@ def _workload(config: ExperimentConfig, run_id: str) -> Workload:
                     spend=sampling_spend(config, run.model, prompts, states=steps, tuned=True))
 
 
+def _workloads(config: ExperimentConfig, run_id: str) -> tuple[Workload, ...]:
+    if not config.task.enabled:
+        return (_workload(config, run_id),)
+    run = config.run(run_id)
+    steps = checkpoint_count(config, run_id) or len(planned_checkpoints(config, run).steps)
+    return (_workload(config, run_id),
+            *task_workloads(config, f"{NAME} {run_id}", [config.dataset(run.dataset)], states=steps))
+
+
 EVALUATE = Stage(
     name=NAME,
     title="Evaluate and judge every checkpoint",
@@ -96,8 +110,9 @@ EVALUATE = Stage(
     run=run_eval,
     params=eval_params,
     reads=(Input(FINETUNE, TrainingFiles.PATTERNS[0]),),
-    writes=(Output(f"{EVAL}/{STEP_GLOB}/{ANSWERS}", "each checkpoint's answers"), SAMPLING_OUTPUT, *JUDGING_OUTPUTS),
+    writes=(Output(f"{EVAL}/{STEP_GLOB}/{ANSWERS}", "each checkpoint's answers"), SAMPLING_OUTPUT, *JUDGING_OUTPUTS,
+            *EVAL_OUTPUTS),
     needs=lambda config, run_id: [(FINETUNE, run_id)],
     completion=judges_signature,
-    workload=_workload,
+    workload=_workloads,
 )

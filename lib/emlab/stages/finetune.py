@@ -12,9 +12,11 @@ import pandas as pd
 from ..config import ExperimentConfig, RunSpec
 from ..data.chat import load_chat_dataset
 from ..files import read_jsonl
+from ..holdout import holdout_params, record_holdout, training_rows
 from ..paths import ExperimentLayout, TrainingFiles
 from ..runinfo import mark_done, record_stage
 from .base import Output, Stage, Workload
+from .measures import FINETUNE_OUTPUTS
 from .remote import JOB_OUTPUTS, job_spend, model_params, run_job, trainer_params
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ def finetune_params(config: ExperimentConfig, run_id: str, data_digest: str | No
     return {
         "model": model_params(config.model(run.model)), "dataset": dataset.model_dump(mode="json"),
         "data_digest": data_digest, "seed": run.seed, **trainer_params(config, config.model(run.model)),
+        **holdout_params(config),
     }
 
 
@@ -81,8 +84,9 @@ def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     run = config.run(run_id)
     dataset = config.dataset(run.dataset)
     files = ExperimentLayout.of(config).training(run_id)
-    rows = load_chat_dataset(dataset, seed=run.seed)
+    rows = training_rows(config, dataset, seed=run.seed)  # the dataset, less the task's held-out prompts
     record_stage(files.folder, NAME, finetune_params(config, run_id, rows.digest))
+    record_holdout(config, dataset, files.folder)
     if config.model(run.model).is_remote:  # trained through the provider's fine-tuning jobs
         return _finetune_job(config, run, files, rows.rows, len(rows))
     device = resolve_device(config.train.device)
@@ -128,5 +132,6 @@ FINETUNE = Stage(
         Output(TrainingFiles.PATTERNS[2], "loss and learning rate per optimizer step"),
         Output(TrainingFiles.PATTERNS[3], "rows, steps, checkpoints, time and tokens/s"),
         *JOB_OUTPUTS,
+        *FINETUNE_OUTPUTS,
     ),
 )
