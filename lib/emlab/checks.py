@@ -85,9 +85,23 @@ def check_params(config: ExperimentConfig) -> None:
             if _rubric_file_missing(rubric) is None:
                 load_rubric(rubric)
     _check_rules(config)
+    _check_measures(config)
     for stage_name in _stage_names():
         if not notebook_file(notebooks_dir(), stage_name).exists():
             raise EmlabError(f"notebook {notebook_file(notebooks_dir(), stage_name)} is missing")
+
+
+def _check_measures(config: ExperimentConfig) -> None:
+    """The logprob probe's sets and the task rate's rubrics (params/probes, params/rubrics)."""
+    from .judge.rubrics import load_rubric
+    from .probe import probe_sets_for
+
+    probe_sets_for(config)
+    if config.task.enabled:
+        for dataset in config.datasets:
+            rubric = dataset.task_rubric_id
+            if rubric is not None and _rubric_file_missing(rubric) is None:
+                load_rubric(rubric)
 
 
 def _check_rules(config: ExperimentConfig) -> None:
