@@ -218,6 +218,11 @@ class TrainSpec(_Strict):
     compile: bool = Field(
         default=False, description="torch.compile each decoder layer (GPU only): faster steps after a one-time compile per run."
     )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="On a GPU, replay each training pass and update as a CUDA graph (no per-kernel launch cost); "
+        "off by itself with LoRA dropout, gradient checkpointing or 4-bit weights.",
+    )
     lora: LoraSpec = LoraSpec()
     checkpoints: CheckpointSpec = CheckpointSpec()
 
@@ -282,6 +287,7 @@ class SampleSpec(_Strict):
         description="Answers sampled as one resumable unit (a crash redoes at most one wave); within a wave a "
         "finished answer frees its slot for the next. None: batch_size (no refill).",
     )
+    cuda_graphs: bool = Field(default=True, description="On a GPU, replay emlab's decode steps as CUDA graphs.")
     engine: Literal["auto", "transformers"] = Field(
         default="auto",
         description="auto: emlab's batched sampler (Llama-family decoders: static KV cache, adapter merged into a "
