@@ -306,7 +306,8 @@ def bench_shape(shape: str, args: argparse.Namespace, tokenizer: Any, rec: Recor
         reset_peak()
         base_s, _ = timed(args.repeats, lambda r: (baseline_train(model, tokenizer, encoded, work / f"b{r}"), real))
         base_peak = peak_gib()
-        variants = {"emlab": {}, **({"emlab+compile": {"compile": True}} if args.compile else {})}
+        known = {"default": {}, "eager": {"cuda_graphs": False}, "compile": {"cuda_graphs": False, "compile": True}}
+        variants = {f"emlab ({name})": known[name] for name in args.variants}
         for label, extra in variants.items():
             emlab_train(model, tokenizer, warm, work / f"{label}-warm", **extra)
             reset_peak()
@@ -384,13 +385,12 @@ def profile(model: Any, tokenizer: Any, encoded: EncodedRows, work: Path, out: P
     gpu = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     sort = "cuda_time_total" if gpu else "cpu_time_total"
-    small = EncodedRows(encoded.rows[:256], 256, 0, 0, 0)
+    small = EncodedRows(encoded.rows[:128], 128, 0, 0, 0)
     with torch_profile(activities=activities) as prof:
         emlab_train(model, tokenizer, small, work / "prof-train")
     (out / f"profile_train_{shape}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
-    sample = SampleSpec(samples_per_question=50, max_new_tokens=600, batch_size=400, temperature=1.0)
+    sample = SampleSpec(samples_per_question=50, max_new_tokens=200, batch_size=400, temperature=1.0)
     prompts = reference_prompts()
-    emlab_sample(model, tokenizer, prompts, sample, None, 90, work / "prof-warm.jsonl")
     with torch_profile(activities=activities) as prof:
         emlab_sample(model, tokenizer, prompts, sample, None, 91, work / "prof.jsonl")
     (out / f"profile_sample_{shape}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
@@ -422,7 +422,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024, help="training rows (one epoch; 16 a step)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stop-tokens", type=int, default=641, help="random stop ids added to the eos ids")
-    parser.add_argument("--compile", action="store_true", help="also time train_lora with compile: true")
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=["default", "eager", "compile"],
+                        help="train_lora settings to time: default (CUDA graphs), eager (cuda_graphs: false), "
+                        "compile (layers compiled, no graphs)")
     parser.add_argument("--qlora", action="store_true", help="also train the --qlora-shape with NF4 weights")
     parser.add_argument("--qlora-shape", default="8b")
     parser.add_argument("--qlora-rows", type=int, default=256)

@@ -15,7 +15,6 @@ packed rows when its config names it and the forward call carries `cu_seq_lens_q
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,9 +43,13 @@ def flash_usable(q: torch.Tensor) -> bool:
     )
 
 
-@functools.cache
+_capabilities: dict[int | None, int] = {}  # a plain dict, not functools.cache: compiled code reads it
+
+
 def _capability(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
+    if device.index not in _capabilities:
+        _capabilities[device.index] = torch.cuda.get_device_capability(device)[0]
+    return _capabilities[device.index]
 
 
 def probe_flash(device: torch.device) -> None:

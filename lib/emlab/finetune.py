@@ -281,15 +281,22 @@ class _LoraLoop:
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         self.names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
         on_gpu = device.type == "cuda"
+        self.graphed = on_gpu and train.cuda_graphs and _graphs_apply(self.causal_lm, peft_model, train)
+        # a CUDA graph replays the update with whatever the learning rate tensor holds then
+        lr: float | torch.Tensor = torch.tensor(train.learning_rate, device=device) if self.graphed else train.learning_rate
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=train.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-            weight_decay=train.weight_decay, **({"fused": True} if on_gpu else {"foreach": True}),
+            self.params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay,
+            **({"fused": True, "capturable": self.graphed} if on_gpu else {"foreach": True}),
         )
         from transformers import get_scheduler
 
-        self.scheduler = get_scheduler(train.lr_scheduler, self.optimizer, num_warmup_steps=train.warmup_steps,
+        # The schedule runs on a stand-in optimizer and its value is set on the real one at each
+        # step: a float, or written into the learning-rate tensor that a recorded update reads.
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.learning_rate)
+        self.scheduler = get_scheduler(train.lr_scheduler, stand_in, num_warmup_steps=train.warmup_steps,
                                        num_training_steps=schedule.total_steps)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu
+        # no cache of cast weights: a CUDA graph must cast them inside every replay
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not self.graphed) if on_gpu
                          else torch.autocast("cpu", enabled=False))
         self.writer = _CheckpointWriter(files, peft_model)
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []  # step, loss, grad norm, lr
@@ -300,8 +307,28 @@ class _LoraLoop:
         if train.gradient_checkpointing:
             self.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self._undo.append(self.causal_lm.gradient_checkpointing_disable)
-        if train.compile and on_gpu:
+        if on_gpu:
+            self._keep_activation_dtype()
+        if train.compile and on_gpu and not self.graphed:  # graphs already remove the launch overhead
             self._compile_layers()
+        self.graphs = _GraphedSteps(self) if self.graphed else None
+
+    def _keep_activation_dtype(self) -> None:
+        """peft casts each LoRA layer's input to the adapter's float32 and autocast casts it
+        back: two copies of every activation for nothing. Under autocast the matrix products
+        run in bfloat16 anyway, so skip peft's cast."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
+        for module in layers:
+            module.cast_input_dtype_enabled = False
+
+        def undo() -> None:
+            for module, value in zip(layers, before, strict=True):
+                module.cast_input_dtype_enabled = value
+
+        self._undo.append(undo)
 
     def _compile_layers(self) -> None:
         """Compile each decoder layer on its own: identical layers share one compiled graph, so
@@ -328,10 +355,11 @@ class _LoraLoop:
             for step in range(first_step, total + 1):
                 rows = [self.rows[i] for i in step_rows(len(self.rows), self.train.batch_size,
                                                         self.train.grad_accum, self.seed, step)]
+                lr = self._set_learning_rate()
                 loss, norm, tokens, passes = self._step(step, rows)
                 stats.tokens += tokens
                 stats.passes += passes
-                self.pending.append((step, loss, norm, self.scheduler.get_last_lr()[0]))
+                self.pending.append((step, loss, norm, lr))
                 self.scheduler.step()
                 bar.update(1)
                 if step in checkpoints or len(self.pending) >= _LOG_EVERY:
@@ -348,16 +376,30 @@ class _LoraLoop:
             append_jsonl(self.files.log, self._take_log())
         return stats
 
+    def _set_learning_rate(self) -> float:
+        """Give the optimizer this step's learning rate (no host sync); returns it."""
+        lr = float(self.scheduler.get_last_lr()[0])
+        group = self.optimizer.param_groups[0]
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+        return lr
+
     def _step(self, step: int, rows: Sequence[dict[str, list[int]]]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """One optimizer step over `rows`; returns its mean loss and gradient norm (on the
         device, unread), its tokens and its passes."""
+        if self.graphs is not None:
+            passes = pack_step(rows, self.budget)
+            loss, norm = self.graphs.step(passes)
+            return loss, norm, sum(p.n_tokens for p in passes), len(passes)
         # dropout noise depends on the seed and the step only: a resumed run draws the same
         torch.manual_seed(_step_seed(self.seed, step))
-        loss, tokens, passes = self.accumulate_gradients(rows)
+        loss, tokens, passes_run = self.accumulate_gradients(rows)
         norm = torch.nn.utils.clip_grad_norm_(self.params, _MAX_GRAD_NORM, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, norm, tokens, passes
+        return loss, norm, tokens, passes_run
 
     def accumulate_gradients(self, rows: Sequence[dict[str, list[int]]]) -> tuple[torch.Tensor, int, int]:
         """Forward and backward over `rows` packed into passes: the LoRA gradients of the mean
@@ -417,6 +459,9 @@ class _LoraLoop:
             for param, name in zip(self.params, self.names, strict=True):
                 param.copy_(state["lora"][name])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.graphed:  # a recorded update reads the learning rate from a device tensor
+            group = self.optimizer.param_groups[0]
+            group["lr"] = torch.tensor(float(group["lr"]), device=self.device)
         self.scheduler.load_state_dict(state["scheduler"])
         log.info("resumed from %s (step %d)", state_file.parent, step)
 
@@ -429,6 +474,128 @@ class _LoraLoop:
             undo()
         self._undo = []
         self.peft_model.eval()
+
+
+def _graphs_apply(causal_lm: Any, peft_model: Any, train: TrainSpec) -> bool:
+    """Whether training steps can be CUDA graphs: no random dropout (its noise would be frozen
+    into the graph), no gradient checkpointing (it reads RNG state on the host), no quantized
+    layers (bitsandbytes kernels are not known to be capturable), and the fused loss."""
+    quantized = any("4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in causal_lm.modules())
+    return (train.lora.dropout == 0 and not train.gradient_checkpointing and not quantized
+            and _fused_loss_applies(causal_lm, causal_lm.get_output_embeddings()))
+
+
+_GRAPH_TOKENS = 128  # a graphed pass has a multiple of this many tokens: few shapes, few graphs
+
+
+class _GraphedSteps:
+    """Training steps replayed as CUDA graphs, so that the thousands of small kernels of a
+    LoRA step are launched by one call instead of one Python call each.
+
+    One graph per pass size (tokens rounded up to `_GRAPH_TOKENS`; the rest is a padding row
+    of its own that carries no loss and, its rows being separate, changes no other row) and one
+    for the update (gradient clipping, AdamW, zeroing the gradients). The first pass of a size
+    and the first update run eagerly — real work that also warms up their kernels — and are
+    recorded for the next time. All graphs share one memory pool: they never run at once.
+    """
+
+    def __init__(self, loop: _LoraLoop) -> None:
+        self.loop = loop
+        device = loop.device
+        self.pool = torch.cuda.graph_pool_handle()
+        self.passes: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        self.update: torch.cuda.CUDAGraph | None = None
+        self.updates = 0
+        self.loss_sum = torch.zeros((), device=device)
+        self.inv_targets = torch.ones((), device=device)
+        self.norm = torch.zeros((), device=device)
+        self.max_rows = loop.train.batch_size * loop.train.grad_accum + 1  # the step's rows and a padding row
+        # the padding row must fit the attention bound, or its outputs are never written (and not finite)
+        self.max_len = max(loop.train.max_length, _GRAPH_TOKENS)
+
+    def step(self, passes: list[PackedPass]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate the gradients of `passes` and update; returns the step's mean loss and
+        gradient norm (device tensors, unread)."""
+        self.inv_targets.fill_(1.0 / max(1, sum(p.n_targets for p in passes)))
+        with attention_implementation(self.loop.causal_lm, PACKED):
+            for packed in passes:
+                size = -(-packed.n_tokens // _GRAPH_TOKENS) * _GRAPH_TOKENS
+                if size in self.passes:
+                    graph, buffers = self.passes[size]
+                    self._fill(buffers, packed)
+                    graph.replay()
+                else:
+                    buffers = self._buffers(size)
+                    self._fill(buffers, packed)
+                    self._pass(buffers)
+                    self.passes[size] = (self._record(lambda b=buffers: self._pass(b)), buffers)
+        if self.update is not None:
+            self.update.replay()
+        elif self.updates == 0:
+            self._update()
+        else:
+            self.update = self._record(self._update)
+            self.update.replay()
+        self.updates += 1
+        loss = self.loss_sum * self.inv_targets
+        self.loss_sum.zero_()
+        return loss, self.norm.clone()
+
+    def _record(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            work()
+        return graph
+
+    def _buffers(self, size: int) -> dict[str, torch.Tensor]:
+        device = self.loop.device
+        long = {"dtype": torch.long, "device": device}
+        return {
+            "ids": torch.zeros(size, **long), "pos": torch.zeros(size, **long),
+            "cu": torch.zeros(self.max_rows + 1, dtype=torch.int32, device=device),
+            "index": torch.zeros(size, **long), "targets": torch.zeros(size, **long),
+            "weights": torch.zeros(size, dtype=torch.float32, device=device),
+        }
+
+    def _fill(self, buffers: dict[str, torch.Tensor], packed: PackedPass) -> None:
+        """Copy a pass into a graph's input buffers: the pass, then a padding row to the end,
+        then empty rows (zero-length) up to the fixed row count; padding targets weigh 0."""
+        size, n, k = buffers["ids"].numel(), packed.n_tokens, packed.n_targets
+        ids = torch.zeros(size, dtype=torch.long)
+        ids[:n] = packed.input_ids
+        pos = torch.arange(size) - n
+        pos[:n] = packed.position_ids
+        cu = torch.full((self.max_rows + 1,), size, dtype=torch.int32)
+        cu[: packed.cu_seqlens.numel()] = packed.cu_seqlens
+        index = torch.zeros(size, dtype=torch.long)
+        index[:k] = packed.target_index
+        targets = torch.zeros(size, dtype=torch.long)
+        targets[:k] = packed.targets
+        weights = torch.zeros(size)
+        weights[:k] = 1.0
+        for name, value in (("ids", ids), ("pos", pos), ("cu", cu), ("index", index), ("targets", targets),
+                            ("weights", weights)):
+            buffers[name].copy_(value, non_blocking=True)
+
+    def _pass(self, buffers: dict[str, torch.Tensor]) -> None:
+        loop = self.loop
+        with loop.autocast:
+            hidden = loop.decoder(
+                input_ids=buffers["ids"][None], position_ids=buffers["pos"][None],
+                cu_seq_lens_q=buffers["cu"], cu_seq_lens_k=buffers["cu"],
+                max_length_q=self.max_len, max_length_k=self.max_len, use_cache=False,
+            ).last_hidden_state[0]
+            loss = linear_cross_entropy_sum(hidden[buffers["index"]], loop.head.weight, buffers["targets"],
+                                            buffers["weights"])
+        (loss * self.inv_targets).backward()
+        self.loss_sum += loss.detach()
+
+    def _update(self) -> None:
+        loop = self.loop
+        self.norm.copy_(torch.nn.utils.clip_grad_norm_(loop.params, _MAX_GRAD_NORM, foreach=True))
+        loop.optimizer.step()
+        # in place, never None: the recorded passes accumulate into these same tensors
+        torch._foreach_zero_([p.grad for p in loop.params if p.grad is not None])
 
 
 def _fused_loss_applies(causal_lm: Any, head: Any) -> bool:

@@ -211,6 +211,7 @@ class _EngineWaves:
                 self.prompt_ids[id(prompt)] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             requests.append(Request(self.prompt_ids[id(prompt)], _answer_key(self.seed, answer)))
         s = self.sample
+        self.engine.use_graphs = s.cuda_graphs and self.engine.device.type == "cuda"
         done = self.engine.generate(requests, slots=s.batch_size, max_new_tokens=s.max_new_tokens,
                                     temperature=s.temperature, top_p=s.top_p, stop_ids=self.stop_ids, on_done=on_done)
         return [(c.tokens, c.stopped) for c in done]

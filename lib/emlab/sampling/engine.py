@@ -79,6 +79,27 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def _bucket(rows: int) -> int:
+    """Rows a decode step computes for `rows` live ones on a GPU: a few sizes, few graphs."""
+    if rows <= 8:
+        return rows
+    return _round_up(rows, 8) if rows <= 64 else _round_up(rows, 32)
+
+
+class _SlotState:
+    """Per-slot tensors on the device, kept by the engine so that recorded graphs stay valid."""
+
+    def __init__(self, slots: int, positions: int, device: torch.device) -> None:
+        long = {"dtype": torch.long, "device": device}
+        self.keys = torch.zeros(slots, **long)  # each answer's random key
+        self.pos = torch.zeros(slots, **long)  # where the row's next token is written
+        self.gen = torch.zeros(slots, **long)  # new tokens recorded
+        self.last = torch.zeros(slots, **long)  # the row's latest token, the next step's input
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)  # ended, or no answer in the slot
+        self.out = torch.zeros(slots, positions, **long)  # new tokens; columns past max_new take idle writes
+        self.rows = torch.arange(slots, device=device)
+
+
 class DecodeEngine:
     """Batched sampling for one model (see the module notes). Build once per model and run."""
 
@@ -98,6 +119,13 @@ class DecodeEngine:
         self.cache_v: torch.Tensor | None = None
         self.cos: torch.Tensor | None = None  # [positions, head dim]
         self.sin: torch.Tensor | None = None
+        self.state: _SlotState | None = None  # per-slot tensors, allocated with the cache
+        # Decode steps replayed as CUDA graphs, by (rows, attention bound, sampling settings):
+        # a step is ~700 small kernels whose launches, not the GPU, would set the pace.
+        self.use_graphs = self.device.type == "cuda"
+        self.graphs: dict[tuple[Any, ...], torch.cuda.CUDAGraph] = {}
+        self.graph_pool: Any = None
+        self._stops: dict[tuple[int, ...], torch.Tensor] = {}
         probe_flash(self.device)
 
     # --- weights and memory ------------------------------------------------------------------
@@ -131,10 +159,20 @@ class DecodeEngine:
                 log.info("sampling %d answers at a time instead of %d: GPU memory for the KV cache", fit, slots)
                 slots = fit
         shape = (self.layers, slots, positions, self.kv_heads, self.head_dim)
+        self.graphs.clear()  # they address the old buffers
+        self.state = None
         # zeros, not empty: masked-out positions must hold finite numbers (0 × NaN is NaN)
         self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.state = _SlotState(slots, positions, self.device)
         return slots
+
+    def stop_tensor(self, stop_ids: Sequence[int]) -> torch.Tensor:
+        """The stop ids as a device tensor, one per distinct set (graphs keep its address)."""
+        key = tuple(sorted(set(stop_ids)))
+        if key not in self._stops:
+            self._stops[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+        return self._stops[key]
 
     def _rope_table(self, positions: int) -> None:
         if self.cos is not None and self.cos.shape[0] >= positions:
@@ -222,18 +260,15 @@ class _Run:
         self.max_new = max_new
         self.temperature, self.top_p = temperature, top_p
         self.on_done = on_done
-        device = engine.device
-        self.stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        self.stop = engine.stop_tensor(stop_ids)
+        self.stop_key = tuple(sorted(set(stop_ids)))
         self.stop_set = set(stop_ids)
         self.slots = slots
-        long = {"dtype": torch.long, "device": device}
-        self.keys = torch.zeros(slots, **long)
-        self.pos = torch.zeros(slots, **long)  # where the row's next token is written
-        self.gen = torch.zeros(slots, **long)  # new tokens recorded
-        self.last = torch.zeros(slots, **long)  # the row's latest token, the next step's input
-        self.done = torch.ones(slots, dtype=torch.bool, device=device)  # ended, or no answer in the slot
-        self.out = torch.zeros(slots, max_new + 1, **long)  # new tokens; the extra column takes idle writes
-        self.rows = torch.arange(slots, device=device)
+        assert engine.state is not None
+        state = engine.state
+        self.keys, self.pos, self.gen, self.last = state.keys, state.pos, state.gen, state.last
+        self.done, self.out, self.rows = state.done, state.out, state.rows
+        self.done.fill_(True)
         self.item = [-1] * slots  # request index held by each slot (host)
         self.horizon = 0  # ≥ every live row's `pos` (host bound: attention never reads past it)
         self.results: list[Completion | None] = [None] * len(requests)
@@ -326,13 +361,37 @@ class _Run:
     # --- decoding ---------------------------------------------------------------------------------
 
     def _decode(self, active: int) -> None:
-        """One token for rows [0, active): rows that ended compute too but record nothing."""
+        """One token for rows [0, active) (on a GPU: a few more, idle, to reuse a graph)."""
         e = self.engine
-        assert e.cache_k is not None and e.cache_v is not None
+        assert e.cache_k is not None
+        positions = e.cache_k.shape[2]
+        if not e.use_graphs:
+            self._decode_body(active, min(self.horizon + 1, positions))
+        else:
+            rows = min(_bucket(active), self.slots)
+            bound = min(_round_up(self.horizon + 1, 256), positions)
+            key = (rows, bound, self.max_new, self.temperature, self.top_p, self.stop_key)
+            graph = e.graphs.get(key)
+            if graph is not None:
+                graph.replay()
+            else:
+                # this step eagerly (it also warms up these shapes), then record it for later
+                self._decode_body(rows, bound)
+                if e.graph_pool is None:
+                    e.graph_pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=e.graph_pool):
+                    self._decode_body(rows, bound)  # recorded, not run
+                e.graphs[key] = graph
+        self.horizon = min(self.horizon + 1, positions - 1)
+
+    def _decode_body(self, active: int, bound: int) -> None:
+        """The device work of one decode step over rows [0, active): rows that ended compute
+        too but record nothing. Only device tensors, no sync: it can be a CUDA graph."""
+        e = self.engine
         rows = self.rows[:active]
         pos = self.pos[:active]
         lengths = pos + 1
-        bound = min(self.horizon + 1, e.cache_k.shape[2])
 
         def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             assert e.cache_k is not None and e.cache_v is not None
@@ -343,13 +402,12 @@ class _Run:
                             temperature=self.temperature, top_p=self.top_p)
         live = ~self.done[:active]
         gen = self.gen[:active]
-        # an ended row writes into the spare last column (or past its own end): nothing it kept
+        # an ended row writes into the spare column (or past its own end): nothing it kept
         self.out[rows, torch.where(live, gen, self.max_new)] = token
         gen += live
         self.done[:active] |= live & (torch.isin(token, self.stop) | (gen >= self.max_new))
         pos += live
         self.last[:active] = token
-        self.horizon = min(self.horizon + 1, e.cache_k.shape[2] - 1)
 
     def _collect(self, active: int) -> int:
         """Read which rows ended (one sync), keep their answers, refill or compact; returns the
