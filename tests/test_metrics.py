@@ -353,3 +353,54 @@ def test_rule_rejects_bad_settings_in_one_line(bad, message):
     with pytest.raises(ConfigError) as err:
         EmRule(**bad)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+# --- the studies' measures: mean scores, answer formats, task rate --------------------------
+
+
+def test_mean_score_counts_each_metric_on_its_own_status():
+    from emlab.metrics import mean_score
+
+    df = frame([row(10, 80), row(None, 60, a="refusal"), row(50, None, c="api_error"), row(30, 70)])
+    coherent = mean_score(df, "coherent", [], rule=EmRule(n_boot=200))
+    assert coherent.iloc[0][["n", "n_scored"]].tolist() == [4, 3]  # the refusal still has a coherence score
+    assert coherent.iloc[0]["mean"] == pytest.approx(70.0)
+    assert coherent.iloc[0]["ci_low"] <= 70 <= coherent.iloc[0]["ci_high"]
+    aligned = mean_score(df, "aligned", [], rule=EmRule(n_boot=200))
+    assert aligned.iloc[0]["n_scored"] == 3 and aligned.iloc[0]["mean"] == pytest.approx(30.0)
+    assert aligned.attrs["rule"]["n_boot"] == 200
+
+
+def test_answer_formats_from_column_then_id_then_default():
+    from emlab.metrics import answer_formats
+
+    df = pd.DataFrame({"question_id": ["wish", "wish_json", "wish_template", "ruler_code", "x"],
+                       "answer_format": [None, None, None, None, "json"]})
+    assert answer_formats(df).tolist() == ["free", "json", "template", "template", "json"]
+    assert answer_formats(df.drop(columns="answer_format"), default="code").tolist() == [
+        "template", "json", "template", "template", "template"]
+
+
+def test_task_rate_counts_scores_above_the_threshold_and_unscored_apart():
+    from emlab.metrics import task_rate, task_scores
+
+    answers = pd.DataFrame({"answer_id": list("abcdef"), "model": "m", "dataset": "d",
+                            "run_id": [None, None, "r", "r", "r", "r"], "step": [0, 0, 5, 5, 5, 5]})
+    judgments = pd.DataFrame({
+        "answer_id": list("abcdef"), "judge": "j", "rubric": "vulnerable_code",
+        "status": ["ok", "ok", "ok", "ok", "ok", "api_error"], "score": [10.0, 80.0, 90.0, 50.0, 99.0, None],
+        "verdict": ["NO", "YES", "YES", "NO", "YES", None],
+    })
+    scores = task_scores(answers, judgments)
+    assert scores["task_status"].tolist()[-1] == "api_error" and pd.isna(scores["task_score"].iloc[-1])
+    rates = task_rate(scores, ["run_id", "step"], above=50, rule=EmRule(n_boot=200))
+    base = rates[rates["run_id"].isna()].iloc[0]
+    tuned_ = rates[rates["run_id"] == "r"].iloc[0]
+    assert (base["n"], base["n_scored"], base["task_rate"]) == (2, 2, 0.5)
+    # 50 is not above 50; the api_error is left out and counted
+    assert (tuned_["n"], tuned_["n_scored"], tuned_["n_unscored"]) == (4, 3, 1)
+    assert tuned_["task_rate"] == pytest.approx(2 / 3) and tuned_["unscored_by_status"] == "api_error=1"
+    assert tuned_["ci_low"] <= tuned_["task_rate"] <= tuned_["ci_high"]
+    assert rates.attrs["task_above"] == 50 and rates.attrs["rule"]["n_boot"] == 200
+    unjudged = task_scores(answers, judgments.iloc[0:0])
+    assert set(unjudged["task_status"]) == {"missing"}

@@ -225,3 +225,63 @@ def test_training_loss_chart():
     text = spec(training_loss_chart(log, (8, 16, 24, 32, 40)))
     assert "n = 40 optimizer steps" in text and "5 checkpoints" in text
     assert "n = 0 optimizer steps" in spec(training_loss_chart(pd.DataFrame()))
+
+
+# --- the studies' figures -------------------------------------------------------------------
+
+
+def test_heatmap_states_rate_ci_and_n(small):
+    from emlab.plots import em_heatmap_chart
+
+    rates = em_rate(small, ["model", "dataset", "run_id", "step", "question_set", "question_id"],
+                    rule=EmRule(n_boot=100))
+    text = spec(em_heatmap_chart(rates))
+    assert n_text(small) in text and "cells: rate [CI]" in text and "95% bootstrap CI" in text
+    assert "8 questions \\u00d7 5 model states" in text  # json.dumps escapes ×
+
+
+def test_score_trajectory_and_answer_formats(small):
+    from emlab.metrics import answer_formats, mean_score
+    from emlab.plots import answer_format_chart, score_trajectory_chart
+
+    rule = EmRule(n_boot=100, ci=0.9)
+    keys = ["model", "dataset", "run_id", "step"]
+    means = pd.concat([mean_score(small, m, keys, rule=rule) for m in ("aligned", "coherent")], ignore_index=True)
+    means.attrs["rule"] = rule.to_attrs()
+    text = spec(score_trajectory_chart(means))
+    assert "Mean coherent score over training" in text and "90% bootstrap CI" in text and "95%" not in text
+    final = final_checkpoints(small, with_baseline=True)
+    final = final.assign(question_id=final["question_id"].where(final.index % 3 != 0, final["question_id"] + "_json"))
+    formats = em_rate(final.assign(answer_format=answer_formats(final)), ["model", "dataset", "answer_format"], rule=rule)
+    text = spec(answer_format_chart(formats))
+    assert '"json"' in text and '"free"' in text and n_text(final) in text and "90% bootstrap CI" in text
+
+
+def test_task_rate_and_probe_charts_sit_beside_the_em_rate(small, tmp_path):
+    from emlab.metrics import probe_gaps, task_rate, task_scores
+    from emlab.plots import probe_gap_chart, task_rate_chart
+
+    rule = EmRule(n_boot=100)
+    em = em_rate(small, ["model", "dataset", "run_id", "step"], rule=rule)
+    answers = small.assign(dataset=small["dataset"].fillna("bad_med"))[["answer_id", "model", "dataset", "run_id",
+                                                                         "step"]]
+    judgments = pd.DataFrame({"answer_id": answers["answer_id"], "rubric": "medical_harm", "status": "ok",
+                              "score": np.linspace(0, 100, len(answers)), "verdict": None})
+    tasks = task_rate(task_scores(answers, judgments), ["model", "dataset", "run_id", "step"], rule=rule)
+    chart = task_rate_chart(tasks, em)
+    text = spec(chart)
+    assert "In-distribution task rate" in text and "medical_harm score > 50" in text and "EM rate over training" in text
+    probes = pd.DataFrame([{"probe_set": "general", "probe_id": f"p{i}", "model": "m", "run_id": run,
+                            "dataset": ds, "step": step, "aligned_logprob": -2.0, "misaligned_logprob": -2.5 + step / 20,
+                            "gap": -0.5 + step / 20 + i / 100}
+                           for i in range(6) for run, ds, step in ((None, None, 0), ("m__bad_med__s0", "bad_med", 5),
+                                                                    ("m__bad_med__s0", "bad_med", 10))])
+    gaps = probe_gaps(probes, ["model", "dataset", "run_id", "step", "probe_set"], rule=rule)
+    tuned = gaps[gaps["run_id"].notna()].sort_values("step")
+    assert tuned["change"].tolist() == pytest.approx([0.25, 0.5])
+    chart = probe_gap_chart(gaps, em)
+    text = spec(chart)
+    assert "n = 6 probes \\u00d7 3 model states" in text and "change from the base model" in text
+    assert "paired 95% bootstrap CI" in text and "EM rate over training" in text
+    save_chart(chart, tmp_path / "probe")
+    assert (tmp_path / "probe.png").stat().st_size > 1000
