@@ -226,6 +226,10 @@ def test_tiny_experiment_through_slurm(tiny_run: TinyRun, slurm: LocalSlurm, tmp
     record = json.loads(layout.slurm.jobs.read_text())["steps"]
     assert [len(record[f"{s}/{u}"]) for s, u in zip(STEPS, (MODEL, RUN_ID, RUN_ID, "analysis"))] == [1, 2, 2, 2]
 
+    # a submission after the end submits nothing: the analysis is current (same params, nothing new)
+    assert _submit(experiment, env) == {stage: ("done", "") for stage in STEPS}
+    assert not slurm.jobs()
+
     _assert_judge_calls_paid_once(layout, cache)
     _assert_same_results(layout, ExperimentLayout(tiny_run.root))
     index = layout.index.read_text()

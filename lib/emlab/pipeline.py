@@ -18,6 +18,7 @@ HTML as the record of where it died; the next run continues from the finished wo
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import time
@@ -96,7 +97,10 @@ class Plan:
         """Done, and (for a stage derived anew every run) done under the params of now."""
         if not self.is_done(step):
             return False
-        return step.stage.guarded or recorded_params(step.folder, step.stage.name) == step.stage.params(self.config, step.unit)
+        if step.stage.guarded:  # the params guard refuses anything else
+            return True
+        now = json.loads(json.dumps(step.stage.params(self.config, step.unit), default=str))  # as run.json has it
+        return recorded_params(step.folder, step.stage.name) == now
 
 
 @dataclass
