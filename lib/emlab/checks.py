@@ -247,12 +247,16 @@ def _repo_path(text: str) -> Path:
 # --- level 3: everything, before a run --------------------------------------------------------
 
 
-def preflight(config: ExperimentConfig) -> None:
+def preflight(config: ExperimentConfig, *, devices: bool = True) -> None:
     """Check every input before any model is loaded: the params (`check_params`), then that
     every input is here (`missing_inputs`, raised together as `MissingInputsError`), then the
     inputs themselves: question files against their pinned sha256 and size, judges (servers,
     batch endpoints), every dataset row, device options. Raises the first problem as one
-    clear `EmlabError`."""
+    clear `EmlabError`.
+
+    devices: check this machine's devices against the device options (default). False when
+    the stages run elsewhere (Slurm jobs submitted from a login node without the nodes' GPUs):
+    each stage still refuses options its node cannot meet."""
     check_params(config)
     missing = missing_inputs(config)
     if missing:
@@ -275,7 +279,7 @@ def preflight(config: ExperimentConfig) -> None:
                     f"{dataset.rows:,} (the published file's); is it the right file? Fix rows if it is"
                 )
     local = [m for m in config.models if getattr(m, "provider", "local") == "local" and not getattr(m, "base_url", None)]
-    if local:
+    if local and devices:
         device = resolve_device(config.train.device)
         for model in local:
             check_model_options(model, device)
