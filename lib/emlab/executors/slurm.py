@@ -308,7 +308,7 @@ def submit_plan(plan: Plan) -> list[Submitted]:
     """Check inputs and the params guard here (before anything queues), then submit; see the
     module docstring for what is skipped, adopted and replaced."""
     require_slurm()
-    preflight(plan.config)
+    preflight(plan.config, devices=False)  # the nodes' GPUs are not this machine's: each job checks its own
     guard_params(plan.config, plan.steps)
     shared = network_filesystem(cache_dir())
     if shared:
