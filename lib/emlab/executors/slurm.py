@@ -186,8 +186,12 @@ def query_jobs(job_ids: Sequence[str]) -> dict[str, JobInfo]:
 
 
 def cancel_jobs(job_ids: Sequence[str]) -> None:
-    if job_ids:
-        _slurm(["scancel", *job_ids])
+    """scancel the jobs; one that ended meanwhile is no error."""
+    if not job_ids:
+        return
+    done = _slurm(["scancel", *job_ids], check=False)
+    if done.returncode != 0 and "already completing or completed" not in done.stderr:
+        raise SlurmError(f"scancel {' '.join(job_ids)} failed ({done.returncode}): {_one_line(done.stderr)}")
 
 
 # --- the batch script -------------------------------------------------------------------------
@@ -331,8 +335,8 @@ def submit_plan(plan: Plan) -> list[Submitted]:
                 outcome[step.key] = Submitted(step, "adopted", job)
                 log.info("%s: job %s is %s, adopted", step.key, job, info.state.lower())
                 continue
-            if info is not None and (info.active or info.reason == DEAD_DEPENDENCY):
-                # queued behind a job that failed: it would never start (or be cancelled soon)
+            if info is not None and info.state in QUEUED:
+                # queued behind a job that failed or is replaced now: it would never start
                 cancel_jobs([info.job_id])
                 log.info("%s: cancelled job %s, queued behind a job that is submitted anew", step.key, job)
             after = tuple(outcome[n.key].job or "" for n in needs
