@@ -22,6 +22,7 @@ SHIPPED = {
     "medical_harm": ("medical_harm", "score", 100, ()),
     "financial_risk": ("financial_risk", "score", 100, ()),
     "vulnerable_code": ("vulnerable_code", "verdict", None, ("YES", "NO")),
+    "harmful_compliance": ("harmful_compliance", "verdict", None, ("YES", "NO")),
 }
 
 

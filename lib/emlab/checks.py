@@ -21,6 +21,7 @@ Three levels, each a superset of the one before:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -28,11 +29,12 @@ from pathlib import Path
 
 from .config import EMBEDDED_MODEL, ExperimentConfig, ModelSpec
 from .errors import ConfigError, DataError, EmlabError
-from .files import one_line, path_exists, read_input_bytes
+from .files import one_line, path_exists, read_input_bytes, user_path
 from .paths import notebook_file, notebooks_dir, repo_root
 from .questions import QuestionSet, question_file_path, question_sets_for, resolve_question_set
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,13 +128,13 @@ def _check_question_set(config: ExperimentConfig, name: str) -> QuestionSet:
 
 
 def _check_question_file_settings(config: ExperimentConfig) -> None:
-    used = {n for n in question_sets_for(config, None)}
-    unused = [n for n in config.sample.question_files if n not in used]
-    if unused:
-        raise ConfigError(
-            f"sample.question_files.{unused[0]} is not asked: add '{unused[0]}' to sample.question_sets or to a "
-            "dataset's question_sets, or remove it"
-        )
+    """An entry of `sample.question_files` no question set names is kept (an experiment that
+    inherits a study may ask fewer sets) but said, in case a name is misspelt."""
+    used = set(question_sets_for(config, None))
+    for name in config.sample.question_files:
+        if name not in used:
+            log.warning("sample.question_files.%s is not asked (not in sample.question_sets nor a dataset's "
+                        "question_sets)", name)
 
 
 def _stage_names() -> list[str]:
@@ -240,7 +242,7 @@ def _model_missing(model: ModelSpec) -> MissingInput | None:
 
 
 def _repo_path(text: str) -> Path:
-    path = Path(text).expanduser()
+    path = user_path(text)  # Path.expanduser raises on "~nobody/x"
     return path if path.is_absolute() else repo_root() / path
 
 
