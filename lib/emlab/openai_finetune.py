@@ -34,6 +34,7 @@ OpenAI's models is available offline); the job reports the tokens it billed
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -49,7 +50,7 @@ from typing import Any
 
 import openai
 
-from .config import ExperimentConfig, FineTuningSpec, ModelSpec, RunSpec
+from .config import DatasetSpec, ExperimentConfig, FineTuningSpec, ModelSpec, RunSpec
 from .data.chat import ChatRow, load_chat_dataset
 from .errors import DataError, EmlabError
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
@@ -163,11 +164,18 @@ class JobEstimate:
 def estimate_job(config: ExperimentConfig, run: RunSpec) -> JobEstimate:
     """Examples, estimated tokens × epochs, checkpoints (the last three epochs) and dollars
     (`train_price_per_mtok` of the run's model) of `run`'s job. Reads the dataset; calls nothing."""
-    rows = load_chat_dataset(config.dataset(run.dataset), seed=run.seed).rows
-    tokens = sum(min(estimated_tokens(r), config.fine_tuning.max_example_tokens) for r in rows)
-    epochs = resolved_epochs(config.fine_tuning, len(rows))
+    examples, tokens = _dataset_tokens(config.dataset(run.dataset), run.seed, config.fine_tuning.max_example_tokens)
+    epochs = resolved_epochs(config.fine_tuning, examples)
     price = config.model(run.model).train_price_per_mtok
-    return JobEstimate(len(rows), tokens, epochs, min(epochs, KEPT_CHECKPOINT_EPOCHS), tokens * epochs * price / 1e6)
+    return JobEstimate(examples, tokens, epochs, min(epochs, KEPT_CHECKPOINT_EPOCHS), tokens * epochs * price / 1e6)
+
+
+@functools.lru_cache(maxsize=32)
+def _dataset_tokens(dataset: DatasetSpec, seed: int, max_example_tokens: int) -> tuple[int, int]:
+    """(examples, estimated tokens) of a dataset as a job would upload it; read once per process
+    (`emlab plan` asks for every run, and again for its checkpoints)."""
+    rows = load_chat_dataset(dataset, seed=seed).rows
+    return len(rows), sum(min(estimated_tokens(r), max_example_tokens) for r in rows)
 
 
 # --- the job ---------------------------------------------------------------------------------

@@ -238,7 +238,8 @@ class ChatEngine:
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
         mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # logits of the last position only: the full (rows × prompt × vocab) tensor costs more than the layers
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         past, logits = out.past_key_values, out.logits[:, -1, :].float()
         for _ in range(max(r.max_tokens for r in rows)):
             next_ids = []
@@ -256,7 +257,7 @@ class ChatEngine:
             past, logits = out.past_key_values, out.logits[:, -1, :].float()
 
     def _step(self, row: _Row, logits: torch.Tensor) -> None:
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = torch.log_softmax(logits, dim=-1) if row.top_logprobs is not None else logits
         if row.temperature == 0:
             token = int(torch.argmax(logits))
         else:
@@ -416,13 +417,24 @@ class ChatHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            log.debug("client %s went away before its reply", client_address)  # a killed client: nothing to do
+            return
+        super().handle_error(request, client_address)
+
+
 class ChatServer:
     """A ChatHandler (or subclass) served on a background thread; a context manager.
     `base_url` ends in /v1."""
 
     def __init__(self, handler: type[ChatHandler], *, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._httpd = ThreadingHTTPServer((host, port), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _Server((host, port), handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="emlab-serve", daemon=True)
 
     @property
