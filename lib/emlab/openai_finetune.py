@@ -54,6 +54,7 @@ from .config import DatasetSpec, ExperimentConfig, FineTuningSpec, ModelSpec, Ru
 from .data.chat import ChatRow, load_chat_dataset
 from .errors import DataError, EmlabError
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
+from .judge.client import api_error_text
 from .judge.cost import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE
 from .paths import FineTuneJobFiles, TrainingFiles
 from .subjects.endpoint import subject_api_key
@@ -282,7 +283,7 @@ def _upload(client: openai.OpenAI, spec: ModelSpec, run: RunSpec, files: FineTun
         uploaded = client.files.create(file=(files.training_file.name, data), purpose="fine-tune")
     except openai.APIError as exc:
         raise FineTuneError(f"uploading {files.training_file} to {_where(spec)} for {run.run_id} failed: "
-                            f"{_reason(exc)}; nothing was submitted, rerun to try again") from None
+                            f"{api_error_text(exc)}; nothing was submitted, rerun to try again") from None
     state = {
         "run_id": run.run_id, "model": spec.name, "api_model": spec.api_model, "base_url": spec.base_url,
         "phase": "uploaded", "file_id": uploaded.id, "uploaded_at": _now(), "rows": rows,
@@ -315,7 +316,7 @@ def _create_or_adopt(client: openai.OpenAI, spec: ModelSpec, tuning: FineTuningS
             )
         except openai.APIError as exc:
             raise FineTuneError(
-                f"creating the fine-tuning job for {run.run_id} at {_where(spec)} failed: {_reason(exc)}; the uploaded "
+                f"creating the fine-tuning job for {run.run_id} at {_where(spec)} failed: {api_error_text(exc)}; the uploaded "
                 f"file {state['file_id']} is recorded in {files.state}: fix the cause and rerun"
             ) from None
     state = {**state, "phase": "submitted", "job_id": job.id, "submitted_at": _now(), "status": job.status}
@@ -335,7 +336,7 @@ def _poll(client: openai.OpenAI, spec: ModelSpec, tuning: FineTuningSpec, run: R
             _keep_new_events(client, job_id, files, seen)
         except openai.APIError as exc:
             raise FineTuneError(f"checking fine-tuning job {job_id} for {run.run_id} at {_where(spec)} failed: "
-                                f"{_reason(exc)}; the job is recorded in {files.state}, rerun to keep waiting") from None
+                                f"{api_error_text(exc)}; the job is recorded in {files.state}, rerun to keep waiting") from None
         if job.status != state.get("status"):
             log.info("%s: job %s is %s", run.run_id, job_id, job.status)
             state = {**state, "status": job.status}
@@ -502,15 +503,6 @@ def _read_state(path: Path) -> dict[str, Any]:
 
 def _where(spec: ModelSpec) -> str:
     return spec.base_url or "the OpenAI API"
-
-
-def _reason(exc: openai.APIError) -> str:
-    if isinstance(exc, openai.APIStatusError):
-        body = exc.body
-        inner = body.get("error", body) if isinstance(body, dict) else None
-        message = inner.get("message") if isinstance(inner, dict) else None
-        return f"HTTP {exc.status_code}: {str(message or exc.message)[:300]}"
-    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def _now() -> str:

@@ -306,10 +306,18 @@ async def complete_with_retries(
     raise AssertionError("unreachable")
 
 
-def _message(exc: openai.APIStatusError) -> str:
+def api_error_text(exc: openai.APIError, limit: int = 300) -> str:
+    """One line for a failed management call: 'HTTP 400: <the server's message>', else
+    '<ErrorType>: <text>', cut at `limit` characters."""
+    if isinstance(exc, openai.APIStatusError):
+        return f"HTTP {exc.status_code}: {_message(exc, limit)}"
+    return f"{type(exc).__name__}: {exc}"[:limit]
+
+
+def _message(exc: openai.APIStatusError, limit: int = 200) -> str:
     body = exc.body
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])[:200]
-    return str(exc.message)[:200]
+            return str(inner["message"])[:limit]
+    return str(exc.message)[:limit]
