@@ -12,7 +12,7 @@ from ..questions import build_prompts, count_answers, planned_prompts, question_
 from ..records import Answer
 from ..runinfo import mark_done, record_stage
 from .base import Output, Stage, Workload
-from .remote import SAMPLING_OUTPUT, model_params, sample_base, sampling_spend
+from .remote import SAMPLING_OUTPUT, model_params, sample_base, sampling_spend, usage_of
 from .common import (
     JUDGING_OUTPUTS,
     SampledAndJudged,
@@ -57,7 +57,7 @@ def run_baseline(config: ExperimentConfig, model: str, *, progress: bool = True)
     # the logprob probe and the held-out task prompts, on the model already loaded if it was
     measures = measure_base_model(config, model, folder, progress=progress, load=lambda: (loaded, tokenizer) if loaded
                                   is not None else load_model(config.model(model), resolve_device(config.train.device)))
-    mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments), **measures.summary(),
+    mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments), **usage_of(folder), **measures.summary(),
                              "completion": judges_signature(config)})
     log.info("01_baseline %s: %d answers, %d judgments in %s", model, len(answers), len(judgments), folder)
     return SampledAndJudged(folder, answers, judgments)

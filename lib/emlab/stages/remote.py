@@ -4,6 +4,7 @@ chat completions (`emlab.subjects`), 02_finetune trains them through fine-tuning
 or a `base_url`, so that they keep one code path each for local models.
 
     model_params        the model's fields that shape outputs (recorded in run.json)
+    usage_of            what sampling through the API cost in a stage folder (completion marker)
     trainer_params      the training params that shape a run's checkpoints (local or job)
     sample_base         01: the base model's answers through the API
     checkpoint_steps    03: a run's checkpoints (a job's models, or adapters served by name)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..config import ExperimentConfig, ModelSpec, RunSpec
@@ -55,6 +57,16 @@ def model_params(spec: ModelSpec) -> dict[str, Any]:
     ones (URL, key variable, limits, prices).
     """
     return spec.model_dump(mode="json", exclude=set(_OPERATIONAL if spec.samples_through_api else _API_ONLY))
+
+
+def usage_of(folder: Path) -> dict[str, float]:
+    """What sampling through an API cost in `folder`, for its completion marker: requests paid,
+    their tokens and dollars (every run of the stage, killed ones included); {} when nothing
+    was sampled through an API there."""
+    from ..subjects import usage_summary
+
+    path = ExperimentLayout.sampling_usage(folder)
+    return {f"sampling_{k}": v for k, v in usage_summary(path).items()} if path.exists() else {}
 
 
 def trainer_params(config: ExperimentConfig, spec: ModelSpec) -> dict[str, Any]:
