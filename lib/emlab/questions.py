@@ -332,10 +332,11 @@ def _prompts_of(question: Question, schema: Schema, sample: SampleSpec, spec: Qu
     system = system_prompt_for(question, sample.system_prompt)
     prompts = []
     for k, text in enumerate(question.asked):
-        user = {"role": "user", "content": text}
-        messages = ({"role": "system", "content": system}, user) if system is not None else (user,)
+        turns = [{"role": "system", "content": system}] if system is not None else []
+        turns.append({"role": "user", "content": text})
         prompts.append(Prompt(question_set=question.question_set, question_id=question.id, question=text,
-                              messages=messages, samples=count, first_sample=k * count, probe=_probe(question, None)))
+                              messages=tuple(turns), samples=count, first_sample=k * count,
+                              probe=_probe(question, None)))
     return prompts
 
 
