@@ -287,3 +287,27 @@ def test_plan_prices_training_and_the_budget_stops_before_upload(write_experimen
     with pytest.raises(BudgetError):
         _run(config, before_submit=lambda: check_budget(config))
     assert len(double.files) == files_before  # nothing uploaded
+
+
+def test_recorded_failures_are_one_line_each_and_never_resubmitted(write_experiment, tmp_path: Path) -> None:
+    """A job that ended badly stays recorded: every rerun says why, in one line, and submits
+    nothing (no endpoint is even contacted: this one does not exist)."""
+    config = load_experiment(write_experiment(models=[{
+        "name": "tiny-api", "provider": "openai", "base_url": "http://127.0.0.1:9/v1", "api_model": "m",
+        "api_key_env": None}]))
+    run = config.runs()[0]
+    folder = tmp_path / "run"
+    files = FineTuneJobFiles(folder)
+    cases = {
+        ("failed", "invalid_training_file", "The job failed due to an invalid training file. Example 3 has no "
+         "assistant message."): r"job ftjob-x for .* failed \(training_file\): invalid_training_file: The job failed due "
+                                r"to an invalid training file\. Example 3 has no assistant message\.; fix the cause",
+        ("expired", None, None): r"job ftjob-x for .* was expired before it finished, so it has no final model",
+        ("cancelled", None, None): r"was cancelled before it finished",
+    }
+    for (phase, code, message), expected in cases.items():
+        error = {"code": code, "message": message, "param": "training_file"} if code else None
+        write_json(files.state, {"phase": phase, "job_id": "ftjob-x", "file_id": "file-x", "error": error})
+        with pytest.raises(FineTuneError, match=expected) as info:
+            run_finetune_job(config, run, _rows(10), folder)
+        assert "\n" not in str(info.value) and f"delete that file to submit a new job" in str(info.value)
