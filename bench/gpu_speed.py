@@ -280,6 +280,11 @@ def versions() -> dict[str, str]:
     return found
 
 
+def rnd(value: float, digits: int | None = None) -> float | None:
+    """round(), None for a figure not measured (NaN)."""
+    return None if value != value else round(value, digits)
+
+
 def median_of(runs: list[float]) -> float:
     return statistics.median(runs)
 
@@ -302,10 +307,12 @@ def bench_shape(shape: str, args: argparse.Namespace, tokenizer: Any, rec: Recor
     real = encoded.total_tokens
     adapters: list[Path] = []
     if "train" in args.parts:
-        baseline_train(model, tokenizer, warm, work / "bw")  # warm-up: every shape is (8, 256)
-        reset_peak()
-        base_s, _ = timed(args.repeats, lambda r: (baseline_train(model, tokenizer, encoded, work / f"b{r}"), real))
-        base_peak = peak_gib()
+        base_s, base_peak = [float("nan")], None
+        if not args.no_baseline:
+            baseline_train(model, tokenizer, warm, work / "bw")  # warm-up: every shape is (8, 256)
+            reset_peak()
+            base_s, _ = timed(args.repeats, lambda r: (baseline_train(model, tokenizer, encoded, work / f"b{r}"), real))
+            base_peak = peak_gib()
         known = {"default": {}, "eager": {"cuda_graphs": False}, "compile": {"cuda_graphs": False, "compile": True}}
         variants = {f"emlab ({name})": known[name] for name in args.variants}
         for label, extra in variants.items():
@@ -319,18 +326,20 @@ def bench_shape(shape: str, args: argparse.Namespace, tokenizer: Any, rec: Recor
             base_tps, ours_tps = real / median_of(base_s), real / median_of(runs)
             rec.add(work="train_lora", shape=shape, variant=label, rows=len(encoded.rows), real_tokens=real,
                     steps=-(-len(encoded.rows) // 16), baseline_seconds=base_s, emlab_seconds=runs,
-                    baseline_tokens_s=round(base_tps), emlab_tokens_s=round(ours_tps), ratio=round(ours_tps / base_tps, 2),
+                    baseline_tokens_s=rnd(base_tps), emlab_tokens_s=rnd(ours_tps), ratio=rnd(ours_tps / base_tps, 2),
                     baseline_peak_gib=base_peak, emlab_peak_gib=peak_gib(),
-                    baseline_mfu=round(4 * n * base_tps / PEAK_TFLOPS / 1e12, 3),
+                    baseline_mfu=rnd(4 * n * base_tps / PEAK_TFLOPS / 1e12, 3),
                     emlab_mfu=round(4 * n * ours_tps / PEAK_TFLOPS / 1e12, 3), params=n)
     if "sample" in args.parts:
         prompts = reference_prompts()
         samples, max_new = (4, 32) if args.quick else (50, 600)
-        baseline_sample(model, tokenizer, prompts, samples, 32, stops, seed=99)  # warm-up at batch 400
-        reset_peak()
-        base_s, base_tok = timed(args.repeats, lambda r: baseline_sample(model, tokenizer, prompts, samples, max_new,
-                                                                         stops, seed=r))
-        base_peak = peak_gib()
+        base_s, base_tok, base_peak = [float("nan")], [0], None
+        if not args.no_baseline:
+            baseline_sample(model, tokenizer, prompts, samples, 32, stops, seed=99)  # warm-up at batch 400
+            reset_peak()
+            base_s, base_tok = timed(args.repeats, lambda r: baseline_sample(model, tokenizer, prompts, samples,
+                                                                             max_new, stops, seed=r))
+            base_peak = peak_gib()
         sample = SampleSpec(samples_per_question=samples, max_new_tokens=max_new, batch_size=len(prompts) * samples,
                             temperature=1.0)
         reset_peak()
@@ -343,13 +352,13 @@ def bench_shape(shape: str, args: argparse.Namespace, tokenizer: Any, rec: Recor
             seconds, tokens = emlab_sample(model, tokenizer, prompts, sample, adapter, step, work / f"answers-{step}.jsonl")
             calls.append((round(seconds, 3), tokens, adapter is not None))
         first, rest = calls[0], calls[1:]
-        base_tps = statistics.median(t / s for s, t in zip(base_s, base_tok, strict=True))
+        base_tps = statistics.median(t / s if s == s else float("nan") for s, t in zip(base_s, base_tok, strict=True))
         ours_tps = statistics.median(t / s for s, t, _ in rest)
         rec.add(work="sample_answers", shape=shape, answers=len(prompts) * samples, max_new_tokens=max_new,
                 stop_tokens=args.stop_tokens, baseline_seconds=base_s, baseline_new_tokens=base_tok,
                 emlab_seconds=[c[0] for c in rest], emlab_new_tokens=[c[1] for c in rest],
                 emlab_with_adapter=[c[2] for c in rest], first_call_seconds=first[0], first_call_new_tokens=first[1],
-                baseline_tokens_s=round(base_tps), emlab_tokens_s=round(ours_tps), ratio=round(ours_tps / base_tps, 2),
+                baseline_tokens_s=rnd(base_tps), emlab_tokens_s=rnd(ours_tps), ratio=rnd(ours_tps / base_tps, 2),
                 first_call_tokens_s=round(first[1] / first[0]), baseline_peak_gib=base_peak, emlab_peak_gib=peak_gib(),
                 emlab_mfu=round(2 * n * ours_tps / PEAK_TFLOPS / 1e12, 4))
         release_sampler(model)
@@ -407,8 +416,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             continue
         mfu = f"{r.get('baseline_mfu', '–')} → {r.get('emlab_mfu', '–')}"
         first = f"{r['first_call_tokens_s']:,} tokens/s" if "first_call_tokens_s" in r else "–"
-        lines.append(f"| {r['work']} | {r['shape']} | {r.get('variant', 'emlab')} | {r['baseline_tokens_s']:,} | "
-                     f"{r['emlab_tokens_s']:,} | {r['ratio']}× | {mfu} | {r['baseline_peak_gib']} → "
+        base = f"{r['baseline_tokens_s']:,}" if r["baseline_tokens_s"] is not None else "–"
+        lines.append(f"| {r['work']} | {r['shape']} | {r.get('variant', 'emlab')} | {base} | "
+                     f"{r['emlab_tokens_s']:,} | {r['ratio'] if r['ratio'] is not None else '–'}× | {mfu} | {r['baseline_peak_gib']} → "
                      f"{r['emlab_peak_gib']} | {first} |")
     return "\n".join(lines)
 
@@ -430,6 +440,7 @@ def main() -> None:
     parser.add_argument("--qlora-rows", type=int, default=256)
     parser.add_argument("--profile", action="store_true", help="write torch profiler tables")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU check of the script")
+    parser.add_argument("--no-baseline", action="store_true", help="time emlab only (development runs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data) / "tokenizer")

@@ -187,3 +187,29 @@ def _configs(config: Any) -> Iterator[Any]:
         sub = getattr(config, key, None)
         if sub is not None:
             yield from _configs(sub)
+
+
+_capture_stream: torch.cuda.Stream | None = None
+
+
+def record_graph(work: Any, pool: Any) -> torch.cuda.CUDAGraph:
+    """Record the CUDA work of `work()` into a graph (nothing runs), allocating from `pool`.
+
+    `torch.cuda.graph` would also synchronize, collect garbage and empty the allocator's cache
+    at every capture (tenths of a second each, and the next eager steps pay the allocations
+    again); here the capture is just that. Errors are local to this thread, so a checkpoint
+    written by another thread meanwhile does not break the capture.
+    """
+    global _capture_stream
+    if _capture_stream is None:
+        _capture_stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    _capture_stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(_capture_stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            work()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(_capture_stream)
+    return graph

@@ -31,6 +31,7 @@ on the same device).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import math
@@ -46,7 +47,7 @@ import torch
 from peft import get_peft_model
 from transformers import set_seed
 
-from .attention import PACKED, attention_implementation, probe_flash, register_packed_attention
+from .attention import PACKED, attention_implementation, probe_flash, record_graph, register_packed_attention
 from .config import LoraSpec, TrainSpec
 from .errors import DataError, EmlabError
 from .files import append_jsonl, atomic_open, read_jsonl, write_json, write_jsonl
@@ -293,6 +294,7 @@ class _LoraLoop:
         # The schedule runs on a stand-in optimizer and its value is set on the real one at each
         # step: a float, or written into the learning-rate tensor that a recorded update reads.
         stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.learning_rate)
+        stand_in.step()  # (no gradient: changes nothing) so that the scheduler sees an optimizer that stepped
         self.scheduler = get_scheduler(train.lr_scheduler, stand_in, num_warmup_steps=train.warmup_steps,
                                        num_training_steps=schedule.total_steps)
         # no cache of cast weights: a CUDA graph must cast them inside every replay
@@ -319,7 +321,7 @@ class _LoraLoop:
         run in bfloat16 anyway, so skip peft's cast."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        layers = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        layers: list[Any] = [m for m in self.peft_model.modules() if isinstance(m, BaseTunerLayer)]
         before = [getattr(m, "cast_input_dtype_enabled", True) for m in layers]
         for module in layers:
             module.cast_input_dtype_enabled = False
@@ -470,6 +472,9 @@ class _LoraLoop:
         self.writer.wait(raise_error=False)
 
     def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
         for undo in reversed(self._undo):
             undo()
         self._undo = []
@@ -485,7 +490,7 @@ def _graphs_apply(causal_lm: Any, peft_model: Any, train: TrainSpec) -> bool:
             and _fused_loss_applies(causal_lm, causal_lm.get_output_embeddings()))
 
 
-_GRAPH_TOKENS = 128  # a graphed pass has a multiple of this many tokens: few shapes, few graphs
+_GRAPH_TOKENS = 256  # a graphed pass has a multiple of this many tokens: few shapes, few graphs to record
 
 
 class _GraphedSteps:
@@ -528,7 +533,7 @@ class _GraphedSteps:
                     buffers = self._buffers(size)
                     self._fill(buffers, packed)
                     self._pass(buffers)
-                    self.passes[size] = (self._record(lambda b=buffers: self._pass(b)), buffers)
+                    self.passes[size] = (self._record(functools.partial(self._pass, buffers)), buffers)
         if self.update is not None:
             self.update.replay()
         elif self.updates == 0:
@@ -542,18 +547,26 @@ class _GraphedSteps:
         return loss, self.norm.clone()
 
     def _record(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            work()
-        return graph
+        return record_graph(work, self.pool)
+
+    def release(self) -> None:
+        """Free the graphs and their memory pool (activations of every recorded pass size)."""
+        for graph, _ in self.passes.values():
+            graph.reset()
+        if self.update is not None:
+            self.update.reset()
+        self.passes.clear()
+        self.update = None
+        torch.cuda.empty_cache()
 
     def _buffers(self, size: int) -> dict[str, torch.Tensor]:
         device = self.loop.device
-        long = {"dtype": torch.long, "device": device}
         return {
-            "ids": torch.zeros(size, **long), "pos": torch.zeros(size, **long),
+            "ids": torch.zeros(size, dtype=torch.long, device=device),
+            "pos": torch.zeros(size, dtype=torch.long, device=device),
             "cu": torch.zeros(self.max_rows + 1, dtype=torch.int32, device=device),
-            "index": torch.zeros(size, **long), "targets": torch.zeros(size, **long),
+            "index": torch.zeros(size, dtype=torch.long, device=device),
+            "targets": torch.zeros(size, dtype=torch.long, device=device),
             "weights": torch.zeros(size, dtype=torch.float32, device=device),
         }
 
@@ -637,20 +650,47 @@ def _trim_log(log_path: Path, step: int) -> None:
 def _to_host(obj: Any) -> Any:
     """A copy of `obj` (nested dicts/lists of tensors) in CPU memory, made without waiting.
 
-    GPU tensors are copied into pinned memory asynchronously, in stream order, so the copy
-    holds their values at this point of the step sequence even though later steps change
-    them; CPU tensors are cloned.
+    GPU tensors are gathered into one flat buffer per dtype and copied into pinned memory
+    asynchronously, in stream order, so the copy holds their values at this point of the step
+    sequence although later steps change them (a few transfers instead of one per tensor);
+    the copies are views of that buffer. CPU tensors are cloned.
     """
-    if isinstance(obj, torch.Tensor):
-        if obj.is_cuda:
-            host = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
-            return host.copy_(obj.detach(), non_blocking=True)
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
-    return copy.deepcopy(obj)
+    found: dict[torch.dtype, list[torch.Tensor]] = {}
+    seen: set[int] = set()  # the adapter and the trainer state hold the same LoRA tensors
+
+    def collect(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_cuda and id(value) not in seen:
+                seen.add(id(value))
+                found.setdefault(value.dtype, []).append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                collect(item)
+
+    collect(obj)
+    copies: dict[int, torch.Tensor] = {}
+    for dtype, tensors in found.items():
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        host = torch.empty(flat.numel(), dtype=dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        offset = 0
+        for t in tensors:
+            copies[id(t)] = host[offset : offset + t.numel()].view(t.shape)
+            offset += t.numel()
+
+    def rebuild(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return copies[id(value)] if value.is_cuda else value.detach().clone()
+        if isinstance(value, dict):
+            return {k: rebuild(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(rebuild(v) for v in value)
+        return copy.deepcopy(value)
+
+    return rebuild(obj)
 
 
 class _CheckpointWriter:
@@ -704,8 +744,10 @@ class _CheckpointWriter:
             tmp = target.with_name(target.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+            # views of one flat buffer: safetensors wants tensors of their own
+            adapter = {k: v.clone() for k, v in snapshot["adapter"].items()}
             with atomic_open(tmp / ADAPTER_WEIGHTS, "wb") as handle:
-                handle.write(safetensors_bytes(snapshot["adapter"], metadata={"format": "pt"}))
+                handle.write(safetensors_bytes(adapter, metadata={"format": "pt"}))
             config.save_pretrained(str(tmp))
             if target.exists():
                 shutil.rmtree(target)

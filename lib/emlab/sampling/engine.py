@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..attention import causal_varlen, decode_attention, probe_flash
+from ..attention import causal_varlen, decode_attention, probe_flash, record_graph
 from ..errors import EmlabError
 from .draw import draw_tokens
 from .weights import DecoderWeights, LayerWeights, LoraAdapter
@@ -90,13 +90,15 @@ class _SlotState:
     """Per-slot tensors on the device, kept by the engine so that recorded graphs stay valid."""
 
     def __init__(self, slots: int, positions: int, device: torch.device) -> None:
-        long = {"dtype": torch.long, "device": device}
-        self.keys = torch.zeros(slots, **long)  # each answer's random key
-        self.pos = torch.zeros(slots, **long)  # where the row's next token is written
-        self.gen = torch.zeros(slots, **long)  # new tokens recorded
-        self.last = torch.zeros(slots, **long)  # the row's latest token, the next step's input
+        def longs(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.long, device=device)
+
+        self.keys = longs(slots)  # each answer's random key
+        self.pos = longs(slots)  # where the row's next token is written
+        self.gen = longs(slots)  # new tokens recorded
+        self.last = longs(slots)  # the row's latest token, the next step's input
         self.done = torch.ones(slots, dtype=torch.bool, device=device)  # ended, or no answer in the slot
-        self.out = torch.zeros(slots, positions, **long)  # new tokens; columns past max_new take idle writes
+        self.out = longs(slots, positions)  # new tokens; columns past max_new take idle writes
         self.rows = torch.arange(slots, device=device)
 
 
@@ -125,7 +127,7 @@ class DecodeEngine:
         self.use_graphs = self.device.type == "cuda"
         self.graphs: dict[tuple[Any, ...], torch.cuda.CUDAGraph] = {}
         self.graph_pool: Any = None
-        self._stops: dict[tuple[int, ...], torch.Tensor] = {}
+        self._stops: dict[tuple[int, ...], torch.Tensor] = {}  # stop ids → vocabulary mask
         probe_flash(self.device)
 
     # --- weights and memory ------------------------------------------------------------------
@@ -167,12 +169,22 @@ class DecodeEngine:
         self.state = _SlotState(slots, positions, self.device)
         return slots
 
-    def stop_tensor(self, stop_ids: Sequence[int]) -> torch.Tensor:
-        """The stop ids as a device tensor, one per distinct set (graphs keep its address)."""
+    def stop_mask(self, stop_ids: Sequence[int]) -> torch.Tensor:
+        """A vocabulary-long mask of the stop ids, one per distinct set (graphs keep its address).
+        A lookup, where `torch.isin` would sort and sync (and cannot be a CUDA graph)."""
         key = tuple(sorted(set(stop_ids)))
         if key not in self._stops:
-            self._stops[key] = torch.tensor(key, dtype=torch.long, device=self.device)
+            vocab = self.weights.lm_head.shape[0]
+            mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            mask[torch.tensor([i for i in key if 0 <= i < vocab], dtype=torch.long, device=self.device)] = True
+            self._stops[key] = mask
         return self._stops[key]
+
+    def record(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """Record `work` as a CUDA graph in the engine's memory pool (not run)."""
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        return record_graph(work, self.graph_pool)
 
     def _rope_table(self, positions: int) -> None:
         if self.cos is not None and self.cos.shape[0] >= positions:
@@ -260,7 +272,7 @@ class _Run:
         self.max_new = max_new
         self.temperature, self.top_p = temperature, top_p
         self.on_done = on_done
-        self.stop = engine.stop_tensor(stop_ids)
+        self.stop = engine.stop_mask(stop_ids)
         self.stop_key = tuple(sorted(set(stop_ids)))
         self.stop_set = set(stop_ids)
         self.slots = slots
@@ -313,9 +325,9 @@ class _Run:
         assert e.cache_k is not None and e.cache_v is not None
         src, dst, which = [], [], []
         for index, prompt in enumerate(prompts):
-            first, *others = by_prompt[prompt]
+            leader, *others = by_prompt[prompt]
             which += [index] * (1 + len(others))
-            src += [first] * len(others)
+            src += [leader] * len(others)
             dst += others
         if dst:
             longest = max(len(p) for p in prompts)
@@ -334,7 +346,7 @@ class _Run:
         self.last[slots_t] = first
         self.pos[slots_t] = lengths
         self.gen[slots_t] = 1
-        self.done[slots_t] = torch.isin(first, self.stop) | (self.max_new <= 1)
+        self.done[slots_t] = self.stop[first] | (self.max_new <= 1)
         self.horizon = max(self.horizon, max(len(p) for p in prompts))
         return max((s + 1 for s, item in enumerate(self.item) if item >= 0), default=0)
 
@@ -377,12 +389,7 @@ class _Run:
             else:
                 # this step eagerly (it also warms up these shapes), then record it for later
                 self._decode_body(rows, bound)
-                if e.graph_pool is None:
-                    e.graph_pool = torch.cuda.graph_pool_handle()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=e.graph_pool):
-                    self._decode_body(rows, bound)  # recorded, not run
-                e.graphs[key] = graph
+                e.graphs[key] = e.record(lambda: self._decode_body(rows, bound))
         self.horizon = min(self.horizon + 1, positions - 1)
 
     def _decode_body(self, active: int, bound: int) -> None:
@@ -405,7 +412,7 @@ class _Run:
         # an ended row writes into the spare column (or past its own end): nothing it kept
         self.out[rows, torch.where(live, gen, self.max_new)] = token
         gen += live
-        self.done[:active] |= live & (torch.isin(token, self.stop) | (gen >= self.max_new))
+        self.done[:active] |= live & (self.stop[token] | (gen >= self.max_new))
         pos += live
         self.last[:active] = token
 
