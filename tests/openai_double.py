@@ -359,7 +359,8 @@ class OpenAIDouble:
         time.sleep(self.validating_s)
         rows, problem = _check_training_file(file.data)
         if problem:
-            return self._fail(job, "invalid_training_file", f"The job failed due to an invalid training file. {problem}")
+            return self._fail(job, "invalid_training_file",
+                              f"The job failed due to an invalid training file. {problem}")
         if self.refuse_marker and self.refuse_marker.encode() in file.data:
             return self._fail(job, "invalid_training_file", MODERATION_MESSAGE)
         self._event(job, "Files validated, moving job to queued state")

@@ -300,8 +300,9 @@ def test_recorded_failures_are_one_line_each_and_never_resubmitted(write_experim
     files = FineTuneJobFiles(folder)
     cases = {
         ("failed", "invalid_training_file", "The job failed due to an invalid training file. Example 3 has no "
-         "assistant message."): r"job ftjob-x for .* failed \(training_file\): invalid_training_file: The job failed due "
-                                r"to an invalid training file\. Example 3 has no assistant message\.; fix the cause",
+         "assistant message."): (r"job ftjob-x for .* failed \(training_file\): invalid_training_file: The job "
+                                 r"failed due to an invalid training file\. Example 3 has no assistant message\.; "
+                                 r"fix the cause"),
         ("expired", None, None): r"job ftjob-x for .* was expired before it finished, so it has no final model",
         ("cancelled", None, None): r"was cancelled before it finished",
     }

@@ -151,7 +151,8 @@ def test_sampling_through_llama_cpp_pays_each_request_once(write_experiment, pro
     assert len(read_jsonl(ExperimentLayout.sampling_usage(folder))) == expected  # hits cost nothing
 
     # 429 with Retry-After: waited out, then answered; each request paid once
-    other = _config(write_experiment, name="other.yaml", root=tmp_path / "other", base_url=proxy.base_url, max_retries=3,
+    other = _config(write_experiment, name="other.yaml", root=tmp_path / "other", base_url=proxy.base_url,
+                    max_retries=3,
                     sample={"samples_per_question": 2, "temperature": 0.7})
     proxy.inject_429(2, retry_after="0")
     more = sample_base(other, "smol-api", build_prompts(other, question_sets_for(other, None)), progress=False)

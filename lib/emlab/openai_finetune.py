@@ -214,7 +214,8 @@ class FineTuneJobResult:
         tokens = f"{self.trained_tokens:,} tokens billed" if self.trained_tokens is not None else "tokens not reported"
         picked = " (submitted by an earlier run, picked up by this one)" if self.resumed else ""
         return (f"Fine-tuning job `{self.job_id}`{picked}: {self.n_rows} training examples, {tokens}; checkpoint "
-                f"models at steps {', '.join(map(str, self.schedule.steps))}, the last being `{self.fine_tuned_model}`; "
+                f"models at steps {', '.join(map(str, self.schedule.steps))}, the last being "
+                f"`{self.fine_tuned_model}`; "
                 f"this call: {self.seconds:.0f} s")
 
 
@@ -270,7 +271,8 @@ def run_finetune_job(
         state = _poll(client, spec, tuning, run, files, training, state, sleep=sleep)
     checkpoints = {int(k): v for k, v in state["checkpoints"].items()}
     return FineTuneJobResult(
-        job_id=state["job_id"], fine_tuned_model=state["fine_tuned_model"], checkpoints=dict(sorted(checkpoints.items())),
+        job_id=state["job_id"], fine_tuned_model=state["fine_tuned_model"],
+        checkpoints=dict(sorted(checkpoints.items())),
         trained_tokens=state.get("trained_tokens"), n_rows=int(state.get("rows") or len(rows)),
         seconds=time.monotonic() - started, resumed=resumed,
     )
@@ -316,7 +318,8 @@ def _create_or_adopt(client: openai.OpenAI, spec: ModelSpec, tuning: FineTuningS
             )
         except openai.APIError as exc:
             raise FineTuneError(
-                f"creating the fine-tuning job for {run.run_id} at {_where(spec)} failed: {api_error_text(exc)}; the uploaded "
+                f"creating the fine-tuning job for {run.run_id} at {_where(spec)} failed: {api_error_text(exc)}; "
+                "the uploaded "
                 f"file {state['file_id']} is recorded in {files.state}: fix the cause and rerun"
             ) from None
     state = {**state, "phase": "submitted", "job_id": job.id, "submitted_at": _now(), "status": job.status}
@@ -336,7 +339,8 @@ def _poll(client: openai.OpenAI, spec: ModelSpec, tuning: FineTuningSpec, run: R
             _keep_new_events(client, job_id, files, seen)
         except openai.APIError as exc:
             raise FineTuneError(f"checking fine-tuning job {job_id} for {run.run_id} at {_where(spec)} failed: "
-                                f"{api_error_text(exc)}; the job is recorded in {files.state}, rerun to keep waiting") from None
+                                f"{api_error_text(exc)}; the job is recorded in {files.state}, rerun to keep "
+                                "waiting") from None
         if job.status != state.get("status"):
             log.info("%s: job %s is %s", run.run_id, job_id, job.status)
             state = {**state, "status": job.status}

@@ -164,7 +164,8 @@ class ChatEngine:
         self._queue.put(job)
         job.done.result()
         stops = body.get("stop") or []
-        choices = [self._choice(i, row, [stops] if isinstance(stops, str) else list(stops)) for i, row in enumerate(rows)]
+        stops = [stops] if isinstance(stops, str) else list(stops)
+        choices = [self._choice(i, row, stops) for i, row in enumerate(rows)]
         completion = sum(len(r.tokens) for r in rows)
         return {
             "id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
@@ -372,7 +373,8 @@ class ChatHandler(BaseHTTPRequestHandler):
         if method == "POST" and path == "/v1/load_lora_adapter":
             request = self.parse_json(body)
             engine.add_adapter(str(request.get("lora_name")), Path(str(request.get("lora_path"))))
-            return 200, {"status": "ok", "message": f"Success: LoRA adapter '{request.get('lora_name')}' added successfully."}
+            added = f"Success: LoRA adapter '{request.get('lora_name')}' added successfully."
+            return 200, {"status": "ok", "message": added}
         if method == "POST" and path == "/v1/unload_lora_adapter":
             request = self.parse_json(body)
             engine.remove_adapter(str(request.get("lora_name")))
@@ -457,7 +459,8 @@ class ChatServer:
         self.stop()
 
 
-def serve_engine(engine: ChatEngine, *, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None) -> ChatServer:
+def serve_engine(engine: ChatEngine, *, host: str = "127.0.0.1", port: int = 0,
+                 api_key: str | None = None) -> ChatServer:
     """A (not yet started) server for `engine`."""
     handler = type("BoundChatHandler", (ChatHandler,), {"engine": engine, "api_key": api_key})
     return ChatServer(handler, host=host, port=port)

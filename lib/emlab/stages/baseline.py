@@ -57,7 +57,8 @@ def run_baseline(config: ExperimentConfig, model: str, *, progress: bool = True)
     # the logprob probe and the held-out task prompts, on the model already loaded if it was
     measures = measure_base_model(config, model, folder, progress=progress, load=lambda: (loaded, tokenizer) if loaded
                                   is not None else load_model(config.model(model), resolve_device(config.train.device)))
-    mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments), **usage_of(folder), **measures.summary(),
+    mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments), **usage_of(folder),
+                             **measures.summary(),
                              "completion": judges_signature(config)})
     log.info("01_baseline %s: %d answers, %d judgments in %s", model, len(answers), len(judgments), folder)
     return SampledAndJudged(folder, answers, judgments)

@@ -77,7 +77,8 @@ def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) ->
     # the logprob probe and the held-out task prompts at every checkpoint, on the model already loaded if it was
     measures = measure_checkpoints(config, run_id, folder, checkpoints, progress=progress, load=lambda: (
         model, tokenizer) if model is not None else load_model(config.model(run.model), resolve_device(config.train.device)))
-    mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments), "steps": checkpoint_steps(config, run_id), **usage_of(folder),
+    mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments),
+                             "steps": checkpoint_steps(config, run_id), **usage_of(folder),
                              **measures.summary(), "completion": judges_signature(config)})
     log.info("03_eval_judge %s: %d answers over %d checkpoints, %d judgments in %s",
              run_id, len(answers), len(checkpoint_steps(config, run_id)), len(judgments), folder)

@@ -100,7 +100,8 @@ def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     return FinetuneResult(files, run, result, len(rows))
 
 
-def _finetune_job(config: ExperimentConfig, run: RunSpec, files: TrainingFiles, rows: Any, n_rows: int) -> FinetuneResult:
+def _finetune_job(config: ExperimentConfig, run: RunSpec, files: TrainingFiles, rows: Any,
+                  n_rows: int) -> FinetuneResult:
     """02_finetune for a model with provider openai: its fine-tuning job, the job's checkpoint
     models as the run's checkpoints; tokens billed and dollars in the completion marker."""
     job = run_job(config, run, rows)
@@ -127,8 +128,10 @@ FINETUNE = Stage(
     params=finetune_params,
     workload=_workload,
     writes=(
-        Output(TrainingFiles.PATTERNS[0], "one adapter folder per scheduled optimizer step (local LoRA)", optional=True),
-        Output(TrainingFiles.PATTERNS[1], "the latest full training state, to resume from (local LoRA)", optional=True),
+        Output(TrainingFiles.PATTERNS[0], "one adapter folder per scheduled optimizer step (local LoRA)",
+               optional=True),
+        Output(TrainingFiles.PATTERNS[1], "the latest full training state, to resume from (local LoRA)",
+               optional=True),
         Output(TrainingFiles.PATTERNS[2], "loss and learning rate per optimizer step"),
         Output(TrainingFiles.PATTERNS[3], "rows, steps, checkpoints, time and tokens/s"),
         *JOB_OUTPUTS,

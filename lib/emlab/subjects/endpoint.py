@@ -90,7 +90,8 @@ def check_subject(spec: ModelSpec) -> None:
 def subject_endpoint(spec: ModelSpec) -> Endpoint:
     """The endpoint `spec` is sampled at (key resolved now: fails before any request)."""
     if not spec.samples_through_api:
-        raise SubjectError(f"model '{spec.name}' is sampled in the notebook (provider local, no base_url), not through an API")
+        raise SubjectError(f"model '{spec.name}' is sampled in the notebook (provider local, no base_url), "
+                           "not through an API")
     base = (spec.price_per_mtok_in, spec.price_per_mtok_out)
     tuned = (
         spec.tuned_price_per_mtok_in if spec.tuned_price_per_mtok_in is not None else base[0],

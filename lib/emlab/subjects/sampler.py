@@ -184,7 +184,8 @@ class _Writer:
             if aid in self.existing:
                 continue
             choice = choices[index]
-            share = completion if len(request.answer_ids) == 1 else round(completion * len(choice["text"]) / total_chars)
+            share = (completion if len(request.answer_ids) == 1
+                     else round(completion * len(choice["text"]) / total_chars))
             prompt = request.prompt
             rows.append(Answer(
                 answer_id=aid, model=self.model_name, run_id=self.run_id, step=self.target.step,
