@@ -313,10 +313,13 @@ def bench_shape(shape: str, args: argparse.Namespace, tokenizer: Any, rec: Recor
             reset_peak()
             base_s, _ = timed(args.repeats, lambda r: (baseline_train(model, tokenizer, encoded, work / f"b{r}"), real))
             base_peak = peak_gib()
-        known = {"default": {}, "eager": {"cuda_graphs": False}, "compile": {"cuda_graphs": False, "compile": True}}
+        known = {"default": {}, "eager": {"cuda_graphs": False}, "compile": {"compile": True}}
         variants = {f"emlab ({name})": known[name] for name in args.variants}
         for label, extra in variants.items():
+            sync()
+            started = time.perf_counter()
             emlab_train(model, tokenizer, warm, work / f"{label}-warm", **extra)
+            warm_seconds = time.perf_counter() - started  # compile and first-call costs of the variant
             reset_peak()
             runs = []
             for r in range(args.repeats):
@@ -329,7 +332,8 @@ def bench_shape(shape: str, args: argparse.Namespace, tokenizer: Any, rec: Recor
                     baseline_tokens_s=rnd(base_tps), emlab_tokens_s=rnd(ours_tps), ratio=rnd(ours_tps / base_tps, 2),
                     baseline_peak_gib=base_peak, emlab_peak_gib=peak_gib(),
                     baseline_mfu=rnd(4 * n * base_tps / PEAK_TFLOPS / 1e12, 3),
-                    emlab_mfu=round(4 * n * ours_tps / PEAK_TFLOPS / 1e12, 3), params=n)
+                    emlab_mfu=round(4 * n * ours_tps / PEAK_TFLOPS / 1e12, 3), params=n,
+                    warmup_call_seconds=round(warm_seconds, 2), warmup_rows=len(warm.rows))
     if "sample" in args.parts:
         prompts = reference_prompts()
         samples, max_new = (4, 32) if args.quick else (50, 600)
@@ -363,7 +367,7 @@ def bench_shape(shape: str, args: argparse.Namespace, tokenizer: Any, rec: Recor
                 emlab_mfu=round(2 * n * ours_tps / PEAK_TFLOPS / 1e12, 4))
         release_sampler(model)
     if args.profile:
-        profile(model, tokenizer, encoded, work, Path(args.out), shape)
+        profile(model, tokenizer, encoded, work, Path(args.out), shape, args.parts)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -386,7 +390,8 @@ def bench_qlora(args: argparse.Namespace, tokenizer: Any, rec: Recorder, work: P
     torch.cuda.empty_cache()
 
 
-def profile(model: Any, tokenizer: Any, encoded: EncodedRows, work: Path, out: Path, shape: str) -> None:
+def profile(model: Any, tokenizer: Any, encoded: EncodedRows, work: Path, out: Path, shape: str,
+            parts: list[str]) -> None:
     """torch profiler tables (top CUDA time) of one emlab training run and one sampling call."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -394,10 +399,15 @@ def profile(model: Any, tokenizer: Any, encoded: EncodedRows, work: Path, out: P
     gpu = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
     sort = "cuda_time_total" if gpu else "cpu_time_total"
-    small = EncodedRows(encoded.rows[:128], 128, 0, 0, 0)
-    with torch_profile(activities=activities) as prof:
-        emlab_train(model, tokenizer, small, work / "prof-train")
-    (out / f"profile_train_{shape}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+    if "train" in parts:
+        small = EncodedRows(encoded.rows[:128], 128, 0, 0, 0)
+        with torch_profile(activities=activities) as prof:
+            emlab_train(model, tokenizer, small, work / "prof-train")
+        averages = prof.key_averages()
+        (out / f"profile_train_{shape}.txt").write_text(
+            averages.table(sort_by=sort, row_limit=40) + "\n" + averages.table(sort_by="cpu_time_total", row_limit=25))
+    if "sample" not in parts:
+        return
     sample = SampleSpec(samples_per_question=50, max_new_tokens=200, batch_size=400, temperature=1.0)
     prompts = reference_prompts()
     with torch_profile(activities=activities) as prof:

@@ -311,7 +311,7 @@ class _LoraLoop:
             self._undo.append(self.causal_lm.gradient_checkpointing_disable)
         if on_gpu:
             self._keep_activation_dtype()
-        if train.compile and on_gpu and not self.graphed:  # graphs already remove the launch overhead
+        if train.compile and on_gpu:  # fuses the small kernels a graph still has to run one by one
             self._compile_layers()
         self.graphs = _GraphedSteps(self) if self.graphed else None
 
