@@ -76,6 +76,8 @@ except ImportError:  # running from a checkout without the package installed
 from emlab.config import CheckpointSpec, LoraSpec, ModelSpec, TrainSpec
 from emlab.serve import ApiError, ChatEngine, ChatHandler, ChatServer
 
+from batch_server import _File  # the same File object as the Batch API double's
+
 log = logging.getLogger(__name__)
 
 FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -94,20 +96,6 @@ ENDED = ("succeeded", "failed", "cancelled")
 
 def _id(prefix: str, n: int = 12) -> str:
     return f"{prefix}{secrets.token_hex(n)}"
-
-
-@dataclass
-class _File:
-    id: str
-    filename: str
-    purpose: str
-    data: bytes
-    created_at: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "file", "bytes": len(self.data), "created_at": self.created_at,
-                "expires_at": None, "filename": self.filename, "purpose": self.purpose, "status": "processed",
-                "status_details": None}
 
 
 @dataclass

@@ -213,3 +213,42 @@ def test_checkpoints_sampled_as_adapters_registered_by_name(write_experiment, tm
         assert len(sample_checkpoints(config, run_id, prompts, progress=False)) == len(answers)
         assert proxy.forwarded == len(answers)
     engine.close()
+
+
+@pytest.mark.slow
+def test_serve_runs_as_a_command_and_answers_a_judge(tmp_path: Path) -> None:
+    """`python -m emlab.serve` as the GPU machine's judge runs it: top-20 logprobs of one token."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import openai
+    from emlab.judge.server import free_port
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "emlab.serve", "--model", "embedded:smollm2-135m-instruct",
+                                 "--num-layers", "2", "--name", "judge", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        assert [m.id for m in client.models.list().data] == ["judge"]
+        reply = client.chat.completions.create(model="judge", messages=[{"role": "user", "content": "Rate 0-9."}],
+                                               max_tokens=1, temperature=0, logprobs=True, top_logprobs=20, seed=0)
+        top = reply.choices[0].logprobs.content[0].top_logprobs
+        assert len(top) == 20 and top[0].logprob >= top[-1].logprob and reply.usage.completion_tokens <= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -1,6 +1,8 @@
-"""An OpenAI-compatible chat server backed by transformers: a base model and LoRA adapters
-served by name, as vLLM serves them. For machines without vLLM or llama.cpp (the GPU machine's
-judge), and for the tests' fine-tuning double, which serves the checkpoints it trains.
+"""An OpenAI-compatible chat server on transformers, with LoRA adapters served by name.
+
+It serves a base model and its adapters by name, as vLLM does: for machines without vLLM or
+llama.cpp (the GPU machine's judge), and for the tests' fine-tuning double, which serves the
+checkpoints it trains.
 
     python -m emlab.serve --model embedded:smollm2-135m-instruct --name smollm2 \\
         --adapter run-step2=outputs/x/run/checkpoints/step-000002 --port 8000
