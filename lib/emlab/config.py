@@ -216,7 +216,9 @@ class TrainSpec(_Strict):
         default=False, description="Recompute activations in the backward pass: less memory (8B QLoRA on a 24 GB card), ~1.3× slower."
     )
     compile: bool = Field(
-        default=False, description="torch.compile each decoder layer (GPU only): faster steps after a one-time compile per run."
+        default=False,
+        description="torch.compile each decoder layer (GPU, when cuda_graphs does not apply): faster steps after a "
+        "one-time compile per run (about a minute).",
     )
     cuda_graphs: bool = Field(
         default=True,

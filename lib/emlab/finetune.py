@@ -201,7 +201,9 @@ def train_lora(
     _trim_log(files.log, resumed_step or 0)
 
     set_seed(seed)  # the LoRA A matrices are drawn from it
-    peft_model = get_peft_model(model, lora_config(train.lora))
+    # made and initialised where the model is: on a GPU, not drawn on the CPU and copied over
+    with torch.device(device):
+        peft_model = get_peft_model(model, lora_config(train.lora))
     loop = _LoraLoop(peft_model, encoded, train, files, schedule, seed=seed, device=torch.device(device))
     started = time.perf_counter()
     try:
@@ -311,7 +313,8 @@ class _LoraLoop:
             self._undo.append(self.causal_lm.gradient_checkpointing_disable)
         if on_gpu:
             self._keep_activation_dtype()
-        if train.compile and on_gpu:  # fuses the small kernels a graph still has to run one by one
+        # compiled layers are not recorded into graphs (their capture fails): one or the other
+        if train.compile and on_gpu and not self.graphed:
             self._compile_layers()
         self.graphs = _GraphedSteps(self) if self.graphed else None
 
