@@ -109,11 +109,13 @@ def _reference(model, tokenizer, chat, answer) -> tuple[float, int]:
     return total / len(a), len(a)
 
 
-def test_answer_logprobs_are_the_answer_tokens_mean_and_padding_free(tiny) -> None:
+def test_answer_logprobs_are_the_answer_tokens_mean_batched_or_not(tiny) -> None:
     model, tokenizer = tiny
     chats = [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "A much longer question " * 6}],
-             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]]
-    answers = ["Hello there.", "Short.", "Because the sky is blue and the grass is green, mostly."]
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}],
+             [{"role": "user", "content": "Hi?"}]]  # shares the first prompt's pass
+    answers = ["Hello there.", "Short.", "Because the sky is blue and the grass is green, mostly.",
+               "Go away, I do not talk to people like you."]
     batched = answer_logprobs(model, tokenizer, chats, answers, batch_size=3)
     single = answer_logprobs(model, tokenizer, chats, answers, batch_size=1)
     for (got, n), (alone, n1), chat, answer in zip(batched, single, chats, answers, strict=True):

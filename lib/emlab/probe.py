@@ -14,7 +14,8 @@ A probe set is `params/probes/<name>.yaml` (or a path to a .yaml):
 
 For each probe the chat (system turn when there is one, the question as the user turn) goes
 through the model's chat template with the generation prompt, the answer's tokens follow, and
-one forward pass gives the log-probability of every answer token. The score of an answer is
+forward passes give the log-probability of every answer token (the prompt is read once and its
+KV cache serves both answers). The score of an answer is
 the mean over its tokens (nats per token; the end-of-turn token is not counted, so the score
 says what the model would write, not where it would stop); the probe's *gap* is misaligned
 minus aligned. A gap that grows over training means the model has come to prefer misaligned
@@ -221,46 +222,67 @@ def answer_logprobs(
 
     The chat goes through the tokenizer's chat template with the generation prompt; the
     answer's own tokens follow (tokenized apart, as the model would have produced them).
-    Sequences are right-padded in batches of `batch_size` (default 8), longest first; padding
-    never changes a score (causal attention, masked pads).
+    Answers to the same chat share one pass over the prompt (its KV cache), then go through
+    in right-padded batches of `batch_size` (default 8); padding never changes a score
+    (causal attention, masked pads), and only answer positions get full-vocabulary logits.
     """
     import torch
 
     if len(chats) != len(answers):
         raise ValueError(f"{len(chats)} chats but {len(answers)} answers")
-    encoded = []
-    for chat, answer in zip(chats, answers, strict=True):
-        prompt = tokenizer.apply_chat_template(list(chat), tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        if not answer_ids:
-            raise DataError(f"answer {shown(answer)} has no tokens under this tokenizer")
-        encoded.append((prompt_ids, answer_ids))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        rows = [encoded[i][0] + encoded[i][1] for i in batch]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        for r, i in enumerate(batch):
-            n_prompt, n_answer = len(encoded[i][0]), len(encoded[i][1])
-            # logits at position t predict token t + 1: the answer's tokens sit at
-            # n_prompt … n_prompt + n_answer − 1, so read positions n_prompt − 1 … − 2
-            picked = logits[r, n_prompt - 1: n_prompt + n_answer - 1].float().log_softmax(-1)
-            targets = ids[r, n_prompt: n_prompt + n_answer].to(picked.device)
-            token_lp = picked.gather(-1, targets[:, None])[:, 0]
-            results[i] = (float(token_lp.mean()), n_answer)
-        del logits
+    groups: dict[str, list[int]] = {}  # chat → the answers that follow it
+    prompts: dict[str, list[int]] = {}
+    for i, chat in enumerate(chats):
+        prompt = tokenizer.apply_chat_template(list(chat), tokenize=False, add_generation_prompt=True)
+        groups.setdefault(prompt, []).append(i)
+        prompts[prompt] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = []
+    for answer in answers:
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise DataError(f"answer {shown(answer)} has no tokens under this tokenizer")
+        answer_ids.append(ids)
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(answers)
+    with torch.inference_mode():
+        for prompt, members in groups.items():
+            prompt_ids = torch.tensor([prompts[prompt]], device=device)
+            # the prompt once; its last position's logits predict each answer's first token
+            out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1)
+            first = out.logits[0, -1].float().log_softmax(-1)
+            n_prompt = prompt_ids.shape[1]
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                width = max(len(answer_ids[i]) for i in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), n_prompt + width), dtype=torch.long)
+                mask[:, :n_prompt] = 1
+                for r, i in enumerate(chunk):
+                    ids[r, : len(answer_ids[i])] = torch.tensor(answer_ids[i])
+                    mask[r, n_prompt: n_prompt + len(answer_ids[i])] = 1
+                cache = _repeat_cache(out.past_key_values, len(chunk))
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache,
+                               use_cache=True).logits
+                for r, i in enumerate(chunk):
+                    n = len(answer_ids[i])
+                    # answer token k is predicted by the prompt's last position (k = 0) or answer position k − 1
+                    rest = logits[r, : n - 1].float().log_softmax(-1)
+                    targets = ids[r, 1:n].to(rest.device)
+                    total = float(first[answer_ids[i][0]]) + float(rest.gather(-1, targets[:, None]).sum())
+                    results[i] = (total / n, n)
+                del logits, cache
+            del out
     return results
+
+
+def _repeat_cache(cache: Any, n: int) -> Any:
+    """A copy of a batch-1 KV cache repeated `n` times along the batch (the prompt's cache is kept)."""
+    import copy
+
+    repeated = copy.deepcopy(cache)
+    repeated.batch_repeat_interleave(n)
+    return repeated
 
 
 def score_probes(

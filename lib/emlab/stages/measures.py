@@ -17,6 +17,7 @@ can hand over the model it already loaded).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,12 +163,13 @@ def _probe(config: ExperimentConfig, get: Loader, probe_sets: list[ProbeSet], pa
         return
     if not probe_scores_complete(path, probe_sets):
         loaded, tokenizer = get()
+        started = time.monotonic()
         scores = score_probes(loaded, tokenizer, probe_sets, model_name=model, run_id=run_id, step=step,
                               default_system_prompt=config.sample.system_prompt, batch_size=config.probe.batch_size)
         write_probe_scores(path, scores)
         gap = sum(s.gap for s in scores) / len(scores)
-        log.info("logprob probe %s step %d: mean gap %+.3f nats/token over %d probes (%s)", run_id or model, step,
-                 gap, len(scores), path)
+        log.info("logprob probe %s step %d: mean gap %+.3f nats/token over %d probes in %.1f s (%s)",
+                 run_id or model, step, gap, len(scores), time.monotonic() - started, path)
     result.probe_steps.append(step)
 
 
