@@ -447,7 +447,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder with bad_medical_advice.jsonl.gz and tokenizer/")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--shapes", nargs="+", default=["1b", "8b"])
+    parser.add_argument("--shapes", nargs="*", default=["1b", "8b"])
     parser.add_argument("--parts", nargs="+", default=["train", "sample"], choices=["train", "sample"])
     parser.add_argument("--rows", type=int, default=1024, help="training rows (one epoch; 16 a step)")
     parser.add_argument("--repeats", type=int, default=3)
