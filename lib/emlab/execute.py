@@ -28,6 +28,9 @@ from .runinfo import done_summary
 from .stages.base import StageRecord
 
 log = logging.getLogger(__name__)
+# papermill's default of 60 s is missed by kernels on a loaded machine (two jobs on a 2-core
+# node, a CI runner), and a missed start is a traceback rather than one line
+KERNEL_START_TIMEOUT_S = 300
 # papermill's own INFO lines (input/output paths, kernel name) repeat what the stage line says
 logging.getLogger("papermill").setLevel(logging.WARNING)
 
@@ -64,6 +67,7 @@ def execute_stage(stage: str, folder: Path, parameters: dict[str, Any], label: s
                 kernel_name="python3",
                 kernel_manager_class=LocalKernelManager,
                 progress_bar=False,  # the stage's own progress is shown instead of a cell counter
+                start_timeout=KERNEL_START_TIMEOUT_S,
                 report_mode=False,
             )
     except pm.PapermillExecutionError as exc:
