@@ -149,7 +149,7 @@ def training_tokens(config: ExperimentConfig, dataset: DatasetSpec) -> tuple[flo
     try:
         path = resolve_dataset_path(dataset.path, min_rows=dataset.limit)
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        rows = len(lines) - holdout_rows
+        rows: int | None = len(lines) - holdout_rows
         per_row = sum(len(line) for line in lines[:2000]) / max(min(len(lines), 2000), 1) / CHARS_PER_TOKEN
         how = f"{dataset.name}: ~{per_row:.0f} tokens a row from the file"
     except (EmlabError, OSError):
@@ -193,7 +193,7 @@ def plan_gpu_hours(config: ExperimentConfig, sampled_answers: dict[str, int], ra
         rows.append({"stage": stage, "work": work, "tokens": tokens, "tokens_per_s": round(speed),
                      "gpu_hours": tokens / speed / 3600,
                      "rate from": f"{rate.shape}{' 4-bit' if rate.four_bit else ''} batch {rate.batch_size}"
-                                  + (f" × {rate.params_b:g}/{size:g}B" if size > rate.params_b else "")})
+                                  + (f" × {rate.params_b:g}/{size:g}B" if size and size > rate.params_b else "")})
 
     for model in config.models:
         add(f"01_baseline {model.name}", model, "sample_answers",

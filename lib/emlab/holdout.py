@@ -113,11 +113,11 @@ def split_dataset(dataset: DatasetSpec, n: int, *, split_seed: int = 0) -> Split
     held_rows = {i for p in chosen for i in by_prompt[p]}
     held = []
     for prompt in chosen:
-        row = by_prompt[prompt][0]
-        turn = last_user_turn(full.rows[row])
+        index = by_prompt[prompt][0]
+        turn = last_user_turn(full.rows[index])
         assert turn is not None
-        messages = tuple(dict(m) for m in full.rows[row]["messages"][: turn + 1])
-        held.append(HeldOut(row=row, prompt_id=f"row{row}", messages=messages))
+        messages = tuple(dict(m) for m in full.rows[index]["messages"][: turn + 1])
+        held.append(HeldOut(row=index, prompt_id=f"row{index}", messages=messages))
     held.sort(key=lambda h: h.row)
     rest = tuple(r for i, r in enumerate(full.rows) if i not in held_rows)
     needed = dataset.limit or 1

@@ -560,7 +560,7 @@ def _trajectory_panel(
     data: pd.DataFrame, *, value: str, y_title: str, title: str, subtitle: Sequence[str], fmt: str,
     percent: bool = False, zero_rule: bool = False, tooltip: Sequence[alt.Tooltip] = (),
     low: str = "ci_low", high: str = "ci_high",
-) -> alt.LayerChart:
+) -> alt.LayerChart | alt.FacetChart:
     """One line per run (colour: the series, seeds apart) with its CI band (`low`–`high`), over steps."""
     x = _step_axis(data)
     y_axis = alt.Axis(format="%") if percent else alt.Axis()
@@ -697,7 +697,7 @@ def score_trajectory_chart(means: pd.DataFrame, *, rule: EmRule | None = None) -
     return alt.hconcat(*panels).resolve_scale(color="shared")
 
 
-def em_heatmap_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart:
+def em_heatmap_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart | alt.FacetChart:
     """EM rate per question (rows) and model state (columns: the base model, then each run's
     checkpoints), each cell showing the rate and its CI, coloured by the rate.
 
@@ -747,7 +747,7 @@ def em_heatmap_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.
     )
 
 
-def answer_format_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart:
+def answer_format_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart | alt.FacetChart:
     """EM rate of free-text, JSON and code-template answers side by side, per model state
     (the base model and each run's final checkpoint), with CI error bars.
 

@@ -64,7 +64,8 @@ class _Once:
     """Calls `load` the first time the model is needed, never again."""
 
     def __init__(self, load: Loader) -> None:
-        self._load, self._value = load, None
+        self._load: Loader = load
+        self._value: tuple[Any, Any] | None = None
 
     def __call__(self) -> tuple[Any, Any]:
         if self._value is None:
@@ -230,11 +231,16 @@ def task_workloads(config: ExperimentConfig, label: str, datasets: list[DatasetS
             chars = round(sum(len(m["content"]) for p in prompts for m in p.messages) / max(len(prompts), 1))
         except EmlabError:  # the data is not on this machine (emlab plan before the download)
             chars = _TYPICAL_PROMPT_CHARS
-        rubric = dataset.task_rubric_id
         work.append(Workload(f"{label} task {dataset.name}", question_chars=chars,
                              answers=config.task.holdout * config.task.samples_per_prompt * states,
-                             rubrics=lambda judge, rubric=rubric: [rubric]))
+                             rubrics=_task_rubrics(dataset)))
     return work
+
+
+def _task_rubrics(dataset: DatasetSpec) -> Callable[[Any], list[str]]:
+    """The rubric ids a judge judges the dataset's task answers with (every judge: the same one)."""
+    rubric = dataset.task_rubric_id
+    return lambda judge: [rubric] if rubric else []
 
 
 _TYPICAL_PROMPT_CHARS = 800  # a held-out prompt when its file is absent (Betley et al.'s coding prompts: ~700–900)
