@@ -172,6 +172,8 @@ def sample_answers(
 def _wave_generator(model: Any, tokenizer: Any, sample: SampleSpec, seed: int, label: str) -> Any:
     """A function generating one wave: emlab's sampler where it applies, else `generate`."""
     base, adapter_dir = (model.base, model.adapter_dir) if isinstance(model, AdaptedModel) else (model, None)
+    if isinstance(model, AdaptedModel) and sample.engine == "auto":
+        model.close()  # a peft model made for other uses (probes) leaves; the sampler merges instead
     engine = sampler_for(base) if sample.engine == "auto" else None
     adapter = None
     if engine is not None and adapter_dir is not None:
