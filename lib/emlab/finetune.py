@@ -296,9 +296,9 @@ class _LoraLoop:
         # The schedule runs on a stand-in optimizer and its value is set on the real one at each
         # step: a float, or written into the learning-rate tensor that a recorded update reads.
         stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.learning_rate)
-        stand_in.step()  # (no gradient: changes nothing) so that the scheduler sees an optimizer that stepped
         self.scheduler = get_scheduler(train.lr_scheduler, stand_in, num_warmup_steps=train.warmup_steps,
                                        num_training_steps=schedule.total_steps)
+        stand_in.step()  # no gradient, no change: only so that the scheduler sees a step before its own
         # no cache of cast weights: a CUDA graph must cast them inside every replay
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not self.graphed) if on_gpu
                          else torch.autocast("cpu", enabled=False))
