@@ -32,6 +32,15 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["EMLAB_CACHE"] = old
 
 
+def fresh_cache(folder: Path) -> Path:
+    """An empty EMLAB_CACHE under `folder` (no judge cache, no demo data) sharing the models:
+    for a test that needs judging or data-making to happen whatever ran before it."""
+    cache = folder / "fresh-cache"
+    cache.mkdir()
+    (cache / "models").symlink_to(REPO / ".cache" / "models", target_is_directory=True)
+    return cache
+
+
 @pytest.fixture
 def write_experiment(tmp_path: Path):
     """Write an experiment file that starts from `base` (a repo path) with `overrides`,

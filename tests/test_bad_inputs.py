@@ -38,6 +38,9 @@ from emlab.records import Answer, Judgment, answer_id
 from emlab.runinfo import mark_done, record_stage
 from emlab.paths import ExperimentLayout
 from emlab.stages import BASELINE
+from emlab.stages.common import judges_signature
+
+from conftest import fresh_cache
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smol-2l"
@@ -98,7 +101,7 @@ def _make_finished_baseline(experiment: Path) -> None:
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# 01 · Baseline")])
     write_text(folder / "01_baseline.ipynb", nbformat.writes(notebook))
     write_text(folder / "01_baseline.html", "<html><body>baseline</body></html>")
-    mark_done(folder, "01_baseline", {"answers": 4, "judgments": 8, "judges": [["smol", *RUBRICS]]})
+    mark_done(folder, BASELINE.name, {"answers": 4, "judgments": 8, "completion": judges_signature(config)})
 
 
 @pytest.fixture
@@ -334,9 +337,7 @@ def test_disk_full_mid_write_is_one_line_and_leaves_no_half_file(where: str, lab
     run = lab.outputs / "tiny" / f"{MODEL}__bad_medical__s0"
     notebook = run / "02_finetune.ipynb"
     if where == "preflight":
-        cache = tmp_path / "fresh-cache"  # no demo file yet: preflight writes it (~100 KB)
-        cache.mkdir()
-        (cache / "models").symlink_to(REPO / ".cache" / "models", target_is_directory=True)
+        cache = fresh_cache(tmp_path)  # no demo file yet: preflight writes it (~100 KB)
         lab.env["EMLAB_CACHE"] = str(cache)
         limit = 20_000
         demo = cache / "demo" / "bad_medical_advice-600-0.jsonl"

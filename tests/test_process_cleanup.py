@@ -25,6 +25,8 @@ import pytest
 
 from emlab.procs import ORPHAN_EXIT_CODE, bind_to_parent
 
+from conftest import fresh_cache
+
 REPO = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 5.0
 
@@ -146,10 +148,11 @@ def _is_kernel(proc: psutil.Process) -> bool:
 
 @pytest.mark.slow
 def test_sigkill_of_emlab_run_leaves_no_kernel_and_no_judge_server(
-    write_experiment, tmp_path: Path, isolated_cache: Path
+    write_experiment, tmp_path: Path
 ) -> None:
     experiment = write_experiment()
-    env = {**os.environ, "EMLAB_ROOT": str(REPO), "EMLAB_CACHE": str(isolated_cache),
+    # a cache of its own: judgments cached by an earlier test would mean no judge server to see
+    env = {**os.environ, "EMLAB_ROOT": str(REPO), "EMLAB_CACHE": str(fresh_cache(tmp_path)),
            "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "emlab-run.log"
     with open(log, "wb") as out:
