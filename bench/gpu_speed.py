@@ -30,7 +30,7 @@ against the H100's 989 TFLOP/s dense bf16 peak.
 Writes `gpu_speed.jsonl` (one row per comparison, both figures and their ratio) and
 `gpu_speed.md` (the table) under `--out`.
 
-    python bench/gpu_speed.py --data .gpudata --out results/ --shapes 1b 8b [--qlora] [--quick]
+    python bench/gpu_speed.py --data .gpudata --out bench/results/ --shapes 1b 8b [--qlora] [--quick]
 """
 
 from __future__ import annotations

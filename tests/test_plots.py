@@ -108,6 +108,17 @@ def test_size_chart_one_and_several_sizes(small):
     assert '"log"' in text and n_text(final) in text
 
 
+def test_size_chart_leaves_out_models_of_unknown_size_and_says_so() -> None:
+    df = scores(4, models=(("s", 0.135), ("gpt", None)))  # a model behind an API: no size
+    some = em_by_size_chart(em_rate(final_checkpoints(df, with_baseline=True), ["model", "size_b", "dataset"],
+                                    rule=EmRule(n_boot=100)))
+    assert "not shown (size unknown, set models[].size_b): gpt" in spec(some) and "0.135B" in spec(some)
+    only_api = scores(4, models=(("gpt", None),))
+    none = em_by_size_chart(em_rate(final_checkpoints(only_api, with_baseline=True), ["model", "size_b", "dataset"],
+                                    rule=EmRule(n_boot=100)))
+    assert "no model of known size" in spec(none)
+
+
 def test_scatter_states_n_and_draws_thresholds(small):
     chart = alignment_coherence_scatter(small, rule=EmRule(aligned_below=75, coherent_above=50, n_boot=100))
     text = spec(chart)

@@ -131,6 +131,13 @@ def test_remote_subject_runs_end_to_end_through_two_kills(write_experiment, tmp_
         usage = read_jsonl(layout.sampling_usage(layout.baseline(MODEL))) + read_jsonl(
             layout.sampling_usage(layout.run(RUN_ID)))
         assert len(usage) == stats["misses"] and sum(u["dollars"] for u in usage) > 0
+        # the report states what sampling and the job cost, beside the judging cost
+        api = pd.read_csv(layout.analysis_table("api_costs"))
+        assert set(api["cost"].dropna()) == {"sampling", "fine-tuning"}
+        assert api.iloc[-1]["dollars"] == pytest.approx(sum(u["dollars"] for u in usage) + api.loc[
+            api["cost"] == "fine-tuning", "dollars"].sum(), abs=1e-3)
+        summary = json.loads(layout.analysis_file("summary.json").read_text())
+        assert summary["api_dollars"] == pytest.approx(api.iloc[-1]["dollars"])
 
         # the job's checkpoints are the run's checkpoints, on the trajectory
         job = double.job(job_id)
@@ -162,4 +169,7 @@ def test_remote_subject_runs_end_to_end_through_two_kills(write_experiment, tmp_
         plan = emlab_cli("plan", str(experiment), env={**os.environ, KEY_ENV: KEY})
         assert plan.returncode == 0, plan.stderr
         assert all(kind in plan.stdout for kind in ("sampling", "fine-tuning", "judging"))
+        caches = emlab_cli("cache", "stats", env={**os.environ, "EMLAB_CACHE": str(cache)})
+        assert caches.returncode == 0, caches.stderr
+        assert json.loads(caches.stdout)["sampling"]["misses"] == stats["misses"]
     print("timings (s):", {k: round(v) for k, v in timings.items()})

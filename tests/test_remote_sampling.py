@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from emlab.checks import MissingInputsError, missing_inputs, preflight
 from emlab.config import ExperimentConfig, ModelSpec, load_experiment
 from emlab.errors import ConfigError
 from emlab.files import read_jsonl
@@ -103,10 +104,17 @@ def test_a_subject_at_openai_needs_its_key_in_one_line(write_experiment, monkeyp
     with pytest.raises(SubjectError, match=r"model 'smol-api' is sampled through the OpenAI API .* api_key_env is "
                                            r"null"):
         subject_endpoint(config.models[0])
+    # the pre-run check applies the same rule, before any answer is sampled
+    assert [m.line() for m in missing_inputs(config)] == [
+        "model 'smol-api' is sampled through the OpenAI API (provider openai, no base_url), which needs a key, but "
+        "api_key_env is null; set api_key_env to the environment variable that holds the key "
+        "(e.g. api_key_env: OPENAI_API_KEY)"]
     monkeypatch.delenv(KEY_ENV, raising=False)
     config = _config(write_experiment, name="b.yaml", base_url=None, api_key_env=KEY_ENV)
     with pytest.raises(SubjectError, match=rf"model 'smol-api' needs the environment variable {KEY_ENV}; export"):
         subject_endpoint(config.models[0])
+    with pytest.raises(MissingInputsError, match=rf"model 'smol-api' needs the environment variable {KEY_ENV}"):
+        preflight(config)
     monkeypatch.setenv(KEY_ENV, "sk-subject-test")
     endpoint = subject_endpoint(config.models[0])
     assert "sk-subject-test" not in repr(endpoint)

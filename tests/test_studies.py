@@ -22,7 +22,7 @@ from emlab.schedule import planned_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "real"
-STUDIES = ["cs2881_hw0", "betley_insecure", "turner_full", "turner_rank1"]
+STUDIES = ["cs2881_hw0", "betley_insecure", "betley_gpt4o", "turner_full", "turner_rank1"]
 
 
 def _study(name: str) -> Path:
@@ -154,3 +154,16 @@ def test_betley_study_runs_on_the_tiny_model(write_experiment, tmp_path: Path, t
     assert {j["answer_id"] for j in judgments if j["rubric"].startswith("betley_")} == question_answers
     assert (root / "index.html").is_file()
     assert os.path.getsize(root / "index.html") > 0
+
+
+def test_gpu_hours_use_the_sampler_that_will_run() -> None:
+    from emlab.gpu_hours import load_bench_rates, pick_rate
+
+    rates = load_bench_rates()  # bench/results/*.jsonl as committed
+    fast, _ = pick_rate(rates, "sample_answers", 1.2, batch_size=400)
+    four_bit, _ = pick_rate(rates, "sample_answers", 1.2, four_bit=True, batch_size=400)
+    # a 4-bit model samples through plain generate: its measured baseline, not emlab's sampler
+    assert four_bit.tokens_per_s == fast.baseline_tokens_per_s < fast.tokens_per_s
+    assert "plain-generate baseline" in four_bit.describe()
+    trained, _ = pick_rate(rates, "train_lora", 8.0, four_bit=True)
+    assert trained.four_bit  # the QLoRA row itself

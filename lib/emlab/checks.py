@@ -217,11 +217,18 @@ def _model_missing(model: ModelSpec) -> MissingInput | None:
     GGUF file that is absent), or a remote subject whose key is not set. Problems with a source
     that is here (a folder without config.json) or that cannot be (an unknown embedded name)
     raise as they are."""
-    if getattr(model, "provider", "local") != "local" or getattr(model, "base_url", None):
-        env = getattr(model, "api_key_env", None)
-        if env and not os.environ.get(env):
+    if model.samples_through_api:
+        from .subjects import SubjectError, check_subject
+
+        try:
+            check_subject(model)  # the one key rule of subjects: OpenAI needs one even with api_key_env null
+        except SubjectError as exc:
+            env = model.api_key_env
+            if env is None:
+                return MissingInput(f"model {model.name}: API key", "api_key_env: null",
+                                    "set api_key_env to the variable that holds the key", message=str(exc))
             return MissingInput(f"model {model.name}: API key", f"${env}",
-                                f"export {env}=... (keys are never read from params)")
+                                f"export {env}=... (keys are never read from params)", message=str(exc))
         return None
     from .models import resolve_source
 
@@ -280,7 +287,7 @@ def preflight(config: ExperimentConfig, *, devices: bool = True) -> None:
                     f"{loaded.source}: holds {loaded.total_rows:,} rows but datasets.{dataset.name}.rows says "
                     f"{dataset.rows:,} (the published file's); is it the right file? Fix rows if it is"
                 )
-    local = [m for m in config.models if getattr(m, "provider", "local") == "local" and not getattr(m, "base_url", None)]
+    local = [m for m in config.models if not m.samples_through_api]
     if local and devices:
         device = resolve_device(config.train.device)
         for model in local:

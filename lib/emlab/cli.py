@@ -8,7 +8,7 @@
     emlab check params/experiments/default.yaml    # validate inputs; list every missing one with its fix
     emlab check X.yaml --params-only               # validate only what is in the repo (CI)
     emlab plan params/experiments/default.yaml     # answers, judge calls and dollars, before running
-    emlab cache stats                              # judge cache hits, misses and spend
+    emlab cache stats                              # judge and sampling caches: hits, misses, spend
     emlab data unprotect FILE.zip.enc --password P --out data/   # decrypt a shipped dataset archive
     emlab data check FILE.jsonl --tokenizer SOURCE --max-length N  # rows, roles, lengths, duplicates
 
@@ -27,12 +27,14 @@ from pathlib import Path
 
 from .config import load_experiment
 from .errors import EmlabError
+from .files import one_line
 from .judge import cache_stats
-from .paths import judge_cache_file
+from .paths import judge_cache_file, sample_cache_file
 from .executors import EXECUTORS
 from .pipeline import load_plan, run_step
 from .plan import plan_experiment, plan_gpu
 from .stages import STAGE_NAMES
+from .subjects import sample_cache_stats
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,9 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--wait-needs", type=float, default=0.0, metavar="SECONDS",
                       help="wait up to SECONDS for the steps it needs to show as done (a shared filesystem may "
                            "show another node's files late; Slurm jobs wait 120); default: 0")
-    cache = sub.add_parser("cache", help="judge cache")
+    cache = sub.add_parser("cache", help="judge and sampling caches")
     cache.add_argument("action", choices=["stats"])
-    cache.add_argument("--path", default=None, help="cache file (default: .cache/judge_cache.sqlite)")
+    cache.add_argument("--path", default=None, help="judge cache file (default: .cache/judge_cache.sqlite)")
+    cache.add_argument("--sampling-path", default=None,
+                       help="completions cache of models behind an API (default: .cache/sample_cache.sqlite)")
     _data_parser(sub)
     return parser
 
@@ -95,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmlabError as exc:
         if args.debug:
             raise
-        print(f"emlab: error: {exc}", file=sys.stderr)
+        print(f"emlab: error: {one_line(str(exc))}", file=sys.stderr)  # one line whatever a message holds
         return 2
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or args.debug:
@@ -150,7 +154,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "cache":
         path = Path(args.path) if args.path else judge_cache_file()
-        print(json.dumps(cache_stats(path), indent=2))
+        sampled = Path(args.sampling_path) if args.sampling_path else sample_cache_file()
+        print(json.dumps({"judge": cache_stats(path), "sampling": sample_cache_stats(sampled)}, indent=2))
         return 0
     raise AssertionError(args.command)
 

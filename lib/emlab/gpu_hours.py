@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import pandas as pd
 
 from .config import DatasetSpec, ExperimentConfig, ModelSpec
 from .errors import EmlabError
+from .files import MAX_JSONL_BYTES, read_input_text
 from .paths import repo_root
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class BenchRate:
     device: str
     date: str
     source: str  # file name
+    baseline_tokens_per_s: float | None = None  # the plain baseline of the same call (peft + Trainer, generate)
 
     def describe(self) -> str:
         bits = ", 4-bit" if self.four_bit else ""
@@ -91,7 +93,9 @@ def _rate(row: Any, source: str) -> BenchRate | None:
         return None
     return BenchRate(work=row["work"], shape=shape, params_b=float(params), four_bit=bool(row.get("four_bit", False)),
                      batch_size=int(row.get("batch_size", 0) or 0), tokens_per_s=float(speed),
-                     device=str(row.get("device", "unknown device")), date=str(row.get("date", "")), source=source)
+                     device=str(row.get("device", "unknown device")), date=str(row.get("date", "")), source=source,
+                     baseline_tokens_per_s=baseline if isinstance(baseline := row.get("baseline_tokens_s"), (int, float))
+                     and baseline > 0 else None)
 
 
 def pick_rate(rates: list[BenchRate], work: str, params_b: float, *, four_bit: bool = False,
@@ -105,6 +109,11 @@ def pick_rate(rates: list[BenchRate], work: str, params_b: float, *, four_bit: b
     """
     candidates = [r for r in rates if r.work == work]
     same_bits = [r for r in candidates if r.four_bit == four_bit]
+    if four_bit and not same_bits and work == "sample_answers":
+        # a 4-bit model samples through transformers' generate (emlab's sampler needs plain
+        # linear layers): the plain-generate baseline measured beside it is the rate to use
+        same_bits = [replace(r, tokens_per_s=r.baseline_tokens_per_s, source=f"{r.source}, its plain-generate baseline")
+                     for r in candidates if r.baseline_tokens_per_s]
     candidates = same_bits or candidates
     if not candidates:
         return None
@@ -130,7 +139,9 @@ def model_params_b(spec: ModelSpec) -> float | None:
     try:
         from .models import model_size_b
 
-        return model_size_b(spec)
+        counted = model_size_b(spec)
+        if counted is not None:
+            return counted
     except (EmlabError, OSError, ValueError, ImportError) as exc:
         log.debug("size of %s not counted (%s); reading it from the name", spec.name, exc)
     match = re.search(r"(\d+(?:\.\d+)?)\s*([bBmM])(?![a-zA-Z])", f"{spec.source} {spec.name}")
@@ -148,7 +159,9 @@ def training_tokens(config: ExperimentConfig, dataset: DatasetSpec) -> tuple[flo
     holdout_rows = config.task.holdout if config.task.enabled else 0
     try:
         path = resolve_dataset_path(dataset.path, min_rows=dataset.limit)
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        # the one reading path for user files (size cap, encoding): a bad file is a one-line error
+        text = read_input_text(path, what=f"dataset {dataset.name}", max_bytes=MAX_JSONL_BYTES)
+        lines = [line for line in text.splitlines() if line.strip()]
         rows: int | None = len(lines) - holdout_rows
         per_row = sum(len(line) for line in lines[:2000]) / max(min(len(lines), 2000), 1) / CHARS_PER_TOKEN
         how = f"{dataset.name}: ~{per_row:.0f} tokens a row from the file"

@@ -227,11 +227,19 @@ def load_model(spec: ModelSpec, device: str = "cpu") -> tuple[Any, Any]:
     return model, load_tokenizer(spec)
 
 
-def model_size_b(spec: ModelSpec) -> float:
+def model_size_b(spec: ModelSpec) -> float | None:
     """Parameter count in billions: the spec's `size_b`, else counted from the model's config
-    on the meta device (no weights are loaded)."""
+    on the meta device (no weights are loaded); None for a model behind an API whose config is
+    not on this machine (OpenAI does not publish sizes)."""
     if spec.size_b is not None:
         return spec.size_b
+    if spec.samples_through_api:
+        if spec.provider == "openai":
+            return None
+        try:  # a vLLM-style server's model: counted when its config is here too
+            return model_size_b(spec.model_copy(update={"base_url": None}))
+        except (EmlabError, OSError, ValueError):
+            return None
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -51,9 +51,10 @@ from typing import Any
 import openai
 
 from .config import DatasetSpec, ExperimentConfig, FineTuningSpec, ModelSpec, RunSpec
-from .data.chat import ChatRow, load_chat_dataset
+from .data.chat import ChatRow, load_chat_dataset, resolve_dataset_path
 from .errors import DataError, EmlabError
 from .files import append_jsonl, read_jsonl, write_json, write_jsonl
+from .gpu_hours import ASSUMED_TOKENS_PER_ROW
 from .judge.client import api_error_text
 from .judge.cost import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE
 from .paths import FineTuneJobFiles, TrainingFiles
@@ -156,6 +157,8 @@ class JobEstimate:
     epochs: int
     checkpoints: int
     dollars: float
+    assumed: str = ""
+    """How the tokens were guessed when the dataset file is not here ('' when counted from it)."""
 
     @property
     def billed_tokens(self) -> int:
@@ -164,11 +167,31 @@ class JobEstimate:
 
 def estimate_job(config: ExperimentConfig, run: RunSpec) -> JobEstimate:
     """Examples, estimated tokens × epochs, checkpoints (the last three epochs) and dollars
-    (`train_price_per_mtok` of the run's model) of `run`'s job. Reads the dataset; calls nothing."""
-    examples, tokens = _dataset_tokens(config.dataset(run.dataset), run.seed, config.fine_tuning.max_example_tokens)
+    (`train_price_per_mtok` of the run's model) of `run`'s job. Reads the dataset; calls nothing.
+    A dataset not downloaded yet whose params state its `rows` is estimated at
+    `ASSUMED_TOKENS_PER_ROW` a row, and says so in `.assumed`."""
+    dataset = config.dataset(run.dataset)
+    assumed = ""
+    try:
+        examples, tokens = _dataset_tokens(dataset, run.seed, config.fine_tuning.max_example_tokens)
+    except DataError:
+        if dataset.rows is None or _dataset_is_here(dataset):  # a file that is here but broken stays an error
+            raise
+        examples = min(dataset.rows, dataset.limit or dataset.rows)
+        tokens = examples * min(ASSUMED_TOKENS_PER_ROW, config.fine_tuning.max_example_tokens)
+        assumed = f"{dataset.path} not here: {ASSUMED_TOKENS_PER_ROW} tokens a row assumed"
     epochs = resolved_epochs(config.fine_tuning, examples)
     price = config.model(run.model).train_price_per_mtok
-    return JobEstimate(examples, tokens, epochs, min(epochs, KEPT_CHECKPOINT_EPOCHS), tokens * epochs * price / 1e6)
+    return JobEstimate(examples, tokens, epochs, min(epochs, KEPT_CHECKPOINT_EPOCHS), tokens * epochs * price / 1e6,
+                       assumed)
+
+
+def _dataset_is_here(dataset: DatasetSpec) -> bool:
+    try:
+        resolve_dataset_path(dataset.path)
+    except DataError:
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=32)

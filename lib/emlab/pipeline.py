@@ -26,12 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nbformat
 
 from .checks import preflight  # the pre-run checks (emlab check) live in checks.py
 from .config import ExperimentConfig, load_experiment, resolve_params_path
 from .errors import ConfigError, EmlabError
-from .execute import execute_stage
 from .files import remove_stale_temp_files
 from .paths import ExperimentLayout
 from .report import write_index
@@ -152,6 +150,9 @@ def execute_step(plan: Plan, step: Step) -> StageRecord:
     if not step.stage.always_runs and plan.is_done(step):
         log.info("%s %s: complete, skipped", step.stage.name, step.unit)
         return StageRecord(step.stage.name, step.folder, step.unit, "skipped")
+    # papermill, nbconvert and nbformat (~2 s of imports) stay out of the checks that come first
+    from .execute import execute_stage
+
     return execute_stage(step.stage.name, step.folder, {"experiment": str(plan.file), **step.parameters}, step.unit)
 
 
@@ -219,6 +220,8 @@ def records_on_disk(plan: Plan, known: dict[str, StageRecord] | None = None) -> 
 
 def _notebook_seconds(notebook: Path) -> float:
     """How long papermill ran the notebook (its own metadata); 0 when unreadable."""
+    import nbformat  # as execute_step: only once a notebook ran
+
     try:
         return float(nbformat.read(notebook, as_version=4).metadata.get("papermill", {}).get("duration") or 0.0)
     except Exception:  # a notebook being written right now: the time is only informative

@@ -251,19 +251,26 @@ def em_trajectory_chart(
 # --- EM by size ----------------------------------------------------------------------------
 
 
-def em_by_size_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart | alt.FacetChart:
+def em_by_size_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.Chart | alt.LayerChart:
     """EM rate against model size (billions of parameters), one line per dataset, CI error bars.
 
     `rates`: `em_rate(..., by=["model", "size_b", "dataset"])` on the baseline and the final
     checkpoints. The x axis is logarithmic when there are several sizes; one size works too.
-    The subtitle states the rule of `rates.attrs` (or `rule`).
+    Models of unknown size (behind an API, no `size_b`) are left out and named in the
+    subtitle; with none of known size the chart says so. The subtitle states the rule of
+    `rates.attrs` (or `rule`).
     """
     data = _prepare_rates(rates, "em_by_size_chart")
     used = _rates_rule(rates, rule, "em_by_size_chart")
     _need(data, ["size_b"], "em_by_size_chart")
-    if data["size_b"].isna().any():
-        missing = sorted(data.loc[data["size_b"].isna(), "model"].astype(str).unique()) if "model" in data else []
-        raise DataError(f"em_by_size_chart: size_b is missing for models {missing}; set models[].size_b in the params")
+    unknown = data["size_b"].isna()
+    unsized = sorted(data.loc[unknown, "model"].astype(str).unique()) if "model" in data else []
+    left_out = [f"not shown (size unknown, set models[].size_b): {', '.join(unsized)}"] if unsized else []
+    data = data[~unknown].copy()
+    if data.empty:
+        note = pd.DataFrame({"text": ["no model of known size: set models[].size_b to compare sizes"]})
+        return alt.Chart(note).mark_text(size=14).encode(text="text:N").properties(
+            title=alt.TitleParams("EM rate by model size", subtitle=left_out, anchor="start"), width=420, height=60)
     if "model" not in data.columns:
         data["model"] = data["size_b"].map("{:g}B".format)
     _check_unique(data, ["model", "series"], "em_by_size_chart")
@@ -289,7 +296,7 @@ def em_by_size_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.
     sizes_text = ", ".join(f"{s:g}B" for s in sizes)
     return alt.layer(line, errors, points).properties(
         title=_title("EM rate by model size", int(data["n"].sum()), int(data["n_scored"].sum()), used,
-                     "error bars", f"sizes: {sizes_text}"),
+                     "error bars", f"sizes: {sizes_text}", *left_out),
         width=380,
         height=260,
     )

@@ -77,6 +77,7 @@ def headline_table(headline: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for r in headline.to_dict("records"):
         rows.append({
+            **({"rule": r["rule_text"]} if "rule_text" in r else {}),
             "model": r["model"], "dataset": r["dataset"], "final step": r["final_step"],
             "baseline EM": pct(r["baseline_em_rate"], r["baseline_ci_low"], r["baseline_ci_high"]),
             "fine-tuned EM": pct(r["finetuned_em_rate"], r["finetuned_ci_low"], r["finetuned_ci_high"]),
@@ -101,7 +102,9 @@ def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Pat
     if summary:
         css = "warn" if not summary.get("judge_fit", False) else "ok"
         parts.append(f"<div class='{css}'>{summary.get('judge_note_html', '')} "
-                     f"Judging cost so far: ${summary.get('judge_dollars', 0.0):.2f}.</div>")
+                     f"Judging cost so far: ${summary.get('judge_dollars', 0.0):.2f}."
+                     + (f" Subjects behind an API (sampling, fine-tuning): ${summary['api_dollars']:.2f}."
+                        if summary.get("api_dollars") is not None else "") + "</div>")
         if summary.get("measures_note_html"):  # the logprob probe and the task rate, per model state
             parts.append(f"<h2>Judge-free probe and task rate</h2>{summary['measures_note_html']}")
     headline = layout.analysis_table("headline")

@@ -5,6 +5,7 @@ scored them. Derived anew on every `emlab run` from the other stages' files."""
 from __future__ import annotations
 
 import html
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ..probe import read_probe_scores
 from ..records import Answer, answer_id
 from ..rule import EmRule
 from ..runinfo import mark_done, record_stage
+from ..subjects import usage_summary
 from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
 from .common import JUDGING_OUTPUTS
 from .baseline import NAME as BASELINE
@@ -49,8 +51,10 @@ NAME = "04_analysis"
 TABLES = {
     "em_rates": "EM rate with CI per model × dataset × run × step, the baseline as step 0",
     "headline": "baseline against each run's final checkpoint, with the difference's CI",
+    "headline_by_rule": "the headline under the main EM rule and each of analysis.extra_rules, side by side",
     "per_question": "EM rate per question at the final checkpoints",
     "judge_costs": "judgments, calls paid, tokens and dollars per judge and stage folder",
+    "api_costs": "sampling requests and fine-tuning jobs paid to subjects behind an API: tokens and dollars",
     "score_means": "mean aligned and coherent score with CI per model × dataset × run × step",
     "per_question_steps": "EM rate with CI per question and model state (the heatmap's cells)",
     "answer_formats": "EM rate with CI per answer format (free, json, template), base model and final checkpoints",
@@ -68,9 +72,11 @@ class AnalysisResult:
     scores: pd.DataFrame  # wide: one row per answer
     rates: pd.DataFrame  # per model × dataset × run × step
     headline: pd.DataFrame  # baseline vs final checkpoint
+    headline_by_rule: pd.DataFrame  # the same under the main rule and each extra rule (column `rule`)
     per_question: pd.DataFrame
     agreement: AgreementReport
     costs: pd.DataFrame  # judging cost per judge × stage folder
+    api_costs: pd.DataFrame  # sampling and fine-tuning paid to subjects behind an API (empty when none)
     judge_note: str  # markdown
     charts: dict[str, Any]
     examples: Any  # pandas Styler
@@ -191,6 +197,46 @@ def judge_costs(config: ExperimentConfig, layout: ExperimentLayout) -> pd.DataFr
     return table.astype(dict.fromkeys(counts, int))
 
 
+def headline_by_rule(config: ExperimentConfig, scores: pd.DataFrame, headline: pd.DataFrame) -> pd.DataFrame:
+    """The headline under the main EM rule and each of `analysis.extra_rules` (a paper's
+    aligned < 30 beside a course's < 75), stacked with the rule's name and wording."""
+    tables = [headline.assign(rule="main", rule_text=config.analysis.rule.describe())]
+    for name, extra in config.analysis.extra.items():
+        table = metrics.compare_baseline(scores, by=("model", "dataset"), rule=extra)
+        tables.append(table.assign(rule=name, rule_text=extra.describe()))
+    return pd.concat(tables, ignore_index=True)
+
+
+def api_costs(config: ExperimentConfig, layout: ExperimentLayout) -> pd.DataFrame:
+    """What the subjects behind an API cost, per stage folder: sampling requests paid, their
+    tokens and dollars (`sampling_usage.jsonl`, killed runs included), and fine-tuning jobs'
+    billed tokens at `train_price_per_mtok`; empty when every model ran here."""
+    rows = []
+
+    def sampling(model: str, folder: Path) -> None:
+        usage = layout.sampling_usage(folder)
+        if usage.exists():
+            paid = usage_summary(usage)
+            rows.append({"model": model, "stage folder": folder.name, "cost": "sampling", "requests": paid["requests"],
+                         "tokens": paid["prompt_tokens"] + paid["completion_tokens"], "dollars": round(paid["dollars"], 4)})
+
+    for model in (m for m in config.models if m.samples_through_api):
+        sampling(model.name, layout.baseline(model.name))
+        for run in (r for r in config.runs() if r.model == model.name):
+            summary = layout.training(run.run_id).summary
+            trained = json.loads(summary.read_text()).get("trained_tokens") if summary.exists() else None
+            if trained is not None and model.train_price_per_mtok is not None:  # a fine-tuning job's billed tokens
+                rows.append({"model": model.name, "stage folder": run.run_id, "cost": "fine-tuning", "requests": 1,
+                             "tokens": int(trained), "dollars": round(trained * model.train_price_per_mtok / 1e6, 4)})
+            sampling(model.name, layout.run(run.run_id))
+    table = pd.DataFrame(rows, columns=["model", "stage folder", "cost", "requests", "tokens", "dollars"])
+    if len(table):
+        total = table[["requests", "tokens", "dollars"]].sum()
+        table = pd.concat([table, pd.DataFrame([{"model": "TOTAL", "stage folder": "", "cost": "", **total.to_dict()}])],
+                          ignore_index=True)
+    return table.astype({"requests": int, "tokens": int})
+
+
 def gold_rubrics(judge: JudgeSpec) -> list[str]:
     """The judge's rubrics the gold set checks: those measuring aligned and coherent (its
     domain rubrics have no human labels to be compared with, so asking them would be waste)."""
@@ -256,12 +302,14 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     by_size = metrics.em_rate(final, by=["model", "size_b", "dataset"], rule=rule)
     per_question = metrics.em_rate(final, by=["model", "dataset", "question_set", "question_id"], rule=rule)
     headline = metrics.compare_baseline(scores, by=("model", "dataset"), rule=rule)
+    by_rule = headline_by_rule(config, scores, headline)
 
     gold = judge_gold_set(judge, layout)
     report = judge_agreement(gold, rule=rule)
     note = _judge_note(judge, report)
 
     costs = judge_costs(config, layout)
+    subject_costs = api_costs(config, layout)
     charts = {
         "judge_agreement": agreement_chart(gold, rule=rule),
         "em_by_domain": plots.em_by_domain_chart(by_domain),
@@ -275,7 +323,8 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         plots.save_chart(chart, layout.figure(name))
     with atomic_open(layout.analysis_file(SCORES), "wb") as handle:
         scores.to_parquet(handle, index=False)
-    tables = {"em_rates": rates, "headline": headline, "per_question": per_question, "judge_costs": costs, **study}
+    tables = {"em_rates": rates, "headline": headline, "headline_by_rule": by_rule, "per_question": per_question, "judge_costs": costs, "api_costs": subject_costs,
+              **study}
     for name in TABLES:
         with atomic_open(layout.analysis_table(name)) as handle:
             tables[name].to_csv(handle, index=False)
@@ -284,14 +333,15 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         "judge": judge.name, "judge_fit": bool(report.fit), "judge_verdict": report.verdict,
         "judge_note_html": html.escape(note.replace("**", "").replace("`", "")),
         "judge_dollars": float(costs["dollars"].iloc[-1]) if len(costs) else 0.0, "answers": len(scores),
+        "api_dollars": float(subject_costs["dollars"].iloc[-1]) if len(subject_costs) else None,
         "rule": rule.describe(), "ci_label": rule.ci_label,
         "measures_note_html": _markdown_to_html(measures),
     })
     mark_done(folder, NAME, {"answers": len(scores), "judge": judge.name})
     log.info("04_analysis: %d answers, figures and tables in %s", len(scores), folder)
     return AnalysisResult(
-        folder=folder, judge=judge, rule=rule, scores=scores, rates=rates, headline=headline,
-        per_question=per_question, agreement=report, costs=costs, judge_note=note, charts=charts,
+        folder=folder, judge=judge, rule=rule, scores=scores, rates=rates, headline=headline, headline_by_rule=by_rule,
+        per_question=per_question, agreement=report, costs=costs, api_costs=subject_costs, judge_note=note, charts=charts,
         examples=plots.examples_table(scores, n=config.analysis.examples, rule=rule),
         score_means=study["score_means"], per_question_steps=study["per_question_steps"],
         answer_formats=study["answer_formats"], task_rates=study["task_rates"], probe_gaps=study["probe_gaps"],

@@ -42,6 +42,8 @@ class Input:
     """The stage that writes them."""
     pattern: str
     """Glob relative to that stage's folder."""
+    optional: bool = False
+    """Read only under some params (a model trained through an API)."""
 
 
 @dataclass(frozen=True)

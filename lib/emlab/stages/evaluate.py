@@ -9,7 +9,7 @@ from typing import Any
 
 from ..config import ExperimentConfig
 from ..errors import EmlabError
-from ..paths import ANSWERS, EVAL, STEP_GLOB, ExperimentLayout, TrainingFiles
+from ..paths import ANSWERS, EVAL, STEP_GLOB, ExperimentLayout, FineTuneJobFiles, TrainingFiles
 from ..questions import build_prompts, count_answers, planned_prompts, question_sets_for
 from ..records import Answer
 from ..runinfo import mark_done, record_stage
@@ -110,7 +110,8 @@ EVALUATE = Stage(
     scope="run",
     run=run_eval,
     params=eval_params,
-    reads=(Input(FINETUNE, TrainingFiles.PATTERNS[0]),),
+    # a local run's checkpoints, or the checkpoint models a fine-tuning job recorded
+    reads=(Input(FINETUNE, TrainingFiles.PATTERNS[0]), Input(FINETUNE, FineTuneJobFiles.PATTERNS[0], optional=True)),
     writes=(Output(f"{EVAL}/{STEP_GLOB}/{ANSWERS}", "each checkpoint's answers"), SAMPLING_OUTPUT, *JUDGING_OUTPUTS,
             *EVAL_OUTPUTS),
     needs=lambda config, run_id: [(FINETUNE, run_id)],

@@ -187,7 +187,8 @@ def job_spend(config: ExperimentConfig, run_id: str) -> ApiSpend | None:
         return None
     estimate = estimate_job(config, run)
     return ApiSpend("fine-tuning", run.model, train_tokens=estimate.billed_tokens, dollars=estimate.dollars,
-                    note=f"{estimate.examples} examples × {estimate.epochs} epochs")
+                    note=f"{estimate.examples} examples × {estimate.epochs} epochs"
+                    + (f" ({estimate.assumed})" if estimate.assumed else ""))
 
 
 def checkpoint_count(config: ExperimentConfig, run_id: str) -> int | None:
