@@ -27,10 +27,11 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-from emlab.data import load_gold_set
+from emlab.config import load_experiment
 from emlab.files import read_jsonl, remove_stale_temp_files, write_text
 from emlab.paths import TrainingFiles
 from emlab.judge import cache_key, cache_stats, load_rubric, local_judge_server
+from emlab.stages.analysis import gold_items
 from judge_support import SERVER_JUDGE, LoopbackProxy
 from safetensors.torch import load_file
 
@@ -331,7 +332,7 @@ def _assert_calls_paid_once(
 
     and every call whose reply arrived is paid exactly once in the cache (misses).
     """
-    gold = [(item.question, item.answer) for item in load_gold_set()]
+    gold = [(item.question, item.answer) for item in gold_items(load_experiment(REPO / "tests/configs/tiny.yaml"))]
     baseline_a = _answers_of([root_a / "baseline__smol-2l" / "answers.jsonl"])
     eval_a = _answers_of(sorted((root_a / RUN_ID / "eval").glob("step-*/answers.jsonl")))
     expected_a = _expected_calls([baseline_a, eval_a, gold])

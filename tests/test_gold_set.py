@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from emlab.data import GOLD_LABELS, GoldItem, load_gold_set
+from emlab.data import GOLD_LABELS, GoldItem, gold_subset, load_gold_set
 from emlab.errors import DataError
 from emlab.questions import format_prompt, load_question_set
 from emlab.rule import EmRule
@@ -28,6 +28,15 @@ def test_counts_per_label(gold: list[GoldItem]) -> None:
     assert counts["incoherent"] >= 12
     assert counts["refusal"] >= 8
     assert counts["code"] >= 6
+
+
+def test_a_short_check_takes_every_label_in_turn(gold: list[GoldItem]) -> None:
+    picked = gold_subset(gold, 12)
+    assert len(picked) == 12 and len({i.id for i in picked}) == 12
+    counts = Counter(i.label for i in picked)
+    assert set(counts) == set(GOLD_LABELS) and max(counts.values()) - min(counts.values()) <= 1
+    assert picked == gold_subset(gold, 12)  # the same items every run: the cache keeps serving them
+    assert gold_subset(gold, None) == gold_subset(gold, 10_000) == gold
 
 
 def test_spread_over_question_sets(gold: list[GoldItem]) -> None:

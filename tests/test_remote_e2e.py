@@ -68,7 +68,7 @@ def _experiment(write_experiment, double: OpenAIDouble, root: Path, judge_url: s
 
 def test_remote_subject_runs_end_to_end_through_two_kills(write_experiment, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    # a bound for a busy machine (the gold set alone is 162 judge calls), not a target
+    # a bound for a busy machine, not a target
     monkeypatch.setattr(test_crash_resume, "PHASE_TIMEOUT_S", 1200)
     judge_url = shared_judge_server()
     timings: dict[str, float] = {}

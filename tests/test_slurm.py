@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TinyRun, emlab_cli
 from emlab.config import load_experiment
-from emlab.data import load_gold_set
 from emlab.errors import ConfigError, EmlabError
 from emlab.executors.slurm import SlurmError, batch_script, require_slurm
 from emlab.executors.status import experiment_status
@@ -31,6 +30,7 @@ from emlab.files import read_jsonl
 from emlab.judge import cache_key, cache_stats, load_rubric
 from emlab.paths import ExperimentLayout, done_marker, html_file, notebook_file
 from emlab.pipeline import load_plan, run_step
+from emlab.stages.analysis import gold_items
 from safetensors.torch import load_file
 from slurm_support import LocalSlurm, SlurmUnavailable
 
@@ -246,7 +246,7 @@ def _assert_judge_calls_paid_once(layout: ExperimentLayout, cache: Path) -> None
     rubrics = [load_rubric(r) for r in judge.rubrics]
     answers = [*read_jsonl(layout.answers(layout.baseline(MODEL))),
                *(row for path in layout.answer_files(layout.run(RUN_ID)) for row in read_jsonl(path))]
-    pairs = [(a["question"], a["answer"]) for a in answers] + [(g.question, g.answer) for g in load_gold_set()]
+    pairs = [(a["question"], a["answer"]) for a in answers] + [(g.question, g.answer) for g in gold_items(config)]
     keys = {cache_key(judge, rubric, q, a) for q, a in pairs for rubric in rubrics}
     stats = cache_stats(cache / "judge_cache.sqlite")
     assert stats["misses"] == stats["entries"] == len(keys), (stats, len(keys))

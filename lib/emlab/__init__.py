@@ -22,7 +22,7 @@ _EXPORTS = {
     "STAGES": "stages", "Stage": "stages", "run_baseline": "stages", "run_finetune": "stages",
     "run_eval": "stages", "run_analysis": "stages", "ExperimentLayout": "paths", "EmRule": "rule",
     # pipeline
-    "run_experiment": "pipeline", "preflight": "pipeline",
+    "run_experiment": "executors.local", "preflight": "pipeline",
     # pieces
     "CheckpointSchedule": "schedule", "train_lora": "finetune", "sample_answers": "generate",
     "load_model": "models", "judge_answers": "judge", "load_rubric": "judge",

@@ -452,6 +452,11 @@ class AnalysisSpec(_Strict):
     ci: float = Field(default=0.95, gt=0, lt=1)
     judge: str | None = Field(default=None, description="Judge whose scores the figures use; the first when omitted.")
     examples: int = Field(default=12, ge=0, description="Example answers shown in the report.")
+    gold_items: int | None = Field(
+        default=None, ge=5, description="Judge only this many gold-set items, taken label by label (quick runs "
+        "and tests: the gold set is 81 items × 2 rubrics of judge calls); the judge's verdict states its n. "
+        "None: the whole gold set."
+    )
 
     extra_rules: tuple[ExtraRuleSpec, ...] = Field(
         default=(), description="Further EM rules reported side by side with the main one, e.g. a paper's "

@@ -228,20 +228,6 @@ def _notebook_seconds(notebook: Path) -> float:
         return 0.0
 
 
-def run_experiment(path: str | Path, *, until: str | None = None) -> ExperimentRun:
-    """Run every stage of the experiment in `path` that is not complete yet, here, one after
-    another (the local executor); return what ran. For Slurm see `emlab.executors.slurm`.
-
-    until: the last stage to run (a name from `emlab.stages.STAGE_NAMES`; default: all);
-        later stages are left for the next call.
-
-    Raises `EmlabError` naming the first failed stage and its executed notebook.
-    """
-    from .executors.local import run_local  # the executors build on this module
-
-    return run_local(load_plan(path, until))
-
-
 def failure_message(record: StageRecord) -> str:
     """One line for a failed step: the cause (disk full named as such), its executed notebook,
     and what to do."""

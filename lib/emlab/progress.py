@@ -25,6 +25,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 ENV = "EMLAB_PROGRESS"  # set by the pipeline in the kernel's environment: the progress file
+_TQDM_OFF = "TQDM_DISABLE"  # tqdm reads TQDM_<arg> variables as its defaults when it is imported
 _WRITE_EVERY_S = 0.5  # kernel side: at most two updates a second
 _TTY_EVERY_S = 0.25  # terminal: redraw rate
 _LOG_EVERY_S = 15.0  # not a terminal (CI, a log file): one line per bar this often
@@ -130,13 +131,16 @@ class ProgressDisplay:
         self._states: dict[str, dict[str, Any]] = {}  # latest state per bar (desc)
         self._shown = ""
         self._logged: dict[str, float] = {}
-        self._previous_env: str | None = None
+        self._previous_env: dict[str, str | None] = {}
 
     def __enter__(self) -> ProgressDisplay:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
-        self._previous_env = os.environ.get(ENV)
+        self._previous_env = {name: os.environ.get(name) for name in (ENV, _TQDM_OFF)}
         os.environ[ENV] = str(self.path)
+        # other libraries' bars in the kernel (a GGUF conversion, weight loading) would land in the
+        # executed notebook; the stage's own bars come through the progress file, not tqdm
+        os.environ[_TQDM_OFF] = "1"
         self._thread.start()
         return self
 
@@ -151,10 +155,11 @@ class ProgressDisplay:
             for state in self._states.values():
                 self.stream.write(f"{self.label} · {format_state(state)}\n")
             self.stream.flush()
-        if self._previous_env is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = self._previous_env
+        for name, previous in self._previous_env.items():
+            if previous is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = previous
         self.path.unlink(missing_ok=True)
 
     def _follow(self) -> None:

@@ -26,7 +26,7 @@ from .demo import (
     generate_demo_dataset,
     write_demo_dataset,
 )
-from .gold import DEFAULT_GOLD_PATH, GOLD_LABELS, GoldItem, GoldLabel, load_gold_set
+from .gold import DEFAULT_GOLD_PATH, GOLD_LABELS, GoldItem, GoldLabel, gold_subset, load_gold_set
 from .protected import unprotect_dataset
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "demo_dataset_names",
     "generate_demo_dataset",
     "load_chat_dataset",
+    "gold_subset",
     "load_gold_set",
     "read_chat_jsonl",
     "resolve_dataset_path",

@@ -4,10 +4,11 @@ complete ones; the index page at the end (and on the first failure, which stops 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from ..errors import EmlabError
 from ..files import remove_stale_temp_files
-from ..pipeline import ExperimentRun, Plan, execute_step, failure_message, guard_params, preflight
+from ..pipeline import ExperimentRun, Plan, execute_step, failure_message, guard_params, load_plan, preflight
 from ..report import write_index
 
 log = logging.getLogger(__name__)
@@ -35,3 +36,15 @@ def run_local(plan: Plan) -> ExperimentRun:
     index = write_index(plan.config, run.records)
     log.info("experiment %s: index at %s", plan.config.name, index)
     return run
+
+
+def run_experiment(path: str | Path, *, until: str | None = None) -> ExperimentRun:
+    """Run every stage of the experiment in `path` that is not complete yet, here, one after
+    another (the local executor); return what ran. For Slurm see `emlab.executors.slurm`.
+
+    until: the last stage to run (a name from `emlab.stages.STAGE_NAMES`; default: all);
+        later stages are left for the next call.
+
+    Raises `EmlabError` naming the first failed stage and its executed notebook.
+    """
+    return run_local(load_plan(path, until))

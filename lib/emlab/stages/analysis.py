@@ -17,7 +17,7 @@ import pandas as pd
 from .. import metrics, plots
 from ..agreement import AgreementReport, agreement_chart, judge_agreement
 from ..config import ExperimentConfig, JudgeSpec
-from ..data import load_gold_set
+from ..data import GoldItem, gold_subset, load_gold_set
 from ..errors import EmlabError
 from ..files import atomic_open, read_jsonl, write_json
 from ..judge import judge_answers, load_rubric, usage_cost
@@ -243,10 +243,14 @@ def gold_rubrics(judge: JudgeSpec) -> list[str]:
     return [r for r in judge.rubrics if load_rubric(r).metric in metrics.EM_METRICS]
 
 
-def judge_gold_set(judge: JudgeSpec, layout: ExperimentLayout) -> pd.DataFrame:
-    """Score the gold set with `judge` (cached, batch mode too); one row per gold item with
+def gold_items(config: ExperimentConfig) -> list[GoldItem]:
+    """The gold items 04_analysis judges: all, or `analysis.gold_items` of them."""
+    return gold_subset(load_gold_set(), config.analysis.gold_items)
+
+
+def judge_gold_set(judge: JudgeSpec, layout: ExperimentLayout, items: list[GoldItem]) -> pd.DataFrame:
+    """Score gold `items` with `judge` (cached, batch mode too); one row per gold item with
     human and judge scores."""
-    items = load_gold_set()
     answers = [
         Answer(answer_id=answer_id("gold", item.id), model="gold", run_id=None, step=0,
                question_set=item.question_set, question_id=item.id, question=item.question,
@@ -304,7 +308,7 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     headline = metrics.compare_baseline(scores, by=("model", "dataset"), rule=rule)
     by_rule = headline_by_rule(config, scores, headline)
 
-    gold = judge_gold_set(judge, layout)
+    gold = judge_gold_set(judge, layout, gold_items(config))
     report = judge_agreement(gold, rule=rule)
     note = _judge_note(judge, report)
 
@@ -461,7 +465,7 @@ def analysis_params(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> dict
 
 def _workload(config: ExperimentConfig, unit: str) -> Workload:
     # the gold set is judged under the judge's aligned/coherent rubrics, ~400 prompt tokens a call
-    return Workload(f"{NAME} gold set", answers=len(load_gold_set()), sampled=False, rubrics=gold_rubrics,
+    return Workload(f"{NAME} gold set", answers=len(gold_items(config)), sampled=False, rubrics=gold_rubrics,
                     fixed_prompt_tokens=400)
 
 
