@@ -13,6 +13,7 @@ from ..config import ExperimentConfig, RunSpec
 from ..data.chat import load_chat_dataset
 from ..files import read_jsonl
 from ..holdout import holdout_params, record_holdout, training_rows
+from ..models import load_model, resolve_device
 from ..paths import ExperimentLayout, TrainingFiles
 from ..runinfo import mark_done, record_stage
 from .base import Output, Stage, Workload
@@ -79,7 +80,6 @@ def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     """02_finetune for `run_id`: LoRA on the run's dataset; adapters at the scheduled checkpoints."""
     # torch stays out of light commands (emlab check, plan): imported only to train
     from ..finetune import encode_chat_rows, train_lora
-    from ..models import load_model, resolve_device
 
     run = config.run(run_id)
     dataset = config.dataset(run.dataset)
