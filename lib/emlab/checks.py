@@ -28,10 +28,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import EMBEDDED_MODEL, ExperimentConfig, ModelSpec
+from .data.chat import load_chat_dataset, resolve_dataset_path
 from .errors import ConfigError, DataError, EmlabError
 from .files import one_line, path_exists, read_input_bytes, user_path
+from .judge import check_judge, resolve_api_key
+from .judge.rubrics import load_rubric
+from .models import check_model_options, resolve_device, resolve_source
 from .paths import notebook_file, notebooks_dir, repo_root
-from .questions import QuestionSet, question_file_path, question_sets_for, resolve_question_set
+from .probe import probe_sets_for
+from .questions import (
+    QuestionSet,
+    build_prompts,
+    question_file_path,
+    question_rubrics,
+    question_sets_for,
+    resolve_question_set,
+)
+from .stages import STAGE_NAMES
+from .subjects import SubjectError, check_subject
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 log = logging.getLogger(__name__)
@@ -80,8 +94,6 @@ def check_params(config: ExperimentConfig) -> None:
         if _question_file_missing(config, name) is None:
             _check_question_set(config, name)
     _check_question_file_settings(config)
-    from .judge.rubrics import load_rubric  # the judge package imports openai: only when checking
-
     for judge in config.judges:
         for rubric in judge.rubrics:
             if _rubric_file_missing(rubric) is None:
@@ -95,9 +107,6 @@ def check_params(config: ExperimentConfig) -> None:
 
 def _check_measures(config: ExperimentConfig) -> None:
     """The logprob probe's sets and the task rate's rubrics (params/probes, params/rubrics)."""
-    from .judge.rubrics import load_rubric
-    from .probe import probe_sets_for
-
     probe_sets_for(config)
     if config.task.enabled:
         for dataset in config.datasets:
@@ -117,8 +126,6 @@ def _check_rules(config: ExperimentConfig) -> None:
 
 def _check_question_set(config: ExperimentConfig, name: str) -> QuestionSet:
     """Load one set and check what the experiment asks of it (ids, metrics, probes)."""
-    from .questions import build_prompts, question_rubrics
-
     qs = resolve_question_set(config, name)
     prompts = build_prompts(config, [name])
     if not prompts:
@@ -138,8 +145,6 @@ def _check_question_file_settings(config: ExperimentConfig) -> None:
 
 
 def _stage_names() -> list[str]:
-    from .stages import STAGE_NAMES
-
     return list(STAGE_NAMES)
 
 
@@ -159,8 +164,6 @@ def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
             if found is not None:
                 missing.append(found)
         if not judge.is_local and judge.api_key_env and not os.environ.get(judge.api_key_env):
-            from .judge import resolve_api_key
-
             try:
                 resolve_api_key(judge)
             except EmlabError as exc:  # its message is the one users know
@@ -170,8 +173,6 @@ def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
         if dataset.path.startswith("demo:"):
             continue
         if not path_exists(_repo_path(dataset.path)):
-            from .data.chat import resolve_dataset_path
-
             try:
                 resolve_dataset_path(dataset.path)
             except DataError as exc:
@@ -218,8 +219,6 @@ def _model_missing(model: ModelSpec) -> MissingInput | None:
     that is here (a folder without config.json) or that cannot be (an unknown embedded name)
     raise as they are."""
     if model.samples_through_api:
-        from .subjects import SubjectError, check_subject
-
         try:
             check_subject(model)  # the one key rule of subjects: OpenAI needs one even with api_key_env null
         except SubjectError as exc:
@@ -230,8 +229,6 @@ def _model_missing(model: ModelSpec) -> MissingInput | None:
             return MissingInput(f"model {model.name}: API key", f"${env}",
                                 f"export {env}=... (keys are never read from params)", message=str(exc))
         return None
-    from .models import resolve_source
-
     try:
         resolve_source(model)
     except ConfigError as exc:
@@ -273,10 +270,6 @@ def preflight(config: ExperimentConfig, *, devices: bool = True) -> None:
     for name in question_sets_for(config, None):
         _check_question_set(config, name)
         _check_pinned(config, name)
-    from .data.chat import load_chat_dataset
-    from .judge import check_judge
-    from .models import check_model_options, resolve_device
-
     for judge in config.judges:
         check_judge(judge)
     for dataset in config.datasets:
@@ -309,8 +302,6 @@ def _check_pinned(config: ExperimentConfig, name: str) -> None:
                 f"this is another version of the file{where}: get the published one, or update sha256 on purpose"
             )
     if spec.expected_prompts is not None:
-        from .questions import build_prompts
-
         whole = config.model_copy(update={"sample": config.sample.model_copy(update={"questions_per_set": None})})
         found = len(build_prompts(whole, [name]))  # a property of the file: before questions_per_set
         if found != spec.expected_prompts:

@@ -25,12 +25,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import load_experiment
+from .checks import MissingInputsError, check_params, preflight
+from .config import EMBEDDED_MODEL, load_experiment
+from .data.commands import check_chat_file, unprotect_files
 from .errors import EmlabError
+from .executors import EXECUTORS
+from .executors.local import run_local
+from .executors.slurm import submit_plan
+from .executors.status import experiment_status
 from .files import one_line
 from .judge import cache_stats
 from .paths import judge_cache_file, sample_cache_file
-from .executors import EXECUTORS
 from .pipeline import load_plan, run_step
 from .plan import plan_experiment, plan_gpu
 from .stages import STAGE_NAMES
@@ -117,21 +122,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         plan = load_plan(args.experiment, args.until)
         if (args.executor or plan.config.executor.kind) == "slurm":
-            from .executors.slurm import submit_plan
-
             for done in submit_plan(plan):
                 after = f"after {','.join(done.after)}" if done.after else ""
                 print(f"{done.step.stage.name:14s} {done.step.unit:40s} {done.action:9s} {done.job or '':>8s} {after}".rstrip())
             print(f"`emlab status {args.experiment}` shows how they go")
             return 0
-        from .executors.local import run_local
-
         for r in run_local(plan).records:
             print(f"{r.stage:14s} {r.label:40s} {r.status:8s} {r.seconds:7.1f}s")
         return 0
     if args.command == "status":
-        from .executors.status import experiment_status
-
         for state in experiment_status(load_plan(args.experiment, args.until)):
             print(f"{state.step.stage.name:14s} {state.step.unit:40s} {state.state:11s} {state.job or '':>8s} "
                   f"{state.detail}".rstrip())
@@ -161,8 +160,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _check(experiment: str, *, params_only: bool) -> int:
-    from .checks import MissingInputsError, check_params, preflight
-
     config = load_experiment(experiment)
     if params_only:
         check_params(config)
@@ -180,9 +177,6 @@ def _check(experiment: str, *, params_only: bool) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from .config import EMBEDDED_MODEL
-    from .data.commands import check_chat_file, unprotect_files
-
     if args.data_command == "unprotect":
         files = unprotect_files(args.archive, args.out, password=args.password)
         for f in files:

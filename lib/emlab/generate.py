@@ -34,6 +34,7 @@ from .files import append_jsonl, read_jsonl
 from .progress import progress_bar
 from .questions import Prompt
 from .records import Answer, answer_id
+from .sampling import DecodeEngine, LoraAdapter, Request, unsupported_reason
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ def adapter_applied(model: Any, adapter_dir: Path | None) -> Iterator[Any]:
 def sampler_for(model: Any) -> Any:
     """emlab's sampler for `model` (built on first use and kept while the model lives; its KV
     cache and weight copy are paid once per run), or None when the model is not one it runs."""
-    from .sampling import DecodeEngine, unsupported_reason
-
     reason = unsupported_reason(model)
     if reason is not None:
         log.info("sampling with transformers' generate: %s", reason)
@@ -177,8 +176,6 @@ def _wave_generator(model: Any, tokenizer: Any, sample: SampleSpec, seed: int, l
     engine = sampler_for(base) if sample.engine == "auto" else None
     adapter = None
     if engine is not None and adapter_dir is not None:
-        from .sampling import LoraAdapter
-
         adapter = LoraAdapter.read(adapter_dir)
         if adapter is None:
             log.info("sampling with transformers' generate: %s is not a plain LoRA of the decoder layers", adapter_dir)
@@ -204,8 +201,6 @@ class _EngineWaves:
 
     def __call__(self, wave: int, idx: range, batch: list[tuple[Prompt, int]], ids: list[str],
                  on_done: Any) -> list[tuple[list[int], bool]]:
-        from .sampling import Request
-
         requests = []
         for (prompt, _), answer in zip(batch, ids, strict=True):
             if id(prompt) not in self.prompt_ids:

@@ -31,8 +31,10 @@ from typing import Any
 import pandas as pd
 
 from .config import DatasetSpec, ExperimentConfig, ModelSpec
+from .data.chat import resolve_dataset_path
 from .errors import EmlabError
 from .files import MAX_JSONL_BYTES, read_input_text
+from .models import model_size_b
 from .paths import repo_root
 
 log = logging.getLogger(__name__)
@@ -137,8 +139,6 @@ def model_params_b(spec: ModelSpec) -> float | None:
     if spec.size_b is not None:
         return spec.size_b
     try:
-        from .models import model_size_b
-
         counted = model_size_b(spec)
         if counted is not None:
             return counted
@@ -154,8 +154,6 @@ def model_params_b(spec: ModelSpec) -> float | None:
 def training_tokens(config: ExperimentConfig, dataset: DatasetSpec) -> tuple[float, str]:
     """Training tokens of one run on `dataset` (rows × epochs × tokens per row) and how the
     rows and tokens were counted."""
-    from .data.chat import resolve_dataset_path
-
     holdout_rows = config.task.holdout if config.task.enabled else 0
     try:
         path = resolve_dataset_path(dataset.path, min_rows=dataset.limit)

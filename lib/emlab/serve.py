@@ -45,6 +45,9 @@ from typing import Any
 
 import torch
 
+from .config import ModelSpec
+from .models import load_model, resolve_device
+
 log = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -484,9 +487,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     import os
-
-    from .config import ModelSpec
-    from .models import load_model, resolve_device
 
     name = args.name or args.model
     spec = ModelSpec(name="served", source=args.model, num_layers=args.num_layers, dtype=args.dtype)

@@ -46,6 +46,7 @@ def sample_task(
     model_name: str, run_id: str | None, step: int, seed: int, progress: bool = True,
 ) -> list[Answer]:
     """Sample every held-out prompt of `splits` from `model` into `out_path` (resumable)."""
+    # torch stays out of light commands (emlab check, plan): imported only to sample
     from .generate import sample_answers
 
     prompts = [p for split in splits for p in split.prompts()]
@@ -55,6 +56,7 @@ def sample_task(
 
 def task_answers_complete(out_path: Path, splits: Sequence[Split], config: ExperimentConfig) -> list[Answer] | None:
     """The answers in `out_path` when every held-out prompt has all its samples (else None)."""
+    # stages imports this module (through stages.measures): a module-level import would be a cycle
     from .stages.common import answers_if_complete
 
     expected = sum(len(s.held_out) for s in splits) * config.task.samples_per_prompt

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import EMBEDDED_MODEL, ModelSpec
 from ..files import iter_input_jsonl
+from ..models import load_tokenizer
 from .chat import read_chat_jsonl
 from .protected import unprotect_dataset
 
@@ -113,8 +114,6 @@ def check_chat_file(path: str | Path, *, tokenizer: str = EMBEDDED_MODEL, max_le
 
     Raises `DataError` (file:line) on the first invalid row, as training would.
     """
-    from ..models import load_tokenizer
-
     file = Path(path)
     rows = read_chat_jsonl(file)
     tok = load_tokenizer(ModelSpec(name="tokenizer", source=tokenizer))

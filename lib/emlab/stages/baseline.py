@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from ..config import ExperimentConfig
+from ..models import load_model, resolve_device
 from ..paths import ANSWERS, ExperimentLayout
 from ..questions import build_prompts, count_answers, planned_prompts, question_sets_for
 from ..records import Answer
@@ -39,7 +40,6 @@ def run_baseline(config: ExperimentConfig, model: str, *, progress: bool = True)
     """01_baseline for `model`: sample every question set from the base model, judge the answers."""
     # torch stays out of light commands (emlab check, plan): imported only to sample
     from ..generate import sample_answers
-    from ..models import load_model, resolve_device
 
     folder = ExperimentLayout.of(config).baseline(model)
     record_stage(folder, NAME, baseline_params(config, model))

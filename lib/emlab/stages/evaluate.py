@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import ExperimentConfig
 from ..errors import EmlabError
+from ..models import load_model, resolve_device
 from ..paths import ANSWERS, EVAL, STEP_GLOB, ExperimentLayout, FineTuneJobFiles, TrainingFiles
 from ..questions import build_prompts, count_answers, planned_prompts, question_sets_for
 from ..records import Answer
@@ -44,7 +45,6 @@ def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) ->
     """03_eval_judge for `run_id`: sample every checkpoint of the run and judge all answers."""
     # torch stays out of light commands (emlab check, plan): imported only to sample
     from ..generate import adapter_applied, sample_answers
-    from ..models import load_model, resolve_device
 
     run = config.run(run_id)
     layout = ExperimentLayout.of(config)

@@ -13,6 +13,8 @@ from ..config import ExperimentConfig, RunSpec
 from ..data.chat import load_chat_dataset
 from ..files import read_jsonl
 from ..holdout import holdout_params, record_holdout, training_rows
+from ..models import load_model, resolve_device
+from ..openai_finetune import FineTuneJobResult
 from ..paths import ExperimentLayout, TrainingFiles
 from ..runinfo import mark_done, record_stage
 from .base import Output, Stage, Workload
@@ -21,7 +23,6 @@ from .remote import JOB_OUTPUTS, job_spend, model_params, run_job, trainer_param
 
 if TYPE_CHECKING:
     from ..finetune import TrainResult
-    from ..openai_finetune import FineTuneJobResult
 
 log = logging.getLogger(__name__)
 NAME = "02_finetune"
@@ -57,8 +58,6 @@ class FinetuneResult:
 
     def summary_markdown(self) -> str:
         t = self.train
-        from ..openai_finetune import FineTuneJobResult  # no torch: fine in a light command
-
         if isinstance(t, FineTuneJobResult):  # a fine-tuning job says its own
             return t.summary_markdown()
         speed = f"{t.train_tokens / t.seconds:,.0f} tokens/s" if t.seconds else "nothing left to train"
@@ -79,7 +78,6 @@ def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     """02_finetune for `run_id`: LoRA on the run's dataset; adapters at the scheduled checkpoints."""
     # torch stays out of light commands (emlab check, plan): imported only to train
     from ..finetune import encode_chat_rows, train_lora
-    from ..models import load_model, resolve_device
 
     run = config.run(run_id)
     dataset = config.dataset(run.dataset)

@@ -29,6 +29,7 @@ from ..holdout import Split, holdout_params, read_holdout, split_for
 from ..paths import ANSWERS, EVAL, HOLDOUT, JUDGMENTS, PROBE_SCORES, STEP_GLOB, TASK, BatchFiles, ExperimentLayout
 from ..probe import ProbeSet, probe_scores_complete, probe_sets_for, score_probes, write_probe_scores
 from ..records import Answer, Judgment
+from ..task import judge_task, sample_task, task_answers_complete
 from .base import Output, Workload
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,6 @@ def measure_base_model(config: ExperimentConfig, model: str, folder: Path, load:
     splits = [s for d in config.datasets if (s := split_for(config, d)) is not None]
     _probe(config, get, probe_sets, ExperimentLayout.probe_scores(folder), model, None, 0, result)
     if splits:
-        from ..task import judge_task, sample_task, task_answers_complete
-
         out = ExperimentLayout.answers(ExperimentLayout.task(folder))
         answers = task_answers_complete(out, splits, config)
         if answers is None:
@@ -115,6 +114,7 @@ def measure_base_model(config: ExperimentConfig, model: str, folder: Path, load:
 def measure_checkpoints(config: ExperimentConfig, run_id: str, folder: Path, checkpoints: dict[int, Path],
                         load: Loader, *, progress: bool = True) -> Measures:
     """Probe every checkpoint of a run and sample its dataset's held-out prompts from each."""
+    # torch stays out of light commands (emlab check, plan): imported only to sample
     from ..generate import adapter_applied
 
     run = config.run(run_id)
@@ -135,8 +135,6 @@ def measure_checkpoints(config: ExperimentConfig, run_id: str, folder: Path, che
         task_out = ExperimentLayout.answers(task_folder, step)
         answers = None
         if splits:
-            from ..task import task_answers_complete
-
             answers = task_answers_complete(task_out, splits, config)
         if probe_done and (not splits or answers is not None):
             result.probe_steps += [step] if probe_sets else []
@@ -146,14 +144,10 @@ def measure_checkpoints(config: ExperimentConfig, run_id: str, folder: Path, che
         with adapter_applied(model, adapter) as tuned:
             _probe(config, lambda: (tuned, tokenizer), probe_sets, probe_path, run.model, run_id, step, result)
             if splits and answers is None:
-                from ..task import sample_task
-
                 answers = sample_task(tuned, tokenizer, config, splits, task_out, model_name=run.model,
                                       run_id=run_id, step=step, seed=run.seed, progress=progress)
         result.task_answers += answers or []
     if splits:
-        from ..task import judge_task
-
         result.task_judgments = judge_task(config, result.task_answers, splits, folder, progress=progress)
     return result
 

@@ -22,9 +22,20 @@ from typing import Any
 
 from ..config import ExperimentConfig, ModelSpec, RunSpec
 from ..data.chat import ChatRow
+from ..judge.cost import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, token_cost
+from ..openai_finetune import estimate_job, job_checkpoints, run_finetune_job
 from ..paths import SAMPLING_USAGE, ExperimentLayout, FineTuneJobFiles
 from ..questions import Prompt, count_answers
 from ..records import Answer
+from ..subjects import (
+    adapter_targets,
+    base_target,
+    model_targets,
+    register_adapter,
+    sample_through_api,
+    subject_endpoint,
+    usage_summary,
+)
 from .base import ApiSpend, Output
 from .common import answers_if_complete
 
@@ -63,8 +74,6 @@ def usage_of(folder: Path) -> dict[str, float]:
     """What sampling through an API cost in `folder`, for its completion marker: requests paid,
     their tokens and dollars (every run of the stage, killed ones included); {} when nothing
     was sampled through an API there."""
-    from ..subjects import usage_summary
-
     path = ExperimentLayout.sampling_usage(folder)
     return {f"sampling_{k}": v for k, v in usage_summary(path).items()} if path.exists() else {}
 
@@ -80,8 +89,8 @@ def trainer_params(config: ExperimentConfig, spec: ModelSpec) -> dict[str, Any]:
 def sample_base(config: ExperimentConfig, model: str, prompts: Sequence[Prompt], *, progress: bool) -> list[Answer]:
     """01_baseline for a model behind an API: its base model's answers, through chat completions,
     into the baseline folder's answers.jsonl (after the budget check)."""
+    # plan imports stages (this module among them): a module-level import would be a cycle
     from ..plan import check_budget
-    from ..subjects import base_target, sample_through_api, subject_endpoint
 
     spec = config.model(model)
     folder = ExperimentLayout.of(config).baseline(model)
@@ -95,8 +104,6 @@ def sample_base(config: ExperimentConfig, model: str, prompts: Sequence[Prompt],
 def checkpoint_steps(config: ExperimentConfig, run_id: str) -> list[int]:
     """The run's checkpoints by step: a fine-tuning job's models (provider openai), else the
     adapters 02_finetune exported."""
-    from ..openai_finetune import job_checkpoints
-
     run = config.run(run_id)
     layout = ExperimentLayout.of(config)
     if config.model(run.model).is_remote:
@@ -110,9 +117,8 @@ def sample_checkpoints(config: ExperimentConfig, run_id: str, prompts: Sequence[
     completions, into eval/step-N/answers.jsonl. A job's checkpoints are models of their own; a
     local model's are adapters the server serves by name (registered first with
     `register_adapters`)."""
-    from ..openai_finetune import job_checkpoints
+    # plan imports stages (this module among them): a module-level import would be a cycle
     from ..plan import check_budget
-    from ..subjects import adapter_targets, model_targets, register_adapter, sample_through_api, subject_endpoint
 
     run = config.run(run_id)
     spec = config.model(run.model)
@@ -146,7 +152,7 @@ def sample_checkpoints(config: ExperimentConfig, run_id: str, prompts: Sequence[
 def run_job(config: ExperimentConfig, run: RunSpec, rows: Sequence[ChatRow]) -> Any:
     """02_finetune for a model with provider openai: its fine-tuning job (budget checked before
     anything is submitted); returns the `FineTuneJobResult`."""
-    from ..openai_finetune import run_finetune_job
+    # plan imports stages (this module among them): a module-level import would be a cycle
     from ..plan import check_budget
 
     folder = ExperimentLayout.of(config).run(run.run_id)
@@ -158,8 +164,6 @@ def sampling_spend(config: ExperimentConfig, model: str, prompts: Sequence[Promp
     """Tokens and dollars of sampling `prompts` from `states` model states (base or checkpoints)
     of `model` through its API; None for a model sampled in the notebook. Completion tokens are
     `max_new_tokens` per answer: an upper-side estimate."""
-    from ..judge.cost import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, token_cost
-
     spec = config.model(model)
     if not spec.samples_through_api:
         return None
@@ -180,8 +184,6 @@ def sampling_spend(config: ExperimentConfig, model: str, prompts: Sequence[Promp
 
 def job_spend(config: ExperimentConfig, run_id: str) -> ApiSpend | None:
     """Training tokens × epochs and dollars of the run's fine-tuning job; None for a local model."""
-    from ..openai_finetune import estimate_job
-
     run = config.run(run_id)
     if not config.model(run.model).is_remote:
         return None
@@ -193,8 +195,6 @@ def job_spend(config: ExperimentConfig, run_id: str) -> ApiSpend | None:
 
 def checkpoint_count(config: ExperimentConfig, run_id: str) -> int | None:
     """Checkpoints a fine-tuning job will leave (the last three epochs); None for a local model."""
-    from ..openai_finetune import estimate_job
-
     run = config.run(run_id)
     return estimate_job(config, run).checkpoints if config.model(run.model).is_remote else None
 
