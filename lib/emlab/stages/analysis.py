@@ -10,12 +10,11 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .. import metrics, plots
-from ..agreement import AgreementReport, agreement_chart, judge_agreement
+from .. import metrics
 from ..config import ExperimentConfig, JudgeSpec
 from ..data import GoldItem, gold_subset, load_gold_set
 from ..errors import EmlabError
@@ -43,6 +42,9 @@ from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
 from .common import JUDGING_OUTPUTS
 from .baseline import NAME as BASELINE
 from .evaluate import NAME as EVALUATE
+
+if TYPE_CHECKING:
+    from ..agreement import AgreementReport
 
 log = logging.getLogger(__name__)
 NAME = "04_analysis"
@@ -289,6 +291,10 @@ def _judge_note(judge: JudgeSpec, report: AgreementReport) -> str:
 
 def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> AnalysisResult:
     """04_analysis: build every table and figure of the experiment and save them under analysis/."""
+    # altair (plots, the gold-set chart: ~2 s of imports) stays out of light commands (emlab check, plan)
+    from .. import plots
+    from ..agreement import agreement_chart, judge_agreement
+
     layout = ExperimentLayout.of(config)
     folder = layout.analysis
     # derived anew from the other stages' files on every run, so its thresholds may change
@@ -390,6 +396,8 @@ def study_tables(config: ExperimentConfig, layout: ExperimentLayout, scores: pd.
 def study_charts(tables: dict[str, pd.DataFrame], rates: pd.DataFrame) -> dict[str, Any]:
     """The studies' figures that the data supports: a figure without fine-tuned runs, task
     answers, probe scores or a second answer format is left out, never drawn empty."""
+    from .. import plots  # as in run_analysis: altair only once the analysis runs
+
     charts: dict[str, Any] = {}
     tuned = rates["run_id"].notna().any()
     if tuned:
