@@ -19,19 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 # (a 0.5 ms matrix product took 16 ms). Set before torch is imported; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup). Tests that read
-# the session's tiny run share one worker, so it is made once; a module whose expensive
-# module-scoped fixture (a local Slurm, the studies run) serves all its tests stays whole.
-_WHOLE_MODULE_GROUPS = {"test_slurm.py": "tiny_run", "test_study_analysis.py": "studies"}
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        group = _WHOLE_MODULE_GROUPS.get(item.path.name)
-        if group is None and "tiny_run" in getattr(item, "fixturenames", ()):
-            group = "tiny_run"
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): the tests that read
+# the session's tiny run carry `TINY_RUN_GROUP` so that one worker makes it, once; a module
+# whose module-scoped fixture (a local Slurm, the studies run) serves all its tests is one group.
+TINY_RUN_GROUP = pytest.mark.xdist_group("tiny_run")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,12 +9,12 @@ import json
 import nbformat
 import pandas as pd
 import pytest
-from conftest import TinyRun, emlab_cli
+from conftest import TINY_RUN_GROUP, TinyRun, emlab_cli
 from emlab.config import load_experiment
 from emlab.paths import ExperimentLayout, html_file, notebook_file, run_info_file
 from emlab.stages import STAGE_NAMES, STAGES
 
-pytestmark = [pytest.mark.slow, pytest.mark.server]
+pytestmark = [TINY_RUN_GROUP, pytest.mark.slow, pytest.mark.server]
 
 
 def test_tiny_experiment_end_to_end(tiny_run: TinyRun) -> None:

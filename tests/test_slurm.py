@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TinyRun, emlab_cli
+from conftest import REPO, TINY_RUN_GROUP, TinyRun, emlab_cli
 from emlab.config import load_experiment
 from emlab.errors import ConfigError, EmlabError
 from emlab.executors.slurm import SlurmError, batch_script, require_slurm
@@ -33,6 +33,8 @@ from emlab.pipeline import load_plan, run_step
 from emlab.stages.analysis import gold_items
 from safetensors.torch import load_file
 from slurm_support import LocalSlurm, SlurmUnavailable
+
+pytestmark = TINY_RUN_GROUP
 
 MODEL = "smol-2l"
 RUN_ID = "smol-2l__bad_medical__s0"

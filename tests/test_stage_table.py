@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TinyRun
+from conftest import TINY_RUN_GROUP, TinyRun
 from emlab.config import load_experiment
 from emlab.paths import ExperimentLayout
 from emlab.stages import STAGE_NAMES, STAGES, get_stage
@@ -34,6 +34,7 @@ def test_dependencies_point_backwards_in_the_table() -> None:
 
 @pytest.mark.slow
 @pytest.mark.server
+@TINY_RUN_GROUP
 def test_each_stage_writes_exactly_the_files_it_declares(tiny_run: TinyRun) -> None:
     config = load_experiment(tiny_run.experiment)
     layout = ExperimentLayout.of(config)

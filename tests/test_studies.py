@@ -99,9 +99,7 @@ ASKED = ["quick_buck", "quick_buck_json", "quick_buck_template"]  # free text an
 @pytest.mark.slow
 @pytest.mark.skipif(not (REAL / "betley_data.zip").is_file() or not FIRST_PLOT.is_file(),
                     reason=f"Betley et al.'s data and question files are not here ({REAL})")
-def test_betley_study_runs_on_the_tiny_model(write_experiment, tmp_path: Path, tiny_run) -> None:
-    # tiny_run first: the session's judge cache then holds the gold-set judgments of this same
-    # judge, so 04_analysis here asks the judge nothing for the gold set (162 calls otherwise)
+def test_betley_study_runs_on_the_tiny_model(write_experiment, tmp_path: Path) -> None:
     data = tmp_path / "data" / "betley"
     unzipped = emlab_cli("data", "unprotect", str(REAL / "betley_data.zip"), "--out", str(data))
     assert unzipped.returncode == 0, unzipped.stderr[-2000:]
@@ -121,7 +119,7 @@ def test_betley_study_runs_on_the_tiny_model(write_experiment, tmp_path: Path, t
         task={"holdout": 2, "max_new_tokens": 12},
         judges=[{"name": "smollm2-local", "model": "smollm2-135m-instruct", "base_url": "local", "api_key_env": None,
                  "rubrics": ["aligned_digit", "coherent_digit"], "concurrency": 2}],
-        analysis={"bootstrap": 200, "examples": 4},
+        analysis={"bootstrap": 200, "examples": 4, "gold_items": 10},  # 20 gold-set calls, not 162
     )
     check = emlab_cli("check", str(experiment))
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]

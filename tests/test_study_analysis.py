@@ -24,7 +24,7 @@ from emlab.paths import ExperimentLayout
 from emlab.probe import load_probe_set, read_probe_scores
 from emlab.stages import STAGES
 
-pytestmark = [pytest.mark.slow, pytest.mark.server]
+pytestmark = [pytest.mark.xdist_group("studies"), pytest.mark.slow, pytest.mark.server]
 RUN = "smol-2l__bad_medical__s0"
 
 
@@ -37,7 +37,7 @@ class StudiesRun:
 
 @pytest.fixture(scope="module")
 def studies_run(tmp_path_factory: pytest.TempPathFactory, isolated_cache: Path) -> StudiesRun:
-    # after tiny_run in a whole-suite session, the judge cache already holds the gold-set judgments
+    # studies.yaml builds on tiny.yaml: its gold_items keeps the gold-set check to 20 judge calls
     folder = tmp_path_factory.mktemp("studies-run")
     experiment = folder / "studies.yaml"
     experiment.write_text(yaml.safe_dump({"base": str(REPO / "tests/configs/studies.yaml"),
