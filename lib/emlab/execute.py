@@ -10,7 +10,10 @@ shown on one line of the terminal (`emlab.progress`), and a line sums it up at i
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,13 @@ class LocalKernelManager(BoundKernelManager):
     @default("transport")
     def _default_transport(self) -> str:
         return "ipc"
+
+    @default("ip")
+    def _default_ip(self) -> str:
+        # jupyter_client's default is "kernel-ipc" in the working directory when no connection
+        # file is named yet: two runs started at once from one folder would bind the same
+        # sockets and neither kernel would answer. A name of its own for each kernel.
+        return os.path.join(tempfile.gettempdir(), f"emlab-kernel-{uuid.uuid4().hex[:12]}-ipc")
 
 
 def execute_stage(stage: str, folder: Path, parameters: dict[str, Any], label: str) -> StageRecord:
