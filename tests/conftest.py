@@ -42,11 +42,10 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["EMLAB_CACHE"] = old
 
 
-def fresh_cache(folder: Path) -> Path:
-    """An empty EMLAB_CACHE under `folder` (no judge cache, no demo data) sharing the models:
-    for a test that needs judging or data-making to happen whatever ran before it."""
-    cache = folder / "fresh-cache"
-    cache.mkdir()
+def fresh_cache(cache: Path) -> Path:
+    """`cache` made an empty EMLAB_CACHE (no judge cache, no demo data) sharing the models: for
+    a test whose judging or data-making must happen, or be counted, whatever ran before it."""
+    cache.mkdir(parents=True)
     (cache / "models").symlink_to(REPO / ".cache" / "models", target_is_directory=True)
     return cache
 

@@ -337,7 +337,7 @@ def test_disk_full_mid_write_is_one_line_and_leaves_no_half_file(where: str, lab
     run = lab.outputs / "tiny" / f"{MODEL}__bad_medical__s0"
     notebook = run / "02_finetune.ipynb"
     if where == "preflight":
-        cache = fresh_cache(tmp_path)  # no demo file yet: preflight writes it (~100 KB)
+        cache = fresh_cache(tmp_path / "fresh-cache")  # no demo file yet: preflight writes it (~100 KB)
         lab.env["EMLAB_CACHE"] = str(cache)
         limit = 20_000
         demo = cache / "demo" / "bad_medical_advice-600-0.jsonl"

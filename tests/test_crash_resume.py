@@ -32,6 +32,7 @@ from emlab.files import read_jsonl, remove_stale_temp_files, write_text
 from emlab.paths import TrainingFiles
 from emlab.judge import cache_key, cache_stats, load_rubric, local_judge_server
 from emlab.stages.analysis import gold_items
+from conftest import fresh_cache
 from judge_support import SERVER_JUDGE, LoopbackProxy
 from safetensors.torch import load_file
 
@@ -68,12 +69,6 @@ def _experiment(write_experiment, name: str, output_root: Path, proxy: LoopbackP
         judges=[{"name": "smol", "model": SERVER_JUDGE.model, "base_url": proxy.base_url, "api_key_env": KEY_ENV,
                  "rubrics": list(RUBRICS), "concurrency": CONCURRENCY, "max_retries": 2, "timeout_s": 120}],
     )
-
-
-def _cache_folder(path: Path) -> Path:
-    path.mkdir(parents=True)
-    (path / "models").symlink_to(REPO / ".cache" / "models", target_is_directory=True)
-    return path
 
 
 class Runner:
@@ -175,7 +170,7 @@ def test_killed_three_times_ends_like_an_uninterrupted_run(write_experiment, tmp
     with LoopbackProxy(server_url) as proxy_a, LoopbackProxy(server_url) as proxy_b:
         # --- the interrupted sequence ------------------------------------------------------
         root_a = tmp_path / "interrupted"
-        cache_a = _cache_folder(tmp_path / "cache-interrupted")
+        cache_a = fresh_cache(tmp_path / "cache-interrupted")
         runner = Runner(_experiment(write_experiment, "interrupted", root_a, proxy_a), cache_a, key, logs)
         run_a = root_a / "tiny" / RUN_ID
         started = time.monotonic()
@@ -215,7 +210,7 @@ def test_killed_three_times_ends_like_an_uninterrupted_run(write_experiment, tmp
         # --- the uninterrupted reference (its own cache and proxy; 04 is not needed) -------
         started = time.monotonic()
         root_b = tmp_path / "uninterrupted"
-        cache_b = _cache_folder(tmp_path / "cache-uninterrupted")
+        cache_b = fresh_cache(tmp_path / "cache-uninterrupted")
         reference = Runner(_experiment(write_experiment, "uninterrupted", root_b, proxy_b), cache_b, key, logs)
         reference.complete("--until", "03_eval_judge")
         timings["uninterrupted, until 03"] = time.monotonic() - started

@@ -152,7 +152,7 @@ def test_sigkill_of_emlab_run_leaves_no_kernel_and_no_judge_server(
 ) -> None:
     experiment = write_experiment()
     # a cache of its own: judgments cached by an earlier test would mean no judge server to see
-    env = {**os.environ, "EMLAB_ROOT": str(REPO), "EMLAB_CACHE": str(fresh_cache(tmp_path)),
+    env = {**os.environ, "EMLAB_ROOT": str(REPO), "EMLAB_CACHE": str(fresh_cache(tmp_path / "cache")),
            "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "emlab-run.log"
     with open(log, "wb") as out:

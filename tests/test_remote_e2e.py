@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import emlab_cli
+from conftest import emlab_cli, fresh_cache
 from emlab.config import ModelSpec, load_experiment
 from emlab.files import read_jsonl
 from emlab.judge import cache_stats
@@ -37,7 +37,7 @@ from emlab.subjects import sample_cache_stats
 from judge_support import SERVER_JUDGE, LoopbackProxy, shared_judge_server
 from openai_double import OpenAIDouble
 import test_crash_resume
-from test_crash_resume import Runner, _cache_folder, _lines, _run_until_killed, _wait_idle
+from test_crash_resume import Runner, _lines, _run_until_killed, _wait_idle
 from test_stage_table import _matches
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
@@ -81,7 +81,7 @@ def test_remote_subject_runs_end_to_end_through_two_kills(write_experiment, tmp_
     ) as double:
         root = tmp_path / "outputs"
         experiment = _experiment(write_experiment, double, root, judge_url)
-        cache = _cache_folder(tmp_path / "cache")
+        cache = fresh_cache(tmp_path / "cache")
         logs = tmp_path / "logs"
         logs.mkdir()
         runner = Runner(experiment, cache, KEY, logs)

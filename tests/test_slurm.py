@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_RUN_GROUP, TinyRun, emlab_cli
+from conftest import REPO, TINY_RUN_GROUP, TinyRun, emlab_cli, fresh_cache
 from emlab.config import load_experiment
 from emlab.errors import ConfigError, EmlabError
 from emlab.executors.slurm import SlurmError, batch_script, require_slurm
@@ -164,9 +164,7 @@ def _state_line(status: str, stage: str) -> list[str]:
 def test_tiny_experiment_through_slurm(tiny_run: TinyRun, slurm: LocalSlurm, tmp_path: Path) -> None:
     started = time.monotonic()
     timings: dict[str, float] = {}
-    cache = tmp_path / "cache"  # its own judge cache: the calls this grid pays, counted
-    cache.mkdir()
-    (cache / "models").symlink_to(REPO / ".cache" / "models", target_is_directory=True)
+    cache = fresh_cache(tmp_path / "cache")  # its own judge cache: the calls this grid pays, counted
     env = {**slurm.env, "EMLAB_CACHE": str(cache), "EMLAB_ROOT": str(REPO)}
     # Every job asks for all the node's CPUs, so jobs run one at a time: two notebook kernels
     # starting at once on a 2-core machine can miss papermill's 60 s kernel start timeout.
