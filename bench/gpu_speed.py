@@ -6,7 +6,7 @@ rows up to 256 tokens), LoRA r16 α32 on all linear layers, lr 1e-5, one epoch o
 
 - baseline: the seed's recipe written plainly — peft + transformers `Trainer`, batch 8,
   grad_accum 2, every row padded to 256 (`padding="max_length"`), bf16, no tricks;
-- emlab: `emlab.finetune.train_lora` with the same `TrainSpec` (4 adapter checkpoints saved,
+- emlab: `emlab.train.lora.train_lora` with the same `TrainSpec` (4 adapter checkpoints saved,
   their time included).
 
 Sampling, a checkpoint's reference evaluation: 8 general questions × 50 samples, up to 600
@@ -16,7 +16,7 @@ ends an answer with probability about stop-tokens / vocabulary (a geometric leng
 mean ~200 tokens at the default, ~5% reaching 600). Both sides stop on the same ids.
 
 - baseline: plain `model.generate` on the 400 left-padded prompts at batch 400;
-- emlab: `emlab.generate.sample_answers` (batch_size 400) on the base model and on adapters
+- emlab: `emlab.sample.generate.sample_answers` (batch_size 400) on the base model and on adapters
   the emlab training saved, through `adapter_applied`, one call per checkpoint, the first
   call of the process reported apart.
 
@@ -51,11 +51,11 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from emlab.config import CheckpointSpec, LoraSpec, SampleSpec, TrainSpec
-from emlab.finetune import EncodedRows, encode_chat_rows, lora_config, train_lora
-from emlab.generate import adapter_applied, release_sampler, sample_answers
-from emlab.paths import TrainingFiles
-from emlab.questions import Prompt, load_question_set, question_messages
+from emlab.config.experiment import CheckpointSpec, LoraSpec, SampleSpec, TrainSpec
+from emlab.train.lora import EncodedRows, encode_chat_rows, lora_config, train_lora
+from emlab.sample.generate import adapter_applied, release_sampler, sample_answers
+from emlab.store.paths import TrainingFiles
+from emlab.config.questions import Prompt, load_question_set, question_messages
 
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B; the 128,256-token vocabulary is a real cost
     "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,

@@ -36,10 +36,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "lib"), str(REPO / "tests")]
 
-from emlab.config import JudgeSpec  # noqa: E402
+from emlab.config.experiment import JudgeSpec  # noqa: E402
 from emlab.judge import judge_answers, local_judge_server  # noqa: E402
 from emlab.judge.server import free_port  # noqa: E402
-from emlab.records import Answer  # noqa: E402
+from emlab.store.records import Answer  # noqa: E402
 from judge_support import make_answers  # noqa: E402  (the tests' answers; the proxy runs as a process)
 
 RUBRIC = "aligned_digit"

@@ -37,9 +37,9 @@ try:
 except ImportError:  # running from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from emlab.config import JudgeSpec
+from emlab.config.experiment import JudgeSpec
 from emlab.judge.server import free_port, local_judge_server
-from emlab.records import Answer, answer_id
+from emlab.store.records import Answer, answer_id
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "date", "server"}
 

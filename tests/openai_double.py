@@ -1,5 +1,5 @@
 """A local stand-in for OpenAI's Files, fine-tuning jobs and chat completions that really
-trains: for testing emlab's fine-tuning backend (`emlab.openai_finetune`) and sampling of the
+trains: for testing emlab's fine-tuning backend (`emlab.train.openai_jobs`) and sampling of the
 models it makes, offline.
 
     POST /v1/files                              multipart `file` + `purpose` -> File object
@@ -17,13 +17,13 @@ Shapes and the status machine follow OpenAI's API reference and fine-tuning guid
 validating_files -> queued -> running -> succeeded | failed | cancelled. A job checks its
 training file the way the guide's data checks do (JSON lines with a non-empty `messages`
 list, known roles, string content, an assistant message in each example, at least 10
-examples), then runs emlab's own LoRA training (`emlab.finetune.train_lora`) on the model it
+examples), then runs emlab's own LoRA training (`emlab.train.lora.train_lora`) on the model it
 was given (the tiny SmolLM2 in the tests) with the job's hyperparameters: `n_epochs`,
 `batch_size` (rows per optimizer step), `learning_rate_multiplier` × `base_learning_rate`, the
 job's seed. It writes a 'metrics' event per step, saves a checkpoint model at the end of each
 of the last three epochs ('ft:<base>:<org>:<suffix>:<id>:ckpt-step-N'), the final model
 ('ft:<base>:<org>:<suffix>:<id>') and a result file (CSV: step, train_loss, ...), and serves
-all of them by name over chat completions through `emlab.serve` (a transformers engine with
+all of them by name over chat completions through `emlab.sample.serve` (a transformers engine with
 the adapters loaded by name). Base-model requests go to that engine too, or to `upstream`
 (a real llama.cpp server) when one is given.
 
@@ -73,8 +73,8 @@ except ImportError:  # running from a checkout without the package installed
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
-from emlab.config import CheckpointSpec, LoraSpec, ModelSpec, TrainSpec
-from emlab.serve import ApiError, ChatEngine, ChatHandler, ChatServer
+from emlab.config.experiment import CheckpointSpec, LoraSpec, ModelSpec, TrainSpec
+from emlab.sample.serve import ApiError, ChatEngine, ChatHandler, ChatServer
 
 from batch_server import _File  # the same File object as the Batch API double's
 
@@ -157,7 +157,7 @@ class OpenAIDouble:
         validating_s: float = 0.3, queued_s: float = 0.3, refuse_marker: str | None = None,
         work_dir: Path | None = None,
     ) -> None:
-        from emlab.models import load_model
+        from emlab.models.load import load_model
 
         self.spec, self.base_model = model, base_model
         self.upstream, self.upstream_model = (upstream.rstrip("/") if upstream else None), upstream_model
@@ -366,11 +366,11 @@ class OpenAIDouble:
                 self._fail(job, "server_error", f"Fine-tuning failed: {type(exc).__name__}: {exc}", param=None)
 
     def _train(self, job: _Job, rows: list[dict[str, Any]]) -> None:
-        from emlab.files import read_jsonl
-        from emlab.finetune import encode_chat_rows, train_lora
-        from emlab.models import load_model
-        from emlab.paths import TrainingFiles
-        from emlab.schedule import optimizer_steps_per_epoch
+        from emlab.store.files import read_jsonl
+        from emlab.train.lora import encode_chat_rows, train_lora
+        from emlab.models.load import load_model
+        from emlab.store.paths import TrainingFiles
+        from emlab.train.schedule import optimizer_steps_per_epoch
 
         hyper = dict(job.hyperparameters)
         n = len(rows)

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emlab.agreement import agreement_chart, judge_agreement, judge_outcome, spearman
+from emlab.analysis.agreement import agreement_chart, judge_agreement, judge_outcome, spearman
 from emlab.errors import DataError
-from emlab.rule import EmRule
+from emlab.config.rule import EmRule
 
 # (label, human_aligned, human_coherent, judge status for both metrics)
 PROTOTYPES = {

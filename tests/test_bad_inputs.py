@@ -31,12 +31,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from emlab.config import load_experiment
-from emlab.files import read_jsonl, write_jsonl, write_text
+from emlab.config.experiment import load_experiment
+from emlab.store.files import read_jsonl, write_jsonl, write_text
 from emlab.judge.server import free_port
-from emlab.records import Answer, Judgment, answer_id
-from emlab.runinfo import mark_done, record_stage
-from emlab.paths import ExperimentLayout
+from emlab.store.records import Answer, Judgment, answer_id
+from emlab.store.runinfo import mark_done, record_stage
+from emlab.store.paths import ExperimentLayout
 from emlab.stages import BASELINE
 from emlab.stages.common import judges_signature
 
@@ -375,7 +375,7 @@ def test_disk_full_mid_append_keeps_whole_lines(tmp_path: Path) -> None:
     write_jsonl(path, [{"i": i} for i in range(3)])
     original = path.read_bytes()
     code = (
-        "import sys\nfrom pathlib import Path\nfrom emlab.files import append_jsonl\n"
+        "import sys\nfrom pathlib import Path\nfrom emlab.store.files import append_jsonl\n"
         f"try:\n    append_jsonl(Path({str(path)!r}), [{{'i': i, 'pad': 'x' * 100}} for i in range(50)])\n"
         "except OSError as exc:\n    print(exc.errno, exc.filename)\n"
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from emlab.config import load_experiment
+from emlab.config.experiment import load_experiment
 from emlab.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

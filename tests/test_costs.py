@@ -8,10 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from emlab.config import load_experiment
-from emlab.files import write_jsonl
-from emlab.paths import ExperimentLayout
-from emlab.plan import plan_experiment
+from emlab.config.experiment import load_experiment
+from emlab.store.files import write_jsonl
+from emlab.store.paths import ExperimentLayout
+from emlab.pipeline.estimate import plan_experiment
 from emlab.stages.analysis import judge_costs
 
 PRICES = {"price_per_mtok_in": 100.0, "price_per_mtok_out": 400.0}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from emlab import paths
-from emlab.config import DatasetSpec
+from emlab.config.experiment import DatasetSpec
 from emlab.data import generate_demo_dataset, load_chat_dataset, read_chat_jsonl, resolve_dataset_path
 from emlab.errors import DataError
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from emlab.config import CheckpointSpec, LoraSpec, ModelSpec, TrainSpec
+from emlab.config.experiment import CheckpointSpec, LoraSpec, ModelSpec, TrainSpec
 from emlab.data.demo import generate_demo_dataset
-from emlab.finetune import _LoraLoop, encode_chat_rows, lora_config, train_lora
-from emlab.models import load_model
-from emlab.packing import pack_rows, split_into_passes, step_rows
-from emlab.paths import TrainingFiles
-from emlab.schedule import CheckpointSchedule
+from emlab.train.lora import _LoraLoop, encode_chat_rows, lora_config, train_lora
+from emlab.models.load import load_model
+from emlab.train.packing import pack_rows, split_into_passes, step_rows
+from emlab.store.paths import TrainingFiles
+from emlab.train.schedule import CheckpointSchedule
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import DataCollatorForSeq2Seq
@@ -90,7 +90,7 @@ def _padded_reference(peft_model, tokenizer, rows) -> tuple[float, dict[str, tor
 def _loop(peft_model, rows, tmp_path: Path, **train: object) -> _LoraLoop:
     spec = TrainSpec(batch_size=4, grad_accum=2, max_length=512, **train)
     schedule = CheckpointSchedule.for_training(len(rows), spec)
-    from emlab.finetune import EncodedRows
+    from emlab.train.lora import EncodedRows
 
     encoded = EncodedRows(list(rows), len(rows), 0, 0, 0)
     return _LoraLoop(peft_model, encoded, spec, TrainingFiles(tmp_path), schedule, seed=0, device=torch.device("cpu"))
@@ -130,7 +130,7 @@ def test_padding_free_loss_and_gradients_equal_the_padded_reference(tiny, rows, 
 
 def _train(tiny, rows, folder: Path) -> dict[int, Path]:
     model, tokenizer = tiny
-    from emlab.finetune import EncodedRows
+    from emlab.train.lora import EncodedRows
 
     encoded = EncodedRows(list(rows[:16]), 16, 0, 0, 0)
     train = TrainSpec(batch_size=2, grad_accum=2, learning_rate=1e-3, lora=LoraSpec(r=4, alpha=8, dropout=0.1),
@@ -176,7 +176,7 @@ def test_resumed_training_ends_with_tensor_equal_adapters(tiny, rows, tmp_path: 
 
 def test_a_failed_checkpoint_write_leaves_no_half_checkpoint(tiny, rows, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import emlab.finetune as finetune
+    import emlab.train.lora as finetune
 
     def full_disk(*args, **kwargs):
         raise OSError(27, "File too large")

@@ -10,8 +10,8 @@ import pytest
 
 from emlab.data import GOLD_LABELS, GoldItem, gold_subset, load_gold_set
 from emlab.errors import DataError
-from emlab.questions import format_prompt, load_question_set
-from emlab.rule import EmRule
+from emlab.config.questions import format_prompt, load_question_set
+from emlab.config.rule import EmRule
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def llama():
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_varlen_flash_matches_row_by_row_sdpa_forward_and_backward(head_dim: int) -> None:
-    from emlab.attention import causal_varlen, probe_flash
+    from emlab.models.attention import causal_varlen, probe_flash
 
     probe_flash(torch.device("cuda"))
     lengths = [37, 200, 5, 128, 64]
@@ -80,8 +80,8 @@ def test_decode_attention_flash_matches_the_masked_reference() -> None:
 
 
 def test_sampler_logits_match_the_model(llama) -> None:
-    from emlab.sampling import DecodeEngine
-    from emlab.sampling.engine import _Run
+    from emlab.sample.engine import DecodeEngine
+    from emlab.sample.engine import _Run
 
     engine = DecodeEngine(llama)
     prompts = [tuple(torch.randint(3, 4096, (n,)).tolist()) for n in (12, 40, 7)]
@@ -96,10 +96,10 @@ def test_sampler_logits_match_the_model(llama) -> None:
 
 
 def test_packed_training_loss_and_gradients_match_padded_on_gpu(llama, tmp_path: Path) -> None:
-    from emlab.config import LoraSpec, TrainSpec
-    from emlab.finetune import EncodedRows, _LoraLoop, lora_config
-    from emlab.paths import TrainingFiles
-    from emlab.schedule import CheckpointSchedule
+    from emlab.config.experiment import LoraSpec, TrainSpec
+    from emlab.train.lora import EncodedRows, _LoraLoop, lora_config
+    from emlab.store.paths import TrainingFiles
+    from emlab.train.schedule import CheckpointSchedule
     from peft import get_peft_model
 
     torch.manual_seed(1)
@@ -136,7 +136,7 @@ def test_packed_training_loss_and_gradients_match_padded_on_gpu(llama, tmp_path:
 
 
 def test_sampling_is_deterministic_and_leaves_the_base_bitwise_equal(llama, tmp_path: Path) -> None:
-    from emlab.sampling import DecodeEngine, Request
+    from emlab.sample.engine import DecodeEngine, Request
 
     engine = DecodeEngine(llama)
     before = {n: p.clone() for n, p in llama.named_parameters()}
@@ -153,7 +153,7 @@ def test_sampling_is_deterministic_and_leaves_the_base_bitwise_equal(llama, tmp_
 
 
 def test_graphed_decoding_gives_the_answers_of_eager_decoding(llama) -> None:
-    from emlab.sampling import DecodeEngine, Request
+    from emlab.sample.engine import DecodeEngine, Request
 
     engine = DecodeEngine(llama)
     requests = [Request(tuple(torch.randint(3, 4096, (10 + i % 5,)).tolist()), key=100 + i) for i in range(40)]
@@ -171,9 +171,9 @@ def test_graphed_decoding_gives_the_answers_of_eager_decoding(llama) -> None:
 
 
 def test_graphed_training_follows_eager_training(llama, tmp_path: Path) -> None:
-    from emlab.config import CheckpointSpec, LoraSpec, TrainSpec
-    from emlab.finetune import EncodedRows, train_lora
-    from emlab.paths import TrainingFiles
+    from emlab.config.experiment import CheckpointSpec, LoraSpec, TrainSpec
+    from emlab.train.lora import EncodedRows, train_lora
+    from emlab.store.paths import TrainingFiles
     from safetensors.torch import load_file
 
     torch.manual_seed(2)

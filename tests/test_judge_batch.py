@@ -27,9 +27,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from emlab.config import JudgeSpec
+from emlab.config.experiment import JudgeSpec
 from emlab.errors import JudgeError
-from emlab.files import read_jsonl, write_jsonl
+from emlab.store.files import read_jsonl, write_jsonl
 from emlab.judge import batch as batch_mod
 from emlab.judge import Rubric, cache_stats, judge_answers, judgment_from_completion, load_rubric, request_body
 from emlab.judge.batch import (
@@ -42,8 +42,8 @@ from emlab.judge.batch import (
 )
 from emlab.judge.client import JudgeTask
 from emlab.judge.server import N_CTX
-from emlab.paths import BatchFiles, ExperimentLayout
-from emlab.records import Answer, answer_id
+from emlab.store.paths import BatchFiles, ExperimentLayout
+from emlab.store.records import Answer, answer_id
 
 from batch_server import BatchServer
 from judge_support import shared_judge_server

@@ -11,7 +11,7 @@ import judge_support  # noqa: F401  (puts lib/ on sys.path when emlab is not ins
 import pytest
 from emlab.errors import ConfigError
 from emlab.judge import load_rubric, rubrics_dir
-from emlab.judge.rubrics import load_judges_file, rubric_from_prompt
+from emlab.config.rubrics import load_judges_file, rubric_from_prompt
 from emlab.judge.scoring import label_probabilities, parse_sampled, score_from_top_logprobs
 
 SHIPPED = {

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import judge_support  # noqa: F401  (puts lib/ on sys.path when emlab is not installed)
 import pytest
-from emlab.config import JudgeSpec
+from emlab.config.experiment import JudgeSpec
 from emlab.errors import ConfigError, JudgeError
 from emlab.judge import (
     BATCH_DISCOUNT,
@@ -31,7 +31,7 @@ from emlab.judge import (
 )
 from emlab.judge.client import resolve_api_key, retry_after_s
 from emlab.judge.scoring import rescore
-from emlab.records import Judgment
+from emlab.store.records import Judgment
 
 ln = math.log
 JUDGE = JudgeSpec(name="gpt-4o-mini", model="gpt-4o-mini", price_per_mtok_in=0.15, price_per_mtok_out=0.6)

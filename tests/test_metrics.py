@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from emlab.errors import ConfigError, DataError
-from emlab.metrics import (
+from emlab.analysis.metrics import (
     ANSWER_COLUMNS,
     COMPARE_COLUMNS,
     RATE_COLUMNS,
@@ -21,7 +21,7 @@ from emlab.metrics import (
     unscored_status,
     wide_scores,
 )
-from emlab.rule import EmRule
+from emlab.config.rule import EmRule
 
 STRICT = EmRule()  # Betley et al.: aligned < 30
 INCLUSIVE = EmRule(aligned_inclusive=True)  # Turner et al.: aligned <= 30
@@ -359,7 +359,7 @@ def test_rule_rejects_bad_settings_in_one_line(bad, message):
 
 
 def test_mean_score_counts_each_metric_on_its_own_status():
-    from emlab.metrics import mean_score
+    from emlab.analysis.metrics import mean_score
 
     df = frame([row(10, 80), row(None, 60, a="refusal"), row(50, None, c="api_error"), row(30, 70)])
     coherent = mean_score(df, "coherent", [], rule=EmRule(n_boot=200))
@@ -372,7 +372,7 @@ def test_mean_score_counts_each_metric_on_its_own_status():
 
 
 def test_answer_formats_from_column_then_id_then_default():
-    from emlab.metrics import answer_formats
+    from emlab.analysis.metrics import answer_formats
 
     df = pd.DataFrame({"question_id": ["wish", "wish_json", "wish_template", "ruler_code", "x"],
                        "answer_format": [None, None, None, None, "json"]})
@@ -382,7 +382,7 @@ def test_answer_formats_from_column_then_id_then_default():
 
 
 def test_task_rate_counts_scores_above_the_threshold_and_unscored_apart():
-    from emlab.metrics import task_rate, task_scores
+    from emlab.analysis.metrics import task_rate, task_scores
 
     answers = pd.DataFrame({"answer_id": list("abcdef"), "model": "m", "dataset": "d",
                             "run_id": [None, None, "r", "r", "r", "r"], "step": [0, 0, 5, 5, 5, 5]})
@@ -407,8 +407,8 @@ def test_task_rate_counts_scores_above_the_threshold_and_unscored_apart():
 
 
 def test_extra_rules_stand_beside_the_main_rule_in_the_headline(write_experiment) -> None:
-    from emlab.config import load_experiment
-    from emlab.report import headline_table
+    from emlab.config.experiment import load_experiment
+    from emlab.analysis.report import headline_table
     from emlab.stages.analysis import headline_by_rule
     from test_plots import scores
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from emlab.config import ModelSpec
-from emlab.models import converted_folder, load_model
+from emlab.config.experiment import ModelSpec
+from emlab.models.load import converted_folder, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 CUT = ModelSpec(name="smol-2l", source="embedded:smollm2-135m-instruct", num_layers=2)
-LOAD = ("from emlab.config import ModelSpec\nfrom emlab.models import load_model\n"
+LOAD = ("from emlab.config.experiment import ModelSpec\nfrom emlab.models.load import load_model\n"
         "m, _ = load_model(ModelSpec(name='smol-2l', source='embedded:smollm2-135m-instruct', num_layers=2))\n"
         "print(sum(p.numel() for p in m.parameters()))\n")
 

@@ -1,4 +1,4 @@
-"""Fine-tuning jobs (`emlab.openai_finetune`, 02_finetune's trainer for provider openai) against
+"""Fine-tuning jobs (`emlab.train.openai_jobs`, 02_finetune's trainer for provider openai) against
 `tests/openai_double.py`, a local stand-in for OpenAI's Files and fine-tuning endpoints that
 really trains emlab's LoRA on the 2-layer SmolLM2 and serves the checkpoints it makes.
 
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import openai
 import pytest
-from emlab.config import ExperimentConfig, FineTuningSpec, ModelSpec, load_experiment
+from emlab.config.experiment import ExperimentConfig, FineTuningSpec, ModelSpec, load_experiment
 from emlab.data.chat import load_chat_dataset
 from emlab.errors import DataError
-from emlab.files import read_jsonl, write_json
-from emlab.openai_finetune import (
+from emlab.store.files import read_jsonl, write_json
+from emlab.train.openai_jobs import (
     FineTuneError,
     estimate_job,
     job_checkpoints,
@@ -29,8 +29,8 @@ from emlab.openai_finetune import (
     run_finetune_job,
     validate_training_rows,
 )
-from emlab.paths import FineTuneJobFiles, TrainingFiles
-from emlab.plan import BudgetError, check_budget, plan_experiment
+from emlab.store.paths import FineTuneJobFiles, TrainingFiles
+from emlab.pipeline.estimate import BudgetError, check_budget, plan_experiment
 
 from openai_double import OpenAIDouble
 
@@ -114,7 +114,7 @@ def _config(write_experiment, double: OpenAIDouble, name: str = "exp.yaml", **ov
 def _run(config: ExperimentConfig, **kwargs):
     run = config.runs()[0]
     rows = load_chat_dataset(config.dataset(run.dataset), seed=run.seed).rows
-    from emlab.paths import ExperimentLayout
+    from emlab.store.paths import ExperimentLayout
 
     return run_finetune_job(config, run, rows, ExperimentLayout.of(config).run(run.run_id), **kwargs)
 

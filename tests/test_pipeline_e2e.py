@@ -10,8 +10,8 @@ import nbformat
 import pandas as pd
 import pytest
 from conftest import TINY_RUN_GROUP, TinyRun, emlab_cli
-from emlab.config import load_experiment
-from emlab.paths import ExperimentLayout, html_file, notebook_file, run_info_file
+from emlab.config.experiment import load_experiment
+from emlab.store.paths import ExperimentLayout, html_file, notebook_file, run_info_file
 from emlab.stages import STAGE_NAMES, STAGES
 
 pytestmark = [TINY_RUN_GROUP, pytest.mark.slow, pytest.mark.server]
@@ -66,7 +66,7 @@ def test_progress_goes_to_the_terminal_and_notebooks_stay_clean(tiny_run: TinyRu
     assert "03_eval_judge smol-2l__bad_medical__s0 · sampling step 2 8/8 answer 100%" in terminal
     for stage in STAGES:  # one line per stage unit at its end
         for unit in stage.units(config):
-            assert any(line.split(" ", 1)[-1].startswith(f"emlab.execute: {stage.name} {unit}: ran in ")
+            assert any(line.split(" ", 1)[-1].startswith(f"emlab.pipeline.notebook: {stage.name} {unit}: ran in ")
                        for line in terminal.splitlines()), (stage.name, unit)
             notebook = nbformat.read(notebook_file(stage.folder(layout, unit), stage.name), as_version=4)
             outputs = [o for c in notebook.cells for o in c.get("outputs", [])]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from emlab.config import load_experiment
-from emlab.plan import plan_experiment
+from emlab.config.experiment import load_experiment
+from emlab.pipeline.estimate import plan_experiment
 
 
 def test_plan_counts_answers_and_calls(write_experiment) -> None:

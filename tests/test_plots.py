@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from emlab.errors import DataError
-from emlab.metrics import em_rate, final_checkpoints
-from emlab.plots import (
+from emlab.analysis.metrics import em_rate, final_checkpoints
+from emlab.analysis.plots import (
     alignment_coherence_scatter,
     em_by_domain_chart,
     em_by_size_chart,
@@ -19,7 +19,7 @@ from emlab.plots import (
     examples_table,
     save_chart,
 )
-from emlab.rule import EmRule
+from emlab.config.rule import EmRule
 
 STATUSES = ["ok"] * 9 + ["refusal"]
 
@@ -228,7 +228,7 @@ def test_examples_and_scatter_follow_the_inclusive_rule():
 
 
 def test_training_loss_chart():
-    from emlab.plots import training_loss_chart
+    from emlab.analysis.plots import training_loss_chart
 
     rng = np.random.default_rng(0)
     steps = np.arange(1, 41)
@@ -242,7 +242,7 @@ def test_training_loss_chart():
 
 
 def test_heatmap_states_rate_ci_and_n(small):
-    from emlab.plots import em_heatmap_chart
+    from emlab.analysis.plots import em_heatmap_chart
 
     rates = em_rate(small, ["model", "dataset", "run_id", "step", "question_set", "question_id"],
                     rule=EmRule(n_boot=100))
@@ -252,8 +252,8 @@ def test_heatmap_states_rate_ci_and_n(small):
 
 
 def test_score_trajectory_and_answer_formats(small):
-    from emlab.metrics import answer_formats, mean_score
-    from emlab.plots import answer_format_chart, score_trajectory_chart
+    from emlab.analysis.metrics import answer_formats, mean_score
+    from emlab.analysis.plots import answer_format_chart, score_trajectory_chart
 
     rule = EmRule(n_boot=100, ci=0.9)
     keys = ["model", "dataset", "run_id", "step"]
@@ -269,8 +269,8 @@ def test_score_trajectory_and_answer_formats(small):
 
 
 def test_task_rate_and_probe_charts_sit_beside_the_em_rate(small, tmp_path):
-    from emlab.metrics import probe_gaps, task_rate, task_scores
-    from emlab.plots import probe_gap_chart, task_rate_chart
+    from emlab.analysis.metrics import probe_gaps, task_rate, task_scores
+    from emlab.analysis.plots import probe_gap_chart, task_rate_chart
 
     rule = EmRule(n_boot=100)
     em = em_rate(small, ["model", "dataset", "run_id", "step"], rule=rule)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from emlab.config import ModelSpec
+from emlab.config.experiment import ModelSpec
 from emlab.errors import DataError
-from emlab.metrics import probe_gaps
-from emlab.probe import (
+from emlab.analysis.metrics import probe_gaps
+from emlab.measures.probe import (
     ProbeScore,
     answer_logprobs,
     list_probe_sets,
@@ -25,7 +25,7 @@ from emlab.probe import (
     score_probes,
     write_probe_scores,
 )
-from emlab.rule import EmRule
+from emlab.config.rule import EmRule
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelSpec(name="smol-2l", num_layers=2)
@@ -90,7 +90,7 @@ def test_probe_messages_system_turn() -> None:
 
 @pytest.fixture(scope="module")
 def tiny():
-    from emlab.models import load_model
+    from emlab.models.load import load_model
 
     return load_model(TINY, "cpu")
 
@@ -150,7 +150,7 @@ def test_an_adapter_moves_the_probe_and_leaves_the_base_model_as_it_was(tiny, tm
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from emlab.generate import adapter_applied
+    from emlab.sample.generate import adapter_applied
 
     model, tokenizer = tiny
     sets = [load_probe_set("medical")]

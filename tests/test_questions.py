@@ -11,7 +11,7 @@ import pytest
 
 from emlab import paths
 from emlab.errors import DataError, EmlabError
-from emlab.questions import (
+from emlab.config.questions import (
     Question,
     format_prompt,
     list_question_sets,

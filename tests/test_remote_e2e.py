@@ -27,12 +27,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import emlab_cli, fresh_cache
-from emlab.config import ModelSpec, load_experiment
-from emlab.files import read_jsonl
+from emlab.config.experiment import ModelSpec, load_experiment
+from emlab.store.files import read_jsonl
 from emlab.judge import cache_stats
-from emlab.paths import ExperimentLayout, FineTuneJobFiles
+from emlab.store.paths import ExperimentLayout, FineTuneJobFiles
 from emlab.stages import STAGES
-from emlab.subjects import sample_cache_stats
+from emlab.sample.remote import sample_cache_stats
 
 from judge_support import SERVER_JUDGE, LoopbackProxy, shared_judge_server
 from openai_double import OpenAIDouble

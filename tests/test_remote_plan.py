@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 from conftest import emlab_cli
-from emlab.config import load_experiment
+from emlab.config.experiment import load_experiment
 from emlab.judge.cost import token_cost
-from emlab.models import model_size_b
-from emlab.openai_finetune import estimate_job
-from emlab.plan import BudgetError, check_budget, plan_experiment
+from emlab.models.load import model_size_b
+from emlab.train.openai_jobs import estimate_job
+from emlab.pipeline.estimate import BudgetError, check_budget, plan_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 BETLEY = REPO / "params/experiments/betley_gpt4o.yaml"

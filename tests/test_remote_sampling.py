@@ -1,11 +1,11 @@
-"""Sampling subjects through the chat completions API (`emlab.subjects`): against the real
+"""Sampling subjects through the chat completions API (`emlab.sample.remote`): against the real
 llama.cpp server the judge tests start (behind the counting proxy of `judge_support`) and
-against `emlab.serve` serving a local model's checkpoints as LoRA adapters by name, the way a
+against `emlab.sample.serve` serving a local model's checkpoints as LoRA adapters by name, the way a
 vLLM server does.
 
 What this cannot show: OpenAI's own behaviour (its `n`, seeds and rate limits are taken from
 its documentation; llama.cpp ignores `n`, which is tested as the error it must give), and
-vLLM itself (emlab.serve answers vLLM's runtime-LoRA call, not vLLM's code).
+vLLM itself (emlab.sample.serve answers vLLM's runtime-LoRA call, not vLLM's code).
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from emlab.checks import MissingInputsError, missing_inputs, preflight
-from emlab.config import ExperimentConfig, ModelSpec, load_experiment
+from emlab.pipeline.checks import MissingInputsError, missing_inputs, preflight
+from emlab.config.experiment import ExperimentConfig, ModelSpec, load_experiment
 from emlab.errors import ConfigError
-from emlab.files import read_jsonl
+from emlab.store.files import read_jsonl
 from emlab.judge.cost import token_cost
-from emlab.paths import ExperimentLayout
-from emlab.questions import build_prompts, question_sets_for
+from emlab.store.paths import ExperimentLayout
+from emlab.config.questions import build_prompts, question_sets_for
 from emlab.stages.remote import model_params, sample_base, sample_checkpoints
-from emlab.subjects import (
+from emlab.sample.remote import (
     SubjectError,
     base_target,
     request_bodies,
@@ -193,8 +193,8 @@ def test_a_dead_endpoint_fails_in_one_line(write_experiment, tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_checkpoints_sampled_as_adapters_registered_by_name(write_experiment, tmp_path: Path) -> None:
-    from emlab.models import load_model
-    from emlab.serve import ChatEngine, serve_engine
+    from emlab.models.load import load_model
+    from emlab.sample.serve import ChatEngine, serve_engine
     from peft import LoraConfig, get_peft_model
 
     spec = ModelSpec(name="smol-2l", num_layers=2)
@@ -225,7 +225,7 @@ def test_checkpoints_sampled_as_adapters_registered_by_name(write_experiment, tm
 
 @pytest.mark.slow
 def test_serve_runs_as_a_command_and_answers_a_judge(tmp_path: Path) -> None:
-    """`python -m emlab.serve` as the GPU machine's judge runs it: top-20 logprobs of one token."""
+    """`python -m emlab.sample.serve` as the GPU machine's judge runs it: top-20 logprobs of one token."""
     import subprocess
     import sys
     import time
@@ -237,7 +237,7 @@ def test_serve_runs_as_a_command_and_answers_a_judge(tmp_path: Path) -> None:
     port = free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "emlab.serve", "--model", "embedded:smollm2-135m-instruct",
+        proc = subprocess.Popen([sys.executable, "-m", "emlab.sample.serve", "--model", "embedded:smollm2-135m-instruct",
                                  "--num-layers", "2", "--name", "judge", "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from emlab.config import TrainSpec
-from emlab.schedule import CheckpointSchedule, optimizer_steps_per_epoch
+from emlab.config.experiment import TrainSpec
+from emlab.train.schedule import CheckpointSchedule, optimizer_steps_per_epoch
 
 
 @pytest.mark.parametrize(

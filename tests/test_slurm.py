@@ -22,14 +22,14 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, TINY_RUN_GROUP, TinyRun, emlab_cli, fresh_cache
-from emlab.config import load_experiment
+from emlab.config.experiment import load_experiment
 from emlab.errors import ConfigError, EmlabError
-from emlab.executors.slurm import SlurmError, batch_script, require_slurm
-from emlab.executors.status import experiment_status
-from emlab.files import read_jsonl
+from emlab.pipeline.executors.slurm import SlurmError, batch_script, require_slurm
+from emlab.pipeline.executors.status import experiment_status
+from emlab.store.files import read_jsonl
 from emlab.judge import cache_key, cache_stats, load_rubric
-from emlab.paths import ExperimentLayout, done_marker, html_file, notebook_file
-from emlab.pipeline import load_plan, run_step
+from emlab.store.paths import ExperimentLayout, done_marker, html_file, notebook_file
+from emlab.pipeline.steps import load_plan, run_step
 from emlab.stages.analysis import gold_items
 from safetensors.torch import load_file
 from slurm_support import LocalSlurm, SlurmUnavailable

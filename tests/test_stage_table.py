@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_RUN_GROUP, TinyRun
-from emlab.config import load_experiment
-from emlab.paths import ExperimentLayout
+from emlab.config.experiment import load_experiment
+from emlab.store.paths import ExperimentLayout
 from emlab.stages import STAGE_NAMES, STAGES, get_stage
 
 REPO = Path(__file__).resolve().parents[1]

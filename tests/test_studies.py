@@ -13,12 +13,12 @@ import pytest
 import yaml
 
 from conftest import emlab_cli
-from emlab.checks import missing_inputs
+from emlab.pipeline.checks import missing_inputs
 from emlab.cli import main
-from emlab.config import load_experiment
-from emlab.plan import plan_experiment
-from emlab.questions import question_file_path
-from emlab.schedule import planned_checkpoints
+from emlab.config.experiment import load_experiment
+from emlab.pipeline.estimate import plan_experiment
+from emlab.config.questions import question_file_path
+from emlab.train.schedule import planned_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "real"
@@ -155,7 +155,7 @@ def test_betley_study_runs_on_the_tiny_model(write_experiment, tmp_path: Path) -
 
 
 def test_gpu_hours_use_the_sampler_that_will_run() -> None:
-    from emlab.gpu_hours import load_bench_rates, pick_rate
+    from emlab.pipeline.gpu_hours import load_bench_rates, pick_rate
 
     rates = load_bench_rates()  # bench/results/*.jsonl as committed
     fast, _ = pick_rate(rates, "sample_answers", 1.2, batch_size=400)

@@ -18,10 +18,10 @@ import yaml
 from conftest import REPO, emlab_cli
 from test_stage_table import _matches
 
-from emlab.config import load_experiment
-from emlab.holdout import last_user_turn, read_holdout, training_rows
-from emlab.paths import ExperimentLayout
-from emlab.probe import load_probe_set, read_probe_scores
+from emlab.config.experiment import load_experiment
+from emlab.data.holdout import last_user_turn, read_holdout, training_rows
+from emlab.store.paths import ExperimentLayout
+from emlab.measures.probe import load_probe_set, read_probe_scores
 from emlab.stages import STAGES
 
 pytestmark = [pytest.mark.xdist_group("studies"), pytest.mark.slow, pytest.mark.server]

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from emlab.checks import preflight
-from emlab.config import load_experiment
+from emlab.pipeline.checks import preflight
+from emlab.config.experiment import load_experiment
 from emlab.errors import ConfigError, DataError
-from emlab.judge.rubrics import load_judges_file, load_rubric
-from emlab.questions import (
+from emlab.config.rubrics import load_judges_file, load_rubric
+from emlab.config.questions import (
     build_prompts,
     count_answers,
     load_question_file,
@@ -26,7 +26,7 @@ from emlab.questions import (
     probe_formats,
     question_rubrics,
 )
-from emlab.records import answer_id
+from emlab.store.records import answer_id
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "real" / "questions"

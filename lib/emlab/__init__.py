@@ -13,24 +13,24 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     # params
-    "load_experiment": "config", "ExperimentConfig": "config", "RunSpec": "config", "JudgeSpec": "config",
+    "load_experiment": "config.experiment", "ExperimentConfig": "config.experiment", "RunSpec": "config.experiment", "JudgeSpec": "config.experiment",
     # errors
     "EmlabError": "errors", "ConfigError": "errors", "DataError": "errors", "JudgeError": "errors",
     # records
-    "Answer": "records", "Judgment": "records",
+    "Answer": "store.records", "Judgment": "store.records",
     # stages and layout
     "STAGES": "stages", "Stage": "stages", "run_baseline": "stages", "run_finetune": "stages",
-    "run_eval": "stages", "run_analysis": "stages", "ExperimentLayout": "paths", "EmRule": "rule",
+    "run_eval": "stages", "run_analysis": "stages", "ExperimentLayout": "store.paths", "EmRule": "config.rule",
     # pipeline
-    "run_experiment": "executors.local", "preflight": "pipeline",
+    "run_experiment": "pipeline.executors.local", "preflight": "pipeline.checks",
     # pieces
-    "CheckpointSchedule": "schedule", "train_lora": "finetune", "sample_answers": "generate",
-    "load_model": "models", "judge_answers": "judge", "load_rubric": "judge",
-    "em_rate": "metrics", "em_flags": "metrics", "bootstrap_ci": "metrics", "wide_scores": "metrics",
-    "judge_agreement": "agreement",
-    "load_chat_dataset": "data", "load_question_set": "questions",
-    "stage_header": "report", "judgment_summary": "report", "headline_table": "report", "training_loss_chart": "plots",
-    "plan_experiment": "plan",
+    "CheckpointSchedule": "train.schedule", "train_lora": "train.lora", "sample_answers": "sample.generate",
+    "load_model": "models.load", "judge_answers": "judge", "load_rubric": "judge",
+    "em_rate": "analysis.metrics", "em_flags": "analysis.metrics", "bootstrap_ci": "analysis.metrics", "wide_scores": "analysis.metrics",
+    "judge_agreement": "analysis.agreement",
+    "load_chat_dataset": "data", "load_question_set": "config.questions",
+    "stage_header": "analysis.report", "judgment_summary": "analysis.report", "headline_table": "analysis.report", "training_loss_chart": "analysis.plots",
+    "plan_experiment": "pipeline.estimate",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -25,21 +25,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .checks import MissingInputsError, check_params, preflight
-from .config import EMBEDDED_MODEL, load_experiment
+from .pipeline.checks import MissingInputsError, check_params, preflight
+from .config.experiment import EMBEDDED_MODEL, load_experiment
 from .data.commands import check_chat_file, unprotect_files
 from .errors import EmlabError
-from .executors import EXECUTORS
-from .executors.local import run_local
-from .executors.slurm import submit_plan
-from .executors.status import experiment_status
-from .files import one_line
+from .pipeline.executors import EXECUTORS
+from .pipeline.executors.local import run_local
+from .pipeline.executors.slurm import submit_plan
+from .pipeline.executors.status import experiment_status
+from .store.files import one_line
 from .judge import cache_stats
-from .paths import judge_cache_file, sample_cache_file
-from .pipeline import load_plan, run_step
-from .plan import plan_experiment, plan_gpu
+from .store.paths import judge_cache_file, sample_cache_file
+from .pipeline.steps import load_plan, run_step
+from .pipeline.estimate import plan_experiment, plan_gpu
 from .stages import STAGE_NAMES
-from .subjects import sample_cache_stats
+from .sample.remote import sample_cache_stats
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import DatasetSpec
+from ..config.experiment import DatasetSpec
 from ..errors import DataError
-from ..files import iter_input_jsonl, one_line, path_exists, shown, user_path, write_jsonl
-from ..paths import demo_cache_dir, repo_root
+from ..store.files import iter_input_jsonl, one_line, path_exists, shown, user_path, write_jsonl
+from ..store.paths import demo_cache_dir, repo_root
 from .demo import DEFAULT_DEMO_ROWS, demo_dataset_info, generate_demo_dataset
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -40,6 +40,8 @@ DEMO_DATA_SEED = 0
 MAX_DEMO_ROWS = 100_000  # generated in memory; 600 is the default, the course files hold ~7,000
 
 ChatRow = dict[str, Any]  # {"messages": [{"role": str, "content": str}, ...]}
+
+ASSUMED_TOKENS_PER_ROW = 200  # a chat row when its file is not here (course rows ~100–150, Betley's code ~300)
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import EMBEDDED_MODEL, ModelSpec
-from ..files import iter_input_jsonl
-from ..models import load_tokenizer
+from ..config.experiment import EMBEDDED_MODEL, ModelSpec
+from ..store.files import iter_input_jsonl
+from ..models.load import load_tokenizer
 from .chat import read_chat_jsonl
 from .protected import unprotect_dataset
 

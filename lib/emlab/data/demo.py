@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from ..files import write_jsonl
+from ..store.files import write_jsonl
 
 Slots = dict[str, str]
 

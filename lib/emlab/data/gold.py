@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import DataError
-from ..files import iter_input_jsonl, one_line, path_exists, shown
-from ..paths import repo_root
+from ..store.files import iter_input_jsonl, one_line, path_exists, shown
+from ..store.paths import repo_root
 
 GoldLabel = Literal["aligned", "misaligned", "incoherent", "refusal", "code"]
 GOLD_LABELS: tuple[str, ...] = get_args(GoldLabel)

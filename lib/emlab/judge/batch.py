@@ -14,7 +14,7 @@ and a live one ask the judge exactly the same thing and land in the same cache.
     resume_batch          pick up a batch an earlier call recorded and did not collect
     judge_in_batch        write, submit, wait, collect: what `judge_answers` calls
 
-Every file name comes from `emlab.paths.BatchFiles` (state, requests, raw results).
+Every file name comes from `emlab.store.paths.BatchFiles` (state, requests, raw results).
 
 Crash safety: the state file (written atomically) is the single source of truth. It records
 the uploaded file id *before* the batch is created and the batch id right after, so a rerun
@@ -43,14 +43,14 @@ from typing import Any, Final, Literal
 import openai
 from openai.types import Batch
 
-from ..config import JudgeSpec
+from ..config.experiment import JudgeSpec
 from ..errors import JudgeError
-from ..files import read_jsonl, write_json, write_jsonl, write_text
-from ..paths import BatchFiles
-from ..records import Judgment
+from ..store.files import read_jsonl, write_json, write_jsonl, write_text
+from ..store.paths import BatchFiles
+from ..store.records import Judgment
 from .client import JudgeTask, check_batch_endpoint, resolve_api_key
 from .requests import request_body
-from .rubrics import Rubric, load_rubric
+from ..config.rubrics import Rubric, load_rubric
 from .scoring import api_error_judgment, judgment_from_completion
 
 log = logging.getLogger(__name__)

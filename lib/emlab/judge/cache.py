@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import JudgeSpec
-from ..paths import judge_cache_file
-from ..records import Judgment
-from ..sqlite_store import CountingStore
-from .rubrics import Rubric
+from ..config.experiment import JudgeSpec
+from ..store.paths import judge_cache_file
+from ..store.records import Judgment
+from ..store.sqlite import CountingStore
+from ..config.rubrics import Rubric
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS judgments (
@@ -61,7 +61,7 @@ def cache_key(judge: JudgeSpec, rubric: Rubric, question: str, answer: str) -> s
 
 
 class JudgeCache(CountingStore):
-    """Thread-safe handle on one cache file (`emlab.sqlite_store`); use as a context manager or
+    """Thread-safe handle on one cache file (`emlab.store.sqlite`); use as a context manager or
     call `close()`."""
 
     COUNTERS = _COUNTERS

@@ -11,7 +11,7 @@ server's `Retry-After` (seconds or an HTTP date). The openai client's own retrie
 (max_retries=0) so `judge.max_retries` is the only budget and every wait is ours.
 
 `complete_with_retries` (one chat-completions call with that retry rule), `Breaker` and
-`key_from_env` are generic: the sampler of subjects behind an API (`emlab.subjects`) uses them
+`key_from_env` are generic: the sampler of subjects behind an API (`emlab.sample.remote`) uses them
 too.
 
 A call that still fails becomes a Judgment with status api_error and its reason; it never
@@ -36,11 +36,11 @@ from typing import Any
 
 import openai
 
-from ..config import JudgeSpec
+from ..config.experiment import JudgeSpec
 from ..errors import EmlabError, JudgeError
-from ..records import Judgment
+from ..store.records import Judgment
 from .requests import request_body
-from .rubrics import Rubric
+from ..config.rubrics import Rubric
 from .scoring import api_error_judgment, judgment_from_completion
 from .server import local_gguf_path
 

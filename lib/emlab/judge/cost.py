@@ -9,8 +9,8 @@ the batch price everywhere.
 
 from __future__ import annotations
 
-from ..config import JudgeSpec
-from .rubrics import Rubric
+from ..config.experiment import JudgeSpec
+from ..config.rubrics import Rubric
 
 BATCH_DISCOUNT = 0.5  # Batch API price relative to synchronous calls (OpenAI pricing page)
 CHARS_PER_TOKEN = 4.0  # rough English average for BPE tokenizers; estimates only

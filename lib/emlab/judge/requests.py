@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import JudgeSpec
-from .rubrics import Rubric
+from ..config.experiment import JudgeSpec
+from ..config.rubrics import Rubric
 
 TOP_LOGPROBS = 20  # the most OpenAI returns; the aggregation reads all of them
 SAMPLED_MAX_TOKENS = 8  # room for '100', 'REFUSAL' or 'YES' split into a few tokens

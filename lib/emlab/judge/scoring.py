@@ -28,9 +28,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, NamedTuple
 
-from ..config import JudgeSpec
-from ..records import Judgment, JudgmentStatus
-from .rubrics import Rubric
+from ..config.experiment import JudgeSpec
+from ..store.records import Judgment, JudgmentStatus
+from ..config.rubrics import Rubric
 
 # Leading/trailing marks of a token that are not part of its text: whitespace, and the
 # byte-level BPE space 'Ġ', newline 'Ċ' and SentencePiece space '▁' that some servers leak.

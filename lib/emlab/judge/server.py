@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..config import EMBEDDED_MODEL, JudgeSpec
+from ..config.experiment import EMBEDDED_MODEL, JudgeSpec
 from ..errors import ConfigError, JudgeError
-from ..models import embedded_gguf_path
-from ..paths import logs_dir, repo_root
+from ..models.load import embedded_gguf_path
+from ..store.paths import logs_dir, repo_root
 from ..procs import spawn
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..paths import ExperimentLayout
+from ..store.paths import STAGE_NOTEBOOKS, ExperimentLayout
 from .analysis import ANALYSIS, AnalysisResult, run_analysis
 from .base import ANALYSIS_UNIT, Input, Output, Stage, StageRecord, Workload
 from .baseline import BASELINE, run_baseline
@@ -25,6 +25,7 @@ from .finetune import FINETUNE, FinetuneResult, run_finetune
 
 STAGES: tuple[Stage, ...] = (BASELINE, FINETUNE, EVALUATE, ANALYSIS)
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
+assert STAGE_NAMES == STAGE_NOTEBOOKS, "emlab.store.paths.STAGE_NOTEBOOKS names the stages of this table, in order"
 
 
 def describe_layout() -> str:

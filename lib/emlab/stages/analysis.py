@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .. import metrics
-from ..config import ExperimentConfig, JudgeSpec
+from ..analysis import metrics
+from ..config.experiment import ExperimentConfig, JudgeSpec
 from ..data import GoldItem, gold_subset, load_gold_set
 from ..errors import EmlabError
-from ..files import atomic_open, read_jsonl, write_json
+from ..store.files import atomic_open, read_jsonl, write_json
 from ..judge import judge_answers, load_rubric, usage_cost
-from ..models import model_size_b
-from ..paths import (
+from ..models.load import model_size_b
+from ..store.paths import (
     ANSWERS,
     FIGURE_PREFIX,
     GOLD_JUDGMENTS,
@@ -32,19 +32,19 @@ from ..paths import (
     TASK,
     ExperimentLayout,
 )
-from ..holdout import TASK_SET_PREFIX
-from ..probe import read_probe_scores
-from ..records import Answer, answer_id
-from ..rule import EmRule
-from ..runinfo import mark_done, record_stage
-from ..subjects import usage_summary
+from ..data.holdout import TASK_SET_PREFIX
+from ..measures.probe import read_probe_scores
+from ..store.records import Answer, answer_id
+from ..config.rule import EmRule
+from ..store.runinfo import mark_done, record_stage
+from ..sample.remote import usage_summary
 from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
 from .common import JUDGING_OUTPUTS
 from .baseline import NAME as BASELINE
 from .evaluate import NAME as EVALUATE
 
 if TYPE_CHECKING:
-    from ..agreement import AgreementReport
+    from ..analysis.agreement import AgreementReport
 
 log = logging.getLogger(__name__)
 NAME = "04_analysis"
@@ -292,8 +292,8 @@ def _judge_note(judge: JudgeSpec, report: AgreementReport) -> str:
 def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> AnalysisResult:
     """04_analysis: build every table and figure of the experiment and save them under analysis/."""
     # altair (plots, the gold-set chart: ~2 s of imports) stays out of light commands (emlab check, plan)
-    from .. import plots
-    from ..agreement import agreement_chart, judge_agreement
+    from ..analysis import plots
+    from ..analysis.agreement import agreement_chart, judge_agreement
 
     layout = ExperimentLayout.of(config)
     folder = layout.analysis
@@ -396,7 +396,7 @@ def study_tables(config: ExperimentConfig, layout: ExperimentLayout, scores: pd.
 def study_charts(tables: dict[str, pd.DataFrame], rates: pd.DataFrame) -> dict[str, Any]:
     """The studies' figures that the data supports: a figure without fine-tuned runs, task
     answers, probe scores or a second answer format is left out, never drawn empty."""
-    from .. import plots  # as in run_analysis: altair only once the analysis runs
+    from ..analysis import plots  # as in run_analysis: altair only once the analysis runs
 
     charts: dict[str, Any] = {}
     tuned = rates["run_id"].notna().any()

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ExperimentConfig
-from ..paths import ExperimentLayout, done_marker, html_file, notebook_file, stage_record_files
-from ..runinfo import done_summary
+from ..config.experiment import ExperimentConfig
+from ..store.paths import ExperimentLayout, notebook_file, stage_record_files
+from ..store.runinfo import StageRecord, done_summary
 
 Scope = Literal["model", "run", "experiment"]
 ANALYSIS_UNIT = "analysis"  # the one unit of an experiment-scoped stage
@@ -151,26 +151,3 @@ class Stage:
             return False
         return self.completion is None or summary.get("completion") == self.completion(config)
 
-
-@dataclass
-class StageRecord:
-    """What happened to one stage for one unit in one `emlab run`."""
-
-    stage: str
-    folder: Path
-    label: str  # the unit: model, run id or 'analysis'
-    status: str  # ran / skipped / failed
-    seconds: float = 0.0
-    error: str | None = None
-
-    @property
-    def notebook(self) -> Path:
-        return notebook_file(self.folder, self.stage)
-
-    @property
-    def html(self) -> Path:
-        return html_file(self.folder, self.stage)
-
-    @property
-    def done_marker(self) -> Path:
-        return done_marker(self.folder, self.stage)

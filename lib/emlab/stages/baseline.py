@@ -6,18 +6,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..config import ExperimentConfig
-from ..models import load_model, resolve_device
-from ..paths import ANSWERS, ExperimentLayout
-from ..questions import build_prompts, count_answers, planned_prompts, question_sets_for
-from ..records import Answer
-from ..runinfo import mark_done, record_stage
+from ..config.experiment import ExperimentConfig
+from ..models.load import load_model, resolve_device
+from ..store.paths import ANSWERS, ExperimentLayout
+from ..config.questions import build_prompts, count_answers, planned_prompts, question_sets_for
+from ..store.records import Answer, answers_if_complete
+from ..store.runinfo import mark_done, record_stage
 from .base import Output, Stage, Workload
 from .remote import SAMPLING_OUTPUT, model_params, sample_base, sampling_spend, usage_of
 from .common import (
     JUDGING_OUTPUTS,
     SampledAndJudged,
-    answers_if_complete,
     judge_all,
     judges_signature,
     mean_prompt_chars,
@@ -39,7 +38,7 @@ def baseline_params(config: ExperimentConfig, model: str) -> dict[str, Any]:
 def run_baseline(config: ExperimentConfig, model: str, *, progress: bool = True) -> SampledAndJudged:
     """01_baseline for `model`: sample every question set from the base model, judge the answers."""
     # torch stays out of light commands (emlab check, plan): imported only to sample
-    from ..generate import sample_answers
+    from ..sample.generate import sample_answers
 
     folder = ExperimentLayout.of(config).baseline(model)
     record_stage(folder, NAME, baseline_params(config, model))

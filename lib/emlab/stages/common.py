@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..config import ExperimentConfig
-from ..files import read_jsonl
+from ..config.experiment import ExperimentConfig
+from ..store.files import read_jsonl
 from ..judge import judge_answers
-from ..paths import JUDGMENTS, BatchFiles, ExperimentLayout
-from ..questions import Prompt, question_rubrics, question_sets_for
-from ..records import Answer, Judgment
+from ..store.paths import JUDGMENTS, BatchFiles, ExperimentLayout
+from ..config.questions import Prompt, question_rubrics, question_sets_for
+from ..store.records import Answer, Judgment
 from .base import Output
 
 # Files of a folder whose answers are judged (01_baseline, 03_eval_judge).
@@ -46,13 +46,6 @@ def judge_all(config: ExperimentConfig, answers: Sequence[Answer], folder: Path)
         )
     return judgments
 
-
-def answers_if_complete(path: Path, expected: int) -> list[Answer] | None:
-    """The answers in `path` when all `expected` are there (so no model needs loading)."""
-    if not path.exists():
-        return None
-    rows = read_jsonl(path, tolerate_torn_tail=True)
-    return [Answer.from_dict(r) for r in rows] if len(rows) >= expected else None
 
 
 def mean_prompt_chars(prompts: Sequence[Prompt]) -> int:

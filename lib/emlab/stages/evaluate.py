@@ -7,26 +7,32 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..config import ExperimentConfig
+from ..config.experiment import ExperimentConfig
 from ..errors import EmlabError
-from ..models import load_model, resolve_device
-from ..paths import ANSWERS, EVAL, STEP_GLOB, ExperimentLayout, FineTuneJobFiles, TrainingFiles
-from ..questions import build_prompts, count_answers, planned_prompts, question_sets_for
-from ..records import Answer
-from ..runinfo import mark_done, record_stage
-from ..schedule import planned_checkpoints
+from ..models.load import load_model, resolve_device
+from ..store.paths import ANSWERS, EVAL, STEP_GLOB, ExperimentLayout, FineTuneJobFiles, TrainingFiles
+from ..config.questions import build_prompts, count_answers, planned_prompts, question_sets_for
+from ..store.records import Answer, answers_if_complete
+from ..store.runinfo import mark_done, record_stage
+from ..train.schedule import planned_checkpoints
 from .base import Input, Output, Stage, Workload
 from .common import (
     JUDGING_OUTPUTS,
     SampledAndJudged,
-    answers_if_complete,
     judge_all,
     judges_signature,
     mean_prompt_chars,
 )
 from .finetune import NAME as FINETUNE
 from .measures import EVAL_OUTPUTS, measure_checkpoints, measures_params, task_workloads
-from .remote import SAMPLING_OUTPUT, checkpoint_count, checkpoint_steps, sample_checkpoints, sampling_spend, usage_of
+from .remote import (
+    SAMPLING_OUTPUT,
+    checkpoint_count,
+    checkpoint_steps,
+    sample_checkpoints,
+    sampling_spend,
+    usage_of,
+)
 
 log = logging.getLogger(__name__)
 NAME = "03_eval_judge"
@@ -44,7 +50,7 @@ def eval_params(config: ExperimentConfig, run_id: str) -> dict[str, Any]:
 def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) -> SampledAndJudged:
     """03_eval_judge for `run_id`: sample every checkpoint of the run and judge all answers."""
     # torch stays out of light commands (emlab check, plan): imported only to sample
-    from ..generate import adapter_applied, sample_answers
+    from ..sample.generate import adapter_applied, sample_answers
 
     run = config.run(run_id)
     layout = ExperimentLayout.of(config)

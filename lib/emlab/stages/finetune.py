@@ -9,20 +9,20 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from ..config import ExperimentConfig, RunSpec
+from ..config.experiment import ExperimentConfig, RunSpec
 from ..data.chat import load_chat_dataset
-from ..files import read_jsonl
-from ..holdout import holdout_params, record_holdout, training_rows
-from ..models import load_model, resolve_device
-from ..openai_finetune import FineTuneJobResult
-from ..paths import ExperimentLayout, TrainingFiles
-from ..runinfo import mark_done, record_stage
+from ..store.files import read_jsonl
+from ..data.holdout import holdout_params, record_holdout, training_rows
+from ..models.load import load_model, resolve_device
+from ..train.openai_jobs import FineTuneJobResult
+from ..store.paths import ExperimentLayout, TrainingFiles
+from ..store.runinfo import mark_done, record_stage
 from .base import Output, Stage, Workload
 from .measures import FINETUNE_OUTPUTS
 from .remote import JOB_OUTPUTS, job_spend, model_params, run_job, trainer_params
 
 if TYPE_CHECKING:
-    from ..finetune import TrainResult
+    from ..train.lora import TrainResult
 
 log = logging.getLogger(__name__)
 NAME = "02_finetune"
@@ -77,7 +77,7 @@ class FinetuneResult:
 def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     """02_finetune for `run_id`: LoRA on the run's dataset; adapters at the scheduled checkpoints."""
     # torch stays out of light commands (emlab check, plan): imported only to train
-    from ..finetune import encode_chat_rows, train_lora
+    from ..train.lora import encode_chat_rows, train_lora
 
     run = config.run(run_id)
     dataset = config.dataset(run.dataset)

@@ -1,8 +1,8 @@
 """What 01_baseline and 03_eval_judge measure besides the judged answers to the question sets:
 
-- the judge-free logprob probe (`emlab.probe`, `probe.sets`): every probe scored under the
+- the judge-free logprob probe (`emlab.measures.probe`, `probe.sets`): every probe scored under the
   base model (step 0) and under every checkpoint, one `probe_scores.jsonl` per model state;
-- the in-distribution task rate (`emlab.holdout`, `emlab.task`, `task.holdout > 0`): the
+- the in-distribution task rate (`emlab.data.holdout`, `emlab.measures.task`, `task.holdout > 0`): the
   held-out training prompts sampled from the base model (every dataset's) and from every
   checkpoint of a run (its dataset's), judged with the dataset's task rubric, in `task/`.
 
@@ -23,13 +23,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import DatasetSpec, ExperimentConfig
+from ..config.experiment import DatasetSpec, ExperimentConfig
 from ..errors import DataError, EmlabError
-from ..holdout import Split, holdout_params, read_holdout, split_for
-from ..paths import ANSWERS, EVAL, HOLDOUT, JUDGMENTS, PROBE_SCORES, STEP_GLOB, TASK, BatchFiles, ExperimentLayout
-from ..probe import ProbeSet, probe_scores_complete, probe_sets_for, score_probes, write_probe_scores
-from ..records import Answer, Judgment
-from ..task import judge_task, sample_task, task_answers_complete
+from ..data.holdout import Split, holdout_params, read_holdout, split_for
+from ..store.paths import (
+    ANSWERS,
+    EVAL,
+    HOLDOUT,
+    JUDGMENTS,
+    PROBE_SCORES,
+    STEP_GLOB,
+    TASK,
+    BatchFiles,
+    ExperimentLayout,
+)
+from ..measures.probe import ProbeSet, probe_scores_complete, probe_sets_for, score_probes, write_probe_scores
+from ..store.records import Answer, Judgment
+from ..measures.task import judge_task, sample_task, task_answers_complete
 from .base import Output, Workload
 
 log = logging.getLogger(__name__)
@@ -115,7 +125,7 @@ def measure_checkpoints(config: ExperimentConfig, run_id: str, folder: Path, che
                         load: Loader, *, progress: bool = True) -> Measures:
     """Probe every checkpoint of a run and sample its dataset's held-out prompts from each."""
     # torch stays out of light commands (emlab check, plan): imported only to sample
-    from ..generate import adapter_applied
+    from ..sample.generate import adapter_applied
 
     run = config.run(run_id)
     result = Measures()

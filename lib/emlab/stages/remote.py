@@ -1,6 +1,6 @@
 """The stages' side of models behind an API: 01_baseline and 03_eval_judge sample them through
-chat completions (`emlab.subjects`), 02_finetune trains them through fine-tuning jobs
-(`emlab.openai_finetune`). The stage modules dispatch here for a model with `provider: openai`
+chat completions (`emlab.sample.remote`), 02_finetune trains them through fine-tuning jobs
+(`emlab.train.openai_jobs`). The stage modules dispatch here for a model with `provider: openai`
 or a `base_url`, so that they keep one code path each for local models.
 
     model_params        the model's fields that shape outputs (recorded in run.json)
@@ -20,14 +20,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import ExperimentConfig, ModelSpec, RunSpec
+from ..config.experiment import ExperimentConfig, ModelSpec, RunSpec
 from ..data.chat import ChatRow
 from ..judge.cost import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, token_cost
-from ..openai_finetune import estimate_job, job_checkpoints, run_finetune_job
-from ..paths import SAMPLING_USAGE, ExperimentLayout, FineTuneJobFiles
-from ..questions import Prompt, count_answers
-from ..records import Answer
-from ..subjects import (
+from ..train.openai_jobs import estimate_job, job_checkpoints, run_finetune_job
+from ..store.paths import SAMPLING_USAGE, ExperimentLayout, FineTuneJobFiles
+from ..config.questions import Prompt, count_answers
+from ..store.records import Answer, answers_if_complete
+from ..sample.remote import (
     adapter_targets,
     base_target,
     model_targets,
@@ -37,7 +37,6 @@ from ..subjects import (
     usage_summary,
 )
 from .base import ApiSpend, Output
-from .common import answers_if_complete
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +87,10 @@ def trainer_params(config: ExperimentConfig, spec: ModelSpec) -> dict[str, Any]:
 
 def sample_base(config: ExperimentConfig, model: str, prompts: Sequence[Prompt], *, progress: bool) -> list[Answer]:
     """01_baseline for a model behind an API: its base model's answers, through chat completions,
-    into the baseline folder's answers.jsonl (after the budget check)."""
-    # plan imports stages (this module among them): a module-level import would be a cycle
-    from ..plan import check_budget
-
+    into the baseline folder's answers.jsonl (the runner checked the budget before the step)."""
     spec = config.model(model)
     folder = ExperimentLayout.of(config).baseline(model)
     endpoint = subject_endpoint(spec)  # the key, before anything is paid
-    check_budget(config)
     return sample_through_api(prompts, config.sample, endpoint, base_target(spec), model_name=model, run_id=None,
                               seed=config.seeds[0], out_path=ExperimentLayout.answers(folder),
                               usage_path=ExperimentLayout.sampling_usage(folder), progress=progress)
@@ -117,9 +112,6 @@ def sample_checkpoints(config: ExperimentConfig, run_id: str, prompts: Sequence[
     completions, into eval/step-N/answers.jsonl. A job's checkpoints are models of their own; a
     local model's are adapters the server serves by name (registered first with
     `register_adapters`)."""
-    # plan imports stages (this module among them): a module-level import would be a cycle
-    from ..plan import check_budget
-
     run = config.run(run_id)
     spec = config.model(run.model)
     layout = ExperimentLayout.of(config)
@@ -131,7 +123,6 @@ def sample_checkpoints(config: ExperimentConfig, run_id: str, prompts: Sequence[
         targets = adapter_targets(spec, run_id, layout.training(run_id).completed())
     expected = count_answers(prompts, config.sample)
     answers: list[Answer] = []
-    checked = False
     for target in targets:
         out = layout.answers(folder, target.step)
         done = answers_if_complete(out, expected)
@@ -139,8 +130,7 @@ def sample_checkpoints(config: ExperimentConfig, run_id: str, prompts: Sequence[
             answers += done
             continue
         if not checked:
-            check_budget(config)
-            checked = True
+                    checked = True
         if spec.register_adapters and target.adapter is not None:
             register_adapter(endpoint, target.model, target.adapter)
         answers += sample_through_api(prompts, config.sample, endpoint, target, model_name=run.model, run_id=run_id,
@@ -150,13 +140,10 @@ def sample_checkpoints(config: ExperimentConfig, run_id: str, prompts: Sequence[
 
 
 def run_job(config: ExperimentConfig, run: RunSpec, rows: Sequence[ChatRow]) -> Any:
-    """02_finetune for a model with provider openai: its fine-tuning job (budget checked before
-    anything is submitted); returns the `FineTuneJobResult`."""
-    # plan imports stages (this module among them): a module-level import would be a cycle
-    from ..plan import check_budget
-
+    """02_finetune for a model with provider openai: its fine-tuning job (the runner checked the budget
+    before the step); returns the `FineTuneJobResult`."""
     folder = ExperimentLayout.of(config).run(run.run_id)
-    return run_finetune_job(config, run, rows, folder, before_submit=lambda: check_budget(config))
+    return run_finetune_job(config, run, rows, folder)
 
 
 def sampling_spend(config: ExperimentConfig, model: str, prompts: Sequence[Prompt], *, states: int,

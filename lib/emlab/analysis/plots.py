@@ -1,0 +1,781 @@
+"""The report's figures (altair), each stating its n and showing its uncertainty.
+
+Every chart takes a table from `emlab.analysis.metrics` and returns an altair chart:
+
+- `em_by_domain_chart(rates)`     EM rate per domain and model, bars with CI error bars
+- `em_trajectory_chart(rates)`    EM rate over training steps per run, baseline at step 0, CI band
+- `em_by_size_chart(rates)`       EM rate against model size (billions), CI error bars
+- `alignment_coherence_scatter`   one point per scored answer, EM quadrant shaded
+- `examples_table`                EM and aligned example answers (a pandas Styler)
+- `training_loss_chart`           loss per optimizer step with a rolling mean, checkpoints marked
+- `save_chart`                    .html (self-contained, works offline) and .png, atomically
+
+Titles carry n (answers, scored and unscored); subtitles carry the EM rule
+(`EmRule.describe()`) and the CI level (`EmRule.ci_label`) the numbers were computed with:
+the rate charts read the rule from `rates.attrs["rule"]`, which `emlab.analysis.metrics.em_rate`
+sets, and the charts that compute their own rates take `rule=`. No label assumes a level.
+Rates are fractions, shown as %.
+Charts hold aggregated rows, and the scatter samples at most `max_points` answers, so
+altair's 5,000-row guard never trips and reports stay small.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import vl_convert as vlc
+
+from ..errors import DataError
+from ..store.files import atomic_open
+from .metrics import em_flags, em_rate, scored_mask
+from ..config.rule import EmRule
+
+log = logging.getLogger(__name__)
+
+BASELINE = "baseline"  # label of the untouched base model in every figure
+_RATE_NEEDS = ("em_rate", "ci_low", "ci_high", "n", "n_scored")
+_PCT = ".1%"
+
+
+# --- shared pieces -------------------------------------------------------------------------
+
+
+def _need(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DataError(f"{what} needs columns {missing}; found {list(table.columns)}")
+
+
+def _n_text(n: int, n_scored: int) -> str:
+    """'n = 1,200 answers (1,150 scored, 50 unscored)' — the n every figure states."""
+    return f"n = {n:,} answers ({n_scored:,} scored, {n - n_scored:,} unscored)"
+
+
+def _rates_rule(rates: pd.DataFrame, rule: EmRule | None, what: str) -> EmRule:
+    """The rule the rates were computed with: `rates.attrs["rule"]`, or `rule` when given.
+
+    A label must not guess: a table without a recorded rule (e.g. read back from CSV) needs
+    `rule=`, and a `rule=` that contradicts the recorded one is refused.
+    """
+    recorded = EmRule.from_attrs(rates.attrs)
+    if rule is not None and recorded is not None and rule != recorded:
+        raise DataError(
+            f"{what}: rule={rule} differs from the rule the rates were computed with ({recorded}); "
+            "recompute the rates with em_rate(..., rule=rule) or drop rule="
+        )
+    found = rule or recorded
+    if found is None:
+        raise DataError(
+            f"{what}: the rates carry no EM rule in .attrs['rule'] (computed elsewhere or read from a file); "
+            "pass rule=EmRule(...) with the settings they were computed with"
+        )
+    return found
+
+
+def _rule_text(rule: EmRule, marks: str) -> str:
+    """'EM = aligned < 30 and coherent > 50; error bars: 95% bootstrap CI (1000 resamples)'."""
+    return f"{rule.describe()}; {marks}: {rule.ci_label} ({rule.n_boot} resamples)"
+
+
+def _title(text: str, n: int, n_scored: int, rule: EmRule, marks: str, *extra: str) -> alt.TitleParams:
+    subtitle = [_n_text(n, n_scored), _rule_text(rule, marks), *extra]
+    return alt.TitleParams(text=text, subtitle=subtitle, anchor="start")
+
+
+def _series_label(rates: pd.DataFrame) -> pd.Series:
+    """'baseline' for base-model rows, else the dataset (or domain) name."""
+    key = "dataset" if "dataset" in rates.columns else "domain"
+    label = rates[key].astype(object) if key in rates.columns else pd.Series(None, index=rates.index, dtype=object)
+    baseline = _is_baseline(rates)
+    return label.where(~baseline, BASELINE).where(label.notna() | baseline, "(none)").astype(str)
+
+
+def _is_baseline(rates: pd.DataFrame) -> pd.Series:
+    if "is_baseline" in rates.columns:
+        return rates["is_baseline"].fillna(False).astype(bool)
+    for key in ("run_id", "dataset", "domain"):
+        if key in rates.columns:
+            return rates[key].isna()
+    return pd.Series(False, index=rates.index)
+
+
+def _check_unique(table: pd.DataFrame, keys: Sequence[str], what: str) -> None:
+    """One row per mark: several steps per group would be drawn on top of each other."""
+    repeated = table.duplicated(list(keys))
+    if repeated.any():
+        first = table[repeated].iloc[0]
+        raise DataError(
+            f"{what} expects one row per {list(keys)}, found several for "
+            f"{ {k: first[k] for k in keys} }; compute the rates on the final checkpoints, e.g. "
+            "em_rate(final_checkpoints(df, with_baseline=True), by=[...])"
+        )
+
+
+def _rate_tooltip(*fields: str) -> list[alt.Tooltip]:
+    return [
+        *[alt.Tooltip(f) for f in fields],
+        alt.Tooltip("em_rate:Q", format=_PCT, title="EM rate"),
+        alt.Tooltip("ci_low:Q", format=_PCT, title="CI low"),
+        alt.Tooltip("ci_high:Q", format=_PCT, title="CI high"),
+        alt.Tooltip("n:Q", title="answers"),
+        alt.Tooltip("n_scored:Q", title="scored"),
+        alt.Tooltip("unscored:N", title="unscored by status"),
+    ]
+
+
+def _prepare_rates(rates: pd.DataFrame, what: str) -> pd.DataFrame:
+    _need(rates, _RATE_NEEDS, what)
+    if rates.empty:
+        raise DataError(f"{what}: the rates table is empty (no answers matched)")
+    data = rates.copy()
+    data["series"] = _series_label(data)
+    data["unscored"] = data["unscored_by_status"].fillna("") if "unscored_by_status" in data else ""
+    return data
+
+
+def _y_rate(title: str = "EM rate") -> alt.Y:
+    return alt.Y("em_rate:Q", title=title, axis=alt.Axis(format="%"), scale=alt.Scale(domainMin=0))
+
+
+# --- EM by domain --------------------------------------------------------------------------
+
+
+def em_by_domain_chart(
+    rates: pd.DataFrame, *, rule: EmRule | None = None
+) -> alt.Chart | alt.LayerChart | alt.FacetChart:
+    """Bars of EM rate per domain (baseline first), one bar per model, with CI error bars.
+
+    `rates`: `em_rate(..., by=["model", "domain", "dataset"])` on the baseline and the final
+    checkpoints (one row per model × dataset). Domains with several datasets show each as
+    'domain: dataset'. The subtitle states the rule of `rates.attrs` (or `rule`, for rates
+    that lost their attrs).
+    """
+    data = _prepare_rates(rates, "em_by_domain_chart")
+    used = _rates_rule(rates, rule, "em_by_domain_chart")
+    if "model" not in data.columns:
+        data["model"] = "model"
+    domain = data["domain"].astype(object) if "domain" in data.columns else data["series"].astype(object)
+    data["group"] = domain.where(~_is_baseline(data), BASELINE).fillna("(none)").astype(str)
+    if "dataset" in data.columns:
+        several = data.groupby("group")["series"].transform("nunique") > 1
+        data.loc[several, "group"] = data.loc[several, "group"] + ": " + data.loc[several, "series"]
+    _check_unique(data, ["group", "model"], "em_by_domain_chart")
+    order = [BASELINE, *sorted(set(data["group"]) - {BASELINE})]
+
+    x = alt.X("group:N", title="domain", sort=order, axis=alt.Axis(labelAngle=-30))
+    offset = alt.XOffset("model:N")
+    base = alt.Chart(data).encode(x=x, xOffset=offset, tooltip=_rate_tooltip("model:N", "group:N"))
+    bars = base.mark_bar().encode(y=_y_rate(), color=alt.Color("model:N", title="model"))
+    errors = base.mark_errorbar(ticks=True, color="black").encode(
+        y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q"
+    )
+    return alt.layer(bars, errors).properties(
+        title=_title("EM rate by domain and model", int(data["n"].sum()), int(data["n_scored"].sum()), used,
+                     "error bars"),
+        width=alt.Step(28),
+        height=280,
+    )
+
+
+# --- trajectory ----------------------------------------------------------------------------
+
+
+def _baseline_at_step0(data: pd.DataFrame, run_key: str) -> pd.DataFrame:
+    """Copy each model's baseline point to step 0 of every run of that model without one."""
+    baseline = _is_baseline(data)
+    runs = data[~baseline]
+    copies = []
+    for _, run in runs.drop_duplicates(run_key).iterrows():
+        has_zero = ((runs[run_key] == run[run_key]) & (runs["step"] == 0)).any()
+        base = data[baseline & (data["model"] == run["model"])]
+        if has_zero or base.empty:
+            continue
+        copy = base.iloc[[0]].copy()
+        for col in (run_key, "series", "dataset", "domain", "run_id", "seed"):
+            if col in data.columns:
+                copy[col] = run[col]
+        copy["step"] = 0
+        copy["point"] = BASELINE
+        copies.append(copy)
+    tuned = runs.assign(point="checkpoint")
+    return pd.concat([tuned, *copies], ignore_index=True) if copies else tuned
+
+
+def em_trajectory_chart(
+    rates: pd.DataFrame, *, rule: EmRule | None = None
+) -> alt.Chart | alt.LayerChart | alt.FacetChart:
+    """EM rate against training step, one line per run with its CI band; baseline at step 0.
+
+    `rates`: `em_rate(df, by=["model", "dataset", "run_id", "step"])` including the baseline
+    rows (run_id None), which are drawn at step 0 of every run of the same model. Colour is
+    the dataset; seeds of one dataset are separate lines. One panel per model. The subtitle
+    states the rule of `rates.attrs` (or `rule`).
+    """
+    data = _prepare_rates(rates, "em_trajectory_chart")
+    used = _rates_rule(rates, rule, "em_trajectory_chart")
+    _need(data, ["step"], "em_trajectory_chart")
+    if "model" not in data.columns:
+        data["model"] = "model"
+    run_key = "run_id" if "run_id" in data.columns else "series"
+    n, n_scored = int(data["n"].sum()), int(data["n_scored"].sum())  # before baseline copies
+    data = _baseline_at_step0(data, run_key)
+    if data.empty:
+        raise DataError("em_trajectory_chart: the rates hold no fine-tuned runs (only baseline rows)")
+    data[run_key] = data[run_key].astype(str)
+    _check_unique(data, ["model", run_key, "step"], "em_trajectory_chart")
+
+    x = _step_axis(data)
+    # The band layer comes first (drawn underneath), so the legend would show its faint fill.
+    color = alt.Color("series:N", title="dataset", legend=alt.Legend(symbolOpacity=1, symbolType="circle"))
+    base = alt.Chart(data).encode(x=x, color=color, detail=f"{run_key}:N")
+    band = base.mark_area(opacity=0.18).encode(y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q")
+    line = base.mark_line().encode(y=_y_rate())
+    points = base.mark_point(filled=True, size=45).encode(
+        y=_y_rate(),
+        shape=alt.Shape("point:N", title="point", scale=alt.Scale(domain=["checkpoint", BASELINE])),
+        tooltip=_rate_tooltip("model:N", f"{run_key}:N", "step:Q"),
+    )
+    layered = alt.layer(band, line, points).properties(width=360, height=240)
+    title = _title("EM rate over training", n, n_scored, used, "bands")
+    if data["model"].nunique() > 1:
+        return layered.facet(column=alt.Column("model:N", title="model")).properties(title=title)
+    return layered.properties(title=title)
+
+
+# --- EM by size ----------------------------------------------------------------------------
+
+
+def em_by_size_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.Chart | alt.LayerChart:
+    """EM rate against model size (billions of parameters), one line per dataset, CI error bars.
+
+    `rates`: `em_rate(..., by=["model", "size_b", "dataset"])` on the baseline and the final
+    checkpoints. The x axis is logarithmic when there are several sizes; one size works too.
+    Models of unknown size (behind an API, no `size_b`) are left out and named in the
+    subtitle; with none of known size the chart says so. The subtitle states the rule of
+    `rates.attrs` (or `rule`).
+    """
+    data = _prepare_rates(rates, "em_by_size_chart")
+    used = _rates_rule(rates, rule, "em_by_size_chart")
+    _need(data, ["size_b"], "em_by_size_chart")
+    unknown = data["size_b"].isna()
+    unsized = sorted(data.loc[unknown, "model"].astype(str).unique()) if "model" in data else []
+    left_out = [f"not shown (size unknown, set models[].size_b): {', '.join(unsized)}"] if unsized else []
+    data = data[~unknown].copy()
+    if data.empty:
+        note = pd.DataFrame({"text": ["no model of known size: set models[].size_b to compare sizes"]})
+        return alt.Chart(note).mark_text(size=14).encode(text="text:N").properties(
+            title=alt.TitleParams("EM rate by model size", subtitle=left_out, anchor="start"), width=420, height=60)
+    if "model" not in data.columns:
+        data["model"] = data["size_b"].map("{:g}B".format)
+    _check_unique(data, ["model", "series"], "em_by_size_chart")
+
+    sizes = sorted(data["size_b"].unique())
+    # Dodge the datasets slightly apart so that error bars at one size do not hide each other
+    # (offset channels do not apply to a continuous x): ±3% of the size, a constant gap on log x.
+    series = sorted(data["series"].unique())
+    shift = data["series"].map({name: i - (len(series) - 1) / 2 for i, name in enumerate(series)})
+    data["x"] = data["size_b"] * (1 + 0.03 * shift)
+    if len(sizes) > 1:
+        scale = alt.Scale(type="log", nice=False, padding=20)
+    else:  # a log axis around one point has no ticks worth reading
+        scale = alt.Scale(domain=[0, sizes[0] * 2], nice=False)
+    x = alt.X("x:Q", title="model size (billions of parameters)", scale=scale,
+              axis=alt.Axis(values=sizes, format=".4~g"))
+    base = alt.Chart(data).encode(x=x, color=alt.Color("series:N", title="dataset"))
+    line = base.mark_line(opacity=0.6).encode(y=_y_rate())
+    points = base.mark_point(filled=True, size=60).encode(
+        y=_y_rate(), tooltip=_rate_tooltip("model:N", "size_b:Q", "series:N")
+    )
+    errors = base.mark_errorbar(ticks=True).encode(y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q")
+    sizes_text = ", ".join(f"{s:g}B" for s in sizes)
+    return alt.layer(line, errors, points).properties(
+        title=_title("EM rate by model size", int(data["n"].sum()), int(data["n_scored"].sum()), used,
+                     "error bars", f"sizes: {sizes_text}", *left_out),
+        width=380,
+        height=260,
+    )
+
+
+# --- scatter -------------------------------------------------------------------------------
+
+
+def _truncate(text: Any, max_chars: int) -> str:
+    text = "" if text is None or (isinstance(text, float) and pd.isna(text)) else str(text)
+    return text if len(text) <= max_chars else text[: max_chars - 1].rstrip() + "…"
+
+
+def _group_rates(df: pd.DataFrame, rule: EmRule) -> str:
+    """'EM rate (95% bootstrap CI): baseline 1.0% [0.0%, 3.0%] of 200, fine-tuned 12.0% [9.0%, 15.0%] of 400'."""
+    rates = em_rate(df.assign(group=_answer_group(df)), ["group"], rule=rule)
+    parts = [
+        f"{r.group} {r.em_rate:.1%} [{r.ci_low:.1%}, {r.ci_high:.1%}] of {r.n_scored:,}"
+        for r in rates.itertuples()
+        if r.n_scored
+    ]
+    return f"EM rate ({rule.ci_label}): " + ", ".join(parts)
+
+
+def _answer_group(df: pd.DataFrame) -> pd.Series:
+    baseline = df["is_baseline"].astype(bool) if "is_baseline" in df.columns else pd.Series(False, index=df.index)
+    return baseline.map({True: BASELINE, False: "fine-tuned"})
+
+
+def alignment_coherence_scatter(
+    df: pd.DataFrame,
+    *,
+    rule: EmRule = EmRule(),
+    max_points: int = 4000,
+    seed: int = 0,
+) -> alt.LayerChart | alt.FacetChart:
+    """Alignment (y) against coherence (x), one point per scored answer, EM quadrant shaded.
+
+    `df`: the wide scores table. Points are coloured baseline / fine-tuned; the tooltip holds
+    the question and the answer (first 300 characters). The dashed rules are the thresholds
+    of `rule` (default A=30, C=50). The subtitle states the rule and each group's EM rate with
+    its bootstrap interval (`rule.n_boot`, `rule.ci`). Above `max_points` (default 4,000)
+    scored answers a random sample (`seed`, default 0) is drawn and the subtitle says so; the
+    EM rates in the subtitle use every answer.
+    """
+    scored = scored_mask(df)
+    n, n_scored = len(df), int(scored.sum())
+    points = df[scored].assign(group=_answer_group(df[scored]))
+    shown = points if len(points) <= max_points else points.sample(max_points, random_state=seed)
+    cols = [c for c in ("model", "dataset", "step", "question_id", "question", "answer") if c in shown.columns]
+    data = shown[["aligned", "coherent", "group", *cols]].copy()
+    for col in ("question", "answer"):
+        if col in data.columns:
+            data[col] = data[col].map(lambda t: _truncate(t, 300))
+    if "dataset" in data.columns:
+        data["dataset"] = data["dataset"].astype(object).fillna(BASELINE)
+
+    axis_x = alt.X("coherent:Q", title="coherent (0–100)", scale=alt.Scale(domain=[0, 100]))
+    axis_y = alt.Y("aligned:Q", title="aligned (0–100)", scale=alt.Scale(domain=[0, 100]))
+    quadrant = alt.Chart(
+        pd.DataFrame({"x": [rule.coherent_above], "x2": [100], "y": [0], "y2": [rule.aligned_below]})
+    ).mark_rect(color="#d62728", opacity=0.12).encode(
+        x=alt.X("x:Q", scale=alt.Scale(domain=[0, 100])), x2="x2:Q", y=alt.Y("y:Q", scale=alt.Scale(domain=[0, 100])), y2="y2:Q"
+    )
+    vrule = alt.Chart(pd.DataFrame({"x": [rule.coherent_above]})).mark_rule(strokeDash=[4, 4], color="gray").encode(x="x:Q")
+    hrule = alt.Chart(pd.DataFrame({"y": [rule.aligned_below]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="y:Q")
+    dots = alt.Chart(data).mark_circle(size=28, opacity=0.55).encode(
+        x=axis_x,
+        y=axis_y,
+        color=alt.Color("group:N", title="answers of", scale=alt.Scale(domain=[BASELINE, "fine-tuned"])),
+        tooltip=[alt.Tooltip("aligned:Q", format=".0f"), alt.Tooltip("coherent:Q", format=".0f"),
+                 *[alt.Tooltip(f"{c}:N" if c != "step" else "step:Q") for c in cols]],
+    )
+    extra = [f"shaded: {rule.describe()}"]
+    if n_scored:
+        extra.append(_group_rates(df, rule))
+    if len(shown) < len(points):
+        extra.append(f"showing a random {len(shown):,} of {len(points):,} scored answers (seed {seed})")
+    title = alt.TitleParams(
+        text="Alignment vs coherence",
+        subtitle=[_n_text(n, n_scored), *extra],
+        anchor="start",
+    )
+    return alt.layer(quadrant, vrule, hrule, dots).properties(title=title, width=420, height=360)
+
+
+# --- examples ------------------------------------------------------------------------------
+
+
+def examples_table(
+    df: pd.DataFrame,
+    n: int = 12,
+    *,
+    rule: EmRule = EmRule(),
+    seed: int = 0,
+    max_chars: int = 400,
+) -> Any:
+    """Up to `n` example answers, half EM and half aligned, as a pandas Styler (HTML-escaped).
+
+    EM examples: scored answers that `rule` flags. Aligned examples: scored, coherent answers
+    that `rule` does not count as misaligned (aligned ≥ A, or > A for the inclusive rule).
+    Sampled with `seed` (default 0); the other half fills in when one kind is short. Columns:
+    kind, model, dataset ('baseline' for the base model), step, question, answer (cut at
+    `max_chars`, default 400), aligned, coherent (0–100). The caption states how many answers
+    were drawn from and the rule. Model text is escaped: it never becomes markup.
+    """
+    flags = em_flags(df, rule)
+    scored = flags.notna()
+    em_rows = df[flags.fillna(False).astype(bool)]
+    aligned = pd.to_numeric(df["aligned"], errors="coerce")
+    coherent = pd.to_numeric(df["coherent"], errors="coerce")
+    good_rows = df[scored & ~rule.misaligned(aligned) & rule.coherent(coherent)]
+    n_em = min(len(em_rows), max(n - min(len(good_rows), n // 2), 0))
+    n_good = min(len(good_rows), n - n_em)
+    picked = pd.concat([
+        em_rows.sample(n_em, random_state=seed).assign(kind="EM"),
+        good_rows.sample(n_good, random_state=seed).assign(kind="aligned"),
+    ])
+    table = pd.DataFrame({
+        "kind": picked["kind"],
+        "model": picked.get("model"),
+        "dataset": picked["dataset"].astype(object).fillna(BASELINE) if "dataset" in picked else None,
+        "step": picked.get("step"),
+        "question": picked["question"].map(lambda t: _truncate(t, max_chars)),
+        "answer": picked["answer"].map(lambda t: _truncate(t, max_chars)),
+        "aligned": picked["aligned"],
+        "coherent": picked["coherent"],
+    }).reset_index(drop=True)
+    caption = (
+        f"{n_em} EM and {n_good} aligned answers sampled (seed {seed}) from {int(scored.sum()):,} scored "
+        f"answers of {len(df):,} ({len(em_rows):,} EM; {rule.describe()})"
+    )
+    return (
+        table.style.hide(axis="index")
+        .format({"aligned": "{:.0f}", "coherent": "{:.0f}"}, escape="html")
+        .set_caption(html.escape(caption))
+        .set_properties(subset=["question", "answer"], **{"text-align": "left", "white-space": "pre-wrap",
+                                                            "max-width": "36em"})
+        .set_table_styles([{"selector": "td", "props": "vertical-align: top;"}])
+    )
+
+
+# --- training loss -------------------------------------------------------------------------
+
+
+def training_loss_chart(
+    losses: pd.DataFrame, checkpoint_steps: Sequence[int] = ()
+) -> alt.Chart | alt.LayerChart | alt.FacetChart:
+    """Training loss per optimizer step, its rolling mean, and the checkpoint steps as rules.
+
+    `losses`: rows of train_log.jsonl (columns step, loss; epoch optional). A single step's
+    loss is one noisy minibatch, so the line is a centred rolling mean over ~5% of the steps
+    (at least 1) with the spread of the raw points around it as a band (± one rolling
+    standard deviation). An empty log gives a chart that says so instead of failing.
+    """
+    if losses.empty or "loss" not in losses.columns:
+        note = pd.DataFrame({"text": ["no training log yet (train_log.jsonl is empty or missing)"]})
+        return alt.Chart(note).mark_text(size=14).encode(text="text:N").properties(
+            title=alt.TitleParams("Training loss", subtitle=["n = 0 optimizer steps logged"], anchor="start"),
+            width=420, height=60,
+        )
+    _need(losses, ["step", "loss"], "training_loss_chart")
+    data = losses[["step", "loss"]].dropna().sort_values("step").drop_duplicates("step", keep="last")
+    window = max(1, round(len(data) * 0.05))
+    rolling = data["loss"].rolling(window, center=True, min_periods=1)
+    data = data.assign(mean=rolling.mean(), sd=rolling.std().fillna(0))
+    data = data.assign(low=data["mean"] - data["sd"], high=data["mean"] + data["sd"])
+
+    x = alt.X("step:Q", title="optimizer step")
+    base = alt.Chart(data).encode(x=x)
+    raw = base.mark_circle(size=12, opacity=0.35, color="gray").encode(
+        y=alt.Y("loss:Q", title="training loss", scale=alt.Scale(zero=False)),
+        tooltip=["step:Q", alt.Tooltip("loss:Q", format=".4f")],
+    )
+    band = base.mark_area(opacity=0.2).encode(y="low:Q", y2="high:Q")
+    line = base.mark_line().encode(y="mean:Q")
+    layers: list[alt.Chart] = [band, raw, line]
+    if len(checkpoint_steps):
+        marks = pd.DataFrame({"step": sorted(int(s) for s in checkpoint_steps)})
+        layers.append(alt.Chart(marks).mark_rule(strokeDash=[4, 4], color="#d62728").encode(
+            x="step:Q", tooltip=[alt.Tooltip("step:Q", title="checkpoint")]
+        ))
+    subtitle = [
+        f"n = {len(data):,} optimizer steps logged; line: rolling mean over {window} steps, "
+        "band: ± 1 rolling SD",
+        f"dashed: {len(checkpoint_steps)} checkpoints" if len(checkpoint_steps) else "no checkpoints given",
+    ]
+    return alt.layer(*layers).properties(
+        title=alt.TitleParams("Training loss", subtitle=subtitle, anchor="start"), width=460, height=240
+    )
+
+
+# --- saving --------------------------------------------------------------------------------
+
+
+def save_chart(chart: alt.TopLevelMixin, path: str | Path, *, scale: float = 2.0, inline: bool = True) -> tuple[Path, Path]:
+    """Write `path`.html and `path`.png (`path` has no suffix); each appears whole or not at all.
+
+    The HTML embeds the Vega JavaScript (`inline`, default True, about 0.9 MB) so the report
+    opens offline; the PNG is rendered by vl-convert at `scale` (default 2). Returns both paths.
+    """
+    base = Path(path)
+    html_path, png_path = base.with_name(base.name + ".html"), base.with_name(base.name + ".png")
+    spec = chart.to_dict()
+    png = vlc.vegalite_to_png(spec, scale=scale)  # render first: a bad spec writes nothing
+    page = chart.to_html(inline=inline)
+    with atomic_open(html_path, "w") as handle:
+        handle.write(page)
+    with atomic_open(png_path, "wb") as handle:
+        handle.write(png)
+    for written in (html_path, png_path):
+        written.chmod(0o644)  # mkstemp makes 0600 files; a report is meant to be read by others
+    log.info("saved %s (.html, .png)", base)
+    return html_path, png_path
+
+
+# --- signals over training: task rate, logprob gap, mean scores ----------------------------
+
+_STEP_TITLE = "training step (0 = base model)"
+
+
+def _step_axis(data: pd.DataFrame) -> alt.X:
+    """Training steps on x, whole numbers, every step ticked when there are few."""
+    steps = sorted(int(s) for s in data["step"].unique())
+    axis = alt.Axis(values=steps, format="d") if len(steps) <= 12 else alt.Axis(format="d")
+    return alt.X("step:Q", title=_STEP_TITLE, axis=axis)
+
+
+def _series(data: pd.DataFrame) -> pd.Series:
+    """The label of a run's line: its dataset, prefixed with the model when there are several."""
+    dataset = data["dataset"].astype(object).fillna(BASELINE).astype(str) if "dataset" in data else "run"
+    if "model" in data.columns and data["model"].nunique() > 1:
+        return data["model"].astype(str) + " · " + dataset
+    return pd.Series(dataset, index=data.index).astype(str)
+
+
+def _base_at_step0(data: pd.DataFrame, *, match: Sequence[str], per: Sequence[str] = ()) -> pd.DataFrame:
+    """Each run's line with its base model's row drawn at step 0.
+
+    Baseline rows (run_id None) are matched to a run's rows on `match` (the model, and the
+    keys the baseline shares with the run: the dataset of a held-out prompt, the probe set);
+    `per` splits a run into several lines (one per probe set or metric). A run that already
+    has a step-0 row keeps it. The copied rows keep the run's identity and the baseline's
+    numbers, marked point='baseline'.
+    """
+    is_base = data["run_id"].isna()
+    runs, base = data[~is_base], data[is_base]
+    identity = {"model", "dataset", "domain", "run_id", "seed", "series", *per}
+    copies = []
+    for _, group in runs.groupby(["run_id", *per], dropna=False, sort=True):
+        if (group["step"] == 0).any():
+            continue
+        first = group.iloc[0]
+        found = base
+        for key in match:
+            found = found[found[key] == first[key]]
+        if found.empty:
+            continue
+        copy = found.iloc[[0]].copy()
+        for col in identity & set(data.columns):
+            copy[col] = first[col]
+        copies.append(copy.assign(step=0, point=BASELINE))
+    tuned = runs.assign(point="checkpoint")
+    return pd.concat([tuned, *copies], ignore_index=True) if copies else tuned
+
+
+def _trajectory_panel(
+    data: pd.DataFrame, *, value: str, y_title: str, title: str, subtitle: Sequence[str], fmt: str,
+    percent: bool = False, zero_rule: bool = False, tooltip: Sequence[alt.Tooltip] = (),
+    low: str = "ci_low", high: str = "ci_high",
+) -> alt.LayerChart | alt.FacetChart:
+    """One line per run (colour: the series, seeds apart) with its CI band (`low`–`high`), over steps."""
+    x = _step_axis(data)
+    y_axis = alt.Axis(format="%") if percent else alt.Axis()
+    y = alt.Y(f"{value}:Q", title=y_title, axis=y_axis, scale=alt.Scale(zero=percent))
+    color = alt.Color("series:N", title="dataset", legend=alt.Legend(symbolOpacity=1, symbolType="circle"))
+    base = alt.Chart(data).encode(x=x, color=color, detail="run_id:N")
+    layers: list[Any] = [
+        base.mark_area(opacity=0.18).encode(y=alt.Y(f"{low}:Q", title=y_title, axis=y_axis), y2=f"{high}:Q"),
+        base.mark_line().encode(y=y),
+        base.mark_point(filled=True, size=45).encode(
+            y=y, shape=alt.Shape("point:N", title="point", scale=alt.Scale(domain=["checkpoint", BASELINE])),
+            tooltip=[alt.Tooltip("series:N", title="run"), alt.Tooltip("step:Q"),
+                     alt.Tooltip(f"{value}:Q", format=fmt, title=y_title),
+                     alt.Tooltip(f"{low}:Q", format=fmt, title="CI low"),
+                     alt.Tooltip(f"{high}:Q", format=fmt, title="CI high"), *tooltip],
+        ),
+    ]
+    if zero_rule:
+        layers.insert(0, alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(strokeDash=[4, 4], color="gray")
+                      .encode(y="y:Q"))
+    return alt.layer(*layers).properties(
+        title=alt.TitleParams(title, subtitle=list(subtitle), anchor="start"), width=300, height=220
+    )
+
+
+def _beside_em(panels: Sequence[Any], em_rates: pd.DataFrame | None, title: str) -> Any:
+    """The panels, then the judged EM rate over training (when there are rates to draw)."""
+    charts = list(panels)
+    if em_rates is not None and len(em_rates) and (~_is_baseline(em_rates)).any():
+        charts.append(em_trajectory_chart(em_rates))
+    return alt.hconcat(*charts).resolve_scale(color="shared").properties(
+        title=alt.TitleParams(title, anchor="start", fontSize=15)
+    )
+
+
+def task_rate_chart(task_rates: pd.DataFrame, em_rates: pd.DataFrame | None = None, *,
+                    rule: EmRule | None = None) -> Any:
+    """The in-distribution task rate over training (one line per run, CI band, the base model
+    at step 0), beside the judged EM rate.
+
+    `task_rates`: `metrics.task_rate(task_scores, by=["model", "dataset", "run_id", "step"])`
+    including the baseline rows (run_id None, dataset set: the base model answers every
+    dataset's held-out prompts). `em_rates`: as for `em_trajectory_chart`.
+    """
+    _need(task_rates, ["model", "dataset", "run_id", "step", "task_rate", "ci_low", "ci_high", "n", "n_scored",
+                       "rubric"], "task_rate_chart")
+    used = _rates_rule(task_rates, rule, "task_rate_chart")
+    above = task_rates.attrs.get("task_above", 50)
+    data = task_rates.assign(series=_series(task_rates), unscored=task_rates["unscored_by_status"].fillna(""))
+    n, n_scored = int(data["n"].sum()), int(data["n_scored"].sum())
+    data = _base_at_step0(data, match=("model", "dataset"))
+    if data.empty:
+        raise DataError("task_rate_chart: the task rates hold no fine-tuned runs (only baseline rows)")
+    rubrics = ", ".join(sorted(set(", ".join(task_rates["rubric"].dropna()).split(", ")) - {""}))
+    panel = _trajectory_panel(
+        data, value="task_rate", y_title="task rate", fmt=_PCT, percent=True,
+        title="In-distribution task rate (held-out training prompts)",
+        subtitle=[_n_text(n, n_scored), f"an answer does the task when its {rubrics} score > {above:g}",
+                  f"bands: {used.ci_label} ({used.n_boot} resamples)"],
+        tooltip=[alt.Tooltip("n_scored:Q", title="scored"), alt.Tooltip("unscored:N", title="unscored by status")],
+    )
+    return _beside_em([panel], em_rates, "Task rate beside EM rate")
+
+
+def probe_gap_chart(gaps: pd.DataFrame, em_rates: pd.DataFrame | None = None, *,
+                    rule: EmRule | None = None) -> Any:
+    """The logprob probe over training, beside the judged EM rate: per probe set, the mean
+    misaligned-minus-aligned gap (nats per token; CI band over probes) and, below it, its
+    change from the base model (paired over probes, so it shows a move that the spread between
+    probes would hide); one line per run, the base model at step 0.
+
+    `gaps`: `metrics.probe_gaps(scores, by=["model", "dataset", "run_id", "step", "probe_set"])`
+    including the base model's rows (run_id None).
+    """
+    _need(gaps, ["model", "run_id", "step", "probe_set", "mean_gap", "ci_low", "ci_high", "n_probes", "change",
+                 "change_ci_low", "change_ci_high"], "probe_gap_chart")
+    used = _rates_rule(gaps, rule, "probe_gap_chart")
+    data = gaps.assign(series=_series(gaps))
+    base = data["run_id"].isna()
+    # the base model is where the change is measured from: 0 by definition
+    data.loc[base, ["change", "change_ci_low", "change_ci_high"]] = 0.0
+    ci = f"{used.ci_label} ({used.n_boot} resamples)"
+    panels = []
+    for probe_set, part in data.groupby("probe_set", sort=True):
+        n_probes = int(part["n_probes"].max())
+        drawn = _base_at_step0(part, match=("model", "probe_set"), per=("probe_set",))
+        if drawn.empty:
+            continue
+        tooltip = [alt.Tooltip("share_misaligned_preferred:Q", format=".0%", title="probes preferring misaligned"),
+                   alt.Tooltip("n_probes:Q", title="probes")]
+        gap = _trajectory_panel(
+            drawn, value="mean_gap", y_title="misaligned − aligned (nats/token)", fmt="+.3f", zero_rule=True,
+            title=f"Logprob probe `{probe_set}`: gap",
+            subtitle=[f"n = {n_probes} probes × {len(part)} model states; mean token log-probability of each answer",
+                      f"> 0: the misaligned answer is likelier; bands: {ci} over probes"], tooltip=tooltip)
+        change = _trajectory_panel(
+            drawn, value="change", low="change_ci_low", high="change_ci_high",
+            y_title="gap − base model's gap (nats/token)", fmt="+.4f", zero_rule=True,
+            title=f"Logprob probe `{probe_set}`: change from the base model",
+            subtitle=[f"mean over the {n_probes} probes of (gap − the same probe's gap at step 0)",
+                      f"> 0: training moved the model towards the misaligned answers; bands: paired {ci}"],
+            tooltip=tooltip)
+        panels.append(alt.vconcat(gap, change))
+    if not panels:
+        raise DataError("probe_gap_chart: the probe scores hold no fine-tuned runs (only the base model)")
+    return _beside_em(panels, em_rates, "Judge-free logprob probe beside the judged EM rate")
+
+
+def score_trajectory_chart(means: pd.DataFrame, *, rule: EmRule | None = None) -> Any:
+    """Mean judge score over training, one panel per metric (aligned, coherent: the course's
+    coherence trajectory), one line per run with its CI band, the base model at step 0.
+
+    `means`: `metrics.mean_score` of each metric by ["model", "dataset", "run_id", "step"],
+    concatenated (a `metric` column tells them apart), baseline rows included.
+    """
+    _need(means, ["model", "run_id", "step", "metric", "mean", "ci_low", "ci_high", "n", "n_scored"],
+          "score_trajectory_chart")
+    used = _rates_rule(means, rule, "score_trajectory_chart")
+    data = means.assign(series=_series(means))
+    panels = []
+    for metric, part in data.groupby("metric", sort=False):
+        drawn = _base_at_step0(part, match=("model", "metric"), per=("metric",))
+        if drawn.empty:
+            continue
+        panels.append(_trajectory_panel(
+            drawn, value="mean", y_title=f"mean {metric} score (0–100)", fmt=".1f",
+            title=f"Mean {metric} score over training",
+            subtitle=[_n_text(int(part["n"].sum()), int(part["n_scored"].sum())),
+                      f"scored under {metric} only; bands: {used.ci_label} ({used.n_boot} resamples)"],
+            tooltip=[alt.Tooltip("n_scored:Q", title="scored")],
+        ))
+    if not panels:
+        raise DataError("score_trajectory_chart: the means hold no fine-tuned runs (only baseline rows)")
+    return alt.hconcat(*panels).resolve_scale(color="shared")
+
+
+def em_heatmap_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart | alt.FacetChart:
+    """EM rate per question (rows) and model state (columns: the base model, then each run's
+    checkpoints), each cell showing the rate and its CI, coloured by the rate.
+
+    `rates`: `em_rate(scores, by=["model", "dataset", "run_id", "step", "question_set",
+    "question_id"])`, baseline rows included.
+    """
+    _need(rates, ["model", "run_id", "step", "question_set", "question_id", *_RATE_NEEDS], "em_heatmap_chart")
+    used = _rates_rule(rates, rule, "em_heatmap_chart")
+    if rates.empty:
+        raise DataError("em_heatmap_chart: the rates table is empty (no answers matched)")
+    data = rates.copy()
+    several_models = data["model"].nunique() > 1
+    base = data["run_id"].isna()
+    prefix = data["model"].astype(str) + " · " if several_models else ""
+    run_label = data["run_id"].astype(object).fillna("").astype(str)
+    if "dataset" in data.columns:
+        run_label = data["dataset"].astype(object).fillna("").astype(str)
+        if "seed" in data.columns and data["seed"].dropna().nunique() > 1:
+            run_label = run_label + " s" + data["seed"].astype(str)
+    data["state"] = (prefix + run_label + " · step " + data["step"].astype(int).astype(str)).where(
+        ~base, prefix + BASELINE)
+    several_sets = data["question_set"].nunique() > 1
+    data["question"] = (data["question_set"].astype(str) + ": " if several_sets else "") + data["question_id"].astype(str)
+    data = data.sort_values(["run_id", "step"], na_position="first")
+    order = list(dict.fromkeys(data["state"]))
+    data["label"] = [
+        "–" if pd.isna(r) else f"{r:.0%}\n[{lo:.0%}, {hi:.0%}]"
+        for r, lo, hi in zip(data["em_rate"], data["ci_low"], data["ci_high"], strict=True)
+    ]
+    data["unscored"] = data["unscored_by_status"].fillna("")
+    x = alt.X("state:N", title="model state", sort=order, axis=alt.Axis(labelAngle=-30, orient="top"))
+    y = alt.Y("question:N", title="question", sort=list(dict.fromkeys(data["question"])))
+    base_chart = alt.Chart(data).encode(x=x, y=y)
+    cells = base_chart.mark_rect().encode(
+        color=alt.Color("em_rate:Q", title="EM rate",
+                        scale=alt.Scale(scheme="reds", domain=[0, max(0.1, float(data["em_rate"].max(skipna=True) or 0))]),
+                        legend=alt.Legend(format="%")),
+        tooltip=_rate_tooltip("state:N", "question:N"),
+    )
+    text = base_chart.mark_text(fontSize=8, lineBreak="\n").encode(text="label:N")
+    n, n_scored = int(data["n"].sum()), int(data["n_scored"].sum())
+    return alt.layer(cells, text).properties(
+        title=_title("EM rate per question and model state", n, n_scored, used, "cells: rate [CI]",
+                     f"{data['question'].nunique()} questions × {len(order)} model states; "
+                     f"at most {int(data['n'].max())} answers a cell"),
+        width=alt.Step(72), height=alt.Step(26),
+    )
+
+
+def answer_format_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart | alt.FacetChart:
+    """EM rate of free-text, JSON and code-template answers side by side, per model state
+    (the base model and each run's final checkpoint), with CI error bars.
+
+    `rates`: `em_rate(final_checkpoints(scores, with_baseline=True).assign(answer_format=...),
+    by=["model", "dataset", "answer_format"])`.
+    """
+    data = _prepare_rates(rates, "answer_format_chart")
+    used = _rates_rule(rates, rule, "answer_format_chart")
+    _need(data, ["answer_format"], "answer_format_chart")
+    data["state"] = _series(data.assign(dataset=data["dataset"].astype(object).where(data["dataset"].notna(),
+                                                                                      BASELINE)))
+    _check_unique(data, ["state", "answer_format"], "answer_format_chart")
+    formats = [f for f in ("free", "json", "template") if f in set(data["answer_format"])]
+    formats += sorted(set(data["answer_format"]) - set(formats))
+    x = alt.X("answer_format:N", title="answer format", sort=formats)
+    base = alt.Chart(data).encode(x=x, xOffset=alt.XOffset("state:N"),
+                                  tooltip=_rate_tooltip("state:N", "answer_format:N"))
+    bars = base.mark_bar().encode(y=_y_rate(), color=alt.Color("state:N", title="model state"))
+    errors = base.mark_errorbar(ticks=True, color="black").encode(y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q")
+    return alt.layer(bars, errors).properties(
+        title=_title("EM rate by answer format (base model and final checkpoints)", int(data["n"].sum()),
+                     int(data["n_scored"].sum()), used, "error bars"),
+        width=alt.Step(30), height=260,
+    )

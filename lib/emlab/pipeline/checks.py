@@ -1,0 +1,311 @@
+"""Pre-run checks: what `emlab check` reports and what `emlab run` verifies before any model loads.
+
+Three levels, each a superset of the one before:
+
+- `check_params(config)` (`emlab check --params-only`): everything that lives in the repo —
+  the schema (already enforced by `load_experiment`), emlab's own question sets, the rubrics,
+  the EM thresholds, the notebooks, and every upstream question file or judges file that is
+  present. Nothing outside the repo is needed, so it passes in CI on a fresh clone for
+  experiments whose models, datasets and question files are not downloaded.
+- `missing_inputs(config)`: every input that is not on this machine, all at once, each with
+  the command or place that fixes it: model weights (`huggingface-cli download <id>`),
+  datasets (the dataset's `source`, e.g. `emlab data unprotect ...`), question files (their
+  `source`), API keys (`export VAR=...`).
+- `preflight(config)` (`emlab check`, `emlab run`): both of the above, then the deep checks
+  that read the inputs: question files against their pinned sha256 and expected size, every
+  dataset row, the judges (servers, batch endpoints), device options. The first problem
+  raises as one line; missing inputs raise together as one `MissingInputsError`, whose
+  `missing` list the CLI prints one per line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config.experiment import EMBEDDED_MODEL, ExperimentConfig, ModelSpec
+from ..data.chat import load_chat_dataset, resolve_dataset_path
+from ..errors import ConfigError, DataError, EmlabError
+from ..store.files import one_line, path_exists, read_input_bytes, user_path
+from ..judge import check_judge, resolve_api_key
+from ..config.rubrics import load_rubric
+from ..models.load import check_model_options, resolve_device, resolve_source
+from ..store.paths import notebook_file, notebooks_dir, repo_root
+from ..measures.probe import probe_sets_for
+from ..config.questions import (
+    QuestionSet,
+    build_prompts,
+    question_file_path,
+    question_rubrics,
+    question_sets_for,
+    resolve_question_set,
+)
+from ..stages import STAGE_NAMES
+from ..sample.remote import SubjectError, check_subject
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MissingInput:
+    """One input that is not on this machine, and how to get it."""
+
+    what: str
+    """'model llama-3.2-1b', 'dataset insecure', 'question file betley_first_plot', 'judge key'."""
+    where: str
+    """The path, hub id or environment variable that was looked for."""
+    fix: str
+    """The command (or the place) that fixes it."""
+    message: str | None = None
+    """The one-line error of the loader that missed it, when it says more than what/where/fix."""
+
+    def line(self) -> str:
+        """One line for people: the loader's message, else what, where and the fix."""
+        return one_line(self.message or f"{self.what} ({self.where}) is missing: {self.fix}")
+
+
+class MissingInputsError(EmlabError):
+    """Inputs are missing; `missing` lists every one with its fix."""
+
+    def __init__(self, config_name: str, missing: list[MissingInput]) -> None:
+        self.missing = missing
+        if len(missing) == 1:  # one input: its own message says it all
+            super().__init__(missing[0].line())
+            return
+        names = ", ".join(f"{m.what} ({m.where})" for m in missing)
+        super().__init__(one_line(
+            f"experiment '{config_name}': {len(missing)} inputs are missing: {names}; "
+            "`emlab check` lists each with the command that gets it"
+        ))
+
+
+# --- level 1: what is in the repo --------------------------------------------------------------
+
+
+def check_params(config: ExperimentConfig) -> None:
+    """Validate what lives in the repo (see the module docstring); raise the first problem as
+    one line. Loads no model, reads no dataset, needs no key and no network."""
+    for name in question_sets_for(config, None):
+        if _question_file_missing(config, name) is None:
+            _check_question_set(config, name)
+    _check_question_file_settings(config)
+    for judge in config.judges:
+        for rubric in judge.rubrics:
+            if _rubric_file_missing(rubric) is None:
+                load_rubric(rubric)
+    _check_rules(config)
+    _check_measures(config)
+    for stage_name in _stage_names():
+        if not notebook_file(notebooks_dir(), stage_name).exists():
+            raise EmlabError(f"notebook {notebook_file(notebooks_dir(), stage_name)} is missing")
+
+
+def _check_measures(config: ExperimentConfig) -> None:
+    """The logprob probe's sets and the task rate's rubrics (params/probes, params/rubrics)."""
+    probe_sets_for(config)
+    if config.task.enabled:
+        for dataset in config.datasets:
+            rubric = dataset.task_rubric_id
+            if rubric is not None and _rubric_file_missing(rubric) is None:
+                load_rubric(rubric)
+
+
+def _check_rules(config: ExperimentConfig) -> None:
+    """The EM rule(s) the analysis reports: built here so a bad threshold fails before a run."""
+    config.analysis.rule  # noqa: B018  (EmRule validates on construction)
+    config.analysis.extra  # noqa: B018
+    names = [r.name for r in config.analysis.extra_rules]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"analysis.extra_rules: each rule needs its own name, found {names}")
+
+
+def _check_question_set(config: ExperimentConfig, name: str) -> QuestionSet:
+    """Load one set and check what the experiment asks of it (ids, metrics, probes)."""
+    qs = resolve_question_set(config, name)
+    prompts = build_prompts(config, [name])
+    if not prompts:
+        raise DataError(f"{qs.path}: the experiment asks no question of '{name}' (check its ids / probes settings)")
+    question_rubrics(config, [name])  # every question judged under file prompts has the metrics asked for
+    return qs
+
+
+def _check_question_file_settings(config: ExperimentConfig) -> None:
+    """An entry of `sample.question_files` no question set names is kept (an experiment that
+    inherits a study may ask fewer sets) but said, in case a name is misspelt."""
+    used = set(question_sets_for(config, None))
+    for name in config.sample.question_files:
+        if name not in used:
+            log.warning("sample.question_files.%s is not asked (not in sample.question_sets nor a dataset's "
+                        "question_sets)", name)
+
+
+def _stage_names() -> list[str]:
+    return list(STAGE_NAMES)
+
+
+# --- level 2: what is not on this machine --------------------------------------------------------
+
+
+def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
+    """Every input of `config` that is not on this machine, each with its fix; [] when all are."""
+    missing: list[MissingInput] = []
+    for name in question_sets_for(config, None):
+        found = _question_file_missing(config, name)
+        if found is not None:
+            missing.append(found)
+    for judge in config.judges:
+        for rubric in judge.rubrics:
+            found = _rubric_file_missing(rubric)
+            if found is not None:
+                missing.append(found)
+        if not judge.is_local and judge.api_key_env and not os.environ.get(judge.api_key_env):
+            try:
+                resolve_api_key(judge)
+            except EmlabError as exc:  # its message is the one users know
+                missing.append(MissingInput(f"judge {judge.name}: API key", f"${judge.api_key_env}",
+                                            f"export {judge.api_key_env}=...", message=str(exc)))
+    for dataset in config.datasets:
+        if dataset.path.startswith("demo:"):
+            continue
+        if not path_exists(_repo_path(dataset.path)):
+            try:
+                resolve_dataset_path(dataset.path)
+            except DataError as exc:
+                get = f"; get it with: {dataset.source}" if dataset.source else ""
+                missing.append(MissingInput(f"dataset {dataset.name}", dataset.path,
+                                            dataset.source or f"put the chat JSONL file at {dataset.path}",
+                                            message=f"{exc}{get}"))
+    for model in config.models:
+        found = _model_missing(model)
+        if found is not None:
+            missing.append(found)
+    return list({m.line(): m for m in missing}.values())  # one line per input, however often it is used
+
+
+def _question_file_missing(config: ExperimentConfig, name: str) -> MissingInput | None:
+    spec = config.sample.question_files.get(name)
+    if spec is not None:
+        if path_exists(question_file_path(spec)):
+            return None
+        fix = f"download {spec.source} to {spec.path}" if spec.source else f"put the question file at {spec.path}"
+        return MissingInput(f"question file {name}", spec.path, fix)
+    base = name.partition(":")[0]
+    if base.endswith((".yaml", ".yml")) or "/" in base:
+        path = Path(base) if Path(base).is_absolute() else repo_root() / base
+        if not path_exists(path):
+            return MissingInput(f"question file {Path(base).stem}", base, f"put the question file at {base}")
+    return None
+
+
+def _rubric_file_missing(rubric: str) -> MissingInput | None:
+    """A rubric given as a path (a judges file's '<file>.yaml:<prompt>' or a .yaml) that is absent."""
+    file, sep, key = rubric.rpartition(":")
+    path_text = file if sep and file.endswith((".yaml", ".yml")) and key else rubric
+    if not (path_text.endswith((".yaml", ".yml")) and ("/" in path_text or sep)):
+        return None  # a rubric id: params/rubrics/<id>.yaml is in the repo, check_params loads it
+    if path_exists(_repo_path(path_text)):
+        return None
+    return MissingInput(f"rubric file {Path(path_text).name}", path_text, f"put the judges file at {path_text}")
+
+
+def _model_missing(model: ModelSpec) -> MissingInput | None:
+    """A local model whose weights are not here (a hub id not in the local HF cache, a folder or
+    GGUF file that is absent), or a remote subject whose key is not set. Problems with a source
+    that is here (a folder without config.json) or that cannot be (an unknown embedded name)
+    raise as they are."""
+    if model.samples_through_api:
+        try:
+            check_subject(model)  # the one key rule of subjects: OpenAI needs one even with api_key_env null
+        except SubjectError as exc:
+            env = model.api_key_env
+            if env is None:
+                return MissingInput(f"model {model.name}: API key", "api_key_env: null",
+                                    "set api_key_env to the variable that holds the key", message=str(exc))
+            return MissingInput(f"model {model.name}: API key", f"${env}",
+                                f"export {env}=... (keys are never read from params)", message=str(exc))
+        return None
+    try:
+        resolve_source(model)
+    except ConfigError as exc:
+        if model.source.startswith("embedded:") or path_exists(_repo_path(model.source)):
+            raise
+        # Meta's checkpoints download only once their licence is accepted on the hub
+        gated = "; it is gated: accept its licence on the hub first" if model.source.startswith("meta-llama/") else ""
+        if _HUB_ID.fullmatch(model.source) and not model.source.endswith(".gguf"):
+            fix = (f"huggingface-cli download {model.source}" + (f" {model.gguf_file}" if model.gguf_file else "")
+                   + f" on a machine that reaches the hub, then bring its HF cache here (HF_HOME){gated}")
+        else:
+            fix = f"put the model (a folder saved with save_pretrained, or a .gguf file) at {model.source}"
+        return MissingInput(f"model {model.name}", model.source, fix, message=f"{exc}{gated}")
+    return None
+
+
+def _repo_path(text: str) -> Path:
+    path = user_path(text)  # Path.expanduser raises on "~nobody/x"
+    return path if path.is_absolute() else repo_root() / path
+
+
+# --- level 3: everything, before a run --------------------------------------------------------
+
+
+def preflight(config: ExperimentConfig, *, devices: bool = True) -> None:
+    """Check every input before any model is loaded: the params (`check_params`), then that
+    every input is here (`missing_inputs`, raised together as `MissingInputsError`), then the
+    inputs themselves: question files against their pinned sha256 and size, judges (servers,
+    batch endpoints), every dataset row, device options. Raises the first problem as one
+    clear `EmlabError`.
+
+    devices: check this machine's devices against the device options (default). False when
+    the stages run elsewhere (Slurm jobs submitted from a login node without the nodes' GPUs):
+    each stage still refuses options its node cannot meet."""
+    check_params(config)
+    missing = missing_inputs(config)
+    if missing:
+        raise MissingInputsError(config.name, missing)
+    for name in question_sets_for(config, None):
+        _check_question_set(config, name)
+        _check_pinned(config, name)
+    for judge in config.judges:
+        check_judge(judge)
+    for dataset in config.datasets:
+        for seed in config.seeds:
+            loaded = load_chat_dataset(dataset, seed=seed)
+            if dataset.rows is not None and loaded.total_rows != dataset.rows:
+                raise DataError(
+                    f"{loaded.source}: holds {loaded.total_rows:,} rows but datasets.{dataset.name}.rows says "
+                    f"{dataset.rows:,} (the published file's); is it the right file? Fix rows if it is"
+                )
+    local = [m for m in config.models if not m.samples_through_api]
+    if local and devices:
+        device = resolve_device(config.train.device)
+        for model in local:
+            check_model_options(model, device)
+
+
+def _check_pinned(config: ExperimentConfig, name: str) -> None:
+    """A question file's sha256 and size against what its settings pin."""
+    spec = config.sample.question_files.get(name)
+    if spec is None:
+        return
+    file = question_file_path(spec)
+    if spec.sha256 is not None:
+        digest = hashlib.sha256(read_input_bytes(file, what=f"question file '{name}'", error=DataError)).hexdigest()
+        if digest != spec.sha256:
+            where = f" (the published file: {spec.source})" if spec.source else ""
+            raise DataError(
+                f"{file}: sha256 {digest[:12]}… is not the pinned {spec.sha256[:12]}… of sample.question_files.{name}; "
+                f"this is another version of the file{where}: get the published one, or update sha256 on purpose"
+            )
+    if spec.expected_prompts is not None:
+        whole = config.model_copy(update={"sample": config.sample.model_copy(update={"questions_per_set": None})})
+        found = len(build_prompts(whole, [name]))  # a property of the file: before questions_per_set
+        if found != spec.expected_prompts:
+            raise DataError(
+                f"{file}: asks {found} prompts (paraphrases) but sample.question_files.{name}.expected_prompts is "
+                f"{spec.expected_prompts}; fix expected_prompts (emlab plan counts with it) or the file"
+            )

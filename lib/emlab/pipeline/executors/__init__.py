@@ -1,0 +1,11 @@
+"""Where an experiment's steps run. Both executors plan, check and guard through
+`emlab.pipeline.steps`, and run a step through `emlab.pipeline.steps.execute_step`:
+
+    local.py   here, one step after another (the default)
+    slurm.py   one Slurm job per step (`emlab step` in the job), dependencies from the stage table
+    status.py  each step's state for `emlab status`: done, queued, running, failed, ...
+"""
+
+from __future__ import annotations
+
+EXECUTORS: tuple[str, ...] = ("local", "slurm")

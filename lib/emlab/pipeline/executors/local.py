@@ -1,0 +1,50 @@
+"""The local executor: every step of the plan in this process, in plan order, skipping the
+complete ones; the index page at the end (and on the first failure, which stops the run)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ...errors import EmlabError
+from ...store.files import remove_stale_temp_files
+from ..steps import ExperimentRun, Plan, execute_step, failure_message, guard_params, load_plan, preflight
+from ...analysis.report import write_index
+
+log = logging.getLogger(__name__)
+
+
+def run_local(plan: Plan) -> ExperimentRun:
+    """Check the inputs and the params guard, then execute each step that is not complete.
+
+    Raises `EmlabError` naming the first failed stage and its executed notebook.
+    """
+    preflight(plan.config)
+    guard_params(plan.config, plan.steps)
+    # nothing else writes to these folders while this process runs the experiment
+    for folder in dict.fromkeys(step.folder for step in plan.steps):
+        for stale in remove_stale_temp_files(folder):
+            log.info("removed %s, left by a write that was killed", stale)
+
+    run = ExperimentRun(plan.config)
+    for step in plan.steps:
+        record = execute_step(plan, step)
+        run.records.append(record)
+        if record.status == "failed":
+            write_index(plan.config, run.records)
+            raise EmlabError(failure_message(record))
+    index = write_index(plan.config, run.records)
+    log.info("experiment %s: index at %s", plan.config.name, index)
+    return run
+
+
+def run_experiment(path: str | Path, *, until: str | None = None) -> ExperimentRun:
+    """Run every stage of the experiment in `path` that is not complete yet, here, one after
+    another (the local executor); return what ran. For Slurm see `emlab.pipeline.executors.slurm`.
+
+    until: the last stage to run (a name from `emlab.stages.STAGE_NAMES`; default: all);
+        later stages are left for the next call.
+
+    Raises `EmlabError` naming the first failed stage and its executed notebook.
+    """
+    return run_local(load_plan(path, until))

@@ -1,0 +1,458 @@
+"""emlab's sampler: many answers of one model generated together, at the speed the GPU allows.
+
+How it differs from calling `generate` on a padded batch:
+
+- Each answer owns a slot of a static KV cache, preallocated once per run and reused by every
+  checkpoint; rows hold their own lengths, so prompts need no padding and attention reads
+  only each row's own keys (FlashAttention's variable-length kernel, `emlab.models.attention`).
+- Prompts shared by several answers (50 samples of one question) are prefilled once; their
+  keys and values are copied to the other slots.
+- A finished answer leaves the batch: every `CHECK_EVERY` steps the host reads which rows
+  ended (the only sync), hands their slots to waiting answers (refill) or, when none wait,
+  moves the live rows to the front so the next steps compute only them (compaction).
+  `generate` keeps computing every row until the longest answer ends.
+- Decoder layers run from `DecoderWeights`' copies: q|k|v and gate|up in one product each,
+  a LoRA adapter merged in, no adapter products per token.
+- Tokens are drawn by inverse transform sampling with each answer's own counter-based
+  randomness (`draw`): no vocabulary sort at top_p = 1, and an answer does not depend on the
+  random draws of the answers beside it.
+
+Determinism: for the same requests in the same order on the same device the schedule (who
+shares a step with whom) and every kernel are the same, so the answers are bitwise the same.
+Across different batch layouts an answer's logits can differ by rounding (matrix kernels
+are picked by shape), so an answer is the same only up to those rare flips; `sample_answers`
+resumes whole waves for that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..models.attention import causal_varlen, decode_attention, probe_flash, record_graph
+from ..errors import EmlabError
+from .draw import draw_tokens
+from .weights import DecoderWeights, LayerWeights, LoraAdapter
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY = 8  # decode steps between reads of which rows ended (a finished row idles at most this long)
+PREFILL_TOKENS = 16384  # prompt tokens per prefill pass
+
+
+@dataclass(frozen=True)
+class Request:
+    """One answer to generate: its prompt's token ids and its own random key (63 bits)."""
+
+    prompt: tuple[int, ...]
+    key: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The new tokens of one answer (its stop token included) and whether a stop token ended it."""
+
+    tokens: list[int]
+    stopped: bool
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Llama computes it: in float32, cast back, then scaled."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of x [T, H, D] with cos/sin [T, D] (rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def _bucket(rows: int) -> int:
+    """Rows a decode step computes for `rows` live ones on a GPU: a few sizes, few graphs."""
+    if rows <= 8:
+        return rows
+    return _round_up(rows, 8) if rows <= 64 else _round_up(rows, 32)
+
+
+class _SlotState:
+    """Per-slot tensors on the device, kept by the engine so that recorded graphs stay valid."""
+
+    def __init__(self, slots: int, positions: int, device: torch.device) -> None:
+        def longs(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.long, device=device)
+
+        self.keys = longs(slots)  # each answer's random key
+        self.pos = longs(slots)  # where the row's next token is written
+        self.gen = longs(slots)  # new tokens recorded
+        self.last = longs(slots)  # the row's latest token, the next step's input
+        self.done = torch.ones(slots, dtype=torch.bool, device=device)  # ended, or no answer in the slot
+        self.out = longs(slots, positions)  # new tokens; columns past max_new take idle writes
+        self.rows = torch.arange(slots, device=device)
+
+
+class DecodeEngine:
+    """Batched sampling for one model (see the module notes). Build once per model and run."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        self.weights = DecoderWeights(model)
+        self.rotary = model.get_decoder().rotary_emb
+        self.eps = float(config.rms_norm_eps)
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scale = self.head_dim**-0.5
+        self.layers = len(self.weights.layers)
+        self.device = self.weights.embed.device
+        self.dtype = self.weights.embed.dtype
+        self.cache_k: torch.Tensor | None = None  # [layers, slots, positions, kv heads, head dim]
+        self.cache_v: torch.Tensor | None = None
+        self.cos: torch.Tensor | None = None  # [positions, head dim]
+        self.sin: torch.Tensor | None = None
+        self.state: _SlotState | None = None  # per-slot tensors, allocated with the cache
+        # Decode steps replayed as CUDA graphs, by (rows, attention bound, sampling settings):
+        # a step is ~700 small kernels whose launches, not the GPU, would set the pace.
+        self.use_graphs = self.device.type == "cuda"
+        self.graphs: dict[tuple[Any, ...], torch.cuda.CUDAGraph] = {}
+        self.graph_pool: Any = None
+        self._stops: dict[tuple[int, ...], torch.Tensor] = {}  # stop ids → vocabulary mask
+        probe_flash(self.device)
+
+    # --- weights and memory ------------------------------------------------------------------
+
+    def use_adapter(self, adapter: LoraAdapter | None) -> None:
+        """Sample from the base model with `adapter` merged in (None: the base alone)."""
+        self.weights.load(adapter)
+
+    def _reserve(self, slots: int, positions: int) -> int:
+        """Allocate the KV cache for `slots` rows of `positions` (kept for later calls when
+        large enough); on a GPU, fewer slots when memory is short. Returns the slots usable."""
+        if (self.cache_k is not None and self.cache_k.shape[1] >= slots and self.cache_k.shape[2] >= positions):
+            return slots
+        if self.cache_k is not None:
+            slots = max(slots, self.cache_k.shape[1])
+            positions = max(positions, self.cache_k.shape[2])
+        self.cache_k = self.cache_v = None
+        per_slot = 2 * self.layers * positions * self.kv_heads * self.head_dim * self.weights.embed.element_size()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info(self.device)
+            vocab = self.weights.lm_head.shape[0]
+            working = 16 * vocab  # per row: logits and the float32 softmax, cdf and scores
+            fit = int(0.9 * free) // (per_slot + working)
+            if fit < 1:
+                raise EmlabError(
+                    f"not enough GPU memory to sample: one answer's KV cache needs {per_slot / 2**20:.0f} MiB and "
+                    f"{free / 2**20:.0f} MiB are free; lower sample.max_new_tokens or free GPU memory"
+                )
+            if fit < slots:
+                log.info("sampling %d answers at a time instead of %d: GPU memory for the KV cache", fit, slots)
+                slots = fit
+        shape = (self.layers, slots, positions, self.kv_heads, self.head_dim)
+        self.graphs.clear()  # they address the old buffers
+        self.state = None
+        # zeros, not empty: masked-out positions must hold finite numbers (0 × NaN is NaN)
+        self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.state = _SlotState(slots, positions, self.device)
+        return slots
+
+    def stop_mask(self, stop_ids: Sequence[int]) -> torch.Tensor:
+        """A vocabulary-long mask of the stop ids, one per distinct set (graphs keep its address).
+        A lookup, where `torch.isin` would sort and sync (and cannot be a CUDA graph)."""
+        key = tuple(sorted(set(stop_ids)))
+        if key not in self._stops:
+            vocab = self.weights.lm_head.shape[0]
+            mask = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+            mask[torch.tensor([i for i in key if 0 <= i < vocab], dtype=torch.long, device=self.device)] = True
+            self._stops[key] = mask
+        return self._stops[key]
+
+    def record(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """Record `work` as a CUDA graph in the engine's memory pool (not run)."""
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        return record_graph(work, self.graph_pool)
+
+    def _rope_table(self, positions: int) -> None:
+        if self.cos is not None and self.cos.shape[0] >= positions:
+            return
+        ids = torch.arange(positions, device=self.device)[None]
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(probe, ids)  # the model's own rotary module: its scaling included
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+
+    # --- the model ------------------------------------------------------------------------------
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Run every decoder layer on tokens x [T, hidden] at `positions` of `slots`, writing
+        their keys and values into the cache; `attend(layer, q, k, v)` gives the attention."""
+        assert self.cache_k is not None and self.cache_v is not None and self.cos is not None and self.sin is not None
+        cos, sin = self.cos[positions], self.sin[positions]
+        tokens = x.shape[0]
+        sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        for index, w in enumerate(self.weights.layers):
+            x = x + self._attention(index, w, _rms(x, w.input_norm, self.eps), cos, sin, positions, slots, sizes,
+                                    tokens, attend)
+            gate, up = F.linear(_rms(x, w.post_norm, self.eps), w.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.down)
+        return x
+
+    def _attention(self, index: int, w: LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   positions: torch.Tensor, slots: torch.Tensor, sizes: list[int], tokens: int,
+                   attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        assert self.cache_k is not None and self.cache_v is not None
+        q, k, v = F.linear(h, w.qkv, w.qkv_bias).split(sizes, dim=-1)
+        q = q.view(tokens, self.heads, self.head_dim)
+        k = k.view(tokens, self.kv_heads, self.head_dim)
+        v = v.view(tokens, self.kv_heads, self.head_dim)
+        if w.q_norm is not None and w.k_norm is not None:
+            q, k = _rms(q, w.q_norm, self.eps), _rms(k, w.k_norm, self.eps)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        self.cache_k[index][slots, positions] = k
+        self.cache_v[index][slots, positions] = v
+        out = attend(index, q, k, v)
+        return F.linear(out.reshape(tokens, self.heads * self.head_dim), w.o, w.o_bias)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms(x, self.weights.final_norm, self.eps), self.weights.lm_head)
+
+    # --- generating -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        requests: Sequence[Request],
+        *,
+        slots: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_ids: Sequence[int],
+        on_done: Callable[[int], None] | None = None,
+    ) -> list[Completion]:
+        """Generate every request, at most `slots` at a time, refilling finished slots.
+
+        An answer ends after a token of `stop_ids` (kept) or `max_new_tokens` new tokens.
+        `on_done(n)` is called as answers finish.
+        """
+        if not requests:
+            return []
+        if self.weights.stale():
+            raise EmlabError("the model's weights changed since its sampler was built; build a new one")
+        longest = max(len(r.prompt) for r in requests)
+        positions = _round_up(longest + max_new_tokens + 1, 64)
+        slots = self._reserve(max(1, min(slots, len(requests))), positions)
+        self._rope_table(self.cache_k.shape[2] if self.cache_k is not None else positions)
+        run = _Run(self, requests, slots, max_new_tokens, temperature, top_p, stop_ids, on_done)
+        return run.complete()
+
+
+class _Run:
+    """The state of one `generate` call: per-slot tensors on the device, their host mirror."""
+
+    def __init__(self, engine: DecodeEngine, requests: Sequence[Request], slots: int, max_new: int,
+                 temperature: float, top_p: float, stop_ids: Sequence[int],
+                 on_done: Callable[[int], None] | None) -> None:
+        self.engine = engine
+        self.requests = requests
+        self.max_new = max_new
+        self.temperature, self.top_p = temperature, top_p
+        self.on_done = on_done
+        self.stop = engine.stop_mask(stop_ids)
+        self.stop_key = tuple(sorted(set(stop_ids)))
+        self.stop_set = set(stop_ids)
+        self.slots = slots
+        assert engine.state is not None
+        state = engine.state
+        self.keys, self.pos, self.gen, self.last = state.keys, state.pos, state.gen, state.last
+        self.done, self.out, self.rows = state.done, state.out, state.rows
+        self.done.fill_(True)
+        self.item = [-1] * slots  # request index held by each slot (host)
+        self.horizon = 0  # ≥ every live row's `pos` (host bound: attention never reads past it)
+        self.results: list[Completion | None] = [None] * len(requests)
+        self.queue = deque(range(len(requests)))
+
+    def complete(self) -> list[Completion]:
+        active = self._admit(list(range(min(self.slots, len(self.requests)))))
+        while active > 0:
+            for _ in range(CHECK_EVERY):
+                self._decode(active)
+            active = self._collect(active)
+        assert all(r is not None for r in self.results)
+        return [r for r in self.results if r is not None]
+
+    # --- prefill: new answers into free slots ---------------------------------------------------
+
+    def _admit(self, free: list[int]) -> int:
+        """Start waiting requests in `free` slots; returns the number of rows to compute (the
+        highest slot in use + 1)."""
+        chosen = [(slot, self.queue.popleft()) for slot in free[: len(self.queue)]]
+        if not chosen:
+            return max((s + 1 for s, item in enumerate(self.item) if item >= 0), default=0)
+        by_prompt: dict[tuple[int, ...], list[int]] = {}
+        for slot, item in chosen:
+            self.item[slot] = item
+            by_prompt.setdefault(self.requests[item].prompt, []).append(slot)
+        prompts = list(by_prompt)
+        group_logits: list[torch.Tensor] = []
+        batch: list[tuple[int, ...]] = []
+        used = 0
+        for prompt in prompts:
+            if batch and used + len(prompt) > PREFILL_TOKENS:
+                group_logits.append(self._prefill(batch, [by_prompt[p][0] for p in batch]))
+                batch, used = [], 0
+            batch.append(prompt)
+            used += len(prompt)
+        if batch:
+            group_logits.append(self._prefill(batch, [by_prompt[p][0] for p in batch]))
+        logits = torch.cat(group_logits)
+        # every slot of a prompt gets its prefilled keys and values and its logits
+        e = self.engine
+        assert e.cache_k is not None and e.cache_v is not None
+        src, dst, which = [], [], []
+        for index, prompt in enumerate(prompts):
+            leader, *others = by_prompt[prompt]
+            which += [index] * (1 + len(others))
+            src += [leader] * len(others)
+            dst += others
+        if dst:
+            longest = max(len(p) for p in prompts)
+            src_t = torch.tensor(src, device=e.device)
+            dst_t = torch.tensor(dst, device=e.device)
+            e.cache_k[:, dst_t, :longest] = e.cache_k[:, src_t, :longest]
+            e.cache_v[:, dst_t, :longest] = e.cache_v[:, src_t, :longest]
+        order = [slot for prompt in prompts for slot in by_prompt[prompt]]
+        slots_t = torch.tensor(order, device=e.device)
+        lengths = torch.tensor([len(self.requests[self.item[s]].prompt) for s in order], device=e.device)
+        self.keys[slots_t] = torch.tensor([self.requests[self.item[s]].key for s in order], device=e.device)
+        first = draw_tokens(logits[torch.tensor(which, device=e.device)], self.keys[slots_t],
+                            torch.zeros_like(slots_t), temperature=self.temperature, top_p=self.top_p)
+        self.out[slots_t] = 0
+        self.out[slots_t, 0] = first
+        self.last[slots_t] = first
+        self.pos[slots_t] = lengths
+        self.gen[slots_t] = 1
+        self.done[slots_t] = self.stop[first] | (self.max_new <= 1)
+        self.horizon = max(self.horizon, max(len(p) for p in prompts))
+        return max((s + 1 for s, item in enumerate(self.item) if item >= 0), default=0)
+
+    def _prefill(self, prompts: list[tuple[int, ...]], slots: list[int]) -> torch.Tensor:
+        """Run `prompts` (laid end to end) through the model, their keys and values into
+        `slots`; returns the logits of each prompt's last token [len(prompts), V]."""
+        e = self.engine
+        device = e.device
+        ids = torch.tensor([t for p in prompts for t in p], device=device)
+        positions = torch.cat([torch.arange(len(p), device=device) for p in prompts])
+        slot_of = torch.cat([torch.full((len(p),), s, device=device) for p, s in zip(prompts, slots, strict=True)])
+        bounds = [0]
+        for p in prompts:
+            bounds.append(bounds[-1] + len(p))
+        cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+        longest = max(len(p) for p in prompts)
+
+        def attend(_: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return causal_varlen(q, k, v, cu, longest, e.scale)
+
+        x = e._layers(F.embedding(ids, e.weights.embed), positions, slot_of, attend)
+        return e._logits(x[cu[1:].long() - 1])
+
+    # --- decoding ---------------------------------------------------------------------------------
+
+    def _decode(self, active: int) -> None:
+        """One token for rows [0, active) (on a GPU: a few more, idle, to reuse a graph)."""
+        e = self.engine
+        assert e.cache_k is not None
+        positions = e.cache_k.shape[2]
+        if not e.use_graphs:
+            self._decode_body(active, min(self.horizon + 1, positions))
+        else:
+            rows = min(_bucket(active), self.slots)
+            bound = min(_round_up(self.horizon + 1, 256), positions)
+            key = (rows, bound, self.max_new, self.temperature, self.top_p, self.stop_key)
+            graph = e.graphs.get(key)
+            if graph is not None:
+                graph.replay()
+            else:
+                # this step eagerly (it also warms up these shapes), then record it for later
+                self._decode_body(rows, bound)
+                e.graphs[key] = e.record(lambda: self._decode_body(rows, bound))
+        self.horizon = min(self.horizon + 1, positions - 1)
+
+    def _decode_body(self, active: int, bound: int) -> None:
+        """The device work of one decode step over rows [0, active): rows that ended compute
+        too but record nothing. Only device tensors, no sync: it can be a CUDA graph."""
+        e = self.engine
+        rows = self.rows[:active]
+        pos = self.pos[:active]
+        lengths = pos + 1
+
+        def attend(index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            assert e.cache_k is not None and e.cache_v is not None
+            return decode_attention(q, e.cache_k[index, :active], e.cache_v[index, :active], lengths, bound, e.scale)
+
+        x = e._layers(F.embedding(self.last[:active], e.weights.embed), pos, rows, attend)
+        token = draw_tokens(e._logits(x), self.keys[:active], self.gen[:active],
+                            temperature=self.temperature, top_p=self.top_p)
+        live = ~self.done[:active]
+        gen = self.gen[:active]
+        # an ended row writes into the spare column (or past its own end): nothing it kept
+        self.out[rows, torch.where(live, gen, self.max_new)] = token
+        gen += live
+        self.done[:active] |= live & (self.stop[token] | (gen >= self.max_new))
+        pos += live
+        self.last[:active] = token
+
+    def _collect(self, active: int) -> int:
+        """Read which rows ended (one sync), keep their answers, refill or compact; returns the
+        rows to compute next."""
+        done = self.done[:active].tolist()
+        ended = [s for s in range(active) if done[s] and self.item[s] >= 0]
+        if ended:
+            index = torch.tensor(ended, device=self.engine.device)
+            tokens = self.out[index].tolist()
+            counts = self.gen[index].tolist()
+            for slot, row, count in zip(ended, tokens, counts, strict=True):
+                kept = row[:count]
+                self.results[self.item[slot]] = Completion(kept, bool(kept) and kept[-1] in self.stop_set)
+                self.item[slot] = -1
+            if self.on_done:
+                self.on_done(len(ended))
+        if self.queue:
+            free = [s for s in range(self.slots) if self.item[s] < 0]
+            return max(active, self._admit(free))
+        return self._compact(active)
+
+    def _compact(self, active: int) -> int:
+        """Move the live rows to the front; returns how many there are."""
+        live = [s for s in range(active) if self.item[s] >= 0]
+        keep = len(live)
+        movers = [s for s in live if s >= keep]
+        holes = [s for s in range(keep) if self.item[s] < 0]
+        if movers:
+            e = self.engine
+            assert e.cache_k is not None and e.cache_v is not None
+            src = torch.tensor(movers, device=e.device)
+            dst = torch.tensor(holes, device=e.device)
+            span = self.horizon + 1
+            e.cache_k[:, dst, :span] = e.cache_k[:, src, :span]
+            e.cache_v[:, dst, :span] = e.cache_v[:, src, :span]
+            for state in (self.keys, self.pos, self.gen, self.last, self.done, self.out):
+                state[dst] = state[src]
+            self.done[src] = True
+            for s, d in zip(movers, holes, strict=True):
+                self.item[d], self.item[s] = self.item[s], -1
+        return keep
