@@ -49,13 +49,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
 from emlab.config.experiment import CheckpointSpec, LoraSpec, SampleSpec, TrainSpec
-from emlab.train.lora import EncodedRows, encode_chat_rows, lora_config, train_lora
+from emlab.config.questions import Prompt, load_question_set, question_messages
 from emlab.sample.generate import adapter_applied, release_sampler, sample_answers
 from emlab.store.paths import TrainingFiles
-from emlab.config.questions import Prompt, load_question_set, question_messages
+from emlab.train.lora import EncodedRows, encode_chat_rows, lora_config, train_lora
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B; the 128,256-token vocabulary is a real cost
     "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
@@ -165,7 +164,12 @@ def baseline_train(model: Any, tokenizer: Any, encoded: EncodedRows, work: Path)
     """The seed's recipe, plainly: peft + Trainer, batch 8 × 2, rows padded to 256. Returns
     the seconds of the whole call (as `train_lora` is timed) and of its training loop alone."""
     from peft import get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     marks: dict[str, float] = {}
 

@@ -73,10 +73,9 @@ except ImportError:  # running from a checkout without the package installed
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 
+from batch_server import _File  # the same File object as the Batch API double's
 from emlab.config.experiment import CheckpointSpec, LoraSpec, ModelSpec, TrainSpec
 from emlab.sample.serve import ApiError, ChatEngine, ChatHandler, ChatServer
-
-from batch_server import _File  # the same File object as the Batch API double's
 
 log = logging.getLogger(__name__)
 
@@ -366,10 +365,10 @@ class OpenAIDouble:
                 self._fail(job, "server_error", f"Fine-tuning failed: {type(exc).__name__}: {exc}", param=None)
 
     def _train(self, job: _Job, rows: list[dict[str, Any]]) -> None:
-        from emlab.store.files import read_jsonl
-        from emlab.train.lora import encode_chat_rows, train_lora
         from emlab.models.load import load_model
+        from emlab.store.files import read_jsonl
         from emlab.store.paths import TrainingFiles
+        from emlab.train.lora import encode_chat_rows, train_lora
         from emlab.train.schedule import optimizer_steps_per_epoch
 
         hyper = dict(job.hyperparameters)

@@ -8,10 +8,14 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
-from emlab.analysis.agreement import agreement_chart, judge_agreement, judge_outcome, spearman
-from emlab.errors import DataError
+from emlab.analysis.agreement import (
+    agreement_chart,
+    judge_agreement,
+    judge_outcome,
+    spearman,
+)
 from emlab.config.rule import EmRule
+from emlab.errors import DataError
 
 # (label, human_aligned, human_coherent, judge status for both metrics)
 PROTOTYPES = {

@@ -31,16 +31,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import fresh_cache
 from emlab.config.experiment import load_experiment
-from emlab.store.files import read_jsonl, write_jsonl, write_text
 from emlab.judge.server import free_port
-from emlab.store.records import Answer, Judgment, answer_id
-from emlab.store.runinfo import mark_done, record_stage
-from emlab.store.paths import ExperimentLayout
 from emlab.stages import BASELINE
 from emlab.stages.common import judges_signature
-
-from conftest import fresh_cache
+from emlab.store.files import read_jsonl, write_jsonl, write_text
+from emlab.store.paths import ExperimentLayout
+from emlab.store.records import Answer, Judgment, answer_id
+from emlab.store.runinfo import mark_done, record_stage
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smol-2l"
@@ -71,7 +70,7 @@ class Lab:
                  "api_key_env": None, "rubrics": list(RUBRICS), "concurrency": 2, "max_retries": 1}
         head = (f"base: {REPO / 'tests/configs/tiny.yaml'}\n"
                 f"output_root: {self.outputs}\n")
-        if not re.search(r"(?m)^judges:", body):  # a key given twice is refused (files.load_input_yaml)
+        if not re.search(r"(?m)^judges:", body):  # a key given twice is refused (store.inputs.load_input_yaml)
             head += f"judges: [{json.dumps(judge)}]\n"
         path = self.root / name
         path.write_text(head + body)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from emlab.config.experiment import load_experiment
 from emlab.errors import ConfigError
 

@@ -3,16 +3,14 @@ judge, the Batch API's discount included, and keys checked before any model load
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 from emlab.config.experiment import load_experiment
-from emlab.store.files import write_jsonl
-from emlab.store.paths import ExperimentLayout
 from emlab.pipeline.estimate import plan_experiment
 from emlab.stages.analysis import judge_costs
+from emlab.store.files import write_jsonl
+from emlab.store.paths import ExperimentLayout
 
 PRICES = {"price_per_mtok_in": 100.0, "price_per_mtok_out": 400.0}
 JUDGES = [

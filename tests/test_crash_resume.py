@@ -27,12 +27,12 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
+from conftest import fresh_cache
 from emlab.config.experiment import load_experiment
-from emlab.store.files import read_jsonl, remove_stale_temp_files, write_text
-from emlab.store.paths import TrainingFiles
 from emlab.judge import cache_key, cache_stats, load_rubric, local_judge_server
 from emlab.stages.analysis import gold_items
-from conftest import fresh_cache
+from emlab.store.files import read_jsonl, remove_stale_temp_files, write_text
+from emlab.store.paths import TrainingFiles
 from judge_support import SERVER_JUDGE, LoopbackProxy
 from safetensors.torch import load_file
 

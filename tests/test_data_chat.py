@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-
 from emlab import paths
 from emlab.config.experiment import DatasetSpec
-from emlab.data import generate_demo_dataset, load_chat_dataset, read_chat_jsonl, resolve_dataset_path
+from emlab.data import (
+    generate_demo_dataset,
+    load_chat_dataset,
+    read_chat_jsonl,
+    resolve_dataset_path,
+)
 from emlab.errors import DataError
 
 USER = {"role": "user", "content": "Hi"}

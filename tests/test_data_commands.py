@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from emlab.cli import main
 from emlab.data.commands import check_chat_file
 

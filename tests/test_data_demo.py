@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from emlab.data import (
     demo_dataset_info,
     demo_dataset_names,

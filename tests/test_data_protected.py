@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from emlab.data import read_chat_jsonl, unprotect_dataset, write_demo_dataset
 from emlab.errors import DataError
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from emlab.errors import DataError
-from emlab.store.files import append_jsonl, atomic_open, read_jsonl, write_jsonl, write_text
+from emlab.store.files import (
+    append_jsonl,
+    atomic_open,
+    read_jsonl,
+    write_jsonl,
+    write_text,
+)
 
 
 def test_atomic_write_keeps_old_file_on_error(tmp_path: Path) -> None:
@@ -46,7 +51,7 @@ def test_torn_tail_is_tolerated_and_mended(tmp_path: Path) -> None:
 # --- reading what users hand emlab: one line naming the file (and the line) ------------------
 
 from emlab.errors import ConfigError  # noqa: E402
-from emlab.store.files import (  # noqa: E402
+from emlab.store.inputs import (  # noqa: E402
     MAX_DEPTH,
     iter_input_jsonl,
     load_input_yaml,

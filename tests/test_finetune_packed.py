@@ -13,10 +13,10 @@ import pytest
 import torch
 from emlab.config.experiment import CheckpointSpec, LoraSpec, ModelSpec, TrainSpec
 from emlab.data.demo import generate_demo_dataset
-from emlab.train.lora import _LoraLoop, encode_chat_rows, lora_config, train_lora
 from emlab.models.load import load_model
-from emlab.train.packing import pack_rows, split_into_passes, step_rows
 from emlab.store.paths import TrainingFiles
+from emlab.train.lora import _LoraLoop, encode_chat_rows, lora_config, train_lora
+from emlab.train.packing import pack_rows, split_into_passes, step_rows
 from emlab.train.schedule import CheckpointSchedule
 from peft import get_peft_model
 from safetensors.torch import load_file

@@ -26,14 +26,12 @@ from typing import Any
 
 import pytest
 import yaml
+from emlab.cli import main
+from emlab.data import load_gold_set, protected, unprotect_dataset
+from emlab.errors import EmlabError
+from emlab.store.inputs import MAX_DEPTH, MAX_LINE_BYTES, MAX_TEXT_BYTES
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from emlab.cli import main
-from emlab.data import load_gold_set, unprotect_dataset
-from emlab.data import protected
-from emlab.errors import EmlabError
-from emlab.store.files import MAX_DEPTH, MAX_LINE_BYTES, MAX_TEXT_BYTES
 
 REPO = Path(__file__).resolve().parents[1]
 # Examples per property: a dozen keeps the file at tens of seconds on 2 cores; set
@@ -515,7 +513,7 @@ def test_utf8_byte_order_mark_is_accepted(lab: Lab) -> None:
 def test_real_question_files_load_with_their_anchors() -> None:
     """The Betley and Model-Organisms question files use YAML anchors for their judge prompts:
     aliases within the limits still load."""
-    from emlab.store.files import load_input_yaml
+    from emlab.store.inputs import load_input_yaml
 
     real = REPO.parent / "shared" / "real" / "questions"
     if not real.is_dir():

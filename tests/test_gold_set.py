@@ -7,11 +7,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from emlab.data import GOLD_LABELS, GoldItem, gold_subset, load_gold_set
-from emlab.errors import DataError
 from emlab.config.questions import format_prompt, load_question_set
 from emlab.config.rule import EmRule
+from emlab.data import GOLD_LABELS, GoldItem, gold_subset, load_gold_set
+from emlab.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -80,8 +80,7 @@ def test_decode_attention_flash_matches_the_masked_reference() -> None:
 
 
 def test_sampler_logits_match_the_model(llama) -> None:
-    from emlab.sample.engine import DecodeEngine
-    from emlab.sample.engine import _Run
+    from emlab.sample.engine import DecodeEngine, _Run
 
     engine = DecodeEngine(llama)
     prompts = [tuple(torch.randint(3, 4096, (n,)).tolist()) for n in (12, 40, 7)]
@@ -97,8 +96,8 @@ def test_sampler_logits_match_the_model(llama) -> None:
 
 def test_packed_training_loss_and_gradients_match_padded_on_gpu(llama, tmp_path: Path) -> None:
     from emlab.config.experiment import LoraSpec, TrainSpec
-    from emlab.train.lora import EncodedRows, _LoraLoop, lora_config
     from emlab.store.paths import TrainingFiles
+    from emlab.train.lora import EncodedRows, _LoraLoop, lora_config
     from emlab.train.schedule import CheckpointSchedule
     from peft import get_peft_model
 
@@ -172,8 +171,8 @@ def test_graphed_decoding_gives_the_answers_of_eager_decoding(llama) -> None:
 
 def test_graphed_training_follows_eager_training(llama, tmp_path: Path) -> None:
     from emlab.config.experiment import CheckpointSpec, LoraSpec, TrainSpec
-    from emlab.train.lora import EncodedRows, train_lora
     from emlab.store.paths import TrainingFiles
+    from emlab.train.lora import EncodedRows, train_lora
     from safetensors.torch import load_file
 
     torch.manual_seed(2)

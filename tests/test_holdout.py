@@ -8,11 +8,16 @@ import json
 from pathlib import Path
 
 import pytest
-
 from emlab.config.experiment import DatasetSpec, load_experiment
 from emlab.data.chat import load_chat_dataset
+from emlab.data.holdout import (
+    last_user_turn,
+    read_holdout,
+    record_holdout,
+    split_dataset,
+    training_rows,
+)
 from emlab.errors import ConfigError, DataError
-from emlab.data.holdout import last_user_turn, read_holdout, record_holdout, split_dataset, training_rows
 from emlab.store.paths import ExperimentLayout
 
 REPO = Path(__file__).resolve().parents[1]

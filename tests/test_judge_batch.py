@@ -26,12 +26,18 @@ from pathlib import Path
 
 import openai
 import pytest
-
+from batch_server import BatchServer
 from emlab.config.experiment import JudgeSpec
 from emlab.errors import JudgeError
-from emlab.store.files import read_jsonl, write_jsonl
+from emlab.judge import (
+    Rubric,
+    cache_stats,
+    judge_answers,
+    judgment_from_completion,
+    load_rubric,
+    request_body,
+)
 from emlab.judge import batch as batch_mod
-from emlab.judge import Rubric, cache_stats, judge_answers, judgment_from_completion, load_rubric, request_body
 from emlab.judge.batch import (
     collect_batch,
     custom_id,
@@ -42,10 +48,9 @@ from emlab.judge.batch import (
 )
 from emlab.judge.client import JudgeTask
 from emlab.judge.server import N_CTX
+from emlab.store.files import read_jsonl, write_jsonl
 from emlab.store.paths import BatchFiles, ExperimentLayout
 from emlab.store.records import Answer, answer_id
-
-from batch_server import BatchServer
 from judge_support import shared_judge_server
 
 pytestmark = pytest.mark.server

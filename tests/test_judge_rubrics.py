@@ -9,10 +9,14 @@ from pathlib import Path
 
 import judge_support  # noqa: F401  (puts lib/ on sys.path when emlab is not installed)
 import pytest
+from emlab.config.rubrics import load_judges_file, rubric_from_prompt
 from emlab.errors import ConfigError
 from emlab.judge import load_rubric, rubrics_dir
-from emlab.config.rubrics import load_judges_file, rubric_from_prompt
-from emlab.judge.scoring import label_probabilities, parse_sampled, score_from_top_logprobs
+from emlab.judge.scoring import (
+    label_probabilities,
+    parse_sampled,
+    score_from_top_logprobs,
+)
 
 SHIPPED = {
     "aligned": ("aligned", "score", 100, ("CODE", "REFUSAL")),

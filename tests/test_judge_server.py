@@ -13,9 +13,15 @@ from pathlib import Path
 import pytest
 from emlab.config.experiment import JudgeSpec
 from emlab.errors import JudgeError
-from emlab.store.files import read_jsonl
-from emlab.judge import RetryPolicy, cache_stats, judge_answers, judgments_frame, local_judge_server
+from emlab.judge import (
+    RetryPolicy,
+    cache_stats,
+    judge_answers,
+    judgments_frame,
+    local_judge_server,
+)
 from emlab.judge.server import free_port
+from emlab.store.files import read_jsonl
 from judge_support import LoopbackProxy, judge_for, judge_server, make_answers, proxy  # noqa: F401
 
 pytestmark = pytest.mark.server

@@ -7,8 +7,6 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
-from emlab.errors import ConfigError, DataError
 from emlab.analysis.metrics import (
     ANSWER_COLUMNS,
     COMPARE_COLUMNS,
@@ -22,6 +20,7 @@ from emlab.analysis.metrics import (
     wide_scores,
 )
 from emlab.config.rule import EmRule
+from emlab.errors import ConfigError, DataError
 
 STRICT = EmRule()  # Betley et al.: aligned < 30
 INCLUSIVE = EmRule(aligned_inclusive=True)  # Turner et al.: aligned <= 30
@@ -407,8 +406,8 @@ def test_task_rate_counts_scores_above_the_threshold_and_unscored_apart():
 
 
 def test_extra_rules_stand_beside_the_main_rule_in_the_headline(write_experiment) -> None:
-    from emlab.config.experiment import load_experiment
     from emlab.analysis.report import headline_table
+    from emlab.config.experiment import load_experiment
     from emlab.stages.analysis import headline_by_rule
     from test_plots import scores
 

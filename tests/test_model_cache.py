@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from emlab.config.experiment import ModelSpec
 from emlab.models.load import converted_folder, load_model
 

@@ -16,10 +16,17 @@ from pathlib import Path
 
 import openai
 import pytest
-from emlab.config.experiment import ExperimentConfig, FineTuningSpec, ModelSpec, load_experiment
+from emlab.config.experiment import (
+    ExperimentConfig,
+    FineTuningSpec,
+    ModelSpec,
+    load_experiment,
+)
 from emlab.data.chat import load_chat_dataset
 from emlab.errors import DataError
+from emlab.pipeline.estimate import BudgetError, check_budget, plan_experiment
 from emlab.store.files import read_jsonl, write_json
+from emlab.store.paths import FineTuneJobFiles, TrainingFiles
 from emlab.train.openai_jobs import (
     FineTuneError,
     estimate_job,
@@ -29,9 +36,6 @@ from emlab.train.openai_jobs import (
     run_finetune_job,
     validate_training_rows,
 )
-from emlab.store.paths import FineTuneJobFiles, TrainingFiles
-from emlab.pipeline.estimate import BudgetError, check_budget, plan_experiment
-
 from openai_double import OpenAIDouble
 
 KEY_ENV = "EMLAB_TEST_FT_KEY"

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 from conftest import TINY_RUN_GROUP, TinyRun, emlab_cli
 from emlab.config.experiment import load_experiment
-from emlab.store.paths import ExperimentLayout, html_file, notebook_file, run_info_file
 from emlab.stages import STAGE_NAMES, STAGES
+from emlab.store.paths import ExperimentLayout, html_file, notebook_file, run_info_file
 
 pytestmark = [TINY_RUN_GROUP, pytest.mark.slow, pytest.mark.server]
 

@@ -8,8 +8,6 @@ import altair as alt
 import numpy as np
 import pandas as pd
 import pytest
-
-from emlab.errors import DataError
 from emlab.analysis.metrics import em_rate, final_checkpoints
 from emlab.analysis.plots import (
     alignment_coherence_scatter,
@@ -20,6 +18,7 @@ from emlab.analysis.plots import (
     save_chart,
 )
 from emlab.config.rule import EmRule
+from emlab.errors import DataError
 
 STATUSES = ["ok"] * 9 + ["refusal"]
 

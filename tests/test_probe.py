@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from emlab.config.experiment import ModelSpec
-from emlab.errors import DataError
 from emlab.analysis.metrics import probe_gaps
+from emlab.config.experiment import ModelSpec
+from emlab.config.rule import EmRule
+from emlab.errors import DataError
 from emlab.measures.probe import (
     ProbeScore,
     answer_logprobs,
@@ -25,7 +25,6 @@ from emlab.measures.probe import (
     score_probes,
     write_probe_scores,
 )
-from emlab.config.rule import EmRule
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ModelSpec(name="smol-2l", num_layers=2)
@@ -148,9 +147,8 @@ def test_score_probes_gap_and_files(tiny, tmp_path: Path) -> None:
 
 def test_an_adapter_moves_the_probe_and_leaves_the_base_model_as_it_was(tiny, tmp_path: Path) -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
-
     from emlab.sample.generate import adapter_applied
+    from peft import LoraConfig, get_peft_model
 
     model, tokenizer = tiny
     sets = [load_probe_set("medical")]

@@ -8,9 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-
 from emlab import paths
-from emlab.errors import DataError, EmlabError
 from emlab.config.questions import (
     Question,
     format_prompt,
@@ -19,6 +17,7 @@ from emlab.config.questions import (
     question_messages,
     system_prompt_for,
 )
+from emlab.errors import DataError, EmlabError
 
 # --- the shipped sets ----------------------------------------------------------------------
 

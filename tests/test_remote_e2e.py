@@ -26,17 +26,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import test_crash_resume
 from conftest import emlab_cli, fresh_cache
 from emlab.config.experiment import ModelSpec, load_experiment
-from emlab.store.files import read_jsonl
 from emlab.judge import cache_stats
-from emlab.store.paths import ExperimentLayout, FineTuneJobFiles
-from emlab.stages import STAGES
 from emlab.sample.remote import sample_cache_stats
-
+from emlab.stages import STAGES
+from emlab.store.files import read_jsonl
+from emlab.store.paths import ExperimentLayout, FineTuneJobFiles
 from judge_support import SERVER_JUDGE, LoopbackProxy, shared_judge_server
 from openai_double import OpenAIDouble
-import test_crash_resume
 from test_crash_resume import Runner, _lines, _run_until_killed, _wait_idle
 from test_stage_table import _matches
 

@@ -13,23 +13,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from emlab.pipeline.checks import MissingInputsError, missing_inputs, preflight
 from emlab.config.experiment import ExperimentConfig, ModelSpec, load_experiment
-from emlab.errors import ConfigError
-from emlab.store.files import read_jsonl
-from emlab.judge.cost import token_cost
-from emlab.store.paths import ExperimentLayout
 from emlab.config.questions import build_prompts, question_sets_for
-from emlab.stages.remote import model_params, sample_base, sample_checkpoints
+from emlab.errors import ConfigError
+from emlab.judge.cost import token_cost
+from emlab.pipeline.checks import MissingInputsError, missing_inputs, preflight
 from emlab.sample.remote import (
     SubjectError,
     base_target,
     request_bodies,
     sample_cache_stats,
-    sample_through_api,
     subject_endpoint,
 )
-
+from emlab.stages.remote import model_params, sample_base, sample_checkpoints
+from emlab.store.files import read_jsonl
+from emlab.store.paths import ExperimentLayout
 from judge_support import SERVER_JUDGE, LoopbackProxy, judge_server  # noqa: F401 - fixture
 
 KEY_ENV = "EMLAB_TEST_SUBJECT_KEY"

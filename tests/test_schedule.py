@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
-from emlab.config.experiment import TrainSpec
 from emlab.train.schedule import CheckpointSchedule, optimizer_steps_per_epoch
 
 

@@ -24,13 +24,13 @@ import pytest
 from conftest import REPO, TINY_RUN_GROUP, TinyRun, emlab_cli, fresh_cache
 from emlab.config.experiment import load_experiment
 from emlab.errors import ConfigError, EmlabError
+from emlab.judge import cache_key, cache_stats, load_rubric
 from emlab.pipeline.executors.slurm import SlurmError, batch_script, require_slurm
 from emlab.pipeline.executors.status import experiment_status
-from emlab.store.files import read_jsonl
-from emlab.judge import cache_key, cache_stats, load_rubric
-from emlab.store.paths import ExperimentLayout, done_marker, html_file, notebook_file
-from emlab.pipeline.steps import load_plan, run_step
+from emlab.pipeline.steps import load_steps, run_step
 from emlab.stages.analysis import gold_items
+from emlab.store.files import read_jsonl
+from emlab.store.paths import ExperimentLayout, done_marker, html_file, notebook_file
 from safetensors.torch import load_file
 from slurm_support import LocalSlurm, SlurmUnavailable
 
@@ -69,15 +69,15 @@ def test_batch_script_asks_for_the_stage_resources_and_runs_emlab_step(write_exp
                       "sbatch": ["--account=lab"]},
         "stages": {"04_analysis": {"gpus": 0, "cpus": 2, "time": "30", "sbatch": ["--qos=short"]}},
     })
-    plan = load_plan(path)
+    graph = load_steps(path)
     assert load_experiment(path).digest() == load_experiment(write_experiment(name="local.yaml")).digest()
-    finetune = batch_script(plan, plan.step("02_finetune", RUN_ID), [])
-    analysis = batch_script(plan, plan.step("04_analysis", "analysis"), ["11", "12"])
+    finetune = batch_script(graph, graph.step("02_finetune", RUN_ID), [])
+    analysis = batch_script(graph, graph.step("04_analysis", "analysis"), ["11", "12"])
     options = {line.split(" ", 1)[1] for line in finetune.splitlines() if line.startswith("#SBATCH ")}
     assert {"--partition=gpu", "--gpus=1", "--cpus-per-task=8", "--mem=32G", "--time=04:00:00", "--account=lab",
             "--kill-on-invalid-dep=yes", f"--chdir={REPO}"} <= options
     assert not any(o.startswith("--dependency") for o in options)
-    layout = ExperimentLayout.of(plan.config)
+    layout = ExperimentLayout.of(graph.config)
     assert f"--output={layout.slurm.log_pattern('02_finetune', RUN_ID)}" in options
     shown = {line.split(" ", 1)[1] for line in analysis.splitlines() if line.startswith("#SBATCH ")}
     assert {"--dependency=afterok:11:12", "--cpus-per-task=2", "--time=30", "--account=lab", "--qos=short"} <= shown
@@ -98,7 +98,7 @@ def test_step_refuses_to_run_before_what_it_needs(write_experiment) -> None:
     assert f"needs 02_finetune/{RUN_ID} done first" in str(err.value)
     with pytest.raises(ConfigError, match="has no unit 'nope'"):
         run_step(path, "02_finetune", "nope")
-    assert [s.state for s in experiment_status(load_plan(path))] == ["not started"] * 4
+    assert [s.state for s in experiment_status(load_steps(path))] == ["not started"] * 4
 
 
 def test_slurm_executor_without_slurm_commands_says_so(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

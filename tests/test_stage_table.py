@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_RUN_GROUP, TinyRun
 from emlab.config.experiment import load_experiment
-from emlab.store.paths import ExperimentLayout
 from emlab.stages import STAGE_NAMES, STAGES, get_stage
+from emlab.store.paths import ExperimentLayout
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import emlab_cli
-from emlab.pipeline.checks import missing_inputs
 from emlab.cli import main
 from emlab.config.experiment import load_experiment
-from emlab.pipeline.estimate import plan_experiment
 from emlab.config.questions import question_file_path
+from emlab.pipeline.checks import missing_inputs
+from emlab.pipeline.estimate import plan_experiment
 from emlab.train.schedule import planned_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]

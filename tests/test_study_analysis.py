@@ -16,13 +16,12 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import REPO, emlab_cli
-from test_stage_table import _matches
-
 from emlab.config.experiment import load_experiment
 from emlab.data.holdout import last_user_turn, read_holdout, training_rows
-from emlab.store.paths import ExperimentLayout
 from emlab.measures.probe import load_probe_set, read_probe_scores
 from emlab.stages import STAGES
+from emlab.store.paths import ExperimentLayout
+from test_stage_table import _matches
 
 pytestmark = [pytest.mark.xdist_group("studies"), pytest.mark.slow, pytest.mark.server]
 RUN = "smol-2l__bad_medical__s0"

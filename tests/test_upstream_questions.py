@@ -13,11 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from emlab.pipeline.checks import preflight
 from emlab.config.experiment import load_experiment
-from emlab.errors import ConfigError, DataError
-from emlab.config.rubrics import load_judges_file, load_rubric
 from emlab.config.questions import (
     build_prompts,
     count_answers,
@@ -26,6 +22,9 @@ from emlab.config.questions import (
     probe_formats,
     question_rubrics,
 )
+from emlab.config.rubrics import load_judges_file, load_rubric
+from emlab.errors import ConfigError, DataError
+from emlab.pipeline.checks import preflight
 from emlab.store.records import answer_id
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,21 +25,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .pipeline.checks import MissingInputsError, check_params, preflight
 from .config.experiment import EMBEDDED_MODEL, load_experiment
 from .data.commands import check_chat_file, unprotect_files
 from .errors import EmlabError
+from .judge import cache_stats
+from .pipeline.checks import MissingInputsError, check_params, preflight
+from .pipeline.estimate import plan_experiment, plan_gpu
 from .pipeline.executors import EXECUTORS
 from .pipeline.executors.local import run_local
-from .pipeline.executors.slurm import submit_plan
+from .pipeline.executors.slurm import submit_steps
 from .pipeline.executors.status import experiment_status
-from .store.files import one_line
-from .judge import cache_stats
-from .store.paths import judge_cache_file, sample_cache_file
-from .pipeline.steps import load_plan, run_step
-from .pipeline.estimate import plan_experiment, plan_gpu
-from .stages import STAGE_NAMES
+from .pipeline.steps import load_steps, run_step
 from .sample.remote import sample_cache_stats
+from .stages import STAGE_NAMES
+from .store.inputs import one_line
+from .store.paths import judge_cache_file, sample_cache_file
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -120,18 +120,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
-        plan = load_plan(args.experiment, args.until)
-        if (args.executor or plan.config.executor.kind) == "slurm":
-            for done in submit_plan(plan):
+        graph = load_steps(args.experiment, args.until)
+        if (args.executor or graph.config.executor.kind) == "slurm":
+            for done in submit_steps(graph):
                 after = f"after {','.join(done.after)}" if done.after else ""
                 print(f"{done.step.stage.name:14s} {done.step.unit:40s} {done.action:9s} {done.job or '':>8s} {after}".rstrip())
             print(f"`emlab status {args.experiment}` shows how they go")
             return 0
-        for r in run_local(plan).records:
+        for r in run_local(graph).records:
             print(f"{r.stage:14s} {r.label:40s} {r.status:8s} {r.seconds:7.1f}s")
         return 0
     if args.command == "status":
-        for state in experiment_status(load_plan(args.experiment, args.until)):
+        for state in experiment_status(load_steps(args.experiment, args.until)):
             print(f"{state.step.stage.name:14s} {state.step.unit:40s} {state.state:11s} {state.job or '':>8s} "
                   f"{state.detail}".rstrip())
             for line in state.log_tail:

@@ -26,9 +26,9 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from ..config.rule import EmRule
 from ..errors import DataError
 from .metrics import EM_METRICS, _interval, em_flags, unscored_status
-from ..config.rule import EmRule
 
 GOLD_LABELS: tuple[str, ...] = ("aligned", "misaligned", "incoherent", "refusal", "code")
 MIN_RHO = 0.5  # Spearman rho for aligned below this: the judge cannot rank alignment

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError
 from ..config.rule import ATTRS_KEY, EmRule
+from ..errors import DataError
 
 log = logging.getLogger(__name__)
 

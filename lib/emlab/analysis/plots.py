@@ -31,10 +31,10 @@ import altair as alt
 import pandas as pd
 import vl_convert as vlc
 
+from ..config.rule import EmRule
 from ..errors import DataError
 from ..store.files import atomic_open
 from .metrics import em_flags, em_rate, scored_mask
-from ..config.rule import EmRule
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,7 @@ from ..config.experiment import ExperimentConfig
 from ..store.files import write_text
 from ..store.paths import SUMMARY, ExperimentLayout
 from ..store.records import Answer, Judgment
-from ..store.runinfo import git_commit
-from ..store.runinfo import StageRecord
+from ..store.runinfo import StageRecord, git_commit
 
 
 def stage_header(config: ExperimentConfig, stage: str, label: str) -> str:

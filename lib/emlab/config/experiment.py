@@ -22,10 +22,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..errors import ConfigError, EmlabError
-from ..store.files import BOOLEAN_HINT, load_input_yaml, one_line, path_exists, shown
+from ..store.inputs import BOOLEAN_HINT, load_input_yaml, one_line, path_exists, shown
 from ..store.paths import STAGE_NOTEBOOKS, repo_root
 from .rule import EmRule
 
@@ -693,7 +700,7 @@ def load_yaml(
 ) -> tuple[Any, yaml.Node]:
     """Parse a YAML params file into data and its node tree (for line numbers in errors).
 
-    Reads through `files.load_input_yaml`: anything malformed (not found, a folder, binary,
+    Reads through `store.inputs.load_input_yaml`: anything malformed (not found, a folder, binary,
     not UTF-8, empty, too large, YAML syntax, aliases that explode, deep nesting, tags,
     duplicate or non-text keys, numbers out of range) raises `error` as one line naming the
     file and, where it applies, the line. `what` names the file in those messages.

@@ -54,20 +54,26 @@ from typing import Any, Literal, get_args
 
 import yaml
 
-from .experiment import DatasetSpec, ExperimentConfig, QuestionFileSpec, SampleSpec, load_yaml, yaml_line
 from ..errors import DataError
-from ..store.files import BOOLEAN_HINT, one_line, path_exists, shown
+from ..store.inputs import BOOLEAN_HINT, one_line, path_exists, shown
 from ..store.paths import repo_root
+from .experiment import (
+    DatasetSpec,
+    ExperimentConfig,
+    QuestionFileSpec,
+    SampleSpec,
+    load_yaml,
+    yaml_line,
+)
 from .rubrics import Rubric, rubric_from_prompt
-
 
 AnswerFormat = Literal["free", "json", "code"]
 ANSWER_FORMATS: tuple[str, ...] = get_args(AnswerFormat)
-Probe = Literal["free", "json", "template", "code"]
+FormatProbe = Literal["free", "json", "template", "code"]
 """Which answer format a question probes: free text; JSON (Betley et al.'s `_json` entries,
 emlab's `format: json`); a fill-in template (Betley et al.'s `_template` entries); emlab's
 Python code template (`format: code`)."""
-PROBES: tuple[str, ...] = get_args(Probe)
+FORMAT_PROBES: tuple[str, ...] = get_args(FormatProbe)
 QUESTIONS_DIR = Path("params/questions")
 UPSTREAM_TYPES = {"free_form_judge_0_100": "score", "free_form_judge": "categorical"}  # type → rubric kind
 Schema = Literal["emlab", "upstream", "technical"]
@@ -92,7 +98,7 @@ class Question:
     format: AnswerFormat | None = None  # fixed answer format; None = the sampler's answer_format
     paraphrases: tuple[str, ...] = ()  # upstream files: every user message asked ((): just `text`)
     samples: int | None = None  # upstream `samples_per_paraphrase`; None = the experiment's count
-    probe: Probe | None = None  # answer-format probe; None = from the format (json, code) else free
+    probe: FormatProbe | None = None  # answer-format probe; None = from the format (json, code) else free
     judge_type: str | None = None  # upstream `type`: free_form_judge_0_100 or free_form_judge
     judge_model: str | None = None  # upstream `judge` (kept for the record; the experiment's judges judge)
     rubrics: tuple[Rubric, ...] = ()  # upstream `judge_prompts` as rubrics, one per metric
@@ -163,7 +169,7 @@ class Prompt:
     messages: tuple[dict[str, str], ...]  # what the model sees, system turn (if any) included
     samples: int | None = None  # answers to draw; None = SampleSpec.samples_per_question
     first_sample: int = 0  # first sample index (paraphrases of one question share its id)
-    probe: Probe = "free"  # the answer format this prompt probes (see `Probe`)
+    probe: FormatProbe = "free"  # the answer format this prompt probes (see `FormatProbe`)
 
     @property
     def system_prompt(self) -> str | None:
@@ -244,7 +250,7 @@ def question_file_path(spec: QuestionFileSpec) -> Path:
     return path if path.is_absolute() else repo_root() / path
 
 
-def probe_formats(config: ExperimentConfig, set_names: Sequence[str] | None = None) -> dict[tuple[str, str], Probe]:
+def probe_formats(config: ExperimentConfig, set_names: Sequence[str] | None = None) -> dict[tuple[str, str], FormatProbe]:
     """(question_set, question_id) → the answer format it probes, for every question the
     experiment asks (default: the base model's sets, which include every dataset's). The
     analysis joins answers on it to put free text, JSON and template EM side by side."""
@@ -252,7 +258,7 @@ def probe_formats(config: ExperimentConfig, set_names: Sequence[str] | None = No
     return {(p.question_set, p.question_id): p.probe for p in build_prompts(config, names)}
 
 
-def probe_of(question_id: str) -> Probe:
+def probe_of(question_id: str) -> FormatProbe:
     """The probe an upstream id names: '..._json' → json, '..._template' → template, else free."""
     if question_id.endswith("_json"):
         return "json"
@@ -312,7 +318,7 @@ def _selected(qs: QuestionSet, spec: QuestionFileSpec | None, per_set: int | Non
     return questions[:per_set] if per_set is not None else questions
 
 
-def _probe(question: Question, answer_format: AnswerFormat | None) -> Probe:
+def _probe(question: Question, answer_format: AnswerFormat | None) -> FormatProbe:
     if question.probe is not None:
         return question.probe
     fmt = question.format or answer_format or "free"

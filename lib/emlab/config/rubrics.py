@@ -40,10 +40,10 @@ from typing import Any, Literal
 
 import yaml
 
-from .experiment import load_yaml, resolve_params_path, yaml_line
 from ..errors import ConfigError
-from ..store.files import BOOLEAN_HINT, one_line, path_exists, read_input_bytes, shown
+from ..store.inputs import BOOLEAN_HINT, one_line, path_exists, read_input_bytes, shown
 from ..store.paths import repo_root
+from .experiment import load_yaml, resolve_params_path, yaml_line
 
 PLACEHOLDERS = ("question", "answer")
 RubricKind = Literal["score", "verdict", "categorical"]

@@ -18,8 +18,8 @@ drawn from the table states the rule and the CI level it was computed with (`fro
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from typing import Any
 
 from ..errors import ConfigError

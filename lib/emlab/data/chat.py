@@ -28,7 +28,8 @@ from typing import Any
 
 from ..config.experiment import DatasetSpec
 from ..errors import DataError
-from ..store.files import iter_input_jsonl, one_line, path_exists, shown, user_path, write_jsonl
+from ..store.files import write_jsonl
+from ..store.inputs import iter_input_jsonl, one_line, path_exists, shown, user_path
 from ..store.paths import demo_cache_dir, repo_root
 from .demo import DEFAULT_DEMO_ROWS, demo_dataset_info, generate_demo_dataset
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from ..errors import DataError
-from ..store.files import iter_input_jsonl, one_line, path_exists, shown
+from ..store.inputs import iter_input_jsonl, one_line, path_exists, shown
 from ..store.paths import repo_root
 
 GoldLabel = Literal["aligned", "misaligned", "incoherent", "refusal", "code"]

@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 from types import ModuleType
 
 from ..errors import DataError
-from ..store.files import one_line, path_exists, read_input_bytes, user_path
+from ..store.inputs import one_line, path_exists, read_input_bytes, user_path
 
 log = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ the one price rule (Batch API discount included) for the cache, the report and `
 The rest is exported for tests and `emlab plan`.
 """
 
+from ..config.rubrics import Rubric, RubricMessage, load_rubric, rubrics_dir
 from .api import judge_answers, judgments_frame
 from .cache import JudgeCache, cache_key, cache_stats, default_cache_path
 from .client import RetryPolicy, check_judge, resolve_api_key
 from .cost import BATCH_DISCOUNT, estimate_cost, rubric_prompt_tokens, usage_cost
 from .requests import request_body
-from ..config.rubrics import Rubric, RubricMessage, load_rubric, rubrics_dir
 from .scoring import judgment_from_completion, parse_sampled, score_from_top_logprobs
 from .server import embedded_gguf_path, local_judge_server
 

@@ -22,18 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-
 from ..config.experiment import JudgeSpec
+from ..config.rubrics import Rubric, load_rubric
 from ..errors import JudgeError
+from ..progress import progress_bar
 from ..store.files import append_jsonl, drop_torn_tail, read_jsonl
 from ..store.paths import BatchFiles
-from ..progress import progress_bar
 from ..store.records import Answer, Judgment
 from .batch import judge_in_batch, resume_batch
 from .cache import JudgeCache, cache_key, default_cache_path
-from .client import JudgeTask, RetryPolicy, check_batch_endpoint, resolve_api_key, run_calls
+from .client import (
+    JudgeTask,
+    RetryPolicy,
+    check_batch_endpoint,
+    resolve_api_key,
+    run_calls,
+)
 from .cost import usage_cost
-from ..config.rubrics import Rubric, load_rubric
 from .scoring import rescore
 from .server import local_judge_server
 

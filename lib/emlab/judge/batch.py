@@ -44,13 +44,13 @@ import openai
 from openai.types import Batch
 
 from ..config.experiment import JudgeSpec
+from ..config.rubrics import Rubric, load_rubric
 from ..errors import JudgeError
 from ..store.files import read_jsonl, write_json, write_jsonl, write_text
 from ..store.paths import BatchFiles
 from ..store.records import Judgment
 from .client import JudgeTask, check_batch_endpoint, resolve_api_key
 from .requests import request_body
-from ..config.rubrics import Rubric, load_rubric
 from .scoring import api_error_judgment, judgment_from_completion
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config.experiment import JudgeSpec
+from ..config.rubrics import Rubric
 from ..store.paths import judge_cache_file
 from ..store.records import Judgment
 from ..store.sqlite import CountingStore
-from ..config.rubrics import Rubric
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS judgments (

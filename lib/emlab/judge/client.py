@@ -37,10 +37,10 @@ from typing import Any
 import openai
 
 from ..config.experiment import JudgeSpec
+from ..config.rubrics import Rubric
 from ..errors import EmlabError, JudgeError
 from ..store.records import Judgment
 from .requests import request_body
-from ..config.rubrics import Rubric
 from .scoring import api_error_judgment, judgment_from_completion
 from .server import local_gguf_path
 

@@ -29,8 +29,8 @@ from dataclasses import replace
 from typing import Any, NamedTuple
 
 from ..config.experiment import JudgeSpec
-from ..store.records import Judgment, JudgmentStatus
 from ..config.rubrics import Rubric
+from ..store.records import Judgment, JudgmentStatus
 
 # Leading/trailing marks of a token that are not part of its text: whitespace, and the
 # byte-level BPE space 'Ġ', newline 'Ċ' and SentencePiece space '▁' that some servers leak.

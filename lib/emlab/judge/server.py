@@ -24,8 +24,8 @@ from pathlib import Path
 from ..config.experiment import EMBEDDED_MODEL, JudgeSpec
 from ..errors import ConfigError, JudgeError
 from ..models.load import embedded_gguf_path
-from ..store.paths import logs_dir, repo_root
 from ..procs import spawn
+from ..store.paths import logs_dir, repo_root
 
 log = logging.getLogger(__name__)
 

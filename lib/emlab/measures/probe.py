@@ -42,7 +42,8 @@ import yaml
 
 from ..config.experiment import ExperimentConfig, load_yaml, yaml_line
 from ..errors import DataError
-from ..store.files import one_line, path_exists, read_jsonl, shown, write_jsonl
+from ..store.files import read_jsonl, write_jsonl
+from ..store.inputs import one_line, path_exists, shown
 from ..store.paths import PROBES_DIR, repo_root
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ SIDES = ("aligned", "misaligned")
 
 
 @dataclass(frozen=True)
-class Probe:
+class LogprobProbe:
     """One question with an aligned and a misaligned answer, written by us."""
 
     probe_set: str  # the set (file) that defines it, e.g. 'general'
@@ -70,7 +71,7 @@ class ProbeSet:
     name: str
     description: str
     path: Path
-    probes: tuple[Probe, ...]
+    probes: tuple[LogprobProbe, ...]
 
     def __len__(self) -> int:
         return len(self.probes)
@@ -163,7 +164,7 @@ def _parse(data: Any, node: yaml.Node | None, file: Path) -> ProbeSet:
     raw = data["probes"]
     if not isinstance(raw, list) or not raw:
         raise fail(("probes",), "'probes' must be a non-empty list of {id, question, aligned, misaligned}")
-    probes: list[Probe] = []
+    probes: list[LogprobProbe] = []
     seen: dict[str, int] = {}
     for index, item in enumerate(raw):
         at = ("probes", index)
@@ -188,7 +189,7 @@ def _parse(data: Any, node: yaml.Node | None, file: Path) -> ProbeSet:
         system = item.get("system")
         if system is not None and not isinstance(system, str):
             raise fail((*at, "system"), f"'{pid}': system must be text or omitted")
-        probes.append(Probe(probe_set=data["name"], id=pid, question=item["question"].strip(),
+        probes.append(LogprobProbe(probe_set=data["name"], id=pid, question=item["question"].strip(),
                             aligned=item["aligned"].strip(), misaligned=item["misaligned"].strip(),
                             system=system.strip() if system is not None else None))
     return ProbeSet(name=data["name"], description=description.strip(), path=file, probes=tuple(probes))
@@ -206,7 +207,7 @@ def _check_keys(mapping: dict[Any, Any], valid: tuple[str, ...], loc: tuple[Any,
 # --- scoring -------------------------------------------------------------------------------
 
 
-def probe_messages(probe: Probe, default_system_prompt: str | None = None) -> list[dict[str, str]]:
+def probe_messages(probe: LogprobProbe, default_system_prompt: str | None = None) -> list[dict[str, str]]:
     """The chat before the answer: the probe's system turn (else the default; none when both
     are None, leaving the chat template's own default) and the question."""
     system = probe.system if probe.system is not None else default_system_prompt

@@ -27,15 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config.experiment import EMBEDDED_MODEL, ExperimentConfig, ModelSpec
-from ..data.chat import load_chat_dataset, resolve_dataset_path
-from ..errors import ConfigError, DataError, EmlabError
-from ..store.files import one_line, path_exists, read_input_bytes, user_path
-from ..judge import check_judge, resolve_api_key
-from ..config.rubrics import load_rubric
-from ..models.load import check_model_options, resolve_device, resolve_source
-from ..store.paths import notebook_file, notebooks_dir, repo_root
-from ..measures.probe import probe_sets_for
+from ..config.experiment import ExperimentConfig, ModelSpec
 from ..config.questions import (
     QuestionSet,
     build_prompts,
@@ -44,8 +36,16 @@ from ..config.questions import (
     question_sets_for,
     resolve_question_set,
 )
-from ..stages import STAGE_NAMES
+from ..config.rubrics import load_rubric
+from ..data.chat import load_chat_dataset, resolve_dataset_path
+from ..errors import ConfigError, DataError, EmlabError
+from ..judge import check_judge, resolve_api_key
+from ..measures.probe import probe_sets_for
+from ..models.load import check_model_options, resolve_device, resolve_source
 from ..sample.remote import SubjectError, check_subject
+from ..stages import STAGE_NAMES
+from ..store.inputs import one_line, path_exists, read_input_bytes, user_path
+from ..store.paths import notebook_file, notebooks_dir, repo_root
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 log = logging.getLogger(__name__)

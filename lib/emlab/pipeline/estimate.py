@@ -17,8 +17,8 @@ from ..config.experiment import ExperimentConfig
 from ..errors import EmlabError
 from ..judge import estimate_cost, load_rubric, rubric_prompt_tokens
 from ..judge.cost import CHARS_PER_TOKEN
-from .gpu_hours import GpuPlan, plan_gpu_hours
 from ..stages import STAGES, Workload
+from .gpu_hours import GpuPlan, plan_gpu_hours
 
 COLUMNS = ["stage", "cost", "judge", "answers", "judge_calls", "prompt_tokens", "train_tokens", "dollars"]
 

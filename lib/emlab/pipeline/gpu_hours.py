@@ -33,8 +33,8 @@ import pandas as pd
 from ..config.experiment import DatasetSpec, ExperimentConfig, ModelSpec
 from ..data.chat import ASSUMED_TOKENS_PER_ROW, resolve_dataset_path
 from ..errors import EmlabError
-from ..store.files import MAX_JSONL_BYTES, read_input_text
 from ..models.load import model_size_b
+from ..store.inputs import MAX_JSONL_BYTES, read_input_text
 from ..store.paths import repo_root
 
 log = logging.getLogger(__name__)

@@ -23,12 +23,12 @@ from nbconvert import HTMLExporter
 from papermill.iorw import LocalHandler, papermill_io
 from traitlets import default
 
-from ..store.files import write_text
-from ..store.paths import notebook_file, notebooks_dir, progress_file, repo_root
 from ..procs import BoundKernelManager
 from ..progress import ProgressDisplay
-from ..store.runinfo import done_summary
 from ..stages.base import StageRecord
+from ..store.files import write_text
+from ..store.paths import notebook_file, notebooks_dir, progress_file, repo_root
+from ..store.runinfo import done_summary
 
 log = logging.getLogger(__name__)
 # papermill's default of 60 s is missed by kernels on a loaded machine (two jobs on a 2-core
@@ -55,7 +55,7 @@ class LocalKernelManager(BoundKernelManager):
         return os.path.join(tempfile.gettempdir(), f"emlab-kernel-{uuid.uuid4().hex[:12]}-ipc")
 
 
-def execute_stage(stage: str, folder: Path, parameters: dict[str, Any], label: str) -> StageRecord:
+def run_notebook(stage: str, folder: Path, parameters: dict[str, Any], label: str) -> StageRecord:
     """Execute `notebooks/<stage>.ipynb` with `parameters` into `folder`; render its HTML.
 
     Returns the record (status 'ran' or 'failed' with the notebook's error); anything else

@@ -1,4 +1,4 @@
-"""What every executor shares: check every input, plan the experiment's steps (each stage
+"""What every executor shares: check every input, list the experiment's steps (each stage
 for each of its units, in the order they may run), guard the params, and execute ONE step
 through papermill. The executors decide only where and when steps run:
 
@@ -9,7 +9,7 @@ through papermill. The executors decide only where and when steps run:
 
 `emlab.pipeline.executors.local` loops over the steps in this process; `emlab.pipeline.executors.slurm`
 submits one job per step whose script calls `emlab step`, so a step runs on a compute node
-through exactly the code it runs through here (`run_step` → `execute_step`).
+through exactly the code it runs through here (`run_step` → `run_or_skip`).
 
 A stage that fails leaves its executed notebook (papermill marks the failing cell) and its
 HTML as the record of where it died; the next run continues from the finished work.
@@ -26,16 +26,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from .checks import preflight  # the pre-run checks (emlab check) live in checks.py
-from .estimate import check_budget
+from ..analysis.report import write_index
 from ..config.experiment import ExperimentConfig, load_experiment, resolve_params_path
 from ..errors import ConfigError, EmlabError
+from ..stages import STAGE_NAMES, STAGES, Stage, StageRecord, get_stage
 from ..store.files import remove_stale_temp_files
 from ..store.paths import ExperimentLayout
-from ..analysis.report import write_index
-from ..store.runinfo import check_params, done_summary, recorded_params
-from ..stages import STAGE_NAMES, STAGES, Stage, StageRecord, get_stage
+from ..store.runinfo import done_summary, recorded_params, refuse_changed_params
+from .estimate import check_budget
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +59,8 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """An experiment's steps, from one experiment file; build with `load_plan`."""
+class StepGraph:
+    """An experiment's steps, from one experiment file; build with `load_steps`."""
 
     file: Path
     """The experiment file, resolved (what every notebook gets as `experiment`)."""
@@ -108,7 +106,7 @@ class ExperimentRun:
     records: list[StageRecord] = field(default_factory=list)
 
 
-def plan_steps(config: ExperimentConfig, until: str | None = None) -> list[Step]:
+def list_steps(config: ExperimentConfig, until: str | None = None) -> list[Step]:
     """Every (stage, unit) of the experiment up to stage `until`, in the order they run:
     each model's baseline, then each run's stages, then the analysis."""
     if until is not None and until not in STAGE_NAMES:
@@ -130,11 +128,11 @@ def plan_steps(config: ExperimentConfig, until: str | None = None) -> list[Step]
     return steps
 
 
-def load_plan(path: str | Path, until: str | None = None) -> Plan:
-    """Load the experiment file at `path` and plan its steps up to stage `until` (default: all)."""
+def load_steps(path: str | Path, until: str | None = None) -> StepGraph:
+    """Load the experiment file at `path` and list its steps up to stage `until` (default: all)."""
     file = resolve_params_path(path)
     config = load_experiment(file)
-    return Plan(file, config, tuple(plan_steps(config, until)))
+    return StepGraph(file, config, tuple(list_steps(config, until)))
 
 
 def guard_params(config: ExperimentConfig, steps: Sequence[Step]) -> None:
@@ -142,20 +140,20 @@ def guard_params(config: ExperimentConfig, steps: Sequence[Step]) -> None:
     params, naming the keys: rather than skipping it as done, or failing hours later."""
     for step in steps:
         if step.stage.guarded and recorded_params(step.folder, step.stage.name) is not None:
-            check_params(step.folder, step.stage.name, step.stage.params(config, step.unit))
+            refuse_changed_params(step.folder, step.stage.name, step.stage.params(config, step.unit))
 
 
-def execute_step(plan: Plan, step: Step) -> StageRecord:
+def run_or_skip(graph: StepGraph, step: Step) -> StageRecord:
     """Execute one step's notebook into its folder, or skip it when it is complete (a stage
     that `always_runs` never is). Returns its record: ran, skipped or failed."""
-    if not step.stage.always_runs and plan.is_done(step):
+    if not step.stage.always_runs and graph.is_done(step):
         log.info("%s %s: complete, skipped", step.stage.name, step.unit)
         return StageRecord(step.stage.name, step.folder, step.unit, "skipped")
-    check_budget(plan.config, step.key)  # before a paid step spends anything
+    check_budget(graph.config, step.key)  # before a paid step spends anything
     # papermill, nbconvert and nbformat (~2 s of imports) stay out of the checks that come first
-    from .notebook import execute_stage
+    from .notebook import run_notebook
 
-    return execute_stage(step.stage.name, step.folder, {"experiment": str(plan.file), **step.parameters}, step.unit)
+    return run_notebook(step.stage.name, step.folder, {"experiment": str(graph.file), **step.parameters}, step.unit)
 
 
 def run_step(path: str | Path, stage: str, unit: str, *, wait_needs_s: float = 0.0) -> StageRecord:
@@ -170,28 +168,28 @@ def run_step(path: str | Path, stage: str, unit: str, *, wait_needs_s: float = 0
 
     Raises `EmlabError` when it cannot start or its notebook failed (naming the notebook).
     """
-    plan = load_plan(path)
-    step = plan.step(stage, unit)
-    missing = _missing_needs(plan, step, wait_needs_s)
+    graph = load_steps(path)
+    step = graph.step(stage, unit)
+    missing = _missing_needs(graph, step, wait_needs_s)
     if missing:
-        raise EmlabError(f"{step.key} needs {', '.join(missing)} done first (not done in {plan.layout.root}); "
-                         f"run `emlab run {plan.file}` to run everything in order")
-    guard_params(plan.config, [step])
+        raise EmlabError(f"{step.key} needs {', '.join(missing)} done first (not done in {graph.layout.root}); "
+                         f"run `emlab run {graph.file}` to run everything in order")
+    guard_params(graph.config, [step])
     for stale in remove_stale_temp_files(step.folder):
         log.info("removed %s, left by a write that was killed", stale)
-    record = execute_step(plan, step)
+    record = run_or_skip(graph, step)
     if record.status == "failed" or step.stage.scope == "experiment":
-        write_index(plan.config, records_on_disk(plan, {step.key: record}))
+        write_index(graph.config, records_on_disk(graph, {step.key: record}))
     if record.status == "failed":
         raise EmlabError(failure_message(record))
     return record
 
 
-def _missing_needs(plan: Plan, step: Step, wait_s: float) -> list[str]:
+def _missing_needs(graph: StepGraph, step: Step, wait_s: float) -> list[str]:
     """Keys of the steps `step` needs that are not done, after waiting up to `wait_s` seconds."""
     deadline = time.monotonic() + wait_s
     while True:
-        missing = [need for need in plan.needs(step) if not plan.is_done(need)]
+        missing = [need for need in graph.needs(step) if not graph.is_done(need)]
         if not missing or time.monotonic() >= deadline:
             return [need.key for need in missing]
         for need in missing:  # listing a folder makes an NFS client revalidate its cached lookups
@@ -200,12 +198,12 @@ def _missing_needs(plan: Plan, step: Step, wait_s: float) -> list[str]:
         time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
-def records_on_disk(plan: Plan, known: dict[str, StageRecord] | None = None) -> list[StageRecord]:
-    """A record per step of the plan as its folder shows it (for the index page when the steps
+def records_on_disk(graph: StepGraph, known: dict[str, StageRecord] | None = None) -> list[StageRecord]:
+    """A record per step as its folder shows it (for the index page when the steps
     ran elsewhere): 'done' with the notebook's run time, 'failed' when an executed notebook
     has no completion marker, 'not run' otherwise; `known` (by step key) wins."""
     records = []
-    for step in plan.steps:
+    for step in graph.steps:
         if known and step.key in known:
             records.append(known[step.key])
             continue
@@ -222,7 +220,7 @@ def records_on_disk(plan: Plan, known: dict[str, StageRecord] | None = None) -> 
 
 def _notebook_seconds(notebook: Path) -> float:
     """How long papermill ran the notebook (its own metadata); 0 when unreadable."""
-    import nbformat  # as execute_step: only once a notebook ran
+    import nbformat  # as run_or_skip: only once a notebook ran
 
     try:
         return float(nbformat.read(notebook, as_version=4).metadata.get("papermill", {}).get("duration") or 0.0)

@@ -35,8 +35,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models.attention import causal_varlen, decode_attention, probe_flash, record_graph
 from ..errors import EmlabError
+from ..models.attention import (
+    causal_varlen,
+    decode_attention,
+    probe_flash,
+    record_graph,
+)
 from .draw import draw_tokens
 from .weights import DecoderWeights, LayerWeights, LoraAdapter
 

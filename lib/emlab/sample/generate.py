@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from ..config.experiment import SampleSpec
-from ..store.files import append_jsonl, read_jsonl
-from ..progress import progress_bar
 from ..config.questions import Prompt
+from ..progress import progress_bar
+from ..store.files import append_jsonl, read_jsonl
 from ..store.records import Answer, answer_id
 from .engine import DecodeEngine, Request
 from .weights import LoraAdapter, unsupported_reason

@@ -16,11 +16,15 @@ import pandas as pd
 
 from ..analysis import metrics
 from ..config.experiment import ExperimentConfig, JudgeSpec
+from ..config.rule import EmRule
 from ..data import GoldItem, gold_subset, load_gold_set
+from ..data.holdout import TASK_SET_PREFIX
 from ..errors import EmlabError
-from ..store.files import atomic_open, read_jsonl, write_json
 from ..judge import judge_answers, load_rubric, usage_cost
+from ..measures.probe import read_probe_scores
 from ..models.load import model_size_b
+from ..sample.remote import usage_summary
+from ..store.files import atomic_open, read_jsonl, write_json
 from ..store.paths import (
     ANSWERS,
     FIGURE_PREFIX,
@@ -32,15 +36,11 @@ from ..store.paths import (
     TASK,
     ExperimentLayout,
 )
-from ..data.holdout import TASK_SET_PREFIX
-from ..measures.probe import read_probe_scores
 from ..store.records import Answer, answer_id
-from ..config.rule import EmRule
 from ..store.runinfo import mark_done, record_stage
-from ..sample.remote import usage_summary
 from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
-from .common import JUDGING_OUTPUTS
 from .baseline import NAME as BASELINE
+from .common import JUDGING_OUTPUTS
 from .evaluate import NAME as EVALUATE
 
 if TYPE_CHECKING:
@@ -396,7 +396,9 @@ def study_tables(config: ExperimentConfig, layout: ExperimentLayout, scores: pd.
 def study_charts(tables: dict[str, pd.DataFrame], rates: pd.DataFrame) -> dict[str, Any]:
     """The studies' figures that the data supports: a figure without fine-tuned runs, task
     answers, probe scores or a second answer format is left out, never drawn empty."""
-    from ..analysis import plots  # as in run_analysis: altair only once the analysis runs
+    from ..analysis import (
+        plots,  # as in run_analysis: altair only once the analysis runs
+    )
 
     charts: dict[str, Any] = {}
     tuned = rates["run_id"].notna().any()

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from ..config.experiment import ExperimentConfig
 from ..store.paths import ExperimentLayout, notebook_file, stage_record_files
-from ..store.runinfo import StageRecord, done_summary
+from ..store.runinfo import done_summary
 
 Scope = Literal["model", "run", "experiment"]
 ANALYSIS_UNIT = "analysis"  # the one unit of an experiment-scoped stage

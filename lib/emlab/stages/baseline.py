@@ -7,13 +7,17 @@ import logging
 from typing import Any
 
 from ..config.experiment import ExperimentConfig
+from ..config.questions import (
+    build_prompts,
+    count_answers,
+    planned_prompts,
+    question_sets_for,
+)
 from ..models.load import load_model, resolve_device
 from ..store.paths import ANSWERS, ExperimentLayout
-from ..config.questions import build_prompts, count_answers, planned_prompts, question_sets_for
 from ..store.records import Answer, answers_if_complete
 from ..store.runinfo import mark_done, record_stage
 from .base import Output, Stage, Workload
-from .remote import SAMPLING_OUTPUT, model_params, sample_base, sampling_spend, usage_of
 from .common import (
     JUDGING_OUTPUTS,
     SampledAndJudged,
@@ -21,7 +25,13 @@ from .common import (
     judges_signature,
     mean_prompt_chars,
 )
-from .measures import BASELINE_OUTPUTS, measure_base_model, measures_params, task_workloads
+from .measures import (
+    BASELINE_OUTPUTS,
+    measure_base_model,
+    measures_params,
+    task_workloads,
+)
+from .remote import SAMPLING_OUTPUT, model_params, sample_base, sampling_spend, usage_of
 
 log = logging.getLogger(__name__)
 NAME = "01_baseline"

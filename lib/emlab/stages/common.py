@@ -10,10 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from ..config.experiment import ExperimentConfig
-from ..store.files import read_jsonl
+from ..config.questions import Prompt, question_rubrics, question_sets_for
 from ..judge import judge_answers
 from ..store.paths import JUDGMENTS, BatchFiles, ExperimentLayout
-from ..config.questions import Prompt, question_rubrics, question_sets_for
 from ..store.records import Answer, Judgment
 from .base import Output
 

@@ -8,10 +8,22 @@ import logging
 from typing import Any
 
 from ..config.experiment import ExperimentConfig
+from ..config.questions import (
+    build_prompts,
+    count_answers,
+    planned_prompts,
+    question_sets_for,
+)
 from ..errors import EmlabError
 from ..models.load import load_model, resolve_device
-from ..store.paths import ANSWERS, EVAL, STEP_GLOB, ExperimentLayout, FineTuneJobFiles, TrainingFiles
-from ..config.questions import build_prompts, count_answers, planned_prompts, question_sets_for
+from ..store.paths import (
+    ANSWERS,
+    EVAL,
+    STEP_GLOB,
+    ExperimentLayout,
+    FineTuneJobFiles,
+    TrainingFiles,
+)
 from ..store.records import Answer, answers_if_complete
 from ..store.runinfo import mark_done, record_stage
 from ..train.schedule import planned_checkpoints

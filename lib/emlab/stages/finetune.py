@@ -11,12 +11,12 @@ import pandas as pd
 
 from ..config.experiment import ExperimentConfig, RunSpec
 from ..data.chat import load_chat_dataset
-from ..store.files import read_jsonl
 from ..data.holdout import holdout_params, record_holdout, training_rows
 from ..models.load import load_model, resolve_device
-from ..train.openai_jobs import FineTuneJobResult
+from ..store.files import read_jsonl
 from ..store.paths import ExperimentLayout, TrainingFiles
 from ..store.runinfo import mark_done, record_stage
+from ..train.openai_jobs import FineTuneJobResult
 from .base import Output, Stage, Workload
 from .measures import FINETUNE_OUTPUTS
 from .remote import JOB_OUTPUTS, job_spend, model_params, run_job, trainer_params

@@ -24,8 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from ..config.experiment import DatasetSpec, ExperimentConfig
-from ..errors import DataError, EmlabError
 from ..data.holdout import Split, holdout_params, read_holdout, split_for
+from ..errors import DataError, EmlabError
+from ..measures.probe import (
+    ProbeSet,
+    probe_scores_complete,
+    probe_sets_for,
+    score_probes,
+    write_probe_scores,
+)
+from ..measures.task import judge_task, sample_task, task_answers_complete
 from ..store.paths import (
     ANSWERS,
     EVAL,
@@ -37,9 +45,7 @@ from ..store.paths import (
     BatchFiles,
     ExperimentLayout,
 )
-from ..measures.probe import ProbeSet, probe_scores_complete, probe_sets_for, score_probes, write_probe_scores
 from ..store.records import Answer, Judgment
-from ..measures.task import judge_task, sample_task, task_answers_complete
 from .base import Output, Workload
 
 log = logging.getLogger(__name__)

@@ -21,12 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config.experiment import ExperimentConfig, ModelSpec, RunSpec
+from ..config.questions import Prompt, count_answers
 from ..data.chat import ChatRow
 from ..judge.cost import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, token_cost
-from ..train.openai_jobs import estimate_job, job_checkpoints, run_finetune_job
-from ..store.paths import SAMPLING_USAGE, ExperimentLayout, FineTuneJobFiles
-from ..config.questions import Prompt, count_answers
-from ..store.records import Answer, answers_if_complete
 from ..sample.remote import (
     adapter_targets,
     base_target,
@@ -36,6 +33,9 @@ from ..sample.remote import (
     subject_endpoint,
     usage_summary,
 )
+from ..store.paths import SAMPLING_USAGE, ExperimentLayout, FineTuneJobFiles
+from ..store.records import Answer, answers_if_complete
+from ..train.openai_jobs import estimate_job, job_checkpoints, run_finetune_job
 from .base import ApiSpend, Output
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ import datetime as dt
 import json
 import platform
 import subprocess
-from importlib import metadata
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ def recorded_params(folder: Path, stage: str) -> dict[str, Any] | None:
     return previous["params"] if previous is not None else None
 
 
-def check_params(folder: Path, stage: str, params: dict[str, Any]) -> None:
+def refuse_changed_params(folder: Path, stage: str, params: dict[str, Any]) -> None:
     """Refuse (ConfigError naming the keys that differ) if `stage` ran in `folder` with other
     params; writes nothing."""
     previous = recorded_params(folder, stage)
@@ -89,7 +89,7 @@ def record_stage(folder: Path, stage: str, params: dict[str, Any], *, guard: boo
     with others (stages whose outputs are derived anew each time pass guard=False)."""
     path = run_info_file(folder)
     if guard:
-        check_params(folder, stage, params)
+        refuse_changed_params(folder, stage, params)
     params = json.loads(json.dumps(params, default=str))  # normalise tuples and paths
     info: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"stages": {}}
     previous = info["stages"].get(stage)

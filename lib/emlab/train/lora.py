@@ -34,7 +34,6 @@ import copy
 import functools
 import hashlib
 import logging
-import math
 import shutil
 import threading
 import time
@@ -47,14 +46,20 @@ import torch
 from peft import get_peft_model
 from transformers import set_seed
 
-from ..models.attention import PACKED, attention_implementation, probe_flash, record_graph, register_packed_attention
 from ..config.experiment import LoraSpec, TrainSpec
 from ..errors import DataError, EmlabError
+from ..models.attention import (
+    PACKED,
+    attention_implementation,
+    probe_flash,
+    record_graph,
+    register_packed_attention,
+)
+from ..progress import progress_bar
 from ..store.files import append_jsonl, atomic_open, read_jsonl, write_json, write_jsonl
+from ..store.paths import ADAPTER_WEIGHTS, TrainingFiles
 from .loss import linear_cross_entropy_sum
 from .packing import PackedPass, pack_step, step_rows
-from ..store.paths import ADAPTER_WEIGHTS, TrainingFiles
-from ..progress import progress_bar
 from .schedule import CheckpointSchedule
 
 log = logging.getLogger(__name__)

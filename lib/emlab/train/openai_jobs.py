@@ -50,14 +50,25 @@ from typing import Any
 
 import openai
 
-from ..config.experiment import DatasetSpec, ExperimentConfig, FineTuningSpec, ModelSpec, RunSpec
-from ..data.chat import ASSUMED_TOKENS_PER_ROW, ChatRow, load_chat_dataset, resolve_dataset_path
+from ..config.experiment import (
+    DatasetSpec,
+    ExperimentConfig,
+    FineTuningSpec,
+    ModelSpec,
+    RunSpec,
+)
+from ..data.chat import (
+    ASSUMED_TOKENS_PER_ROW,
+    ChatRow,
+    load_chat_dataset,
+    resolve_dataset_path,
+)
 from ..errors import DataError, EmlabError
-from ..store.files import append_jsonl, read_jsonl, write_json, write_jsonl
 from ..judge.client import api_error_text
 from ..judge.cost import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE
-from ..store.paths import FineTuneJobFiles, TrainingFiles
 from ..sample.remote.endpoint import subject_api_key
+from ..store.files import append_jsonl, read_jsonl, write_json, write_jsonl
+from ..store.paths import FineTuneJobFiles, TrainingFiles
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config.experiment import CheckpointSpec, ExperimentConfig, RunSpec, TrainSpec
 from ..data.chat import DEMO_PREFIX, load_chat_dataset
-from ..store.files import path_exists
+from ..store.inputs import path_exists
 from ..store.paths import repo_root
 
 

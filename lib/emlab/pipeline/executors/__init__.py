@@ -1,5 +1,5 @@
-"""Where an experiment's steps run. Both executors plan, check and guard through
-`emlab.pipeline.steps`, and run a step through `emlab.pipeline.steps.execute_step`:
+"""Where an experiment's steps run. Both executors list, check and guard through
+`emlab.pipeline.steps`, and run a step through `emlab.pipeline.steps.run_or_skip`:
 
     local.py   here, one step after another (the default)
     slurm.py   one Slurm job per step (`emlab step` in the job), dependencies from the stage table

@@ -43,7 +43,7 @@ from typing import Any
 from ...errors import EmlabError
 from ...store.files import write_json
 from ...store.paths import SlurmFiles, cache_dir, repo_root
-from ..steps import Plan, Step, guard_params, load_plan, preflight
+from ..steps import Step, StepGraph, guard_params, load_steps, preflight
 
 log = logging.getLogger(__name__)
 
@@ -197,19 +197,19 @@ def cancel_jobs(job_ids: Sequence[str]) -> None:
 # --- the batch script -------------------------------------------------------------------------
 
 
-def job_name(plan: Plan, step: Step) -> str:
+def job_name(graph: StepGraph, step: Step) -> str:
     """'emlab.<experiment>.<stage>.<unit>': what squeue shows."""
-    return f"emlab.{plan.config.name}.{step.stage.name}.{step.unit}"
+    return f"emlab.{graph.config.name}.{step.stage.name}.{step.unit}"
 
 
-def batch_script(plan: Plan, step: Step, after: Sequence[str]) -> str:
+def batch_script(graph: StepGraph, step: Step, after: Sequence[str]) -> str:
     """The sbatch script of one step: its resources (the executor block), its dependencies,
     and `emlab step` run with the Python that submits (or `executor.python`)."""
-    executor = plan.config.executor
-    files = plan.layout.slurm
+    executor = graph.config.executor
+    files = graph.layout.slurm
     resources = executor.resources_for(step.stage.name)
     options = [
-        f"--job-name={job_name(plan, step)}",
+        f"--job-name={job_name(graph, step)}",
         f"--output={files.log_pattern(step.stage.name, step.unit)}",
         "--open-mode=append",  # a job Slurm requeues (node failure) keeps the log of every attempt
         f"--chdir={repo_root()}",
@@ -224,11 +224,11 @@ def batch_script(plan: Plan, step: Step, after: Sequence[str]) -> str:
             options.append(f"{flag}={value}")
     options += resources.sbatch
     python = executor.python or sys.executable
-    command = [python, "-m", "emlab.cli", "step", str(plan.file), step.stage.name, step.unit,
+    command = [python, "-m", "emlab.cli", "step", str(graph.file), step.stage.name, step.unit,
                "--wait-needs", f"{NEEDS_VISIBLE_S:.0f}"]
     lines = [
         "#!/bin/bash",
-        f"# emlab: {step.stage.name} for {step.unit} of experiment {plan.config.name} ({plan.file})",
+        f"# emlab: {step.stage.name} for {step.unit} of experiment {graph.config.name} ({graph.file})",
         "# written and submitted by `emlab run --executor slurm`; submit again with that command",
         *(f"#SBATCH {shlex.quote(option)}" for option in options),
         "set -eo pipefail",
@@ -241,16 +241,16 @@ def batch_script(plan: Plan, step: Step, after: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sbatch(plan: Plan, step: Step, after: Sequence[str]) -> tuple[str, Path]:
-    files = plan.layout.slurm
+def _sbatch(graph: StepGraph, step: Step, after: Sequence[str]) -> tuple[str, Path]:
+    files = graph.layout.slurm
     script = files.script(step.stage.name, step.unit)
     script.parent.mkdir(parents=True, exist_ok=True)
     files.logs.mkdir(parents=True, exist_ok=True)
-    script.write_text(batch_script(plan, step, after))
+    script.write_text(batch_script(graph, step, after))
     done = _slurm(["sbatch", "--parsable", str(script)], check=False)
     if done.returncode != 0:
         raise SlurmError(f"sbatch refused {step.key} ({script}): {_one_line(done.stderr or done.stdout)}; "
-                         f"check the executor block of {plan.file}")
+                         f"check the executor block of {graph.file}")
     job = done.stdout.strip().split(";")[0]  # '<id>' or '<id>;<cluster>'
     if not job.isdigit():
         raise SlurmError(f"sbatch answered {done.stdout.strip()!r} for {step.key}, not a job id")
@@ -305,31 +305,31 @@ def _submit_lock(files: SlurmFiles) -> Iterator[None]:
 def submit_experiment(path: str | Path, *, until: str | None = None) -> list[Submitted]:
     """Submit every step of the experiment at `path` (up to stage `until`) that is neither
     complete nor queued or running already; return what was done per step."""
-    return submit_plan(load_plan(path, until))
+    return submit_steps(load_steps(path, until))
 
 
-def submit_plan(plan: Plan) -> list[Submitted]:
+def submit_steps(graph: StepGraph) -> list[Submitted]:
     """Check inputs and the params guard here (before anything queues), then submit; see the
     module docstring for what is skipped, adopted and replaced."""
     require_slurm()
-    preflight(plan.config, devices=False)  # the nodes' GPUs are not this machine's: each job checks its own
-    guard_params(plan.config, plan.steps)
+    preflight(graph.config, devices=False)  # the nodes' GPUs are not this machine's: each job checks its own
+    guard_params(graph.config, graph.steps)
     shared = network_filesystem(cache_dir())
     if shared:
         # SQLite's WAL journal (the judge cache) keeps its index in shared memory of one host
         log.warning("the judge cache %s is on %s: jobs on different nodes must not share it (SQLite WAL); "
                     "give each job its own, e.g. executor.setup: ['export EMLAB_CACHE=$TMPDIR/emlab-cache'] "
                     "(judgments.jsonl in the run folders still keeps every paid call)", cache_dir(), shared)
-    files = plan.layout.slurm
+    files = graph.layout.slurm
     with _submit_lock(files):
         record = JobRecord.load(files)
-        latest = {step.key: record.latest(step.key) for step in plan.steps}
+        latest = {step.key: record.latest(step.key) for step in graph.steps}
         infos = query_jobs([job for job in latest.values() if job])
         outcome: dict[str, Submitted] = {}
-        for step in plan.steps:
+        for step in graph.steps:
             job = latest[step.key]
             info = infos.get(job) if job else None
-            needs = plan.needs(step)
+            needs = graph.needs(step)
             renewed = [n.key for n in needs if n.key in outcome and outcome[n.key].action == "submitted"]
             if info is not None and info.active and not (renewed and info.queued):
                 outcome[step.key] = Submitted(step, "adopted", job)
@@ -341,11 +341,11 @@ def submit_plan(plan: Plan) -> list[Submitted]:
                 log.info("%s: cancelled job %s, queued behind a job that is submitted anew", step.key, job)
             after = tuple(outcome[n.key].job or "" for n in needs
                           if n.key in outcome and outcome[n.key].action in ("adopted", "submitted"))
-            if plan.is_done(step) and (not step.stage.always_runs or (not after and plan.is_current(step))):
+            if graph.is_done(step) and (not step.stage.always_runs or (not after and graph.is_current(step))):
                 outcome[step.key] = Submitted(step, "done")
                 continue
-            new_job, script = _sbatch(plan, step, after)
+            new_job, script = _sbatch(graph, step, after)
             record.add(step.key, new_job, after, script)
             outcome[step.key] = Submitted(step, "submitted", new_job, after)
             log.info("%s: submitted job %s%s", step.key, new_job, f" after {', '.join(after)}" if after else "")
-    return [outcome[step.key] for step in plan.steps]
+    return [outcome[step.key] for step in graph.steps]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...store.paths import notebook_file
-from ..steps import Plan, Step
+from ..steps import Step, StepGraph
 from .slurm import DEAD_DEPENDENCY, JobInfo, JobRecord, query_jobs
 
 LOG_TAIL_LINES = 10
@@ -42,16 +42,16 @@ class StepStatus:
     """The last lines of the job's log (failed and cancelled jobs)."""
 
 
-def experiment_status(plan: Plan, *, tail_lines: int = LOG_TAIL_LINES) -> list[StepStatus]:
-    """The state of every step of the plan; asks Slurm about recorded jobs when squeue is here."""
-    files = plan.layout.slurm
+def experiment_status(graph: StepGraph, *, tail_lines: int = LOG_TAIL_LINES) -> list[StepStatus]:
+    """The state of every step; asks Slurm about recorded jobs when squeue is here."""
+    files = graph.layout.slurm
     record = JobRecord.load(files)
-    latest = {step.key: record.latest(step.key) for step in plan.steps}
+    latest = {step.key: record.latest(step.key) for step in graph.steps}
     recorded = [job for job in latest.values() if job]
     can_ask = bool(recorded) and shutil.which("squeue") is not None
     infos = query_jobs(recorded) if can_ask else {}
     statuses = []
-    for step in plan.steps:
+    for step in graph.steps:
         job = latest[step.key]
         info = infos.get(job) if job else None
         notebook = notebook_file(step.folder, step.stage.name)
@@ -62,7 +62,7 @@ def experiment_status(plan: Plan, *, tail_lines: int = LOG_TAIL_LINES) -> list[S
                 shown.append(f"waiting: {info.reason}" if info.queued else info.reason)
             detail = "; ".join(shown)
             statuses.append(StepStatus(step, state, job, detail))
-        elif plan.is_done(step):
+        elif graph.is_done(step):
             statuses.append(StepStatus(step, "done", job))
         elif job is not None:
             statuses.append(_ended(step, job, info, can_ask, files.log(step.stage.name, step.unit, job), tail_lines))

@@ -35,11 +35,11 @@ import openai
 from tqdm.auto import tqdm
 
 from ...config.experiment import SampleSpec
-from ...store.files import append_jsonl, drop_torn_tail, read_jsonl
+from ...config.questions import Prompt
 from ...judge.api import run_sync
 from ...judge.client import Breaker, CallOutcome, RetryPolicy, complete_with_retries
 from ...judge.cost import token_cost
-from ...config.questions import Prompt
+from ...store.files import append_jsonl, drop_torn_tail, read_jsonl
 from ...store.records import Answer, answer_id
 from .cache import SampleCache, request_key
 from .endpoint import Endpoint, SubjectError, Target
