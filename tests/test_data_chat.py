@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from emlab import paths
+from emlab.store import paths
 from emlab.config.experiment import DatasetSpec
 from emlab.data import (
     generate_demo_dataset,

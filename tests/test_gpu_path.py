@@ -63,7 +63,7 @@ def test_varlen_flash_matches_row_by_row_sdpa_forward_and_backward(head_dim: int
 
 
 def test_decode_attention_flash_matches_the_masked_reference() -> None:
-    from emlab import attention
+    from emlab.models import attention
 
     batch, l_max, heads, kv_heads, dim = 6, 256, 32, 8, 128
     cache_k = torch.randn(batch, l_max, kv_heads, dim, device="cuda", dtype=torch.bfloat16)

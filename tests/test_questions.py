@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from emlab import paths
+from emlab.store import paths
 from emlab.config.questions import (
     Question,
     format_prompt,

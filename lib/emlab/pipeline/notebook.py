@@ -25,10 +25,9 @@ from traitlets import default
 
 from ..procs import BoundKernelManager
 from ..progress import ProgressDisplay
-from ..stages.base import StageRecord
 from ..store.files import write_text
 from ..store.paths import notebook_file, notebooks_dir, progress_file, repo_root
-from ..store.runinfo import done_summary
+from ..store.runinfo import StageRecord, done_summary
 
 log = logging.getLogger(__name__)
 # papermill's default of 60 s is missed by kernels on a loaded machine (two jobs on a 2-core
