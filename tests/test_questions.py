@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-from emlab import paths
 from emlab.config.questions import (
     Question,
     format_prompt,
@@ -18,6 +17,7 @@ from emlab.config.questions import (
     system_prompt_for,
 )
 from emlab.errors import DataError, EmlabError
+from emlab.store import paths
 
 # --- the shipped sets ----------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..store.paths import STAGE_NOTEBOOKS, ExperimentLayout
+from ..store.runinfo import StageRecord
 from .analysis import ANALYSIS, AnalysisResult, run_analysis
-from .base import ANALYSIS_UNIT, Input, Output, Stage, StageRecord, Workload
+from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
 from .baseline import BASELINE, run_baseline
 from .common import SampledAndJudged, answers_with_scores
 from .evaluate import EVALUATE, run_eval

@@ -9,13 +9,13 @@ from pathlib import Path
 from ...analysis.report import write_index
 from ...errors import EmlabError
 from ...store.files import remove_stale_temp_files
+from ..checks import preflight
 from ..steps import (
     ExperimentRun,
     StepGraph,
     failure_message,
     guard_params,
     load_steps,
-    preflight,
     run_or_skip,
 )
 

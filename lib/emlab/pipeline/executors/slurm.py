@@ -43,7 +43,8 @@ from typing import Any
 from ...errors import EmlabError
 from ...store.files import write_json
 from ...store.paths import SlurmFiles, cache_dir, repo_root
-from ..steps import Step, StepGraph, guard_params, load_steps, preflight
+from ..checks import preflight
+from ..steps import Step, StepGraph, guard_params, load_steps
 
 log = logging.getLogger(__name__)
 
