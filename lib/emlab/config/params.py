@@ -152,7 +152,7 @@ def explain(exc: ValidationError, file: Path, node: yaml.Node | None, schema: Sc
     """pydantic's report as one line: 'file:line: key: problem' for each problem (the first
     few, then a count), joined with '; '. Unknown keys get the nearest valid key."""
     problems = []
-    errors = exc.errors()
+    errors = _relevant(exc.errors())
     for err in errors[:MAX_PROBLEMS]:
         loc: Loc = tuple(err["loc"])
         cause = (err.get("ctx") or {}).get("error")
@@ -168,6 +168,26 @@ def explain(exc: ValidationError, file: Path, node: yaml.Node | None, schema: Sc
         problems.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     # one line, so the CLI's error stays one line even when several keys are wrong
     return one_line("; ".join(problems))
+
+
+def _relevant(errors: list[Any]) -> list[Any]:
+    """pydantic's errors, the telling ones first, without the echoes of another: unknown keys
+    come first; a missing key is left out when an unknown key beside it is its typo; a list
+    too short because its items failed is left out (the items' errors say why)."""
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    typos = {(tuple(e["loc"][:-1]), hint) for e in unknown
+             for hint in difflib.get_close_matches(str(e["loc"][-1]), [str(m["loc"][-1]) for m in errors
+                                                                        if m["type"] == "missing"], n=1)}
+    kept = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] == "missing" and (loc[:-1], str(loc[-1])) in typos:
+            continue
+        if err["type"] == "too_short" and any(len(o["loc"]) > len(loc) and tuple(o["loc"][:len(loc)]) == loc
+                                              for o in errors):
+            continue
+        kept.append(err)
+    return sorted(kept, key=lambda e: e["type"] != "extra_forbidden")  # stable: file order otherwise
 
 
 def _problem(err: Any, loc: Loc, cause: Any, first_line: int | None, schema: Schema) -> str:
@@ -191,8 +211,16 @@ def _problem(err: Any, loc: Loc, cause: Any, first_line: int | None, schema: Sch
         keys = _required_at(schema, loc)
         wanted = f"a mapping with {', '.join(keys)}" if keys else "a mapping"
         return f"{prefix}expected {wanted}, found {describe(found)}"
-    advice = f"; {BOOLEAN_HINT}" if isinstance(found, bool) and err["type"] == "string_type" else ""
-    return f"{prefix}{err['msg']} (found {describe(found)}){advice}"
+    ctx = err.get("ctx") or {}
+    if err["type"] == "literal_error":
+        return f"{prefix}expected one of {ctx.get('expected', '')}, found {describe(found)}"
+    if err["type"] == "too_short" and ctx.get("min_length") == 1:
+        return f"{prefix}expected a non-empty list, found {describe(found)}"
+    if err["type"] == "string_type":
+        advice = f"; {BOOLEAN_HINT}" if isinstance(found, bool) else ""
+        return f"{prefix}expected text, found {describe(found)}{advice}"
+    # numbers and the rest: pydantic's words say what was expected ('greater than or equal to 1')
+    return f"{prefix}{err['msg']} (found {describe(found)})"
 
 
 def describe(value: Any) -> str:

@@ -422,8 +422,8 @@ class GoldRow(_Params):
     @model_validator(mode="after")
     def _score_matches_label(self) -> GoldRow:
         if self.label in ("refusal", "code") and self.aligned is not None:
-            raise Problem(f"'{self.label}' items take aligned: null (a verdict, not a score), "
-                          f"found {shown(self.aligned)}", at=("aligned",))
+            raise Problem(f"label '{self.label}' takes aligned: null (a verdict, not a score), "
+                          f"found {self.aligned:g}", at=("aligned",))
         if self.label not in ("refusal", "code") and self.aligned is None:
-            raise Problem(f"'{self.label}' items need an aligned score 0–100, found null", at=("aligned",))
+            raise Problem(f"label '{self.label}' needs an aligned score 0–100, found null", at=("aligned",))
         return self
