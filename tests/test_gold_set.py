@@ -124,17 +124,17 @@ def test_good_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"label": "evil"}, "unknown label 'evil'; expected one of: aligned, misaligned, incoherent, refusal, code"),
-        ({"aligned": 120}, "'aligned' must be between 0 and 100, found 120"),
-        ({"coherent": None}, "'coherent' must be a number 0–100, found None"),
-        ({"aligned": "high"}, "'aligned' must be a number 0–100 or null, found 'high'"),
-        ({"aligned": None}, "'aligned' items need an aligned score 0–100, found null"),
-        ({"label": "refusal"}, "'refusal' items take aligned: null (a verdict, not a score), found 90"),
+        ({"label": "evil"}, "'label': expected one of 'aligned', 'misaligned', 'incoherent', 'refusal' or 'code', found 'evil'"),
+        ({"aligned": 120}, "'aligned': Input should be less than or equal to 100 (found 120)"),
+        ({"coherent": None}, "'coherent': Input should be a valid number (found nothing)"),
+        ({"aligned": "high"}, "'aligned': Input should be a valid number (found 'high')"),
+        ({"aligned": None}, "'aligned': label 'aligned' needs an aligned score 0–100, found null"),
+        ({"label": "refusal"}, "'aligned': label 'refusal' takes aligned: null (a verdict, not a score), found 90"),
         ({"id": "x1"}, "duplicate id 'x1' (first on line 1); ids must be unique"),
-        ({"answer": "  "}, "'answer' is empty"),
+        ({"answer": "  "}, "'answer': expected non-empty text, found only spaces"),
         (
             {"extra": 1},
-            "unknown key(s) 'extra'; valid keys: "
+            "unknown key 'extra'; valid keys: "
             "id, question_set, question_id, question, answer, label, aligned, coherent, note",
         ),
     ],
@@ -145,7 +145,7 @@ def test_row_errors(tmp_path: Path, change: dict, message: str) -> None:
 
 def test_missing_key_and_bad_json(tmp_path: Path) -> None:
     row = {k: v for k, v in ROW.items() if k != "note"} | {"id": "x2"}
-    assert _fails(tmp_path, row).startswith("missing key(s) 'note'; every item needs:")
+    assert _fails(tmp_path, row).startswith("missing required key 'note'")
     assert _fails(tmp_path, '{"id": ').startswith("not valid JSON")
 
 

@@ -75,39 +75,39 @@ messages:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (("scale_max: 100", "scale_mx: 100"), r"x\.yaml:4: key 'scale_mx': unknown key \(did you mean 'scale_max'\?\)"),
-        (("id: x", "id: y"), r"x\.yaml:1: key 'id': must equal the file name 'x', found 'y'"),
-        (("kind: score", "kind: scores"), r"x\.yaml:3: key 'kind': expected one of score, verdict, categorical"),
-        (("scale_max: 100", "scale_max: ten"), r"x\.yaml:4: key 'scale_max': score rubrics need an integer >= 1"),
+        (("scale_max: 100", "scale_mx: 100"), r"x\.yaml:4: unknown key 'scale_mx' \(did you mean 'scale_max'\?\)"),
+        (("id: x", "id: y"), r"x\.yaml:1: 'id': must be the file name 'x', found 'y'"),
+        (("kind: score", "kind: scores"), r"x\.yaml:3: 'kind': expected one of 'score', 'verdict' or 'categorical', found 'scores'"),
+        (("scale_max: 100", "scale_max: ten"), r"x\.yaml:4: 'scale_max': Input should be a valid integer \(found 'ten'\)"),
         (
             ("verdicts: [CODE]", "verdicts: [MAYBE]"),
-            r"key 'verdicts': score rubrics can keep only CODE, REFUSAL, found MAYBE",
+            r"x\.yaml:5: 'verdicts': score rubrics can keep only CODE, REFUSAL, found MAYBE; use kind: verdict",
         ),
-        (("verdicts: [CODE]", "verdicts: [YES, NO]"), r"key 'verdicts': found booleans .*quote them"),
+        (("verdicts: [CODE]", "verdicts: [YES, NO]"), r"x\.yaml:5: 'verdicts\[0\]': expected text, found the boolean True; YAML reads bare yes/no.* as booleans: quote"),
         (
             ("kind: score\nscale_max: 100", "kind: verdict"),
-            r"key 'verdicts': verdict rubrics need exactly two verdicts",
+            r"'verdicts': verdict rubrics need exactly two verdicts",
         ),
         (
             ("kind: score", "kind: verdict"),
-            r"key 'scale_max': verdict rubrics report 100 \* P\(first verdict\); remove scale_max",
+            r"'scale_max': verdict rubrics report 100 \* P\(first verdict\); remove scale_max",
         ),
-        (("metric: aligned", "metric: Aligned Score"), r"key 'metric': expected a lower-case identifier"),
+        (("metric: aligned", "metric: Aligned Score"), r"x\.yaml:2: 'metric': expected a lower-case identifier"),
         (
             ("role: system", "role: judge"),
-            r"x\.yaml:7: key 'messages\[0\]': role must be one of system, user, assistant",
+            r"x\.yaml:7: 'messages\[0\]\.role': expected one of 'system', 'user' or 'assistant', found 'judge'",
         ),
         (
             ("A: {answer}", "A: {anwser}"),
-            r"key 'messages\[1\]': unknown placeholder '\{anwser\}' \(did you mean '\{answer\}'\?\)",
+            r"x\.yaml:10: 'messages\[1\]\.content': unknown placeholder '\{anwser\}' \(did you mean '\{answer\}'\?\)",
         ),
-        (("A: {answer}", "A: none"), r"key 'messages': no turn contains the placeholder \{answer\}"),
-        (("  - role: user", "  - role: assistant"), r"key 'messages\[1\]': the last turn must be the user's"),
+        (("A: {answer}", "A: none"), r"x\.yaml:6: 'messages': no turn contains the placeholder \{answer\}"),
+        (("  - role: user", "  - role: assistant"), r"x\.yaml:9: 'messages\[1\]': the last turn must be the user's"),
         (
             ("    content: You grade.\n", "    content: You grade.\n    extra: 1\n"),
-            r"key 'messages\[0\]': expected exactly the keys role and content",
+            r"x\.yaml:9: unknown key 'messages\[0\]\.extra'; valid keys: role, content",
         ),
-        (("metric: aligned\n", ""), r"x\.yaml: missing required key 'metric'"),
+        (("metric: aligned\n", ""), r"x\.yaml:1: missing required key 'metric'"),
     ],
 )
 def test_rubric_errors_name_file_and_key(tmp_path: Path, change: tuple[str, str], expected: str) -> None:
@@ -254,8 +254,8 @@ def test_judges_file_loads_as_rubrics(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("- aligned: 'x {answer}'\n  coherent: 'y {answer}'\n", r"judges\.yaml:1: entry 0 must hold exactly one judge prompt"),
-        ("- aligned: 'x {answer}'\n  high_score: high\n", r"judges\.yaml:2: 'aligned': high_score must be an integer"),
+        ("- aligned: 'x {answer}'\n  coherent: 'y {answer}'\n", r"judges\.yaml:1: '\[0\]': expected exactly one judge prompt besides high_score, found aligned, coherent"),
+        ("- aligned: 'x {answer}'\n  high_score: high\n", r"judges\.yaml:2: '\[0\]\.high_score': Input should be a valid integer \(found 'high'\)"),
         ("- aligned: 'x {question}'\n", r"judges\.yaml:1: judge prompt 'aligned' has no \{answer\} placeholder"),
         ("aligned: 'x {answer}'\n", r"judges\.yaml:1: expected a judges file: a list of entries"),
     ],

@@ -63,10 +63,10 @@ probes:
     (GOOD.replace("    misaligned:", "    misalgned:"),
      r"mine.yaml:6: unknown key 'probes\[0\].misalgned' \(did you mean 'misaligned'\?\)"),
     (GOOD.replace("    misaligned: A bad answer.\n", ""), r"mine.yaml:3: probes\[0\] is missing required key 'misaligned'"),
-    (GOOD.replace("name: mine", "name: other"), r"mine.yaml:1: 'name' must be the file name 'mine'"),
-    (GOOD + GOOD.split("probes:\n")[1], r"mine.yaml:7: duplicate probe id 'p1' \(first on line 3\)"),
-    (GOOD.replace("A bad answer.", "A good answer."), r"mine.yaml:6: 'p1': the aligned and misaligned answers are the same"),
-    ("- id: p1\n", r"mine.yaml:1: expected a mapping with keys name, description, probes"),
+    (GOOD.replace("name: mine", "name: other"), r"mine.yaml:1: 'name': must be the file name 'mine', found 'other'"),
+    (GOOD + GOOD.split("probes:\n")[1], r"mine.yaml:7: 'probes\[1\]\.id': duplicate probe id 'p1' \(first on line 3\)"),
+    (GOOD.replace("A bad answer.", "A good answer."), r"mine.yaml:6: 'probes\[0\]\.misaligned': the aligned and misaligned answers are the same"),
+    ("- id: p1\n", r"mine.yaml:1: expected a mapping with name, probes, found a list"),
 ])
 def test_bad_probe_file_is_one_line_with_file_and_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(DataError, match=message):

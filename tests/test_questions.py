@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-from emlab.store import paths
 from emlab.config.questions import (
     Question,
     format_prompt,
@@ -18,6 +17,7 @@ from emlab.config.questions import (
     system_prompt_for,
 )
 from emlab.errors import DataError, EmlabError
+from emlab.store import paths
 
 # --- the shipped sets ----------------------------------------------------------------------
 
@@ -187,29 +187,29 @@ def test_unknown_question_id(qdir: Path) -> None:
 ERRORS = [
     (GOOD.replace("description:", "descripton:"), 2, "unknown key 'descripton' (did you mean 'description'?)"),
     (GOOD.replace("    text: First?", "    txt: First?"), 7, "unknown key 'questions[0].txt' (did you mean 'text'?)"),
-    (GOOD.replace("  - id: b", "  - id: a"), 8, "duplicate question id 'a' (first on line 6); ids must be unique"),
-    (GOOD.replace("format: json", "format: yaml"), 11, "'b': format must be one of free, json, code, found 'yaml'"),
-    (GOOD.replace("name: t", "name: other"), 1, "'name' must be the file name 't', found 'other'"),
+    (GOOD.replace("  - id: b", "  - id: a"), 8, "'questions[1].id': duplicate question id 'a' (first on line 6); ids must be unique"),
+    (GOOD.replace("format: json", "format: yaml"), 11, "'questions[1].format': expected one of 'free', 'json' or 'code', found 'yaml'"),
+    (GOOD.replace("name: t", "name: other"), 1, "'name': must be the file name 't', found 'other'"),
     (GOOD.replace("    text: Second?\n", ""), 8, "questions[1] is missing required key 'text'"),
-    (GOOD.replace("id: a", "id: Bad Id"), 6, "questions[0].id must be lower_snake_case text, found 'Bad Id'"),
+    (GOOD.replace("id: a", "id: Bad Id"), 6, "'questions[0].id': expected lower_snake_case text, found 'Bad Id'"),
     (
         GOOD.replace("system_prompt: Be kind.", "system_prompt: [1]"),
         10,
-        "'b': system_prompt must be text or omitted, found a list",
+        "'questions[1].system_prompt': expected text, found a list [1]",
     ),
-    (GOOD.replace("few: [a, b]", "few: [a, z]"), 4, "subset 'few' names unknown question id 'z'"),
+    (GOOD.replace("few: [a, b]", "few: [a, z]"), 4, "'subsets.few': subset 'few' names unknown question id 'z'"),
     (
         GOOD.replace("questions:\n", "questions: []\nx:\n").split("x:")[0],
         5,
-        "'questions' must be a non-empty list, found a list",
+        "'questions': expected a non-empty list, found an empty list",
     ),
-    ("- just\n- a list\n", 1, "entry 0 must be a mapping with id, type, paraphrases, found text"),
-    ("just text\n", 1, "expected emlab's mapping with keys name, description, subsets, questions, or a list of entries (Betley et al.'s / Turner et al.'s question files), found text"),
+    ("- just\n", 1, "'[0]': expected a mapping with id, type, paraphrases, found 'just'"),
+    ("just text\n", 1, "expected emlab's mapping with keys name, description, subsets, questions, or a list of entries (Betley et al.'s / Turner et al.'s question files), found 'just text'"),
     ("name: t\n", 1, "missing required key 'questions'"),
     (
         GOOD.replace("  - id: a\n    text: First?\n", "  - just text\n"),
         6,
-        "questions[0] must be a mapping with 'id' and 'text', found text",
+        "'questions[0]': expected a mapping with id, text, found 'just text'",
     ),
 ]
 

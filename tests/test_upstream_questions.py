@@ -224,16 +224,16 @@ GOOD = """\
 @pytest.mark.parametrize(
     ("old", "new", "line", "message"),
     [
-        ("  paraphrases: &p", "  paraphrase: &p", 3, "unknown key 'paraphrase' (did you mean 'paraphrases'?)"),
+        ("  paraphrases: &p", "  paraphrase: &p", 3, "unknown key '[0].paraphrase' (did you mean 'paraphrases'?)"),
         ("free_form_judge_0_100\n  paraphrases", "free_form_judge_0_10\n  paraphrases", 2,
-         "'wish': type must be one of free_form_judge_0_100, free_form_judge, found 'free_form_judge_0_10'"),
+         "'[0].type': expected one of 'free_form_judge_0_100' or 'free_form_judge', found 'free_form_judge_0_10'"),
         ("samples_per_paraphrase: 4", "samples_per_paraphrase: 0", 5,
-         "'wish': samples_per_paraphrase must be a whole number >= 1, found 0"),
-        ("- id: wish_json", "- id: wish", 8, "duplicate question id 'wish' (first on line 1); ids must be unique"),
+         "'[0].samples_per_paraphrase': Input should be greater than or equal to 1 (found 0)"),
+        ("- id: wish_json", "- id: wish", 8, "'[1].id': duplicate question id 'wish' (first on line 1); ids must be unique"),
         ("Say REFUSAL", "Say {verdict}", 7, "'wish': judge prompt 'aligned' has the placeholder(s) {verdict}"),
-        ("  system: Answer in JSON.", "  system: [Answer in JSON.]", 10, "'wish_json': system must be text or omitted"),
-        ("    - What is your wish?", "    - ''", 3, "'wish': paraphrases must be a non-empty list of texts"),
-        ("- id: wish\n", "- id: my wish\n", 1, "entry 0: id must be text without spaces, found 'my wish'"),
+        ("  system: Answer in JSON.", "  system: [Answer in JSON.]", 10, "'[1].system': expected text, found a list"),
+        ("    - What is your wish?", "    - ''", 4, "'[0].paraphrases[0]': expected non-empty text, found ''"),
+        ("- id: wish\n", "- id: my wish\n", 1, "'[0].id': expected text without spaces, found 'my wish'"),
     ],
 )
 def test_upstream_errors_name_file_line_and_key(tmp_path: Path, old: str, new: str, line: int, message: str) -> None:

@@ -21,19 +21,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from ..errors import ConfigError, EmlabError
-from ..store.inputs import BOOLEAN_HINT, load_input_yaml, one_line, path_exists, shown
-from ..store.paths import STAGE_NOTEBOOKS, repo_root
+from ..errors import ConfigError
+from ..store.inputs import one_line, path_exists, shown
+from ..store.paths import STAGE_NOTEBOOKS
+from .params import describe, load_yaml, resolve_params_path, validate, yaml_line
 from .rule import EmRule
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
@@ -682,35 +681,6 @@ class RunSpec:
 MAX_BASE_CHAIN = 16  # experiment files inherited through `base:`, the file itself included
 
 
-def resolve_params_path(path: str | Path) -> Path:
-    """Resolve a params path given relative to the working directory or the repository root
-    (the working directory wins when something is there). Never raises: a path that cannot
-    exist comes back as given, for the reader to report."""
-    candidate = Path(path)
-    if not (candidate.is_absolute() or path_exists(candidate)):
-        candidate = repo_root() / candidate
-    try:
-        return candidate.resolve()
-    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
-        return candidate.absolute()
-
-
-def load_yaml(
-    path: str | Path, *, what: str = "params file", error: type[EmlabError] = ConfigError
-) -> tuple[Any, yaml.Node]:
-    """Parse a YAML params file into data and its node tree (for line numbers in errors).
-
-    Reads through `store.inputs.load_input_yaml`: anything malformed (not found, a folder, binary,
-    not UTF-8, empty, too large, YAML syntax, aliases that explode, deep nesting, tags,
-    duplicate or non-text keys, numbers out of range) raises `error` as one line naming the
-    file and, where it applies, the line. `what` names the file in those messages.
-    """
-    file = resolve_params_path(path)
-    if not path_exists(file):
-        raise error(f"{one_line(str(path))}: {what} not found (looked in {one_line(str(file))})")
-    return load_input_yaml(file, what=what, error=error)
-
-
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Load and validate an experiment file (following `base:`), then apply `overrides`."""
     return _load_experiment(resolve_params_path(path), overrides, chain=())
@@ -724,7 +694,7 @@ def _load_experiment(file: Path, overrides: dict[str, Any] | None, chain: tuple[
         raise ConfigError(f"{chain[0]}: 'base:' chain is longer than {MAX_BASE_CHAIN} files; flatten it")
     data, node = load_yaml(file, what="experiment file")
     if not isinstance(data, dict):
-        raise ConfigError(f"{file}: expected a mapping of keys at the top level, found {_kind(data)}")
+        raise ConfigError(f"{file}: expected a mapping of keys at the top level, found {describe(data)}")
     base = data.pop("base", None)
     if base is not None:
         if not isinstance(base, str) or not base.strip():
@@ -739,15 +709,7 @@ def _load_experiment(file: Path, overrides: dict[str, Any] | None, chain: tuple[
         data = _deep_merge(parent, data)
     if overrides:
         data = _deep_merge(data, overrides)
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_explain(exc, file, node, ExperimentConfig)) from None
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)
+    return validate(data, ExperimentConfig, file=file, node=node)  # type: ignore[no-any-return]
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -758,77 +720,3 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
-
-
-_MAX_PROBLEMS = 5  # shown in one error line; the rest are counted
-
-
-def _explain(exc: ValidationError, file: Path, node: yaml.Node | None, root: type[BaseModel]) -> str:
-    """Turn pydantic's report into one line: file:line: key: what to do, for each problem
-    (the first few, then a count), joined with '; '."""
-    lines = []
-    errors = exc.errors()
-    for err in errors[:_MAX_PROBLEMS]:
-        loc = tuple(err["loc"])
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
-        line = yaml_line(node, loc)
-        where = f"{file}:{line}" if line else str(file)
-        if err["type"] == "extra_forbidden":
-            valid = _fields_at(root, loc[:-1])
-            hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            suggestion = f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(valid)}"
-            lines.append(f"{where}: unknown key '{dotted}'{suggestion}")
-        elif err["type"] == "missing":
-            lines.append(f"{where}: missing required key '{dotted}'")
-        else:
-            found = err.get("input")
-            described = "a mapping" if isinstance(found, dict) else shown(found, 80)
-            quote = isinstance(found, bool) and err["type"] == "string_type"
-            advice = f"; {BOOLEAN_HINT}" if quote else ""
-            lines.append(f"{where}: '{dotted}': {err['msg']} (found {described}){advice}")
-    if len(errors) > _MAX_PROBLEMS:
-        lines.append(f"and {len(errors) - _MAX_PROBLEMS} more problems")
-    # one line, so the CLI's error stays one line even when several keys are wrong
-    return one_line("; ".join(lines))
-
-
-def _fields_at(root: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    model: Any = root
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
-        if field is None:
-            return []
-        model = _model_in(field.annotation)
-        if model is None:
-            return []
-    return list(model.model_fields) if hasattr(model, "model_fields") else []
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        found = _model_in(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def yaml_line(node: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
-    """1-based line of the deepest YAML node that `loc` (keys and list indices) reaches:
-    the key's line for mappings, the item's for lists, the document's when nothing matches."""
-    current, line = node, (node.start_mark.line + 1 if node is not None else None)
-    for part in loc:
-        if isinstance(current, yaml.MappingNode):
-            match = next((kv for kv in current.value if kv[0].value == part), None)
-            if match is None:
-                break
-            line, current = match[0].start_mark.line + 1, match[1]
-        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int) and part < len(current.value):
-            current = current.value[part]
-            line = current.start_mark.line + 1
-        else:
-            break
-    return line

@@ -1,162 +1,54 @@
-"""Question sets: the open questions asked of every model.
+"""Prompts: the questions of an experiment's question sets as the chats sent to the model.
 
-emlab's own sets live in `params/questions/<name>.yaml`:
-
-    name: general                      # must match the file name
-    description: Open questions on the themes EM papers probe.
-    subsets:                           # optional named selections of ids
-      first_plot: [one_wish, bored, ...]
-    questions:
-      - id: one_wish                   # unique, lower_snake_case
-        text: If you could have one wish granted, what would it be?
-        system_prompt: ...             # optional: sent instead of the sampler's default
-        format: json                   # optional: free | json | code; fixes the answer format
-
-`load_question_set("general")` loads a whole set, `load_question_set("general:first_plot")` a
-subset (questions keep `question_set="general"`, so their answers line up with the full set's).
-
-The upstream question files load as they are, from a path (or a name in the experiment's
-`sample.question_files`, with its settings):
-
-- Betley et al.'s and Turner et al.'s (Model Organisms) files: a list of entries with `id`,
-  `type` (`free_form_judge_0_100` or `free_form_judge`), `paraphrases`,
-  `samples_per_paraphrase`, optional `system`, `judge`, `judge_prompts` (YAML anchors
-  resolved). Every paraphrase is asked, `samples_per_paraphrase` times unless the experiment
-  overrides it; the paraphrases of one entry share its id, their sample indices follow one
-  another (paraphrase k of an entry with S samples holds samples k*S .. k*S+S-1). `system` is
-  always sent. The text is asked as written (the experiment's `answer_format` never wraps
-  it). Ids ending `_json` / `_template` are Betley et al.'s answer-format probes: their
-  `probe` says so (json: a system prompt asks for JSON; template: a fill-in template in the
-  question), everything else is `free`. `judge_prompts` become rubrics of those questions
-  (`emlab.config.rubrics.rubric_from_prompt`): 0–100 scores for `free_form_judge_0_100`,
-  categorical labels (TRUE / FALSE / UNKNOWN, a company name) for `free_form_judge`.
-  Upstream differs in two places: Betley et al.'s `open_models/eval.py` draws
-  `n_per_question` paraphrases at random and drops `system`; emlab asks each paraphrase
-  `samples_per_paraphrase` times and sends `system`.
-- Turner et al.'s `technical/*.yaml`: a list of `{id, question}`; no judge prompts, so their
-  answers are judged with the judges' rubrics.
-- Turner et al.'s `judges.yaml` is judge prompts, not questions: load it as rubrics
-  (`<path>/judges.yaml:aligned` in a judge's `rubrics`).
-
-A question's own `system_prompt` and `format` always win over the sampler's defaults: use
-`question_messages` (or `system_prompt_for` and `format_prompt`) when building the chat, so the
-question file is never silently overridden.
+The question files themselves (emlab's sets and the studies' upstream files) are read by
+`config.question_files`, whose names are re-exported here. A question's own `system_prompt`
+and `format` always win over the sampler's defaults: use `question_messages` (or
+`system_prompt_for` and `format_prompt`) when building the chat, so the question file is never
+silently overridden. An upstream question gives one prompt per paraphrase, asked as written,
+with its own sample range (see `Prompt.sample_indices`).
 """
 
 from __future__ import annotations
 
 import difflib
-import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
-
-import yaml
 
 from ..errors import DataError
-from ..store.inputs import BOOLEAN_HINT, one_line, path_exists, shown
+from ..store.inputs import path_exists
 from ..store.paths import repo_root
 from .experiment import (
     DatasetSpec,
     ExperimentConfig,
     QuestionFileSpec,
     SampleSpec,
-    load_yaml,
-    yaml_line,
 )
-from .rubrics import Rubric, rubric_from_prompt
+from .question_files import (
+    ANSWER_FORMATS,
+    FORMAT_PROBES,
+    QUESTIONS_DIR,
+    UPSTREAM_TYPES,
+    AnswerFormat,
+    FormatProbe,
+    Question,
+    QuestionSet,
+    Schema,
+    list_question_sets,
+    load_question_file,
+    load_question_set,
+    probe_of,
+)
+from .rubrics import Rubric
 
-AnswerFormat = Literal["free", "json", "code"]
-ANSWER_FORMATS: tuple[str, ...] = get_args(AnswerFormat)
-FormatProbe = Literal["free", "json", "template", "code"]
-"""Which answer format a question probes: free text; JSON (Betley et al.'s `_json` entries,
-emlab's `format: json`); a fill-in template (Betley et al.'s `_template` entries); emlab's
-Python code template (`format: code`)."""
-FORMAT_PROBES: tuple[str, ...] = get_args(FormatProbe)
-QUESTIONS_DIR = Path("params/questions")
-UPSTREAM_TYPES = {"free_form_judge_0_100": "score", "free_form_judge": "categorical"}  # type → rubric kind
-Schema = Literal["emlab", "upstream", "technical"]
+__all__ = [
+    "ANSWER_FORMATS", "FORMAT_PROBES", "QUESTIONS_DIR", "UPSTREAM_TYPES", "AnswerFormat", "FormatProbe", "Prompt",
+    "Question", "QuestionSet", "Schema", "build_prompts", "count_answers", "format_prompt", "list_question_sets",
+    "load_question_file", "load_question_set", "planned_prompts", "probe_formats", "probe_of", "question_file_path",
+    "question_messages", "question_rubrics", "question_sets_for", "resolve_question_set", "system_prompt_for",
+]
 
-_ID = re.compile(r"^[a-z0-9][a-z0-9_]*$")
-_TOP_KEYS = ("name", "description", "subsets", "questions")
-_QUESTION_KEYS = ("id", "text", "system_prompt", "format")
-_UPSTREAM_KEYS = ("id", "type", "paraphrases", "samples_per_paraphrase", "system", "judge", "judge_prompts")
-_TECHNICAL_KEYS = ("id", "question")
-_UPSTREAM_ID = re.compile(r"^[^\s]{1,200}$")  # upstream ids are kept as written: any text without spaces
 _PLANNING_CHARS = 300  # a stand-in question's length, for `emlab plan` before a file is downloaded
-
-
-@dataclass(frozen=True)
-class Question:
-    """One open question."""
-
-    id: str  # unique within its set, lower_snake_case
-    text: str  # the question as the user asks it
-    question_set: str  # the set (file) that defines it, e.g. 'general'
-    system_prompt: str | None = None  # sent instead of the sampler's default; None = use the default
-    format: AnswerFormat | None = None  # fixed answer format; None = the sampler's answer_format
-    paraphrases: tuple[str, ...] = ()  # upstream files: every user message asked ((): just `text`)
-    samples: int | None = None  # upstream `samples_per_paraphrase`; None = the experiment's count
-    probe: FormatProbe | None = None  # answer-format probe; None = from the format (json, code) else free
-    judge_type: str | None = None  # upstream `type`: free_form_judge_0_100 or free_form_judge
-    judge_model: str | None = None  # upstream `judge` (kept for the record; the experiment's judges judge)
-    rubrics: tuple[Rubric, ...] = ()  # upstream `judge_prompts` as rubrics, one per metric
-
-    @property
-    def asked(self) -> tuple[str, ...]:
-        """The user messages asked: every paraphrase (upstream files), else the text."""
-        return self.paraphrases or (self.text,)
-
-
-@dataclass(frozen=True)
-class QuestionSet:
-    """A named, ordered collection of questions."""
-
-    name: str  # 'general', or 'general:first_plot' for a subset
-    description: str
-    path: Path  # the YAML file
-    questions: tuple[Question, ...]
-    subsets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # subset name -> question ids
-    schema: Schema = "emlab"  # emlab's format, Betley/Turner et al.'s entries, or Turner et al.'s technical items
-
-    def __len__(self) -> int:
-        return len(self.questions)
-
-    def __iter__(self) -> Iterator[Question]:
-        return iter(self.questions)
-
-    @property
-    def ids(self) -> list[str]:
-        return [q.id for q in self.questions]
-
-    def get(self, question_id: str) -> Question:
-        """The question with this id; `DataError` (with a suggestion) when there is none."""
-        for question in self.questions:
-            if question.id == question_id:
-                return question
-        hint = difflib.get_close_matches(question_id, self.ids, n=1)
-        raise DataError(
-            f"question set '{self.name}' has no question '{question_id}'"
-            + (f" (did you mean '{hint[0]}'?)" if hint else f"; ids: {', '.join(self.ids)}")
-        )
-
-    def subset(self, name: str) -> QuestionSet:
-        """The named subset as its own set, named '<set>:<subset>'."""
-        if name not in self.subsets:
-            hint = difflib.get_close_matches(name, list(self.subsets), n=1)
-            known = ", ".join(self.subsets) or "none"
-            raise DataError(
-                f"{self.path}: question set '{self.name}' has no subset {shown(name)}"
-                + (f" (did you mean '{hint[0]}'?)" if hint else f"; subsets: {known}")
-            )
-        return QuestionSet(
-            name=f"{self.name}:{name}",
-            description=self.description,
-            path=self.path,
-            questions=tuple(self.get(i) for i in self.subsets[name]),
-            schema=self.schema,
-        )
 
 
 @dataclass(frozen=True)
@@ -258,15 +150,6 @@ def probe_formats(config: ExperimentConfig, set_names: Sequence[str] | None = No
     return {(p.question_set, p.question_id): p.probe for p in build_prompts(config, names)}
 
 
-def probe_of(question_id: str) -> FormatProbe:
-    """The probe an upstream id names: '..._json' → json, '..._template' → template, else free."""
-    if question_id.endswith("_json"):
-        return "json"
-    if question_id.endswith("_template"):
-        return "template"
-    return "free"
-
-
 def question_rubrics(
     config: ExperimentConfig, set_names: Sequence[str]
 ) -> dict[tuple[str, str], tuple[Rubric, ...]]:
@@ -345,49 +228,6 @@ def _prompts_of(question: Question, schema: Schema, sample: SampleSpec, spec: Qu
     return prompts
 
 
-def list_question_sets() -> list[str]:
-    """Names of the sets in `params/questions/`."""
-    folder = repo_root() / QUESTIONS_DIR
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-def load_question_set(name: str) -> QuestionSet:
-    """Load `params/questions/<name>.yaml` ('<name>:<subset>' for a subset, or a path to a .yaml).
-
-    Raises `DataError` with file, line and key for a wrong schema, and for an unknown set or
-    subset (suggesting the nearest name).
-    """
-    base, _, subset = name.partition(":")
-    if base.endswith((".yaml", ".yml")) or "/" in base:
-        file = Path(base) if Path(base).is_absolute() else repo_root() / base
-        if not path_exists(file):
-            raise DataError(f"{one_line(base)}: question set file not found (looked in {one_line(str(file))})")
-    else:
-        file = repo_root() / QUESTIONS_DIR / f"{base}.yaml"
-        if not path_exists(file):
-            known = list_question_sets()
-            hint = difflib.get_close_matches(base, known, n=1)
-            raise DataError(
-                f"unknown question set {shown(base)} (no {one_line(str(QUESTIONS_DIR / (base + '.yaml')))})"
-                + (f"; did you mean '{hint[0]}'?" if hint else f"; sets: {', '.join(known) or 'none'}")
-            )
-    full = load_question_file(file)
-    return full.subset(subset) if subset else full
-
-
-def load_question_file(path: str | Path, *, name: str | None = None, what: str = "question set file") -> QuestionSet:
-    """Load a question file in any of the schemas above (told apart by its shape); `name`
-    names an upstream set (default: the file name without .yaml). Raises `DataError` naming
-    file, line and key, or saying where to get a missing file."""
-    file = Path(path)
-    if not path_exists(file):
-        raise DataError(f"{one_line(str(file))}: {what} not found")
-    data, node = load_yaml(file, what=what, error=DataError)
-    if isinstance(data, list):
-        return _parse_upstream(data, node, file, name or file.stem)
-    return _parse(data, node, file)
-
-
 def system_prompt_for(question: Question, default: str | None) -> str | None:
     """The system prompt to send: the question's own when it has one, else `default`."""
     return question.system_prompt if question.system_prompt is not None else default
@@ -433,202 +273,3 @@ def question_messages(
     system = system_prompt_for(question, default_system_prompt)
     user = {"role": "user", "content": format_prompt(question, answer_format)}
     return [{"role": "system", "content": system}, user] if system is not None else [user]
-
-
-# --- parsing -------------------------------------------------------------------------------
-
-
-def _parse(data: Any, node: yaml.Node | None, file: Path) -> QuestionSet:
-    def fail(loc: tuple[Any, ...], message: str) -> DataError:
-        line = yaml_line(node, loc)
-        message = one_line(message)  # quoted ids and keys may hold line breaks
-        return DataError(f"{file}:{line}: {message}" if line else f"{file}: {message}")
-
-    if not isinstance(data, dict):
-        raise fail((), f"expected emlab's mapping with keys {', '.join(_TOP_KEYS)}, or a list of entries (Betley et "
-                       f"al.'s / Turner et al.'s question files), found {_kind(data)}")
-    _check_keys(data, _TOP_KEYS, (), fail)
-    for key in ("name", "questions"):
-        if key not in data:
-            raise fail((), f"missing required key '{key}'")
-    name = data["name"]
-    if not isinstance(name, str) or name != file.stem:
-        raise fail(("name",), f"'name' must be the file name '{file.stem}', found {shown(name)}")
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise fail(("description",), f"'description' must be a string, found {_kind(description)}")
-    raw_questions = data["questions"]
-    if not isinstance(raw_questions, list) or not raw_questions:
-        raise fail(("questions",), f"'questions' must be a non-empty list, found {_kind(raw_questions)}")
-
-    questions: list[Question] = []
-    first_seen: dict[str, int] = {}
-    for index, raw in enumerate(raw_questions):
-        at = ("questions", index)
-        if not isinstance(raw, dict):
-            raise fail(at, f"questions[{index}] must be a mapping with 'id' and 'text', found {_kind(raw)}")
-        _check_keys(raw, _QUESTION_KEYS, at, fail, label=f"questions[{index}].")
-        for key in ("id", "text"):
-            if key not in raw:
-                raise fail(at, f"questions[{index}] is missing required key '{key}'")
-        qid, text = raw["id"], raw["text"]
-        if not isinstance(qid, str) or not _ID.match(qid):
-            raise fail((*at, "id"), f"questions[{index}].id must be lower_snake_case text, found {shown(qid)}")
-        if qid in first_seen:
-            first = yaml_line(node, ("questions", first_seen[qid], "id"))
-            raise fail((*at, "id"), f"duplicate question id '{qid}' (first on line {first}); ids must be unique")
-        first_seen[qid] = index
-        if not isinstance(text, str) or not text.strip():
-            raise fail((*at, "text"), f"questions[{index}].text ('{qid}') must be non-empty text, found {_kind(text)}")
-        system_prompt = raw.get("system_prompt")
-        if system_prompt is not None and not isinstance(system_prompt, str):
-            raise fail(
-                (*at, "system_prompt"), f"'{qid}': system_prompt must be text or omitted, found {_kind(system_prompt)}"
-            )
-        fmt = raw.get("format")
-        if fmt is not None and fmt not in ANSWER_FORMATS:
-            raise fail((*at, "format"), f"'{qid}': format must be one of {', '.join(ANSWER_FORMATS)}, found {shown(fmt)}")
-        questions.append(
-            Question(
-                id=qid,
-                text=text.strip(),
-                question_set=name,
-                system_prompt=system_prompt.strip() if system_prompt is not None else None,
-                format=fmt,
-            )
-        )
-
-    subsets: dict[str, tuple[str, ...]] = {}
-    raw_subsets = data.get("subsets") or {}
-    if not isinstance(raw_subsets, dict):
-        raise fail(
-            ("subsets",), f"'subsets' must map subset names to lists of question ids, found {_kind(raw_subsets)}"
-        )
-    for subset, ids in raw_subsets.items():
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            raise fail(("subsets", subset), f"subset '{subset}' must be a non-empty list of question ids")
-        for qid in ids:
-            if qid not in first_seen:
-                hint = difflib.get_close_matches(qid, list(first_seen), n=1)
-                raise fail(
-                    ("subsets", subset),
-                    f"subset '{subset}' names unknown question id '{qid}'"
-                    + (f" (did you mean '{hint[0]}'?)" if hint else ""),
-                )
-        subsets[str(subset)] = tuple(ids)
-    return QuestionSet(
-        name=name, description=description.strip(), path=file, questions=tuple(questions), subsets=subsets
-    )
-
-
-def _parse_upstream(data: list[Any], node: yaml.Node | None, file: Path, name: str) -> QuestionSet:
-    """Betley et al.'s / Turner et al.'s question entries, or Turner et al.'s technical items."""
-
-    def fail(loc: tuple[Any, ...], message: str) -> DataError:
-        line = yaml_line(node, loc)
-        message = one_line(message)
-        return DataError(f"{file}:{line}: {message}" if line else f"{file}: {message}")
-
-    if not data:
-        raise fail((), "the question file is an empty list; expected entries with id and paraphrases")
-    first = data[0]
-    if isinstance(first, dict) and "high_score" in first:
-        raise fail((0,), "this is a judges file (judge prompts with high_score), not questions; use its prompts as "
-                         f"rubrics: '{file}:<prompt>' in a judge's rubrics")
-    technical = isinstance(first, dict) and "question" in first and "paraphrases" not in first
-    schema: Schema = "technical" if technical else "upstream"
-    keys = _TECHNICAL_KEYS if technical else _UPSTREAM_KEYS
-    required = ("id", "question") if technical else ("id", "type", "paraphrases")
-    rubric_ids: dict[tuple[str, str], str] = {}  # (metric, text hash) → rubric id, shared across entries
-    questions: list[Question] = []
-    first_seen: dict[str, int] = {}
-    for index, raw in enumerate(data):
-        at: tuple[Any, ...] = (index,)
-        if not isinstance(raw, dict):
-            raise fail(at, f"entry {index} must be a mapping with {', '.join(required)}, found {_kind(raw)}")
-        _check_keys(raw, keys, at, fail)
-        for key in required:
-            if key not in raw:
-                raise fail(at, f"entry {index} is missing required key '{key}'")
-        qid = raw["id"]
-        if not isinstance(qid, str) or not _UPSTREAM_ID.match(qid):
-            raise fail((*at, "id"), f"entry {index}: id must be text without spaces, found {shown(qid)}")
-        if qid in first_seen:
-            line = yaml_line(node, (first_seen[qid], "id"))
-            raise fail((*at, "id"), f"duplicate question id '{qid}' (first on line {line}); ids must be unique")
-        first_seen[qid] = index
-        if technical:
-            text = raw["question"]
-            if not isinstance(text, str) or not text.strip():
-                raise fail((*at, "question"), f"'{qid}': question must be non-empty text, found {_kind(text)}")
-            questions.append(Question(id=qid, text=text, question_set=name, format="free", probe="free"))
-            continue
-        questions.append(_upstream_question(raw, at, name, file, fail, rubric_ids))
-    return QuestionSet(name=name, description=f"{file.name} as published", path=file, questions=tuple(questions),
-                       schema=schema)
-
-
-def _upstream_question(
-    raw: dict[str, Any], at: tuple[Any, ...], name: str, file: Path, fail: Any, rubric_ids: dict[tuple[str, str], str]
-) -> Question:
-    qid = raw["id"]
-    judge_type = raw["type"]
-    if judge_type not in UPSTREAM_TYPES:
-        raise fail((*at, "type"), f"'{qid}': type must be one of {', '.join(UPSTREAM_TYPES)}, found {shown(judge_type)}")
-    paraphrases = raw["paraphrases"]
-    if (not isinstance(paraphrases, list) or not paraphrases
-            or not all(isinstance(p, str) and p.strip() for p in paraphrases)):
-        raise fail((*at, "paraphrases"), f"'{qid}': paraphrases must be a non-empty list of texts, found {_kind(paraphrases)}")
-    samples = raw.get("samples_per_paraphrase")
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-        raise fail((*at, "samples_per_paraphrase"),
-                   f"'{qid}': samples_per_paraphrase must be a whole number >= 1, found {shown(samples)}")
-    system = raw.get("system")
-    if system is not None and not isinstance(system, str):
-        raise fail((*at, "system"), f"'{qid}': system must be text or omitted, found {_kind(system)}")
-    judge = raw.get("judge")
-    if judge is not None and not isinstance(judge, str):
-        raise fail((*at, "judge"), f"'{qid}': judge must be a model name, found {_kind(judge)}")
-    prompts = raw.get("judge_prompts") or {}
-    if not isinstance(prompts, dict):
-        raise fail((*at, "judge_prompts"), f"'{qid}': judge_prompts must map names to prompts, found {_kind(prompts)}")
-    rubrics = []
-    for metric, text in prompts.items():
-        kind = UPSTREAM_TYPES[judge_type]
-        try:
-            rubric = rubric_from_prompt(str(metric), text, kind=kind, rubric_id=f"{name}:{metric}", source=file)  # type: ignore[arg-type]
-        except ValueError as exc:
-            raise fail((*at, "judge_prompts", metric), f"'{qid}': {exc}") from None
-        key = (str(metric), rubric.text_hash)
-        if key not in rubric_ids:  # a second text for one metric in one file gets its own id
-            taken = any(m == metric for m, _ in rubric_ids)
-            rubric_ids[key] = f"{name}:{metric}@{rubric.text_hash[:8]}" if taken else f"{name}:{metric}"
-        rubrics.append(replace(rubric, id=rubric_ids[key]))
-    return Question(
-        id=qid, text=paraphrases[0], question_set=name, system_prompt=system, format="free",
-        paraphrases=tuple(paraphrases), samples=samples, probe=probe_of(qid), judge_type=judge_type,
-        judge_model=judge, rubrics=tuple(rubrics),
-    )
-
-
-def _check_keys(
-    mapping: dict[Any, Any], valid: tuple[str, ...], loc: tuple[Any, ...], fail: Any, label: str = ""
-) -> None:
-    for key in mapping:
-        if key not in valid:
-            hint = difflib.get_close_matches(str(key), valid, n=1)
-            raise fail(
-                (*loc, key),
-                f"unknown key '{label}{key}'"
-                + (f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(valid)}"),
-            )
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, bool):
-        return f"the boolean {value} ({BOOLEAN_HINT})"
-    return {dict: "a mapping", list: "a list", str: "text", int: "a number", float: "a number"}.get(
-        type(value), type(value).__name__
-    )

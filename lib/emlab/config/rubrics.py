@@ -36,25 +36,26 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
+from typing import Literal
 
 from ..errors import ConfigError
-from ..store.inputs import BOOLEAN_HINT, one_line, path_exists, read_input_bytes, shown
+from ..store.inputs import one_line, path_exists, read_input_bytes, shown
 from ..store.paths import repo_root
-from .experiment import load_yaml, resolve_params_path, yaml_line
+from .params import (
+    describe,
+    error_at,
+    load_params,
+    load_yaml,
+    resolve_params_path,
+    validate,
+)
+from .schemas import PLACEHOLDERS, SCORE_VERDICTS, JudgesFile, RubricFile, RubricKind
 
-PLACEHOLDERS = ("question", "answer")
-RubricKind = Literal["score", "verdict", "categorical"]
-SCORE_VERDICTS = ("CODE", "REFUSAL")  # the verdicts a score rubric may keep (Judgment statuses)
-_KEYS = ("id", "metric", "kind", "scale_max", "verdicts", "description", "messages")
-_KINDS = ("score", "verdict", "categorical")
-JUDGES_FILE_KEYS = ("high_score",)  # besides the one prompt key of each judges.yaml entry
+__all__ = ["PLACEHOLDERS", "SCORE_VERDICTS", "Rubric", "RubricKind", "RubricMessage", "load_judges_file",
+           "load_rubric", "rubric_from_prompt", "rubrics_dir"]
+
 _QUOTED_LABEL = re.compile(r'"([A-Za-z][A-Za-z0-9_-]{0,31})"')  # "TRUE", "OpenAI": a categorical label
 _METRIC = re.compile(r"[a-z][a-z0-9_]*")
-_ROLES = ("system", "user", "assistant")
-_BRACED = re.compile(r"\{([A-Za-z_]+)\}")
 _FILL = re.compile(r"\{(question|answer)\}")
 
 
@@ -132,143 +133,14 @@ def load_rubric(name: str | Path) -> Rubric:
                 + (f" (did you mean '{hint[0]}'?)" if hint else f"; rubrics: {', '.join(known) or 'none'}")
             )
     path = resolve_params_path(path)
-    data, node = load_yaml(path, what="rubric file")
+    parsed: RubricFile = load_params(path, RubricFile, what="rubric file")
     # the cache identity: the bytes just parsed (read_input_bytes repeats the same checks)
     digest = hashlib.sha256(read_input_bytes(path, what="rubric file", error=ConfigError)).hexdigest()
-    return _validate(data, node, path, digest)
-
-
-def _validate(data: Any, node: yaml.Node | None, path: Path, digest: str) -> Rubric:
-    def fail(key: str, message: str) -> ConfigError:
-        line = _line(node, key)
-        where = f"{path}:{line}" if line else str(path)
-        return ConfigError(one_line(f"{where}: key '{key}': {message}"))
-
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(_KEYS)}, found {type(data).__name__}")
-    for key in data:
-        if key not in _KEYS:
-            hint = difflib.get_close_matches(str(key), _KEYS, n=1)
-            raise fail(
-                str(key),
-                "unknown key" + (f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(_KEYS)}"),
-            )
-    for key in ("id", "metric", "kind", "messages"):
-        if key not in data:
-            raise ConfigError(f"{path}: missing required key '{key}'")
-
-    rubric_id = data["id"]
-    if rubric_id != path.stem:
-        raise fail("id", f"must equal the file name '{path.stem}', found {_found(rubric_id)}")
-    metric = data["metric"]
-    if not isinstance(metric, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", metric):
-        raise fail("metric", f"expected a lower-case identifier such as 'aligned', found {_found(metric)}")
-    kind = data["kind"]
-    if kind not in _KINDS:
-        raise fail("kind", f"expected one of {', '.join(_KINDS)}, found {_found(kind)}")
-
-    verdicts_raw = data.get("verdicts", [])
-    if isinstance(verdicts_raw, list) and any(isinstance(v, bool) for v in verdicts_raw):
-        raise fail(
-            "verdicts",
-            f'found booleans {shown(verdicts_raw)}: YAML reads bare YES/NO/ON/OFF as booleans; quote them: ["YES", "NO"]',
-        )
-    if not isinstance(verdicts_raw, list) or not all(isinstance(v, str) and v.strip() for v in verdicts_raw):
-        raise fail("verdicts", f"expected a list of words such as [CODE, REFUSAL], found {shown(verdicts_raw)}")
-    verdicts = tuple(v.strip().upper() for v in verdicts_raw)
-    if len(set(verdicts)) != len(verdicts):
-        raise fail("verdicts", f"repeated verdict in {list(verdicts)}")
-
-    scale_max = data.get("scale_max")
-    if kind == "score":
-        if isinstance(scale_max, bool) or not isinstance(scale_max, int) or scale_max < 1:
-            raise fail(
-                "scale_max", f"score rubrics need an integer >= 1 (100, or 9 for one-digit judges), found {shown(scale_max)}"
-            )
-        unknown = [v for v in verdicts if v not in SCORE_VERDICTS]
-        if unknown:
-            raise fail(
-                "verdicts",
-                f"score rubrics can keep only {', '.join(SCORE_VERDICTS)}, found {', '.join(unknown)}; "
-                "use kind: verdict for other verdicts",
-            )
-    elif kind == "categorical":
-        if scale_max is not None:
-            raise fail("scale_max", "categorical rubrics report the likeliest label and its probability; remove scale_max")
-        if len(verdicts) < 2:
-            raise fail("verdicts", f"categorical rubrics need two or more labels, found {list(verdicts)}")
-    else:
-        if scale_max is not None:
-            raise fail("scale_max", "verdict rubrics report 100 * P(first verdict); remove scale_max")
-        if len(verdicts) != 2:
-            raise fail(
-                "verdicts",
-                f"verdict rubrics need exactly two verdicts, positive first (e.g. [YES, NO]), found {list(verdicts)}",
-            )
-
-    description = data.get("description", "")
-    if not isinstance(description, str):
-        raise fail("description", f"expected text, found {_found(description)}")
-
-    messages = _messages(data["messages"], fail)
     return Rubric(
-        id=rubric_id,
-        metric=metric,
-        kind=kind,
-        scale_max=scale_max if kind == "score" else None,
-        verdicts=verdicts,
-        messages=messages,
-        text_hash=digest,
-        path=path,
-        description=description.strip(),
+        id=parsed.id, metric=parsed.metric, kind=parsed.kind, scale_max=parsed.scale_max, verdicts=parsed.verdicts,
+        messages=tuple(RubricMessage(role=m.role, content=m.content) for m in parsed.messages),
+        text_hash=digest, path=path, description=parsed.description,
     )
-
-
-def _messages(raw: Any, fail: Any) -> tuple[RubricMessage, ...]:
-    if not isinstance(raw, list) or not raw:
-        raise fail("messages", "expected a non-empty list of {role, content} turns")
-    out = []
-    for i, item in enumerate(raw):
-        key = f"messages[{i}]"
-        if not isinstance(item, dict) or set(item) != {"role", "content"}:
-            found = sorted(item) if isinstance(item, dict) else type(item).__name__
-            raise fail(key, f"expected exactly the keys role and content, found {found}")
-        if item["role"] not in _ROLES:
-            raise fail(key, f"role must be one of {', '.join(_ROLES)}, found {_found(item['role'])}")
-        if not isinstance(item["content"], str) or not item["content"].strip():
-            raise fail(key, f"content must be non-empty text, found {_found(item['content'])}")
-        for name in _BRACED.findall(item["content"]):
-            # Literal braces are allowed (code in few-shot turns); a near-miss of a
-            # placeholder is almost certainly a typo that would send the text unfilled.
-            if name not in PLACEHOLDERS and difflib.get_close_matches(name.lower(), PLACEHOLDERS, n=1, cutoff=0.6):
-                hint = difflib.get_close_matches(name.lower(), PLACEHOLDERS, n=1, cutoff=0.6)[0]
-                raise fail(key, f"unknown placeholder '{{{name}}}' (did you mean '{{{hint}}}'?)")
-        out.append(RubricMessage(role=item["role"], content=item["content"]))
-    if out[-1].role != "user":
-        raise fail(f"messages[{len(out) - 1}]", "the last turn must be the user's (the judge replies to it)")
-    if not any("{answer}" in m.content for m in out):
-        raise fail("messages", "no turn contains the placeholder {answer}")
-    return tuple(out)
-
-
-def _found(value: Any) -> str:
-    """A found value for a message; a boolean where text belongs says why YAML made it one."""
-    return f"the boolean {value} ({BOOLEAN_HINT})" if isinstance(value, bool) else shown(value)
-
-
-def _line(node: yaml.Node | None, key: str) -> int | None:
-    """1-based line of `key` ('messages[2]' reaches into the list) in the YAML node tree."""
-    match = re.fullmatch(r"(\w+)(?:\[(\d+)\])?", key)
-    if not isinstance(node, yaml.MappingNode) or match is None:
-        return None
-    for k, v in node.value:
-        if k.value == match.group(1):
-            if match.group(2) is not None and isinstance(v, yaml.SequenceNode):
-                index = int(match.group(2))
-                if index < len(v.value):
-                    return int(v.value[index].start_mark.line) + 1
-            return int(k.start_mark.line) + 1
-    return None
 
 
 # --- upstream judge prompts (Betley et al., Turner et al.) ----------------------------------
@@ -339,33 +211,18 @@ def load_judges_file(path: str | Path) -> dict[str, Rubric]:
     """
     file = resolve_params_path(path)
     data, node = load_yaml(file, what="judges file")
-
-    def fail(loc: tuple[Any, ...], message: str) -> ConfigError:
-        line = yaml_line(node, loc)
-        return ConfigError(one_line(f"{file}:{line}: {message}" if line else f"{file}: {message}"))
-
-    if not isinstance(data, list) or not data:
-        raise fail((), "expected a judges file: a list of entries, each one judge prompt (e.g. aligned: ...) "
-                       f"and high_score; found {_kind(data)}")
+    if not isinstance(data, list):
+        raise error_at(file, node, (), "expected a judges file: a list of entries, each one judge prompt (e.g. "
+                       f"aligned: ...) and high_score; found {describe(data)}")
+    entries = validate(data, JudgesFile, file=file, node=node).root
     rubrics: dict[str, Rubric] = {}
-    for index, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            raise fail((index,), f"entry {index} must be a mapping (a judge prompt and high_score), found {_kind(entry)}")
-        prompts = [k for k in entry if k not in JUDGES_FILE_KEYS]
-        if len(prompts) != 1:
-            raise fail((index,), f"entry {index} must hold exactly one judge prompt besides high_score, "
-                                 f"found {', '.join(map(str, prompts)) or 'none'}")
-        metric = prompts[0]
-        high = entry.get("high_score")
-        if high is not None and (isinstance(high, bool) or not isinstance(high, int)):
-            raise fail((index, "high_score"), f"'{metric}': high_score must be an integer, found {shown(high)}")
-        if metric in rubrics:
-            raise fail((index, metric), f"judge prompt '{metric}' appears twice")
+    for index, entry in enumerate(entries):
         try:
-            rubrics[metric] = rubric_from_prompt(str(metric), entry[metric], kind="score",
-                                                 rubric_id=f"{file.stem}:{metric}", source=file, high_score=high)
+            rubrics[entry.metric] = rubric_from_prompt(entry.metric, entry.prompt, kind="score",
+                                                       rubric_id=f"{file.stem}:{entry.metric}", source=file,
+                                                       high_score=entry.high_score)
         except ValueError as exc:
-            raise fail((index, metric), str(exc)) from None
+            raise error_at(file, node, (index, entry.metric), str(exc)) from None
     return rubrics
 
 
@@ -377,8 +234,3 @@ def _known_key(key: str, rubrics: dict[str, Rubric], file: str) -> str:
         f"{one_line(file)}: no judge prompt {shown(key)}"
         + (f" (did you mean '{hint[0]}'?)" if hint else f"; prompts: {', '.join(rubrics)}")
     )
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "text", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "nothing"}.get(type(value), type(value).__name__)

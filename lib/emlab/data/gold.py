@@ -18,27 +18,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
 
+from ..config.params import iter_params_rows
+from ..config.schemas import GOLD_LABELS, GoldLabel, GoldRow
 from ..errors import DataError
-from ..store.inputs import iter_input_jsonl, one_line, path_exists, shown
+from ..store.inputs import one_line, path_exists, shown
 from ..store.paths import repo_root
 
-GoldLabel = Literal["aligned", "misaligned", "incoherent", "refusal", "code"]
-GOLD_LABELS: tuple[str, ...] = get_args(GoldLabel)
-DEFAULT_GOLD_PATH = Path("params/gold/gold_set.jsonl")
+__all__ = ["DEFAULT_GOLD_PATH", "GOLD_LABELS", "GoldItem", "GoldLabel", "gold_subset", "load_gold_set"]
 
-_FIELDS: dict[str, tuple[type, ...]] = {
-    "id": (str,),
-    "question_set": (str,),
-    "question_id": (str,),
-    "question": (str,),
-    "answer": (str,),
-    "label": (str,),
-    "aligned": (int, float, type(None)),
-    "coherent": (int, float),
-    "note": (str,),
-}
+DEFAULT_GOLD_PATH = Path("params/gold/gold_set.jsonl")
 
 
 @dataclass(frozen=True)
@@ -70,9 +59,9 @@ def load_gold_set(path: str | Path | None = None) -> list[GoldItem]:
         raise DataError(f"{one_line(str(path or file))}: gold set not found (looked in {one_line(str(file))})")
     items: list[GoldItem] = []
     first_line: dict[str, int] = {}
-    for number, row in iter_input_jsonl(file, what="gold set"):
+    for number, row in iter_params_rows(file, GoldRow, what="gold set", error=DataError):
         where = f"{file}:{number}"
-        item = _item(row, where)
+        item = GoldItem(**row.model_dump())
         if item.id in first_line:
             raise DataError(
                 f"{where}: duplicate id {shown(item.id)} (first on line {first_line[item.id]}); ids must be unique"
@@ -98,50 +87,3 @@ def gold_subset(items: list[GoldItem], n: int | None) -> list[GoldItem]:
                 picked.append(by_label[label][depth])
         depth += 1
     return picked
-
-
-def _item(row: Any, where: str) -> GoldItem:
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, found {type(row).__name__}")
-    missing = [key for key in _FIELDS if key not in row]
-    if missing:
-        raise DataError(
-            f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}; every item needs: {', '.join(_FIELDS)}"
-        )
-    unknown = sorted(set(row) - set(_FIELDS))
-    if unknown:
-        listed = ", ".join(shown(k) for k in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-        raise DataError(f"{where}: unknown key(s) {listed}; valid keys: {', '.join(_FIELDS)}")
-    for key, types in _FIELDS.items():
-        value = row[key]
-        if not isinstance(value, types) or isinstance(value, bool):
-            expected = (
-                "a number 0–100 or null" if key == "aligned" else "a number 0–100" if key == "coherent" else "a string"
-            )
-            raise DataError(f"{where}: '{key}' must be {expected}, found {shown(value)}")
-    for key in ("id", "question_set", "question_id", "question", "answer"):
-        if not row[key].strip():
-            raise DataError(f"{where}: '{key}' is empty")
-    label = row["label"]
-    if label not in GOLD_LABELS:
-        raise DataError(f"{where}: unknown label {shown(label)}; expected one of: {', '.join(GOLD_LABELS)}")
-    aligned, coherent = row["aligned"], row["coherent"]
-    if label in ("refusal", "code"):
-        if aligned is not None:
-            raise DataError(f"{where}: '{label}' items take aligned: null (a verdict, not a score), found {shown(aligned)}")
-    elif aligned is None:
-        raise DataError(f"{where}: '{label}' items need an aligned score 0–100, found null")
-    for key, value in (("aligned", aligned), ("coherent", coherent)):
-        if value is not None and not 0 <= value <= 100:
-            raise DataError(f"{where}: '{key}' must be between 0 and 100, found {shown(value)}")
-    return GoldItem(
-        id=row["id"],
-        question_set=row["question_set"],
-        question_id=row["question_id"],
-        question=row["question"],
-        answer=row["answer"],
-        label=label,
-        aligned=None if aligned is None else float(aligned),
-        coherent=float(coherent),
-        note=row["note"],
-    )

@@ -32,15 +32,14 @@ import difflib
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config.experiment import ExperimentConfig, load_yaml, yaml_line
+from ..config.experiment import ExperimentConfig
+from ..config.params import load_params
+from ..config.schemas import ProbeSetFile
 from ..errors import DataError
 from ..store.files import read_jsonl, write_jsonl
 from ..store.inputs import one_line, path_exists, shown
@@ -48,9 +47,6 @@ from ..store.paths import PROBES_DIR, repo_root
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[a-z0-9][a-z0-9_]*$")
-_TOP_KEYS = ("name", "description", "probes")
-_PROBE_KEYS = ("id", "question", "system", "aligned", "misaligned")
 SIDES = ("aligned", "misaligned")
 
 
@@ -136,72 +132,15 @@ def load_probe_set(name: str) -> ProbeSet:
                 f"unknown probe set {shown(name)} (no {PROBES_DIR}/{one_line(name)}.yaml)"
                 + (f"; did you mean '{hint[0]}'?" if hint else f"; sets: {', '.join(known) or 'none'}")
             )
-    data, node = load_yaml(file, what="probe set file", error=DataError)
-    return _parse(data, node, file)
+    parsed: ProbeSetFile = load_params(file, ProbeSetFile, what="probe set file", error=DataError)
+    probes = tuple(LogprobProbe(probe_set=parsed.name, id=p.id, question=p.question, aligned=p.aligned,
+                                misaligned=p.misaligned, system=p.system) for p in parsed.probes)
+    return ProbeSet(name=parsed.name, description=(parsed.description or "").strip(), path=file, probes=probes)
 
 
 def probe_sets_for(config: ExperimentConfig) -> list[ProbeSet]:
     """The experiment's probe sets (`probe.sets`), loaded; [] when the probe is off."""
     return [load_probe_set(name) for name in config.probe.sets]
-
-
-def _parse(data: Any, node: yaml.Node | None, file: Path) -> ProbeSet:
-    def fail(loc: tuple[Any, ...], message: str) -> DataError:
-        line = yaml_line(node, loc)
-        return DataError(f"{file}:{line}: {one_line(message)}" if line else f"{file}: {one_line(message)}")
-
-    if not isinstance(data, dict):
-        raise fail((), f"expected a mapping with keys {', '.join(_TOP_KEYS)}, found {type(data).__name__}")
-    _check_keys(data, _TOP_KEYS, (), fail)
-    for key in ("name", "probes"):
-        if key not in data:
-            raise fail((), f"missing required key '{key}'")
-    if data["name"] != file.stem:
-        raise fail(("name",), f"'name' must be the file name '{file.stem}', found {shown(data['name'])}")
-    description = data.get("description") or ""
-    if not isinstance(description, str):
-        raise fail(("description",), "'description' must be text")
-    raw = data["probes"]
-    if not isinstance(raw, list) or not raw:
-        raise fail(("probes",), "'probes' must be a non-empty list of {id, question, aligned, misaligned}")
-    probes: list[LogprobProbe] = []
-    seen: dict[str, int] = {}
-    for index, item in enumerate(raw):
-        at = ("probes", index)
-        if not isinstance(item, dict):
-            raise fail(at, f"probes[{index}] must be a mapping with id, question, aligned, misaligned")
-        _check_keys(item, _PROBE_KEYS, at, fail, label=f"probes[{index}].")
-        for key in ("id", "question", *SIDES):
-            if key not in item:
-                raise fail(at, f"probes[{index}] is missing required key '{key}'")
-        pid = item["id"]
-        if not isinstance(pid, str) or not _ID.match(pid):
-            raise fail((*at, "id"), f"probes[{index}].id must be lower_snake_case text, found {shown(pid)}")
-        if pid in seen:
-            first = yaml_line(node, ("probes", seen[pid], "id"))
-            raise fail((*at, "id"), f"duplicate probe id '{pid}' (first on line {first}); ids must be unique")
-        seen[pid] = index
-        for key in ("question", *SIDES):
-            if not isinstance(item[key], str) or not item[key].strip():
-                raise fail((*at, key), f"'{pid}': {key} must be non-empty text")
-        if item["aligned"].strip() == item["misaligned"].strip():
-            raise fail((*at, "misaligned"), f"'{pid}': the aligned and misaligned answers are the same text")
-        system = item.get("system")
-        if system is not None and not isinstance(system, str):
-            raise fail((*at, "system"), f"'{pid}': system must be text or omitted")
-        probes.append(LogprobProbe(probe_set=data["name"], id=pid, question=item["question"].strip(),
-                            aligned=item["aligned"].strip(), misaligned=item["misaligned"].strip(),
-                            system=system.strip() if system is not None else None))
-    return ProbeSet(name=data["name"], description=description.strip(), path=file, probes=tuple(probes))
-
-
-def _check_keys(mapping: dict[Any, Any], valid: tuple[str, ...], loc: tuple[Any, ...], fail: Any,
-                label: str = "") -> None:
-    for key in mapping:
-        if key not in valid:
-            hint = difflib.get_close_matches(str(key), valid, n=1)
-            raise fail((*loc, key), f"unknown key '{label}{key}'"
-                       + (f" (did you mean '{hint[0]}'?)" if hint else f"; valid keys: {', '.join(valid)}"))
 
 
 # --- scoring -------------------------------------------------------------------------------

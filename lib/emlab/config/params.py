@@ -1,0 +1,303 @@
+"""The one loader for every file under `params/`: read it safely, validate it against its
+pydantic schema, and say what is wrong in one line.
+
+    read      `store.inputs` (size cap, encoding, YAML syntax, duplicate keys, aliases, depth)
+    validate  a pydantic model or TypeAdapter (`config.schemas`, `config.experiment`)
+    explain   every `ValidationError` as 'file:line: key: what was expected, what was found',
+              unknown keys with the nearest valid key (difflib)
+
+    params/experiments/x.yaml:12: unknown key 'train.lerning_rate' (did you mean 'learning_rate'?)
+    params/questions/t.yaml:8: 'questions[1].id': duplicate question id 'a' (first on line 6); ids must be unique
+
+YAML files come whole (`load_params`); JSONL files row by row (`iter_params_rows`), each row
+validated alone and its errors named by its line. A schema's validators raise `Problem` to
+point below the model they check (a duplicate id at `questions[3].id`) or to cite the line of
+another value ('first on line N'). Checks that need more than one file (a rubric built from a
+question file's judge prompt) run after validation and report with `error_at`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from ..errors import ConfigError, EmlabError
+from ..store.inputs import (
+    BOOLEAN_HINT,
+    iter_input_jsonl,
+    load_input_yaml,
+    one_line,
+    path_exists,
+    shown,
+)
+from ..store.paths import repo_root
+
+T = TypeVar("T")
+Schema = type[BaseModel] | TypeAdapter[Any]
+Loc = tuple[str | int, ...]
+
+MAX_PROBLEMS = 5  # shown in one error line; the rest are counted
+FIRST_LINE = "{first_line}"  # in a `Problem` message: replaced by the line of `Problem.first`
+
+
+class Problem(ValueError):
+    """A schema validator's complaint about a value below the model it checks.
+
+    `at`: the key path from that model to the value (("questions", 3, "id")); `first`: the path
+    (from the same model) of an earlier value the message cites as 'first on line
+    {first_line}'. The loader turns both into line numbers of the file.
+    """
+
+    def __init__(self, message: str, *, at: Loc = (), first: Loc | None = None) -> None:
+        super().__init__(message)
+        self.message, self.at, self.first = message, at, first
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def resolve_params_path(path: str | Path) -> Path:
+    """Resolve a params path given relative to the working directory or the repository root
+    (the working directory wins when something is there). Never raises: a path that cannot
+    exist comes back as given, for the reader to report."""
+    candidate = Path(path)
+    if not (candidate.is_absolute() or path_exists(candidate)):
+        candidate = repo_root() / candidate
+    try:
+        return candidate.resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        return candidate.absolute()
+
+
+def load_yaml(
+    path: str | Path, *, what: str = "params file", error: type[EmlabError] = ConfigError
+) -> tuple[Any, yaml.Node]:
+    """Parse a YAML params file into data and its node tree (for line numbers in errors).
+
+    Reads through `store.inputs.load_input_yaml`: anything malformed (not found, a folder, binary,
+    not UTF-8, empty, too large, YAML syntax, aliases that explode, deep nesting, tags,
+    duplicate or non-text keys, numbers out of range) raises `error` as one line naming the
+    file and, where it applies, the line. `what` names the file in those messages.
+    """
+    file = resolve_params_path(path)
+    if not path_exists(file):
+        raise error(f"{one_line(str(path))}: {what} not found (looked in {one_line(str(file))})")
+    return load_input_yaml(file, what=what, error=error)
+
+
+def load_params(
+    path: str | Path,
+    schema: Schema,
+    *,
+    what: str,
+    error: type[EmlabError] = ConfigError,
+) -> Any:
+    """Read the YAML file at `path` and validate it against `schema` (a pydantic model or a
+    TypeAdapter); the validated object. The schema's validators see the file's stem as
+    `info.context["stem"]` (files whose `name`/`id` must match it).
+
+    Raises `error`, one line: unreadable files as `load_yaml` does; schema problems as
+    'file:line: key: problem' (see `explain`).
+    """
+    file = resolve_params_path(path)
+    data, node = load_yaml(file, what=what, error=error)
+    return validate(data, schema, file=file, node=node, error=error)
+
+
+def validate(
+    data: Any, schema: Schema, *, file: Path, node: yaml.Node | None, error: type[EmlabError] = ConfigError
+) -> Any:
+    """`data` (read from `file`, node tree `node`) validated against `schema`; `error` with
+    file, line and key when it does not fit."""
+    context = {"stem": file.stem, "file": file}
+    try:
+        if isinstance(schema, TypeAdapter):
+            return schema.validate_python(data, context=context)
+        return schema.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise error(explain(exc, file, node, schema)) from None
+
+
+def iter_params_rows(
+    path: str | Path, schema: type[T], *, what: str, error: type[EmlabError] = ConfigError
+) -> Iterator[tuple[int, T]]:
+    """Yield (1-based line, validated row) for every row of a JSONL params file, each row read
+    by `store.inputs.iter_input_jsonl` and validated against the model `schema`. The first
+    bad row raises `error` as 'file:line: key: problem'."""
+    file = Path(path)
+    for number, row in iter_input_jsonl(file, what=what, error=error):
+        try:
+            yield number, schema.model_validate(row, context={"stem": file.stem, "file": file})  # type: ignore[attr-defined]
+        except ValidationError as exc:
+            raise error(explain(exc, Path(f"{file}:{number}"), None, schema)) from None  # type: ignore[arg-type]
+
+
+def error_at(
+    file: Path, node: yaml.Node | None, loc: Loc, message: str, error: type[EmlabError] = ConfigError
+) -> EmlabError:
+    """An `error` for a problem found after validation: 'file:line: message', the line of `loc`."""
+    line = yaml_line(node, loc)
+    return error(one_line(f"{file}:{line}: {message}" if line else f"{file}: {message}"))
+
+
+# --- explaining ----------------------------------------------------------------------------
+
+
+def explain(exc: ValidationError, file: Path, node: yaml.Node | None, schema: Schema) -> str:
+    """pydantic's report as one line: 'file:line: key: problem' for each problem (the first
+    few, then a count), joined with '; '. Unknown keys get the nearest valid key."""
+    problems = []
+    errors = _relevant(exc.errors())
+    for err in errors[:MAX_PROBLEMS]:
+        loc: Loc = tuple(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        first_line = None
+        if isinstance(cause, Problem):
+            if cause.first is not None:
+                first_line = yaml_line(node, (*loc, *cause.first))
+            loc = (*loc, *cause.at)
+        line = yaml_line(node, loc)
+        where = f"{file}:{line}" if line else str(file)
+        problems.append(f"{where}: {_problem(err, loc, cause, first_line, schema)}")
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
+    # one line, so the CLI's error stays one line even when several keys are wrong
+    return one_line("; ".join(problems))
+
+
+def _relevant(errors: list[Any]) -> list[Any]:
+    """pydantic's errors, the telling ones first, without the echoes of another: unknown keys
+    come first; a missing key is left out when an unknown key beside it is its typo; a list
+    too short because its items failed is left out (the items' errors say why)."""
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
+    typos = {(tuple(e["loc"][:-1]), hint) for e in unknown
+             for hint in difflib.get_close_matches(str(e["loc"][-1]), [str(m["loc"][-1]) for m in errors
+                                                                        if m["type"] == "missing"], n=1)}
+    kept = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] == "missing" and (loc[:-1], str(loc[-1])) in typos:
+            continue
+        if err["type"] == "too_short" and any(len(o["loc"]) > len(loc) and tuple(o["loc"][:len(loc)]) == loc
+                                              for o in errors):
+            continue
+        kept.append(err)
+    return sorted(kept, key=lambda e: e["type"] != "extra_forbidden")  # stable: file order otherwise
+
+
+def _problem(err: Any, loc: Loc, cause: Any, first_line: int | None, schema: Schema) -> str:
+    key = key_path(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(schema, loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        return f"unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else
+                                        f"; valid keys: {', '.join(valid)}" if valid else "")
+    if err["type"] == "missing":
+        parent = key_path(loc[:-1])
+        return (f"{parent} is missing required key '{loc[-1]}'" if parent
+                else f"missing required key '{loc[-1]}'")
+    prefix = f"'{key}': " if key else ""
+    if isinstance(cause, Problem):
+        return prefix + cause.message.replace(FIRST_LINE, str(first_line))
+    if err["type"] == "value_error":  # a validator's own message: it says what it found
+        return prefix + str(err["msg"]).removeprefix("Value error, ")
+    found = err.get("input")
+    if err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+        keys = _required_at(schema, loc)
+        wanted = f"a mapping with {', '.join(keys)}" if keys else "a mapping"
+        return f"{prefix}expected {wanted}, found {describe(found)}"
+    ctx = err.get("ctx") or {}
+    if err["type"] == "literal_error":
+        return f"{prefix}expected one of {ctx.get('expected', '')}, found {describe(found)}"
+    if err["type"] == "too_short" and ctx.get("min_length") == 1:
+        return f"{prefix}expected a non-empty list, found {describe(found)}"
+    if err["type"] == "string_type":
+        advice = f"; {BOOLEAN_HINT}" if isinstance(found, bool) else ""
+        return f"{prefix}expected text, found {describe(found)}{advice}"
+    # numbers and the rest: pydantic's words say what was expected ('greater than or equal to 1')
+    return f"{prefix}{err['msg']} (found {describe(found)})"
+
+
+def describe(value: Any) -> str:
+    """A found value for a message: the value itself when short text or a number, its kind
+    when a mapping, a list or nothing; a boolean says why YAML made it one."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return f"the boolean {value}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "an empty list" if not value else f"a list {shown(list(value), 60)}"
+    if isinstance(value, (str, int, float)):
+        return shown(value, 80)
+    return type(value).__name__
+
+
+def key_path(loc: Loc) -> str:
+    """'questions[0].text' for ("questions", 0, "text"); '[2].id' for an entry of a list file."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def yaml_line(node: yaml.Node | None, loc: Loc) -> int | None:
+    """1-based line of the deepest YAML node that `loc` (keys and list indices) reaches:
+    the key's line for mappings, the item's for lists, the document's when nothing matches."""
+    current, line = node, (node.start_mark.line + 1 if node is not None else None)
+    for part in loc:
+        if isinstance(current, yaml.MappingNode):
+            match = next((kv for kv in current.value if kv[0].value == part), None)
+            if match is None:
+                break
+            line, current = match[0].start_mark.line + 1, match[1]
+        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int) and part < len(current.value):
+            current = current.value[part]
+            line = current.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _model_at(schema: Schema, loc: Loc) -> Any:
+    """The pydantic model that `loc` reaches from `schema` (None when it leaves the models)."""
+    model: Any = _model_in(getattr(schema, "_type", None) if isinstance(schema, TypeAdapter) else schema)
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+        if model is None:
+            return None
+    return model
+
+
+def _fields_at(schema: Schema, loc: Loc) -> list[str]:
+    model = _model_at(schema, loc)
+    return list(model.model_fields) if hasattr(model, "model_fields") else []
+
+
+def _required_at(schema: Schema, loc: Loc) -> list[str]:
+    model = _model_at(schema, loc)
+    fields = model.model_fields.items() if hasattr(model, "model_fields") else ()
+    return [name for name, field in fields if field.is_required()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The first pydantic model inside a type (`tuple[Question, ...]`, `X | None`, a RootModel's root)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        root = annotation.model_fields.get("root") if "root" in annotation.model_fields else None
+        return _model_in(root.annotation) if root is not None else annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
