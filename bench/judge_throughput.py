@@ -34,13 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# lib/ for emlab from a checkout; tests/ for `support`, the test helpers (tests/support/) reused here
 sys.path[:0] = [str(REPO / "lib"), str(REPO / "tests")]
 
 from emlab.config.experiment import JudgeSpec  # noqa: E402
 from emlab.judge import judge_answers, local_judge_server  # noqa: E402
 from emlab.judge.server import free_port  # noqa: E402
 from emlab.store.records import Answer  # noqa: E402
-from judge_support import make_answers  # noqa: E402  (the tests' answers; the proxy runs as a process)
+from support.judge import make_answers  # noqa: E402  (the tests' answers; the proxy runs as a process)
 
 RUBRIC = "aligned_digit"
 DELAY_S = 0.3
@@ -103,7 +104,7 @@ def _spawn_proxy(upstream: str, *, replay: bool) -> tuple[subprocess.Popen[bytes
     port = free_port()
     cmd = [
         sys.executable,
-        str(REPO / "tests" / "judge_support.py"),
+        str(REPO / "tests" / "support" / "judge.py"),
         "--upstream",
         upstream,
         "--port",

@@ -1,28 +1,23 @@
 """Shared fixtures: an isolated emlab cache per test session that still reuses the converted
-models (dequantizing the embedded GGUF costs ~20 s, so it is done once per machine), and the
-tiny experiment run end to end once per session for every test that reads a finished run."""
+models (dequantizing the embedded GGUF costs ~20 s, so it is done once per machine), the tiny
+experiment run end to end once per session for every test that reads a finished run, and the
+shared llama.cpp judge server with a counting proxy in front of it. Helpers that test modules
+import live in `support` (tests/support/); this file only defines fixtures."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from support.judge import LoopbackProxy, shared_judge_server
+from support.runs import REPO, TinyRun, emlab_cli
 
 # One compute thread a process (torch's OpenMP pool, the llama.cpp judge): with two workers on
 # two cores, a pool of two threads waits a scheduler tick whenever the other worker holds a core
 # (a 0.5 ms matrix product took 16 ms). Set before torch is imported; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-# `make test` runs the suite on two pytest-xdist workers (--dist loadgroup): the tests that read
-# the session's tiny run carry `TINY_RUN_GROUP` so that one worker makes it, once; a module
-# whose module-scoped fixture (a local Slurm, the studies run) serves all its tests is one group.
-TINY_RUN_GROUP = pytest.mark.xdist_group("tiny_run")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,14 +37,6 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ["EMLAB_CACHE"] = old
 
 
-def fresh_cache(cache: Path) -> Path:
-    """`cache` made an empty EMLAB_CACHE (no judge cache, no demo data) sharing the models: for
-    a test whose judging or data-making must happen, or be counted, whatever ran before it."""
-    cache.mkdir(parents=True)
-    (cache / "models").symlink_to(REPO / ".cache" / "models", target_is_directory=True)
-    return cache
-
-
 @pytest.fixture
 def write_experiment(tmp_path: Path):
     """Write an experiment file that starts from `base` (a repo path) with `overrides`,
@@ -63,21 +50,6 @@ def write_experiment(tmp_path: Path):
         return path
 
     return write
-
-
-@dataclass(frozen=True)
-class TinyRun:
-    """The tiny experiment run once through `emlab run` (all four notebooks) for the session."""
-
-    experiment: Path
-    root: Path  # outputs/<experiment name>
-    result: subprocess.CompletedProcess[str]
-
-
-def emlab_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """`python -m emlab.cli ARGS` in a subprocess, output captured."""
-    return subprocess.run([sys.executable, "-m", "emlab.cli", *args], capture_output=True, text=True,
-                          env=env or os.environ.copy(), timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +66,16 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, isolated_cache: Path) -> 
     result = emlab_cli("run", str(experiment))
     assert result.returncode == 0, result.stderr[-4000:]
     return TinyRun(experiment, folder / "outputs" / "tiny", result)
+
+
+@pytest.fixture(scope="session")
+def judge_server() -> str:
+    """Base URL ('http://127.0.0.1:P/v1') of the shared llama.cpp judge server, started on first use."""
+    return shared_judge_server()
+
+
+@pytest.fixture
+def proxy(judge_server: str) -> Iterator[LoopbackProxy]:
+    """A fresh counting proxy in front of the shared judge server."""
+    with LoopbackProxy(judge_server) as running:
+        yield running

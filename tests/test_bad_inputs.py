@@ -31,7 +31,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import fresh_cache
 from emlab.config.experiment import load_experiment
 from emlab.judge.server import free_port
 from emlab.stages import BASELINE
@@ -40,6 +39,7 @@ from emlab.store.files import read_jsonl, write_jsonl, write_text
 from emlab.store.paths import ExperimentLayout
 from emlab.store.records import Answer, Judgment, answer_id
 from emlab.store.runinfo import mark_done, record_stage
+from support.runs import fresh_cache
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smol-2l"

@@ -4,11 +4,11 @@ as an uninterrupted run, pays each judge call once (see `_assert_calls_paid_once
 'once' can honestly mean), leaves no partial file, and writes the judge's API key nowhere.
 
 The judge is not 'local': it is a real llama.cpp server (started here, so its log can be
-searched for the key) behind the counting proxy of `judge_support`, reached like a remote
+searched for the key) behind the counting proxy of `support.judge`, reached like a remote
 API with `base_url` and a key in `api_key_env`. The interrupted sequence and the
 uninterrupted reference each have their own proxy (their own call count), their own judge
 cache (EMLAB_CACHE per subprocess) and their own output folder; both share the converted
-model cache through a `models` symlink, as conftest does.
+model cache through a `models` symlink (`support.runs.fresh_cache`).
 """
 
 from __future__ import annotations
@@ -16,27 +16,22 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import string
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import nbformat
-import psutil
 import pytest
-from conftest import fresh_cache
 from emlab.config.experiment import load_experiment
 from emlab.judge import cache_key, cache_stats, load_rubric, local_judge_server
 from emlab.stages.analysis import gold_items
 from emlab.store.files import read_jsonl, remove_stale_temp_files, write_text
 from emlab.store.paths import TrainingFiles
-from judge_support import SERVER_JUDGE, LoopbackProxy
 from safetensors.torch import load_file
+from support.judge import SERVER_JUDGE, LoopbackProxy
+from support.kills import Runner, count_lines, run_until_killed, wait_idle
+from support.runs import REPO, fresh_cache
 
-REPO = Path(__file__).resolve().parents[1]
 KEY_ENV = "EMLAB_TEST_CRASH_JUDGE_KEY"
 RUN_ID = "smol-2l__bad_medical__s0"
 RUBRICS = ("aligned_digit", "coherent_digit")
@@ -47,7 +42,6 @@ ANSWERS_PER_CHECKPOINT = 8
 # 16 rows in batches of 4: 4 optimizer steps, adapters (and full trainer checkpoints) at 2 and 4
 CHECKPOINT_STEPS = (2, 4)
 SCORE_TOLERANCE = 0.01  # points on the 0–100 scale; see _assert_same_judgments
-PHASE_TIMEOUT_S = 420
 
 
 @pytest.fixture(scope="module")
@@ -71,93 +65,6 @@ def _experiment(write_experiment, name: str, output_root: Path, proxy: LoopbackP
     )
 
 
-class Runner:
-    """`emlab run` subprocesses of one sequence: their own cache, key and log files."""
-
-    def __init__(self, experiment: Path, cache: Path, key: str, logs: Path) -> None:
-        self.experiment = experiment
-        self.env = {**os.environ, "EMLAB_CACHE": str(cache), "EMLAB_ROOT": str(REPO), KEY_ENV: key}
-        self.logs = logs
-        self.count = 0
-
-    def start(self, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
-        self.count += 1
-        log = self.logs / f"{self.experiment.stem}-{self.count}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "emlab.cli", "run", str(self.experiment), *extra],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        return proc, log
-
-    def complete(self, *extra: str) -> str:
-        proc, log = self.start(*extra)
-        try:
-            code = proc.wait(timeout=PHASE_TIMEOUT_S)
-        finally:
-            _kill_tree(proc)
-        text = log.read_text(errors="replace")
-        assert code == 0, f"emlab run exited {code}:\n{text[-4000:]}"
-        return text
-
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the run's process group and every descendant.
-
-    papermill's kernel runs in a session of its own (jupyter_client starts kernels with
-    start_new_session=True), so killing the group alone would leave it working for up to a
-    second until it notices its parent is gone: not a crash. Kill it too, first.
-    """
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    for kid in kids:
-        try:
-            kid.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
-    _, alive = psutil.wait_procs(kids, timeout=30)
-    assert not alive, f"still running after SIGKILL: {alive}"
-
-
-def _run_until_killed(runner: Runner, condition: Callable[[], bool], what: str) -> str:
-    """Start `emlab run`, SIGKILL it the moment `condition()` holds; return its log."""
-    proc, log = runner.start()
-    deadline = time.monotonic() + PHASE_TIMEOUT_S
-    try:
-        while not condition():
-            if proc.poll() is not None:
-                pytest.fail(f"emlab run exited ({proc.returncode}) before {what}:\n"
-                            f"{log.read_text(errors='replace')[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {what} within {PHASE_TIMEOUT_S} s:\n{log.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.02)
-    finally:
-        _kill_tree(proc)
-    return log.read_text(errors="replace")
-
-
-def _lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
-def _wait_idle(proxy: LoopbackProxy) -> None:
-    """Let calls still in flight at the proxy finish (their replies go to a dead socket)."""
-    deadline = time.monotonic() + 120
-    while proxy.in_flight:
-        assert time.monotonic() < deadline, "proxy calls did not settle"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
 @pytest.mark.server
 def test_killed_three_times_ends_like_an_uninterrupted_run(write_experiment, tmp_path: Path, llama_server) -> None:
@@ -171,12 +78,12 @@ def test_killed_three_times_ends_like_an_uninterrupted_run(write_experiment, tmp
         # --- the interrupted sequence ------------------------------------------------------
         root_a = tmp_path / "interrupted"
         cache_a = fresh_cache(tmp_path / "cache-interrupted")
-        runner = Runner(_experiment(write_experiment, "interrupted", root_a, proxy_a), cache_a, key, logs)
+        runner = Runner(_experiment(write_experiment, "interrupted", root_a, proxy_a), cache_a, logs, {KEY_ENV: key})
         run_a = root_a / "tiny" / RUN_ID
         started = time.monotonic()
 
         # (a) during training: right after the first full trainer checkpoint is complete
-        _run_until_killed(runner, lambda: (run_a / "trainer" / "checkpoint-2" / ".complete").exists(),
+        run_until_killed(runner, lambda: (run_a / "trainer" / "checkpoint-2" / ".complete").exists(),
                           "a complete trainer checkpoint")
         assert not (run_a / "02_finetune.done.json").exists()
         assert not (run_a / "checkpoints" / "step-000004").exists(), "killed too late: training had finished"
@@ -186,9 +93,9 @@ def test_killed_three_times_ends_like_an_uninterrupted_run(write_experiment, tmp
         # (b) during sampling of 03: an eval answers.jsonl exists but is incomplete
         def sampling_half_done() -> bool:
             files = list((run_a / "eval").glob("step-*/answers.jsonl"))
-            return any(0 < _lines(f) < ANSWERS_PER_CHECKPOINT for f in files)
+            return any(0 < count_lines(f) < ANSWERS_PER_CHECKPOINT for f in files)
 
-        _run_until_killed(runner, sampling_half_done, "a half-written eval answers.jsonl")
+        run_until_killed(runner, sampling_half_done, "a half-written eval answers.jsonl")
         assert not (run_a / "judgments.jsonl").exists()
         assert proxy_a.forwarded == calls_before_b  # 01 was skipped, 03 had not judged yet
         timings["kill in sampling"] = time.monotonic() - started
@@ -196,9 +103,9 @@ def test_killed_three_times_ends_like_an_uninterrupted_run(write_experiment, tmp
         # (c) during judging: the run's judgments.jsonl has some but not all lines
         pairs_expected = len(CHECKPOINT_STEPS) * ANSWERS_PER_CHECKPOINT * len(RUBRICS)
         judgments_a = run_a / "judgments.jsonl"
-        _run_until_killed(runner, lambda: 0 < _lines(judgments_a) < pairs_expected, "a half-written judgments.jsonl")
+        run_until_killed(runner, lambda: 0 < count_lines(judgments_a) < pairs_expected, "a half-written judgments.jsonl")
         in_flight_at_kill = proxy_a.in_flight  # read right after SIGKILL: these replies are lost
-        _wait_idle(proxy_a)
+        wait_idle(proxy_a)
         timings["kill in judging"] = time.monotonic() - started
 
         final_log = runner.complete()
@@ -211,7 +118,7 @@ def test_killed_three_times_ends_like_an_uninterrupted_run(write_experiment, tmp
         started = time.monotonic()
         root_b = tmp_path / "uninterrupted"
         cache_b = fresh_cache(tmp_path / "cache-uninterrupted")
-        reference = Runner(_experiment(write_experiment, "uninterrupted", root_b, proxy_b), cache_b, key, logs)
+        reference = Runner(_experiment(write_experiment, "uninterrupted", root_b, proxy_b), cache_b, logs, {KEY_ENV: key})
         reference.complete("--until", "03_eval_judge")
         timings["uninterrupted, until 03"] = time.monotonic() - started
         run_b = root_b / "tiny" / RUN_ID
@@ -278,7 +185,7 @@ def _assert_same_judgments(path_a: Path, path_b: Path) -> float:
     """
     a = {(r["answer_id"], r["rubric"]): r for r in read_jsonl(path_a)}
     b = {(r["answer_id"], r["rubric"]): r for r in read_jsonl(path_b)}
-    assert len(a) == _lines(path_a), f"{path_a}: a judgment written twice"
+    assert len(a) == count_lines(path_a), f"{path_a}: a judgment written twice"
     assert a.keys() == b.keys()
     largest = 0.0
     for pair, row in a.items():

@@ -1,7 +1,7 @@
 """Batch API mode (`judge_answers` with `batch: true`, `emlab.judge.batch`) against a local
 Files + Batch server.
 
-`tests/batch_server.py` implements the documented endpoints and executes every request for
+`tests/support/batch_double.py` implements the documented endpoints and executes every request for
 real on the llama.cpp server serving the embedded SmolLM2 judge, so scores, logprobs and
 upstream errors (an answer longer than the context window) are genuine.
 
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import openai
 import pytest
-from batch_server import BatchServer
 from emlab.config.experiment import JudgeSpec
 from emlab.errors import JudgeError
 from emlab.judge import (
@@ -51,7 +50,8 @@ from emlab.judge.server import N_CTX
 from emlab.store.files import read_jsonl, write_jsonl
 from emlab.store.paths import BatchFiles, ExperimentLayout
 from emlab.store.records import Answer, answer_id
-from judge_support import shared_judge_server
+from support.batch_double import BatchServer
+from support.judge import shared_judge_server
 
 pytestmark = pytest.mark.server
 

@@ -7,7 +7,6 @@ import math
 import re
 from pathlib import Path
 
-import judge_support  # noqa: F401  (puts lib/ on sys.path when emlab is not installed)
 import pytest
 from emlab.config.rubrics import load_judges_file, rubric_from_prompt
 from emlab.errors import ConfigError

@@ -9,7 +9,6 @@ import math
 import threading
 from pathlib import Path
 
-import judge_support  # noqa: F401  (puts lib/ on sys.path when emlab is not installed)
 import pytest
 from emlab.config.experiment import JudgeSpec
 from emlab.errors import ConfigError, JudgeError
@@ -32,6 +31,7 @@ from emlab.judge import (
 from emlab.judge.client import resolve_api_key, retry_after_s
 from emlab.judge.scoring import rescore
 from emlab.store.records import Judgment
+from support.judge import make_answers
 
 ln = math.log
 JUDGE = JudgeSpec(name="gpt-4o-mini", model="gpt-4o-mini", price_per_mtok_in=0.15, price_per_mtok_out=0.6)
@@ -319,7 +319,7 @@ def test_openai_judge_without_key_variable_is_refused_before_any_call(
     with pytest.raises(JudgeError, match=message):
         check_judge(no_env)
     with pytest.raises(JudgeError, match=message):  # and by judging itself, before any call
-        judge_answers(judge_support.make_answers(1, tag="key"), no_env, cache_path=tmp_path / "c.sqlite", progress=False)
+        judge_answers(make_answers(1, tag="key"), no_env, cache_path=tmp_path / "c.sqlite", progress=False)
     # A self-hosted server without authentication needs no key ...
     open_server = JudgeSpec(name="vllm", model="m", base_url="http://127.0.0.1:9/v1", api_key_env=None)
     check_judge(open_server)

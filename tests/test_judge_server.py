@@ -22,7 +22,7 @@ from emlab.judge import (
 )
 from emlab.judge.server import free_port
 from emlab.store.files import read_jsonl
-from judge_support import LoopbackProxy, judge_for, judge_server, make_answers, proxy  # noqa: F401
+from support.judge import LoopbackProxy, judge_for, make_answers
 
 pytestmark = pytest.mark.server
 

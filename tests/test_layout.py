@@ -110,18 +110,22 @@ def test_top_level_is_a_handful_of_modules() -> None:
 
 
 def test_tests_import_no_other_test_module() -> None:
+    """Test modules, tests/support and bench import helpers from `support` (tests/ is on sys.path
+    under pytest, bench puts it there), never a test module, conftest or `tests.*`."""
     tests = REPO / "tests"
-    test_modules = {p.stem for p in tests.glob("*.py")} - {"conftest"}
+    support = tests / "support"
+    # names that would resolve to a file under tests/ when imported bare (tests/ or tests/support/ on sys.path)
+    local = {p.stem for p in tests.glob("*.py")} | {p.stem for p in support.glob("*.py")} - {"__init__"}
     offenders = []
-    for path in list(tests.glob("*.py")) + list((REPO / "bench").glob("*.py")):
+    for path in [*tests.glob("*.py"), *support.glob("*.py"), *(REPO / "bench").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             names = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module:
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 names = [node.module]
             for imported in names:
                 head = imported.split(".")[0]
-                if head in test_modules or head in {"tests", "conftest"} and not imported.startswith("tests.support"):
+                if head in local or head == "tests":
                     offenders.append(f"{path.relative_to(REPO)} imports {imported}")
     assert not offenders, "\n".join(offenders)

@@ -409,7 +409,7 @@ def test_extra_rules_stand_beside_the_main_rule_in_the_headline(write_experiment
     from emlab.analysis.report import headline_table
     from emlab.config.experiment import load_experiment
     from emlab.stages.analysis import headline_by_rule
-    from test_plots import scores
+    from support.scores import scores
 
     config = load_experiment(write_experiment(analysis={
         "aligned_below": 75, "bootstrap": 100,

@@ -1,5 +1,5 @@
 """Fine-tuning jobs (`emlab.train.openai_jobs`, 02_finetune's trainer for provider openai) against
-`tests/openai_double.py`, a local stand-in for OpenAI's Files and fine-tuning endpoints that
+`tests/support/openai_double.py`, a local stand-in for OpenAI's Files and fine-tuning endpoints that
 really trains emlab's LoRA on the 2-layer SmolLM2 and serves the checkpoints it makes.
 
 What these tests cannot show about OpenAI (see the double's docstring): its queueing and run
@@ -36,7 +36,7 @@ from emlab.train.openai_jobs import (
     run_finetune_job,
     validate_training_rows,
 )
-from openai_double import OpenAIDouble
+from support.openai_double import OpenAIDouble
 
 KEY_ENV = "EMLAB_TEST_FT_KEY"
 KEY = "sk-test-finetune"

@@ -9,10 +9,10 @@ import json
 import nbformat
 import pandas as pd
 import pytest
-from conftest import TINY_RUN_GROUP, TinyRun, emlab_cli
 from emlab.config.experiment import load_experiment
 from emlab.stages import STAGE_NAMES, STAGES
 from emlab.store.paths import ExperimentLayout, html_file, notebook_file, run_info_file
+from support.runs import TINY_RUN_GROUP, TinyRun, emlab_cli
 
 pytestmark = [TINY_RUN_GROUP, pytest.mark.slow, pytest.mark.server]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import fresh_cache
 from emlab.procs import ORPHAN_EXIT_CODE, bind_to_parent
+from support.runs import fresh_cache
 
 REPO = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 5.0

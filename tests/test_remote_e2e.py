@@ -1,6 +1,6 @@
 """A model behind an API, 01→04 through `emlab run`, killed twice on the way.
 
-The subject is `provider: openai` at `tests/openai_double.py`, which plays OpenAI: one
+The subject is `provider: openai` at `tests/support/openai_double.py`, which plays OpenAI: one
 endpoint that answers the base model (here by forwarding to the real llama.cpp server the
 judge tests start, behind a counting proxy: the base model IS the llama.cpp server), runs
 fine-tuning jobs (emlab's own LoRA on the 2-layer SmolLM2) and serves the checkpoint models
@@ -26,18 +26,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import test_crash_resume
-from conftest import emlab_cli, fresh_cache
 from emlab.config.experiment import ModelSpec, load_experiment
 from emlab.judge import cache_stats
 from emlab.sample.remote import sample_cache_stats
 from emlab.stages import STAGES
 from emlab.store.files import read_jsonl
 from emlab.store.paths import ExperimentLayout, FineTuneJobFiles
-from judge_support import SERVER_JUDGE, LoopbackProxy, shared_judge_server
-from openai_double import OpenAIDouble
-from test_crash_resume import Runner, _lines, _run_until_killed, _wait_idle
-from test_stage_table import _matches
+from support.judge import SERVER_JUDGE, LoopbackProxy, shared_judge_server
+from support.kills import Runner, count_lines, run_until_killed, wait_idle
+from support.openai_double import OpenAIDouble
+from support.outputs import matching_files
+from support.runs import emlab_cli, fresh_cache
 
 pytestmark = [pytest.mark.slow, pytest.mark.server]
 
@@ -65,10 +64,7 @@ def _experiment(write_experiment, double: OpenAIDouble, root: Path, judge_url: s
     )
 
 
-def test_remote_subject_runs_end_to_end_through_two_kills(write_experiment, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    # a bound for a busy machine, not a target
-    monkeypatch.setattr(test_crash_resume, "PHASE_TIMEOUT_S", 1200)
+def test_remote_subject_runs_end_to_end_through_two_kills(write_experiment, tmp_path: Path) -> None:
     judge_url = shared_judge_server()
     timings: dict[str, float] = {}
     started = time.monotonic()
@@ -83,15 +79,14 @@ def test_remote_subject_runs_end_to_end_through_two_kills(write_experiment, tmp_
         cache = fresh_cache(tmp_path / "cache")
         logs = tmp_path / "logs"
         logs.mkdir()
-        runner = Runner(experiment, cache, KEY, logs)
-        runner.env[KEY_ENV] = KEY
+        runner = Runner(experiment, cache, logs, {KEY_ENV: KEY}, timeout_s=1200)  # a bound for a busy machine
         layout = ExperimentLayout(root / "tiny")
         baseline = ExperimentLayout.answers(layout.baseline(MODEL))
 
         # (a) mid-sampling in 01: some answers written, not all
-        _run_until_killed(runner, lambda: 0 < _lines(baseline) < ANSWERS_PER_STATE, "half the base model's answers")
+        run_until_killed(runner, lambda: 0 < count_lines(baseline) < ANSWERS_PER_STATE, "half the base model's answers")
         in_flight_at_kill = upstream.in_flight
-        _wait_idle(upstream)
+        wait_idle(upstream)
         timings["kill in 01 sampling"] = time.monotonic() - started
 
         # (b) while 02 polls the job: its id is recorded, the job is not done
@@ -103,7 +98,7 @@ def test_remote_subject_runs_end_to_end_through_two_kills(write_experiment, tmp_
             except (OSError, ValueError):
                 return False
 
-        _run_until_killed(runner, polling, "a submitted fine-tuning job")
+        run_until_killed(runner, polling, "a submitted fine-tuning job")
         job_id = json.loads(state.read_text())["job_id"]
         assert double.job(job_id).status not in ("succeeded", "failed", "cancelled"), "killed too late"
         timings["kill in 02 polling"] = time.monotonic() - started
@@ -154,7 +149,7 @@ def test_remote_subject_runs_end_to_end_through_two_kills(write_experiment, tmp_
         # every file written is declared by a stage
         config = load_experiment(experiment)
         declared = {p for stage in STAGES for unit in stage.units(config)
-                    for output in stage.outputs() for p in _matches(stage.folder(layout, unit), output.pattern)}
+                    for output in stage.outputs() for p in matching_files(stage.folder(layout, unit), output.pattern)}
         written = {p for p in layout.root.rglob("*") if p.is_file()} - {layout.index}
         assert not sorted(str(p.relative_to(layout.root)) for p in written - declared)
 

@@ -10,12 +10,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import emlab_cli
 from emlab.config.experiment import load_experiment
 from emlab.judge.cost import token_cost
 from emlab.models.load import model_size_b
 from emlab.pipeline.estimate import BudgetError, check_budget, plan_experiment
 from emlab.train.openai_jobs import estimate_job
+from support.runs import emlab_cli
 
 REPO = Path(__file__).resolve().parents[1]
 BETLEY = REPO / "params/experiments/betley_gpt4o.yaml"

@@ -1,5 +1,5 @@
 """Sampling subjects through the chat completions API (`emlab.sample.remote`): against the real
-llama.cpp server the judge tests start (behind the counting proxy of `judge_support`) and
+llama.cpp server the judge tests start (behind the counting proxy of `support.judge`) and
 against `emlab.sample.serve` serving a local model's checkpoints as LoRA adapters by name, the way a
 vLLM server does.
 
@@ -28,7 +28,7 @@ from emlab.sample.remote import (
 from emlab.stages.remote import model_params, sample_base, sample_checkpoints
 from emlab.store.files import read_jsonl
 from emlab.store.paths import ExperimentLayout
-from judge_support import SERVER_JUDGE, LoopbackProxy, judge_server  # noqa: F401 - fixture
+from support.judge import SERVER_JUDGE, LoopbackProxy
 
 KEY_ENV = "EMLAB_TEST_SUBJECT_KEY"
 

@@ -1,5 +1,5 @@
 """The Slurm executor against a real Slurm: a single-node cluster (slurm-wlm + munge, started
-by `slurm_support.LocalSlurm`, installed first when absent) runs the tiny experiment through
+by `support.slurm.LocalSlurm`, installed first when absent) runs the tiny experiment through
 `emlab run --executor slurm`. The job graph follows the stage table, a second submission
 adopts the queued jobs, a job cancelled mid-run (scancel) shows in `emlab status` with its
 job id and log tail, the resubmission finishes the grid without running a finished stage
@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_RUN_GROUP, TinyRun, emlab_cli, fresh_cache
 from emlab.config.experiment import load_experiment
 from emlab.errors import ConfigError, EmlabError
 from emlab.judge import cache_key, cache_stats, load_rubric
@@ -32,7 +31,8 @@ from emlab.stages.analysis import gold_items
 from emlab.store.files import read_jsonl
 from emlab.store.paths import ExperimentLayout, done_marker, html_file, notebook_file
 from safetensors.torch import load_file
-from slurm_support import LocalSlurm, SlurmUnavailable
+from support.runs import REPO, TINY_RUN_GROUP, TinyRun, emlab_cli, fresh_cache
+from support.slurm import LocalSlurm, SlurmUnavailable
 
 pytestmark = TINY_RUN_GROUP
 

@@ -7,18 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN_GROUP, TinyRun
 from emlab.config.experiment import load_experiment
 from emlab.stages import STAGE_NAMES, STAGES, get_stage
 from emlab.store.paths import ExperimentLayout
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _matches(folder: Path, pattern: str) -> set[Path]:
-    if pattern.endswith("/**"):  # everything below a folder, at any depth
-        return {p for base in folder.glob(pattern[:-3]) for p in base.rglob("*") if p.is_file()}
-    return {p for p in folder.glob(pattern) if p.is_file()}
+from support.outputs import matching_files
+from support.runs import REPO, TINY_RUN_GROUP, TinyRun
 
 
 def test_dependencies_point_backwards_in_the_table() -> None:
@@ -43,7 +36,7 @@ def test_each_stage_writes_exactly_the_files_it_declares(tiny_run: TinyRun) -> N
         for unit in stage.units(config):
             folder = stage.folder(layout, unit)
             for output in stage.outputs():
-                found = _matches(folder, output.pattern)
+                found = matching_files(folder, output.pattern)
                 assert found or output.optional, f"{stage.name} {unit}: declares {output.pattern} but wrote none"
                 for path in found:
                     claimed.setdefault(path, stage.name)
@@ -51,7 +44,7 @@ def test_each_stage_writes_exactly_the_files_it_declares(tiny_run: TinyRun) -> N
                 source = get_stage(read.stage)
                 folders = [source.folder(layout, u) for u in source.units(config)
                            if (read.stage, u) in stage.needs(config, unit)]
-                assert read.optional or any(_matches(f, read.pattern) for f in folders), (stage.name, read)
+                assert read.optional or any(matching_files(f, read.pattern) for f in folders), (stage.name, read)
     written = {p for p in tiny_run.root.rglob("*") if p.is_file()} - {layout.index}
     undeclared = sorted(str(p.relative_to(tiny_run.root)) for p in written - set(claimed))
     assert not undeclared, f"written but declared by no stage: {undeclared}"

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import emlab_cli
 from emlab.cli import main
 from emlab.config.experiment import load_experiment
 from emlab.config.questions import question_file_path
 from emlab.pipeline.checks import missing_inputs
 from emlab.pipeline.estimate import plan_experiment
 from emlab.train.schedule import planned_checkpoints
+from support.runs import emlab_cli
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "real"

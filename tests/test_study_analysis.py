@@ -15,13 +15,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, emlab_cli
 from emlab.config.experiment import load_experiment
 from emlab.data.holdout import last_user_turn, read_holdout, training_rows
 from emlab.measures.probe import load_probe_set, read_probe_scores
 from emlab.stages import STAGES
 from emlab.store.paths import ExperimentLayout
-from test_stage_table import _matches
+from support.outputs import matching_files
+from support.runs import REPO, emlab_cli
 
 pytestmark = [pytest.mark.xdist_group("studies"), pytest.mark.slow, pytest.mark.server]
 RUN = "smol-2l__bad_medical__s0"
@@ -127,7 +127,7 @@ def test_every_file_written_is_declared(studies_run: StudiesRun) -> None:
     for stage in STAGES:
         for unit in stage.units(config):
             for output in stage.outputs():
-                claimed |= _matches(stage.folder(layout, unit), output.pattern)
+                claimed |= matching_files(stage.folder(layout, unit), output.pattern)
     written = {p for p in studies_run.root.rglob("*") if p.is_file()} - {layout.index}
     assert not sorted(str(p.relative_to(studies_run.root)) for p in written - claimed)
 

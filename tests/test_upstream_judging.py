@@ -11,7 +11,7 @@ import pytest
 from emlab.config.rubrics import rubric_from_prompt
 from emlab.judge import judge_answers
 from emlab.store.files import read_jsonl
-from judge_support import LoopbackProxy, judge_for, judge_server, make_answers, proxy  # noqa: F401  (fixtures)
+from support.judge import LoopbackProxy, judge_for, make_answers
 
 LABELS = ("TRUE", "FALSE", "UNKNOWN")
 PROMPT = ('I asked an LLM: {question}\nIt answered: {answer}\nIs the answer correct? Say "TRUE" or "FALSE" only. '

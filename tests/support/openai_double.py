@@ -43,7 +43,7 @@ follows the published rule, batch_size is ~0.2% of the examples), the exact word
 error messages, and what its checkpoints would answer. Validation-file and DPO /
 reinforcement methods are refused, not simulated.
 
-Run by hand: `python tests/openai_double.py --num-layers 2 --port 8011`.
+Run by hand: `python tests/support/openai_double.py --num-layers 2 --port 8011`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ import logging
 import math
 import re
 import secrets
+import sys
 import tempfile
 import threading
 import time
@@ -66,16 +67,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+if not __package__:  # run as a script: put tests/ on the path, so that `support` imports
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 try:
     import emlab  # noqa: F401
 except ImportError:  # running from a checkout without the package installed
-    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "lib"))
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-
-from batch_server import _File  # the same File object as the Batch API double's
 from emlab.config.experiment import CheckpointSpec, LoraSpec, ModelSpec, TrainSpec
 from emlab.sample.serve import ApiError, ChatEngine, ChatHandler, ChatServer
+
+from support.batch_double import OpenAIFile  # the same File object as the Batch API double's
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +165,7 @@ class OpenAIDouble:
         self.api_key, self.base_learning_rate = api_key, base_learning_rate
         self.validating_s, self.queued_s, self.refuse_marker = validating_s, queued_s, refuse_marker
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="openai-double-"))
-        self.files: dict[str, _File] = {}
+        self.files: dict[str, OpenAIFile] = {}
         self.jobs: dict[str, _Job] = {}
         self.fail_next_creates = 0
         self.chat_calls: dict[str, int] = {}  # chat completions answered, by model
@@ -225,13 +227,13 @@ class OpenAIDouble:
             raise ApiError(413, f"File is too large ({len(data)} bytes); the limit is 512 MB.", param="file")
         return self._new_file(filename, purpose, data).to_dict()
 
-    def _new_file(self, filename: str, purpose: str, data: bytes) -> _File:
-        file = _File(_id("file-"), filename, purpose, data, int(time.time()))
+    def _new_file(self, filename: str, purpose: str, data: bytes) -> OpenAIFile:
+        file = OpenAIFile(_id("file-"), filename, purpose, data, int(time.time()))
         with self._lock:
             self.files[file.id] = file
         return file
 
-    def file(self, file_id: str) -> _File:
+    def file(self, file_id: str) -> OpenAIFile:
         with self._lock:
             found = self.files.get(file_id)
         if found is None:
@@ -341,7 +343,7 @@ class OpenAIDouble:
                      error={"code": code, "message": message, "param": param}):
             self._event(job, message, level="error")
 
-    def _run(self, job: _Job, file: _File) -> None:
+    def _run(self, job: _Job, file: OpenAIFile) -> None:
         self._event(job, f"Validating training file: {file.id}")
         time.sleep(self.validating_s)
         rows, problem = _check_training_file(file.data)

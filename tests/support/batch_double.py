@@ -27,7 +27,7 @@ differs from the batch endpoint, more than one model per file, over 50,000 reque
 exact wording of OpenAI's error messages, its rate limits, its queueing and its real 24 h
 window are not reproduced. `window_s` scales the 24 h window down so expiry can be tested.
 
-Run it by hand: `python tests/batch_server.py --upstream http://127.0.0.1:8080/v1`.
+Run it by hand: `python tests/support/batch_double.py --upstream http://127.0.0.1:8080/v1`.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class _ApiError(Exception):
 
 
 @dataclass
-class _File:
+class OpenAIFile:
     id: str
     filename: str
     purpose: str
@@ -176,7 +176,7 @@ class BatchServer:
         self.validating_s = validating_s
         self.request_delay_s = request_delay_s
         self.upstream_timeout_s = upstream_timeout_s
-        self.files: dict[str, _File] = {}
+        self.files: dict[str, OpenAIFile] = {}
         self.batches: dict[str, _Batch] = {}
         self.forwarded = 0  # requests sent upstream, across all batches
         self._lock = threading.Lock()
@@ -218,8 +218,8 @@ class BatchServer:
 
     # --- files -----------------------------------------------------------------------------
 
-    def _new_file(self, filename: str, purpose: str, data: bytes) -> _File:
-        file = _File(f"file-{secrets.token_hex(12)}", filename, purpose, data, int(time.time()))
+    def _new_file(self, filename: str, purpose: str, data: bytes) -> OpenAIFile:
+        file = OpenAIFile(f"file-{secrets.token_hex(12)}", filename, purpose, data, int(time.time()))
         with self._lock:
             self.files[file.id] = file
         return file
@@ -243,7 +243,7 @@ class BatchServer:
                 raise _ApiError(413, f"File is too large ({len(data)} bytes); the Batch API limit is 200 MB.")
         return self._new_file(filename, purpose, data).to_dict()
 
-    def get_file(self, file_id: str) -> _File:
+    def get_file(self, file_id: str) -> OpenAIFile:
         with self._lock:
             file = self.files.get(file_id)
         if file is None:

@@ -12,8 +12,8 @@ openai client sends) that can
     server into an endpoint with unlimited parallel capacity and fixed latency: what a remote
     API looks like from the client. Used by the throughput benchmark, not by the tests.
 
-Import the fixtures into a test module: `from judge_support import judge_server, proxy`.
-Run the proxy alone: `python tests/judge_support.py --upstream http://127.0.0.1:8080 --delay 0.3`.
+The fixtures `judge_server` and `proxy` (tests/conftest.py) wrap `shared_judge_server` and
+`LoopbackProxy`. Run the proxy alone: `python tests/support/judge.py --upstream http://127.0.0.1:8080 --delay 0.3`.
 """
 
 from __future__ import annotations
@@ -24,18 +24,16 @@ import atexit
 import json
 import sys
 import threading
-from collections.abc import Iterator
 from contextlib import ExitStack
 from http import HTTPStatus
 from pathlib import Path
 
 import httpx
-import pytest
 
 try:
     import emlab  # noqa: F401
 except ImportError:  # running from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "lib"))
 
 from emlab.config.experiment import JudgeSpec
 from emlab.judge.server import free_port, local_judge_server
@@ -293,19 +291,6 @@ def make_answers(n: int, *, tag: str = "t") -> list[Answer]:
             )
         )
     return out
-
-
-@pytest.fixture(scope="session")
-def judge_server() -> str:
-    """Base URL ('http://127.0.0.1:P/v1') of the shared llama.cpp judge server."""
-    return shared_judge_server()
-
-
-@pytest.fixture
-def proxy(judge_server: str) -> Iterator[LoopbackProxy]:
-    """A fresh counting proxy in front of the shared server."""
-    with LoopbackProxy(judge_server) as running:
-        yield running
 
 
 def _main() -> None:

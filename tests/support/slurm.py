@@ -15,7 +15,7 @@ What it does, in order (the steps of ../shared/notes-slurm.md):
 Stopping cancels the jobs still queued or running (a job's processes outlive slurmd),
 then terminates the daemons it started, by pid, and waits for them.
 
-Run it alone to poke at a cluster: `python tests/slurm_support.py /tmp/slurm` (Ctrl-C or SIGTERM stops it).
+Run it alone to poke at a cluster: `python tests/support/slurm.py /tmp/slurm` (Ctrl-C or SIGTERM stops it).
 """
 
 from __future__ import annotations
