@@ -31,7 +31,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 # two workers: most end-to-end tests wait on subprocesses, kernels and servers (tests/conftest.py
-# keeps the tests of the session's tiny run on one worker)
+# and tests/support/runs.py keep the tests of the session's tiny run on one worker)
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
