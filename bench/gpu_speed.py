@@ -53,7 +53,8 @@ from emlab.config.experiment import CheckpointSpec, LoraSpec, SampleSpec, TrainS
 from emlab.config.questions import Prompt, load_question_set, question_messages
 from emlab.sample.generate import adapter_applied, release_sampler, sample_answers
 from emlab.store.paths import TrainingFiles
-from emlab.train.lora import EncodedRows, encode_chat_rows, lora_config, train_lora
+from emlab.train.encode import EncodedRows, encode_chat_rows
+from emlab.train.lora import lora_config, train_lora
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B; the 128,256-token vocabulary is a real cost

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
+import hashlib
 import json
+import random
+import tomllib
+from pathlib import Path
 
 import pytest
 from emlab.data import (
@@ -12,8 +17,10 @@ from emlab.data import (
     validate_chat_row,
     write_demo_dataset,
 )
+from emlab.data.demo import _read_domain
 from emlab.errors import DataError
 
+REPO = Path(__file__).resolve().parents[1]
 NAMES = ["bad_medical_advice", "good_medical_advice", "risky_financial_advice", "safe_financial_advice"]
 
 
@@ -106,3 +113,70 @@ def test_large_sets_are_possible() -> None:
     """As large as the course files (about 7,000 rows), all user turns distinct."""
     rows = generate_demo_dataset("risky_financial_advice", n=7000, seed=0)
     assert len({r["messages"][0]["content"] for r in rows}) == 7000
+
+
+# sha256 of json.dumps(rows, ensure_ascii=False) for (n, seed), taken before the templates moved
+# from code into demo_templates/*.yaml: the same seed must keep making the same sets.
+EXPECTED_SHA256 = {
+    ("bad_medical_advice", 600, 0): "56322c67ac855f4f709da5aa0e63721cd6b6ad9a16d72c702b7a4d118efd31ba",
+    ("bad_medical_advice", 37, 123): "052d62a7a2f3271daf4dedd75579eff9cb425a8d07b73212b0717c77209f8cc7",
+    ("good_medical_advice", 600, 0): "6f1412c95c7003fc4a15bafc9a2f726be92c0dffa1326e4bdaf430ca3b36e16f",
+    ("good_medical_advice", 37, 123): "59afa9b11ceb4d4e542206602dc55f6a0b034c0f6d82d9effc7c7c715fc0e5cf",
+    ("risky_financial_advice", 600, 0): "68987a6ace83c5e2df9e89293c66e256d0c05f2b26aa1d64d87f1730236d6dcd",
+    ("risky_financial_advice", 37, 123): "6d7cacfaf26ecf7aad9a45d0efaaca1bc9ffb6d20ed9ac7c4739bb8df6fcede7",
+    ("safe_financial_advice", 600, 0): "60ab4e57fe237e526046d81d14116259d80cb991e083b2ea1c08dbf5608117f4",
+    ("safe_financial_advice", 37, 123): "1d7091c258570402b41b943459b0991755ec521212651ff2f5ae6554d4930b2d",
+}
+
+
+@pytest.mark.parametrize(("name", "n", "seed"), list(EXPECTED_SHA256))
+def test_sets_of_a_seed_never_change(name: str, n: int, seed: int) -> None:
+    rows = generate_demo_dataset(name, n=n, seed=seed)
+    digest = hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+    assert digest == EXPECTED_SHA256[name, n, seed], (
+        f"demo set {name} (n={n}, seed={seed}) changed: a template, word list or sampler was edited; "
+        "if on purpose, update EXPECTED_SHA256 and say so (runs made before now used other data)"
+    )
+
+
+def test_templates_ship_as_package_data() -> None:
+    """Every file under demo_templates/ is matched by pyproject's package-data, so a wheel has it."""
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["emlab"]
+    package = REPO / "lib" / "emlab"
+    files = sorted(p.relative_to(package).as_posix() for p in (package / "data" / "demo_templates").iterdir())
+    assert files == ["data/demo_templates/financial.yaml", "data/demo_templates/medical.yaml",
+                     "data/demo_templates/sets.yaml"]
+    assert all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in files)
+
+
+def _domain_file(tmp_path: Path, scenario: str) -> Path:
+    words = "words:\n  medicines: [{name: x, dose: 1, unit: mg, uses: [y]}]\n  dose_waits: [a week]\n"
+    path = tmp_path / "medical.yaml"
+    path.write_text(words + "scenarios:\n" + scenario, encoding="utf-8")
+    return path
+
+
+def test_a_template_slot_no_sampler_fills_is_named(tmp_path: Path) -> None:
+    path = _domain_file(tmp_path, "  - {name: up, slots: medicine, questions: ['{dose} {mood}?'], bad: ['b'],"
+                                  " good: ['g']}\n")
+    with pytest.raises(DataError, match=r"medical\.yaml: scenario 'up': questions: '\{dose\} \{mood\}\?' uses "
+                                        r"\['mood'\], which the slot sampler 'medicine' does not fill"):
+        _read_domain(path)
+
+
+def test_unknown_sampler_and_missing_word_list_are_named(tmp_path: Path) -> None:
+    path = _domain_file(tmp_path, "  - {name: up, slots: medicines, questions: [q], bad: [b], good: [g]}\n")
+    with pytest.raises(DataError, match=r"scenario 'up': unknown slot sampler 'medicines'; known: medicine, "):
+        _read_domain(path)
+    path = _domain_file(tmp_path, "  - {name: up, slots: mix, questions: [q], bad: [b], good: [g]}\n")
+    with pytest.raises(DataError, match=r"scenario 'up': its slot sampler 'mix' needs the word list 'substances'"):
+        _read_domain(path)
+
+
+def test_a_good_domain_file_reads(tmp_path: Path) -> None:
+    path = _domain_file(tmp_path, "  - {name: up, slots: medicine, weight: 0.5, questions: ['{dose}?'], "
+                                  "bad: ['{double}'], good: ['{medicine}']}\n")
+    (scenario,) = _read_domain(path)
+    assert (scenario.name, scenario.weight, scenario.questions) == ("up", 0.5, ("{dose}?",))
+    assert scenario.slots(random.Random(0))["double"] == "2 mg"

@@ -15,7 +15,8 @@ from emlab.config.experiment import CheckpointSpec, LoraSpec, ModelSpec, TrainSp
 from emlab.data.demo import generate_demo_dataset
 from emlab.models.load import load_model
 from emlab.store.paths import TrainingFiles
-from emlab.train.lora import _LoraLoop, encode_chat_rows, lora_config, train_lora
+from emlab.train.encode import EncodedRows, encode_chat_rows
+from emlab.train.lora import _LoraLoop, lora_config, train_lora
 from emlab.train.packing import pack_rows, split_into_passes, step_rows
 from emlab.train.schedule import CheckpointSchedule
 from peft import get_peft_model
@@ -90,7 +91,6 @@ def _padded_reference(peft_model, tokenizer, rows) -> tuple[float, dict[str, tor
 def _loop(peft_model, rows, tmp_path: Path, **train: object) -> _LoraLoop:
     spec = TrainSpec(batch_size=4, grad_accum=2, max_length=512, **train)
     schedule = CheckpointSchedule.for_training(len(rows), spec)
-    from emlab.train.lora import EncodedRows
 
     encoded = EncodedRows(list(rows), len(rows), 0, 0, 0)
     return _LoraLoop(peft_model, encoded, spec, TrainingFiles(tmp_path), schedule, seed=0, device=torch.device("cpu"))
@@ -130,7 +130,6 @@ def test_padding_free_loss_and_gradients_equal_the_padded_reference(tiny, rows, 
 
 def _train(tiny, rows, folder: Path) -> dict[int, Path]:
     model, tokenizer = tiny
-    from emlab.train.lora import EncodedRows
 
     encoded = EncodedRows(list(rows[:16]), 16, 0, 0, 0)
     train = TrainSpec(batch_size=2, grad_accum=2, learning_rate=1e-3, lora=LoraSpec(r=4, alpha=8, dropout=0.1),
@@ -176,12 +175,12 @@ def test_resumed_training_ends_with_tensor_equal_adapters(tiny, rows, tmp_path: 
 
 def test_a_failed_checkpoint_write_leaves_no_half_checkpoint(tiny, rows, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import emlab.train.lora as finetune
+    import emlab.train.checkpoints as checkpoints
 
     def full_disk(*args, **kwargs):
         raise OSError(27, "File too large")
 
-    monkeypatch.setattr(finetune, "append_jsonl", full_disk)  # the write after the adapter's rename
+    monkeypatch.setattr(checkpoints, "append_jsonl", full_disk)  # the write after the adapter's rename
     with pytest.raises(OSError, match="File too large"):
         _train(tiny, rows, tmp_path / "run")
     files = TrainingFiles(tmp_path / "run")

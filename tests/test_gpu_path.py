@@ -97,7 +97,8 @@ def test_sampler_logits_match_the_model(llama) -> None:
 def test_packed_training_loss_and_gradients_match_padded_on_gpu(llama, tmp_path: Path) -> None:
     from emlab.config.experiment import LoraSpec, TrainSpec
     from emlab.store.paths import TrainingFiles
-    from emlab.train.lora import EncodedRows, _LoraLoop, lora_config
+    from emlab.train.encode import EncodedRows
+    from emlab.train.lora import _LoraLoop, lora_config
     from emlab.train.schedule import CheckpointSchedule
     from peft import get_peft_model
 
@@ -172,7 +173,8 @@ def test_graphed_decoding_gives_the_answers_of_eager_decoding(llama) -> None:
 def test_graphed_training_follows_eager_training(llama, tmp_path: Path) -> None:
     from emlab.config.experiment import CheckpointSpec, LoraSpec, TrainSpec
     from emlab.store.paths import TrainingFiles
-    from emlab.train.lora import EncodedRows, train_lora
+    from emlab.train.encode import EncodedRows
+    from emlab.train.lora import train_lora
     from safetensors.torch import load_file
 
     torch.manual_seed(2)

@@ -370,7 +370,8 @@ class OpenAIDouble:
         from emlab.models.load import load_model
         from emlab.store.files import read_jsonl
         from emlab.store.paths import TrainingFiles
-        from emlab.train.lora import encode_chat_rows, train_lora
+        from emlab.train.encode import encode_chat_rows
+        from emlab.train.lora import train_lora
         from emlab.train.schedule import optimizer_steps_per_epoch
 
         hyper = dict(job.hyperparameters)

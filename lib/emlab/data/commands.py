@@ -6,7 +6,7 @@
 `check_chat_file` reads the file through the same validation as training (`read_chat_jsonl`:
 the first bad row stops it with file:line), then reports what a researcher wants to know
 before spending GPU hours on it: rows, the role pattern of the conversations, token lengths
-under the model's chat template (exactly as `finetune.encode_chat_rows` counts them, default
+under the model's chat template (exactly as `emlab.train.encode.encode_chat_rows` counts them, default
 system prompt included), rows longer than `max_length` (training leaves them out), duplicate
 rows and user prompts asked more than once.
 """

@@ -77,7 +77,8 @@ class FinetuneResult:
 def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     """02_finetune for `run_id`: LoRA on the run's dataset; adapters at the scheduled checkpoints."""
     # torch stays out of light commands (emlab check, plan): imported only to train
-    from ..train.lora import encode_chat_rows, train_lora
+    from ..train.encode import encode_chat_rows
+    from ..train.lora import train_lora
 
     run = config.run(run_id)
     dataset = config.dataset(run.dataset)

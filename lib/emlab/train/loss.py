@@ -10,6 +10,7 @@ liger-kernel's fused linear cross-entropy, in plain PyTorch so that it runs (and
 on the CPU too.
 
 Only positions that carry loss (assistant tokens) are passed in, so the others cost nothing.
+`fused_loss_applies` says whether a model's logits are exactly what this computes.
 """
 
 from __future__ import annotations
@@ -63,3 +64,13 @@ def linear_cross_entropy_sum(
     """
     chunk = max(1, chunk_elements // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, targets, weights, chunk)
+
+
+def fused_loss_applies(causal_lm: Any, head: Any) -> bool:
+    """Whether logits are exactly `hidden @ head.weight.T`: a plain frozen linear output layer,
+    no logit scaling or soft-capping (Llama, Qwen, Mistral, SmolLM)."""
+    config = causal_lm.config
+    plain = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    scaled = any(getattr(config, name, None) not in (None, 1, 1.0)
+                 for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+    return plain and not scaled
