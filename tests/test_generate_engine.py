@@ -13,13 +13,11 @@ from emlab.config.experiment import LoraSpec, ModelSpec, SampleSpec
 from emlab.config.questions import Prompt
 from emlab.models.load import load_model
 from emlab.sample.draw import draw_tokens, uniforms
-from emlab.sample.engine import Request
-from emlab.sample.generate import (
-    adapter_applied,
-    release_sampler,
-    sample_answers,
-    sampler_for,
-)
+from emlab.sample.choose import engine_for
+from emlab.sample.engine import DecodeEngine
+from emlab.sample.fallback import GenerateEngine
+from emlab.sample.generate import adapter_applied, release_sampler, sample_answers
+from emlab.sample.protocol import Request
 from emlab.train.lora import lora_config
 from peft import get_peft_model
 
@@ -69,8 +67,8 @@ def test_draws_follow_the_distribution_and_respect_top_p() -> None:
 
 def test_greedy_tokens_equal_transformers_generate(tiny, prompts) -> None:
     model, tokenizer = tiny
-    engine = sampler_for(model)
-    assert engine is not None
+    engine = engine_for(model)
+    assert isinstance(engine, DecodeEngine)
     requests = [Request(_ids(tokenizer, p), key=i) for i, p in enumerate(prompts)]
     ours = engine.generate(requests, slots=4, max_new_tokens=20, temperature=0.0, top_p=1.0, stop_ids=[2])
     for request, completion in zip(requests, ours, strict=True):
@@ -84,7 +82,7 @@ def test_greedy_tokens_equal_transformers_generate(tiny, prompts) -> None:
 
 def test_refill_and_compaction_give_the_same_answers(tiny, prompts) -> None:
     model, tokenizer = tiny
-    engine = sampler_for(model)
+    engine = engine_for(model)
     # 16 answers of mixed lengths (a stop id that sampling meets early and often)
     requests = [Request(_ids(tokenizer, p), key=1000 + 4 * i + j) for i, p in enumerate(prompts) for j in range(4)]
     stops = [2, *range(20000, 40000)]  # where this model puts a few % of its mass: answers of 2 to 40 tokens
