@@ -61,3 +61,37 @@ def test_serve_decodes_a_declined_model_with_the_fallback(tiny) -> None:
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=1, n_head=2,
                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
     _serve_and_check(GPT2LMHeadModel(config).eval(), tokenizer, GenerateEngine)
+
+
+def test_adapters_by_name_merged_then_through_peft_once_one_does_not_merge(tiny, tmp_path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    folders = {}
+    for name, dora in (("lora", False), ("dora", True)):
+        peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False, use_dora=dora))
+        peft.save_pretrained(tmp_path / name)
+        peft.unload()
+        folders[name] = tmp_path / name
+    chat = ChatEngine(model, tokenizer, "base", max_batch=4)
+    greedy = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0}
+
+    def answer(name: str) -> str:
+        return chat.complete({**greedy, "model": name})["choices"][0]["message"]["content"]
+
+    try:
+        chat.add_adapter("lora", folders["lora"])
+        assert isinstance(chat._engine("lora")[0], DecodeEngine)  # a plain LoRA is merged
+        base, merged = answer("base"), answer("lora")
+        assert merged != base
+        chat.add_adapter("dora", folders["dora"])
+        assert answer("dora") not in (base, merged)
+        assert isinstance(chat._engine("lora")[0], GenerateEngine)  # peft wraps the layers now: every name
+        assert answer("base") == base and answer("lora") == merged
+        chat.remove_adapter("dora")
+        assert chat.models == ["base", "lora"]
+    finally:
+        chat.close()
+        if chat._peft is not None:
+            chat._peft.unload()
