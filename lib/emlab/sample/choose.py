@@ -22,6 +22,7 @@ from .weights import read_adapter, unsupported_reason
 log = logging.getLogger(__name__)
 
 _ENGINES: weakref.WeakKeyDictionary[Any, DecodeEngine] = weakref.WeakKeyDictionary()  # model → its engine
+_DECLINED: weakref.WeakSet[Any] = weakref.WeakSet()  # models it does not run (said once)
 
 
 def engine_for(
@@ -62,7 +63,9 @@ def _decode_engine(model: Any) -> DecodeEngine | None:
     """emlab's engine for `model` (kept per model), or None when the model is not one it runs."""
     reason = unsupported_reason(model)
     if reason is not None:
-        log.info("decoding with transformers' generate: %s", reason)
+        if model not in _DECLINED:  # once per model, not once per batch of the chat server
+            _DECLINED.add(model)
+            log.info("decoding with transformers' generate: %s", reason)
         return None
     engine = _ENGINES.get(model)
     if engine is None or engine.weights.stale():
