@@ -12,14 +12,12 @@ import torch
 from emlab.config.experiment import LoraSpec, ModelSpec, SampleSpec
 from emlab.config.questions import Prompt
 from emlab.models.load import load_model
+from emlab.sample.choose import engine_for
 from emlab.sample.draw import draw_tokens, uniforms
-from emlab.sample.engine import Request
-from emlab.sample.generate import (
-    adapter_applied,
-    release_sampler,
-    sample_answers,
-    sampler_for,
-)
+from emlab.sample.engine import DecodeEngine
+from emlab.sample.fallback import GenerateEngine
+from emlab.sample.generate import adapter_applied, release_sampler, sample_answers
+from emlab.sample.protocol import Request
 from emlab.train.lora import lora_config
 from peft import get_peft_model
 
@@ -69,8 +67,8 @@ def test_draws_follow_the_distribution_and_respect_top_p() -> None:
 
 def test_greedy_tokens_equal_transformers_generate(tiny, prompts) -> None:
     model, tokenizer = tiny
-    engine = sampler_for(model)
-    assert engine is not None
+    engine = engine_for(model)
+    assert isinstance(engine, DecodeEngine)
     requests = [Request(_ids(tokenizer, p), key=i) for i, p in enumerate(prompts)]
     ours = engine.generate(requests, slots=4, max_new_tokens=20, temperature=0.0, top_p=1.0, stop_ids=[2])
     for request, completion in zip(requests, ours, strict=True):
@@ -84,7 +82,7 @@ def test_greedy_tokens_equal_transformers_generate(tiny, prompts) -> None:
 
 def test_refill_and_compaction_give_the_same_answers(tiny, prompts) -> None:
     model, tokenizer = tiny
-    engine = sampler_for(model)
+    engine = engine_for(model)
     # 16 answers of mixed lengths (a stop id that sampling meets early and often)
     requests = [Request(_ids(tokenizer, p), key=1000 + 4 * i + j) for i, p in enumerate(prompts) for j in range(4)]
     stops = [2, *range(20000, 40000)]  # where this model puts a few % of its mass: answers of 2 to 40 tokens
@@ -151,3 +149,61 @@ def test_resumed_sampling_writes_the_answers_of_an_uninterrupted_run(tiny, promp
     assert resumed == full
     assert (tmp_path / "resumed.jsonl").read_text() == (tmp_path / "full.jsonl").read_text()
     assert len({a.answer for a in full}) > 6  # samples of one question differ
+
+
+# --- one interface, two engines -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def declined(tiny) -> object:
+    """A tiny random GPT-2 on SmolLM2's vocabulary: a model emlab's engine does not run."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tokenizer = tiny
+    torch.manual_seed(3)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return GPT2LMHeadModel(config).eval()
+
+
+def test_same_keys_give_the_same_answers_through_both_engines(tiny, prompts) -> None:
+    model, tokenizer = tiny
+    requests = [Request(_ids(tokenizer, p), key=500 + 2 * i + j) for i, p in enumerate(prompts) for j in range(2)]
+    common = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, stop_ids=[2, *range(20000, 40000)],
+                  top_logprobs=3)
+    fast = engine_for(model)
+    fallback = engine_for(model, prefer="transformers")
+    assert isinstance(fast, DecodeEngine) and isinstance(fallback, GenerateEngine)
+    ours = fast.generate(requests, slots=8, **common)
+    theirs = fallback.generate(requests, slots=3, **common)  # other batches: the keys alone decide
+    assert [c.tokens for c in ours] == [c.tokens for c in theirs]
+    assert [c.stopped for c in ours] == [c.stopped for c in theirs]
+    assert len({tuple(c.tokens) for c in ours}) > 4  # two keys of one prompt give two answers
+    assert fallback.generate(requests, slots=3, **common) == theirs  # the same keys, the same answers
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.logprobs is not None and b.logprobs is not None and len(a.logprobs) == len(a.tokens)
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.token == y.token and x.logprob == pytest.approx(y.logprob, abs=1e-4)
+            assert [t for t, _ in x.top] == [t for t, _ in y.top] and len(x.top) == 3
+
+
+def test_a_model_the_fast_engine_declines_goes_through_the_fallback(tiny, declined, prompts, tmp_path) -> None:
+    _, tokenizer = tiny
+    engine = engine_for(declined)
+    assert isinstance(engine, GenerateEngine)
+    requests = [Request(_ids(tokenizer, p), key=i) for i, p in enumerate(prompts)]
+    done = engine.generate(requests, slots=4, max_new_tokens=6, temperature=1.0, top_p=1.0, stop_ids=[2],
+                           top_logprobs=2)
+    alone = engine.generate(requests[1:2], slots=1, max_new_tokens=6, temperature=1.0, top_p=1.0, stop_ids=[2])
+    assert alone[0].tokens == done[1].tokens and alone[0].logprobs is None  # not its batch-mates' draws
+    assert all(c.logprobs is not None and len(c.logprobs) == len(c.tokens) for c in done)
+    with torch.inference_mode():
+        first = declined(torch.tensor([requests[0].prompt])).logits[0, -1].log_softmax(-1)
+    assert done[0].logprobs[0].logprob == pytest.approx(float(first[done[0].tokens[0]]), abs=1e-4)
+    # sample_answers on it: the same single wave path, and a resumed run equals an uninterrupted one
+    spec = SampleSpec(samples_per_question=2, max_new_tokens=6, batch_size=3, wave_size=3)
+    common = dict(model_name="g", run_id=None, step=0, seed=1, progress=False)
+    full = sample_answers(declined, tokenizer, prompts, spec, out_path=tmp_path / "full.jsonl", **common)
+    lines = (tmp_path / "full.jsonl").read_text().splitlines()
+    (tmp_path / "resumed.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    assert sample_answers(declined, tokenizer, prompts, spec, out_path=tmp_path / "resumed.jsonl", **common) == full

@@ -61,6 +61,7 @@ def draw_tokens(
         probs = ordered.softmax(dim=-1)
         # keep a token while the mass before it is below top_p (the top token always stays)
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False  # top_p = 0 (the chat server allows it) would otherwise drop every token
         ordered = ordered.masked_fill(drop, float("-inf"))
         scores = torch.empty_like(scores).scatter_(-1, order, ordered)
     cdf = scores.softmax(dim=-1).cumsum(dim=-1)

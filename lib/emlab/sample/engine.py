@@ -16,6 +16,10 @@ How it differs from calling `generate` on a padded batch:
 - Tokens are drawn by inverse transform sampling with each answer's own counter-based
   randomness (`draw`): no vocabulary sort at top_p = 1, and an answer does not depend on the
   random draws of the answers beside it.
+- Asked for logprobs (the chat server's judge), each step also records the chosen token's
+  log-probability and the top k; such calls decode eagerly, without CUDA graphs.
+
+It implements `protocol.Engine`; `choose.engine_for` picks it where it applies.
 
 Determinism: for the same requests in the same order on the same device the schedule (who
 shares a step with whom) and every kernel are the same, so the answers are bitwise the same.
@@ -29,7 +33,6 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,28 +46,13 @@ from ..models.attention import (
     record_graph,
 )
 from .draw import draw_tokens
+from .protocol import Completion, Request, step_logprobs, token_logprobs
 from .weights import DecoderWeights, LayerWeights, LoraAdapter
 
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps between reads of which rows ended (a finished row idles at most this long)
 PREFILL_TOKENS = 16384  # prompt tokens per prefill pass
-
-
-@dataclass(frozen=True)
-class Request:
-    """One answer to generate: its prompt's token ids and its own random key (63 bits)."""
-
-    prompt: tuple[int, ...]
-    key: int
-
-
-@dataclass(frozen=True)
-class Completion:
-    """The new tokens of one answer (its stop token included) and whether a stop token ended it."""
-
-    tokens: list[int]
-    stopped: bool
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -133,13 +121,17 @@ class DecodeEngine:
         self.graphs: dict[tuple[Any, ...], torch.cuda.CUDAGraph] = {}
         self.graph_pool: Any = None
         self._stops: dict[tuple[int, ...], torch.Tensor] = {}  # stop ids → vocabulary mask
+        self._adapter: LoraAdapter | None = None  # what the weight copies hold
         probe_flash(self.device)
 
     # --- weights and memory ------------------------------------------------------------------
 
     def use_adapter(self, adapter: LoraAdapter | None) -> None:
         """Sample from the base model with `adapter` merged in (None: the base alone)."""
+        if adapter is not None and adapter is self._adapter:
+            return  # merged already (the chat server switches adapters per batch)
         self.weights.load(adapter)
+        self._adapter = adapter
 
     def _reserve(self, slots: int, positions: int) -> int:
         """Allocate the KV cache for `slots` rows of `positions` (kept for later calls when
@@ -248,11 +240,13 @@ class DecodeEngine:
         top_p: float,
         stop_ids: Sequence[int],
         on_done: Callable[[int], None] | None = None,
+        top_logprobs: int | None = None,
     ) -> list[Completion]:
         """Generate every request, at most `slots` at a time, refilling finished slots.
 
         An answer ends after a token of `stop_ids` (kept) or `max_new_tokens` new tokens.
-        `on_done(n)` is called as answers finish.
+        `on_done(n)` is called as answers finish. `top_logprobs` (None: none) records each
+        token's log-probability at temperature 1 and its k most likely alternatives.
         """
         if not requests:
             return []
@@ -262,7 +256,7 @@ class DecodeEngine:
         positions = _round_up(longest + max_new_tokens + 1, 64)
         slots = self._reserve(max(1, min(slots, len(requests))), positions)
         self._rope_table(self.cache_k.shape[2] if self.cache_k is not None else positions)
-        run = _Run(self, requests, slots, max_new_tokens, temperature, top_p, stop_ids, on_done)
+        run = _Run(self, requests, slots, max_new_tokens, temperature, top_p, stop_ids, on_done, top_logprobs)
         return run.complete()
 
 
@@ -271,7 +265,7 @@ class _Run:
 
     def __init__(self, engine: DecodeEngine, requests: Sequence[Request], slots: int, max_new: int,
                  temperature: float, top_p: float, stop_ids: Sequence[int],
-                 on_done: Callable[[int], None] | None) -> None:
+                 on_done: Callable[[int], None] | None, top_logprobs: int | None = None) -> None:
         self.engine = engine
         self.requests = requests
         self.max_new = max_new
@@ -290,6 +284,14 @@ class _Run:
         self.horizon = 0  # ≥ every live row's `pos` (host bound: attention never reads past it)
         self.results: list[Completion | None] = [None] * len(requests)
         self.queue = deque(range(len(requests)))
+        # logprobs per slot and token number (column max_new takes an ended row's idle writes)
+        self.top_k = top_logprobs
+        self.logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # chosen, top values, top ids
+        if top_logprobs is not None:
+            device = engine.device
+            self.logprobs = (torch.zeros(slots, max_new + 1, device=device),
+                             torch.zeros(slots, max_new + 1, top_logprobs, device=device),
+                             torch.zeros(slots, max_new + 1, top_logprobs, dtype=torch.long, device=device))
 
     def complete(self) -> list[Completion]:
         active = self._admit(list(range(min(self.slots, len(self.requests)))))
@@ -344,8 +346,10 @@ class _Run:
         slots_t = torch.tensor(order, device=e.device)
         lengths = torch.tensor([len(self.requests[self.item[s]].prompt) for s in order], device=e.device)
         self.keys[slots_t] = torch.tensor([self.requests[self.item[s]].key for s in order], device=e.device)
-        first = draw_tokens(logits[torch.tensor(which, device=e.device)], self.keys[slots_t],
-                            torch.zeros_like(slots_t), temperature=self.temperature, top_p=self.top_p)
+        logits = logits[torch.tensor(which, device=e.device)]
+        first = draw_tokens(logits, self.keys[slots_t], torch.zeros_like(slots_t),
+                            temperature=self.temperature, top_p=self.top_p)
+        self._record_logprobs(logits, first, slots_t, torch.zeros_like(slots_t))
         self.out[slots_t] = 0
         self.out[slots_t, 0] = first
         self.last[slots_t] = first
@@ -382,7 +386,7 @@ class _Run:
         e = self.engine
         assert e.cache_k is not None
         positions = e.cache_k.shape[2]
-        if not e.use_graphs:
+        if not e.use_graphs or self.logprobs is not None:  # logprobs: rare (a judge's one token), eager
             self._decode_body(active, min(self.horizon + 1, positions))
         else:
             rows = min(_bucket(active), self.slots)
@@ -410,16 +414,28 @@ class _Run:
             return decode_attention(q, e.cache_k[index, :active], e.cache_v[index, :active], lengths, bound, e.scale)
 
         x = e._layers(F.embedding(self.last[:active], e.weights.embed), pos, rows, attend)
-        token = draw_tokens(e._logits(x), self.keys[:active], self.gen[:active],
+        logits = e._logits(x)
+        token = draw_tokens(logits, self.keys[:active], self.gen[:active],
                             temperature=self.temperature, top_p=self.top_p)
         live = ~self.done[:active]
         gen = self.gen[:active]
         # an ended row writes into the spare column (or past its own end): nothing it kept
-        self.out[rows, torch.where(live, gen, self.max_new)] = token
+        column = torch.where(live, gen, self.max_new)
+        self.out[rows, column] = token
+        self._record_logprobs(logits, token, rows, column)
         gen += live
         self.done[:active] |= live & (self.stop[token] | (gen >= self.max_new))
         pos += live
         self.last[:active] = token
+
+    def _record_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, slots: torch.Tensor,
+                         columns: torch.Tensor) -> None:
+        """Keep the logprobs of `tokens` (drawn at `columns` of `slots`) when they were asked for."""
+        if self.logprobs is None or self.top_k is None:
+            return
+        chosen, values, ids = step_logprobs(logits, tokens, self.top_k)
+        for store, value in zip(self.logprobs, (chosen, values, ids), strict=True):
+            store[slots, columns] = value
 
     def _collect(self, active: int) -> int:
         """Read which rows ended (one sync), keep their answers, refill or compact; returns the
@@ -430,9 +446,15 @@ class _Run:
             index = torch.tensor(ended, device=self.engine.device)
             tokens = self.out[index].tolist()
             counts = self.gen[index].tolist()
-            for slot, row, count in zip(ended, tokens, counts, strict=True):
+            logprobs = [store[index].tolist() for store in self.logprobs] if self.logprobs is not None else None
+            for n, (slot, row, count) in enumerate(zip(ended, tokens, counts, strict=True)):
                 kept = row[:count]
-                self.results[self.item[slot]] = Completion(kept, bool(kept) and kept[-1] in self.stop_set)
+                kept_logprobs = None
+                if logprobs is not None:
+                    chosen, values, ids = (rows[n][:count] for rows in logprobs)
+                    kept_logprobs = token_logprobs(kept, chosen, values, ids)
+                self.results[self.item[slot]] = Completion(kept, bool(kept) and kept[-1] in self.stop_set,
+                                                           kept_logprobs)
                 self.item[slot] = -1
             if self.on_done:
                 self.on_done(len(ended))
@@ -455,7 +477,7 @@ class _Run:
             span = self.horizon + 1
             e.cache_k[:, dst, :span] = e.cache_k[:, src, :span]
             e.cache_v[:, dst, :span] = e.cache_v[:, src, :span]
-            for state in (self.keys, self.pos, self.gen, self.last, self.done, self.out):
+            for state in (self.keys, self.pos, self.gen, self.last, self.done, self.out, *(self.logprobs or ())):
                 state[dst] = state[src]
             self.done[src] = True
             for s, d in zip(movers, holes, strict=True):

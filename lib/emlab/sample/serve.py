@@ -17,12 +17,15 @@ Endpoints (OpenAI's shapes; errors in its {"error": {message, type, param, code}
     GET  /health
 
 Requests that arrive together are decoded together: a worker takes up to `max_batch` waiting
-rows (choices) for the same model or adapter and runs one left-padded decode loop with a KV
-cache. Each choice samples from its own generator seeded by the request's seed and its index,
-so a seeded request gets the same tokens whatever it is batched with (up to the last bits of
-floating point that batched matrix products may change). Temperature 0 is greedy. Logprobs
-are the model's (temperature 1) log-probabilities of each generated token with its top
-alternatives, as OpenAI reports them; the judge reads the first token's top 20.
+rows (choices) that share the model or adapter, temperature, top_p and max_tokens, and decodes
+them through the engine `emlab.sample.choose.engine_for` picks, as `sample_answers` does:
+emlab's `DecodeEngine` (adapters merged into its weight copy, one at a time) where it applies,
+else transformers' `generate` (adapters attached by peft). Each choice draws from its own key,
+made from the request's seed and the choice's index, so a seeded request gets the same tokens
+whatever it is batched with (up to the last bits of floating point that batched matrix
+products may change). Temperature 0 is greedy. Logprobs are the model's (temperature 1)
+log-probabilities of each generated token with its top alternatives, as OpenAI reports them;
+the judge reads the first token's top 20.
 
 Not served: streaming, tools, response_format, logit_bias, the legacy completions endpoint.
 """
@@ -30,6 +33,7 @@ Not served: streaming, tools, response_format, logit_bias, the legacy completion
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import queue
@@ -37,16 +41,17 @@ import secrets
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..config.experiment import ModelSpec
 from ..models.load import load_model, resolve_device
+from .choose import engine_for, release_sampler
+from .protocol import Completion, Engine, Request, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +68,24 @@ class ApiError(Exception):
         self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-@dataclass
-class _Row:
-    """One choice to generate."""
+@dataclass(frozen=True)
+class _Batch:
+    """What rows must share to be decoded together."""
 
-    prompt_ids: list[int]
-    max_tokens: int
+    model: str
     temperature: float
     top_p: float
-    generator: torch.Generator
-    top_logprobs: int | None  # None: no logprobs
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
-    finish_reason: str | None = None
+    max_tokens: int
 
 
 @dataclass
 class _Job:
-    """One request waiting for the worker."""
+    """One request waiting for the worker: its choices as engine requests."""
 
-    model: str
-    rows: list[_Row]
+    batch: _Batch
+    requests: list[Request]
+    top_logprobs: int | None  # None: no logprobs
+    completions: list[Completion] = field(default_factory=list)
     done: Future[None] = field(default_factory=Future)
 
 
@@ -99,11 +101,12 @@ class ChatEngine:
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self._base = model
-        self._peft: Any = None  # a PeftModel once the first adapter is loaded
+        self._peft: Any = None  # a PeftModel, once an adapter must be decoded by the generate fallback
+        self._in_peft: set[str] = set()  # adapters loaded into it
         self._adapters: dict[str, Path] = {}
         self._lock = threading.Lock()  # model changes and generation never overlap
         self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._stop_ids = self._eos_ids()
+        self._stop_ids = stop_token_ids(model, tokenizer)
         self._worker = threading.Thread(target=self._work, name="emlab-serve-worker", daemon=True)
         self._worker.start()
 
@@ -119,14 +122,7 @@ class ChatEngine:
             raise ApiError(400, f"The lora adapter '{name}' has already been loaded.", param="lora_name")
         if not (Path(folder) / "adapter_config.json").exists():
             raise ApiError(400, f"No adapter found at '{folder}' (no adapter_config.json).", param="lora_path")
-        from peft import PeftModel
-
         with self._lock:
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._base, str(folder), adapter_name=name)
-                self._peft.eval()
-            else:
-                self._peft.load_adapter(str(folder), adapter_name=name)
             self._adapters[name] = Path(folder)
         log.info("serving adapter %s from %s", name, folder)
 
@@ -134,7 +130,9 @@ class ChatEngine:
         if name not in self._adapters:
             raise ApiError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
         with self._lock:
-            self._peft.delete_adapter(name)
+            if name in self._in_peft:
+                self._peft.delete_adapter(name)
+                self._in_peft.discard(name)
             del self._adapters[name]
 
     def close(self) -> None:
@@ -163,15 +161,15 @@ class ChatEngine:
         if seed is not None and not isinstance(seed, int):
             raise ApiError(400, "'seed' must be an integer.", param="seed")
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        prompt_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        rows = [_Row(prompt_ids, max_tokens, temperature, top_p, _generator(seed, i), top_k) for i in range(n)]
-        job = _Job(model, rows)
+        prompt_ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        job = _Job(_Batch(str(model), temperature, top_p, max_tokens),
+                   [Request(prompt_ids, _choice_key(seed, i)) for i in range(n)], top_k)
         self._queue.put(job)
         job.done.result()
         stops = body.get("stop") or []
         stops = [stops] if isinstance(stops, str) else list(stops)
-        choices = [self._choice(i, row, stops) for i, row in enumerate(rows)]
-        completion = sum(len(r.tokens) for r in rows)
+        choices = [self._choice(i, done, top_k, stops) for i, done in enumerate(job.completions)]
+        completion = sum(len(c.tokens) - c.stopped for c in job.completions)  # the end-of-turn token not counted
         return {
             "id": f"chatcmpl-{secrets.token_hex(12)}", "object": "chat.completion", "created": int(time.time()),
             "model": model, "choices": choices, "system_fingerprint": "emlab-serve",
@@ -179,15 +177,28 @@ class ChatEngine:
                       "total_tokens": len(prompt_ids) + completion},
         }
 
-    def _choice(self, index: int, row: _Row, stops: list[str]) -> dict[str, Any]:
-        content = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-        finish = row.finish_reason
+    def _choice(self, index: int, done: Completion, top_k: int | None, stops: list[str]) -> dict[str, Any]:
+        # the end-of-turn token is not part of the answer (its logprobs stay, as before)
+        tokens = done.tokens[:-1] if done.stopped else done.tokens
+        content = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        finish = "stop" if done.stopped else "length"
         for stop in stops:
             if stop and stop in content:
                 content, finish = content[: content.index(stop)], "stop"
-        logprobs = {"content": row.logprobs, "refusal": None} if row.top_logprobs is not None else None
+        logprobs = None
+        if top_k is not None:
+            entries = []
+            for step in done.logprobs or ():
+                entry = self._logprob_entry(step.token, step.logprob)
+                entry["top_logprobs"] = [self._logprob_entry(t, v) for t, v in step.top[:top_k]]
+                entries.append(entry)
+            logprobs = {"content": entries, "refusal": None}
         return {"index": index, "message": {"role": "assistant", "content": content, "refusal": None},
                 "logprobs": logprobs, "finish_reason": finish}
+
+    def _logprob_entry(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self.tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     # --- the worker --------------------------------------------------------------------
 
@@ -207,16 +218,16 @@ class ChatEngine:
                 if extra is None:
                     return
                 waiting.append(extra)
-            model = waiting[0].model
+            key = waiting[0].batch
             batch: list[_Job] = []
             rows = 0
             for job in list(waiting):
-                if job.model == model and (not batch or rows + len(job.rows) <= self.max_batch):
+                if job.batch == key and (not batch or rows + len(job.requests) <= self.max_batch):
                     batch.append(job)
-                    rows += len(job.rows)
+                    rows += len(job.requests)
                     waiting.remove(job)
             try:
-                self._decode(model, [row for job in batch for row in job.rows])
+                self._decode(key, batch)
             except Exception as exc:  # answered as a 500 to each request of the batch
                 log.exception("decode failed")
                 for job in batch:
@@ -225,88 +236,51 @@ class ChatEngine:
             for job in batch:
                 job.done.set_result(None)
 
-    @torch.inference_mode()
-    def _decode(self, model_name: str, rows: list[_Row]) -> None:
+    def _decode(self, key: _Batch, jobs: list[_Job]) -> None:
+        """Decode the jobs' requests together through the engine for `key.model`."""
+        asked = [job.top_logprobs for job in jobs if job.top_logprobs is not None]
+        requests = [r for job in jobs for r in job.requests]
         with self._lock:
-            if model_name == self.name:
-                context: Any = self._peft.disable_adapter() if self._peft is not None else _nullcontext()
-                model = self._peft if self._peft is not None else self._base
-            else:
-                self._peft.set_adapter(model_name)
-                context, model = _nullcontext(), self._peft
+            engine, context = self._engine(key.model)
             with context:
-                self._decode_rows(model, rows)
+                done = engine.generate(requests, slots=self.max_batch, max_new_tokens=key.max_tokens,
+                                       temperature=key.temperature, top_p=key.top_p, stop_ids=self._stop_ids,
+                                       top_logprobs=max(asked) if asked else None)
+        for job in jobs:
+            job.completions, done = done[: len(job.requests)], done[len(job.requests):]
 
-    def _decode_rows(self, model: Any, rows: list[_Row]) -> None:
-        device = next(model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(len(r.prompt_ids) for r in rows)
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # logits of the last position only: the full (rows × prompt × vocab) tensor costs more than the layers
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        past, logits = out.past_key_values, out.logits[:, -1, :].float()
-        for _ in range(max(r.max_tokens for r in rows)):
-            next_ids = []
-            for i, row in enumerate(rows):
-                if row.finish_reason is None:
-                    self._step(row, logits[i])
-                next_ids.append(row.tokens[-1] if row.tokens else pad)
-            if all(r.finish_reason is not None for r in rows):
-                return
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
-            positions = positions[:, -1:] + 1
-            step_ids = torch.tensor(next_ids, device=device).unsqueeze(1)
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                        use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1, :].float()
+    def _engine(self, model_name: str) -> tuple[Engine, AbstractContextManager[Any]]:
+        """The engine for a served name, and the context to decode in (peft's base without adapters)."""
+        folder = self._adapters.get(model_name)
+        if self._peft is None:  # the base model is plain: emlab's engine may run it
+            engine = engine_for(self._base, adapter_dir=folder, adapted=lambda: self._peft_with(model_name))
+            return engine, nullcontext()
+        # once peft has wrapped the base model's layers, every name is decoded by the fallback
+        if folder is None:
+            return engine_for(self._peft, prefer="transformers"), self._peft.disable_adapter()
+        return engine_for(self._base, adapter_dir=folder, adapted=lambda: self._peft_with(model_name),
+                          prefer="transformers"), nullcontext()
 
-    def _step(self, row: _Row, logits: torch.Tensor) -> None:
-        logprobs = torch.log_softmax(logits, dim=-1) if row.top_logprobs is not None else logits
-        if row.temperature == 0:
-            token = int(torch.argmax(logits))
-        else:
-            probs = torch.softmax(logits / row.temperature, dim=-1)
-            if row.top_p < 1.0:
-                sorted_probs, order = torch.sort(probs, descending=True)
-                keep = sorted_probs.cumsum(-1) - sorted_probs < row.top_p  # the smallest set reaching top_p
-                probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-            token = int(torch.multinomial(probs.cpu(), 1, generator=row.generator))
-        row.tokens.append(token)
-        if row.top_logprobs is not None:
-            entry = self._logprob_entry(token, float(logprobs[token]))
-            top = torch.topk(logprobs, row.top_logprobs) if row.top_logprobs else None
-            entry["top_logprobs"] = ([self._logprob_entry(int(t), float(v)) for v, t in zip(top.values, top.indices)]
-                                     if top is not None else [])
-            row.logprobs.append(entry)
-        if token in self._stop_ids:
-            row.tokens.pop()  # the end-of-turn token is not part of the answer (its logprobs stay)
-            row.finish_reason = "stop"
-        elif len(row.tokens) >= row.max_tokens:
-            row.finish_reason = "length"
+    def _peft_with(self, name: str) -> Any:
+        """The peft model with adapter `name` loaded and active."""
+        from peft import PeftModel
 
-    def _logprob_entry(self, token: int, logprob: float) -> dict[str, Any]:
-        text = self.tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    def _eos_ids(self) -> set[int]:
-        eos = getattr(getattr(self._base, "generation_config", None), "eos_token_id", None)
-        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        ids.add(self.tokenizer.eos_token_id)
-        return {i for i in ids if i is not None}
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self._base, str(self._adapters[name]), adapter_name=name)
+            self._peft.eval()
+            release_sampler(self._base)  # its weight copy no longer matches what the layers compute
+        elif name not in self._in_peft:
+            self._peft.load_adapter(str(self._adapters[name]), adapter_name=name)
+        self._in_peft.add(name)
+        self._peft.set_adapter(name)
+        return self._peft
 
 
-def _nullcontext() -> Any:
-    from contextlib import nullcontext
-
-    return nullcontext()
-
-
-def _generator(seed: int | None, index: int) -> torch.Generator:
-    generator = torch.Generator()
-    generator.manual_seed((seed if seed is not None else secrets.randbits(31)) * 1_000_003 + index)
-    return generator
+def _choice_key(seed: int | None, index: int) -> int:
+    """The random key of a request's choice `index` (63 bits); a fresh one when no seed is given."""
+    if seed is None:
+        return secrets.randbits(63)
+    return int.from_bytes(hashlib.sha256(f"emlab-serve|{seed}|{index}".encode()).digest()[:8], "little") >> 1
 
 
 def _int(body: dict[str, Any], key: str, default: int | None, low: int, high: int) -> int | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,25 @@ class LoraAdapter:
         if any(set(pair) != {"A", "B"} for pair in halves.values()):
             raise EmlabError(f"{folder / ADAPTER_WEIGHTS}: a LoRA layer without its A or B matrix; export it again")
         return cls(folder, {k: (v["A"], v["B"]) for k, v in halves.items()}, scale)
+
+
+_READ: OrderedDict[Path, tuple[tuple[int, int], LoraAdapter | None]] = OrderedDict()  # folder → (stamp, adapter)
+_READ_KEPT = 8  # adapters kept read (host memory: ~80 MB each for an 8B model at rank 32)
+
+
+def read_adapter(folder: Path) -> LoraAdapter | None:
+    """`LoraAdapter.read(folder)`, read again only when its weights file changed: the chat server
+    asks for an adapter by name for every batch, and the engine merges only a new one."""
+    folder = Path(folder).resolve()
+    stat = (folder / ADAPTER_WEIGHTS).stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _READ.get(folder)
+    if cached is None or cached[0] != stamp:
+        cached = _READ[folder] = (stamp, LoraAdapter.read(folder))
+    _READ.move_to_end(folder)
+    while len(_READ) > _READ_KEPT:
+        _READ.popitem(last=False)
+    return cached[1]
 
 
 class DecoderWeights:

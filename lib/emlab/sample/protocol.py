@@ -1,0 +1,99 @@
+"""What every decode engine takes and gives: `Request`s in, `Completion`s out, one `generate` call.
+
+Two engines implement it: emlab's `DecodeEngine` (`engine.py`, Llama-family decoders in full
+precision) and `GenerateEngine` (`fallback.py`, transformers' `generate`, any causal LM).
+`choose.engine_for` picks one; `sample_answers` and the chat server (`serve.py`) decode only
+through it.
+
+Both draw token number `i` of an answer from the uniform number `draw.uniforms(key, i)`, so
+an answer depends on its own key and its logits, not on the answers batched beside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class Request:
+    """One answer to generate: its prompt's token ids and its own random key (63 bits)."""
+
+    prompt: tuple[int, ...]
+    key: int
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model at temperature 1, with the most
+    likely tokens of that step (token id, log-probability), most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The new tokens of one answer (its stop token included) and whether a stop token ended it.
+
+    logprobs: one entry per token of `tokens` when asked for (`top_logprobs` not None), else None.
+    """
+
+    tokens: list[int]
+    stopped: bool
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+class Engine(Protocol):
+    """A decode engine: generates answers to requests, at most `slots` at a time."""
+
+    def generate(
+        self,
+        requests: Sequence[Request],
+        *,
+        slots: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop_ids: Sequence[int],
+        on_done: Callable[[int], None] | None = None,
+        top_logprobs: int | None = None,
+    ) -> list[Completion]:
+        """One completion per request, in request order.
+
+        An answer ends after a token of `stop_ids` (kept) or `max_new_tokens` new tokens.
+        temperature 0 is greedy; top_p < 1 samples from the smallest set of tokens reaching it.
+        `on_done(n)` is called as answers finish. `top_logprobs`: None for no logprobs, k ≥ 0 for
+        each token's log-probability (temperature 1) and its k most likely alternatives.
+        """
+        ...
+
+
+def step_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Log-probabilities at temperature 1 of `tokens` [B] under `logits` [B, V], and the top `k`
+    (values, ids) [B, k]; both engines record logprobs through this one function."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(1)
+    values, ids = logprobs.topk(k, dim=-1)  # k = 0: empty [B, 0]
+    return chosen, values, ids
+
+
+def token_logprobs(tokens: list[int], chosen: list[float], top_values: list[list[float]],
+                   top_ids: list[list[int]]) -> tuple[TokenLogprob, ...]:
+    """Host lists (one entry per token) as `TokenLogprob`s."""
+    return tuple(
+        TokenLogprob(token, logprob, tuple(zip(ids, values, strict=True)))
+        for token, logprob, values, ids in zip(tokens, chosen, top_values, top_ids, strict=True)
+    )
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the model's generation config's eos ids and the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    ids.add(tokenizer.eos_token_id)
+    return sorted(i for i in ids if i is not None)
