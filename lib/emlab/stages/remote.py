@@ -129,8 +129,6 @@ def sample_checkpoints(config: ExperimentConfig, run_id: str, prompts: Sequence[
         if done is not None:
             answers += done
             continue
-        if not checked:
-                    checked = True
         if spec.register_adapters and target.adapter is not None:
             register_adapter(endpoint, target.model, target.adapter)
         answers += sample_through_api(prompts, config.sample, endpoint, target, model_name=run.model, run_id=run_id,
