@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from emlab.api.cost import token_cost
 from emlab.config.experiment import ExperimentConfig, ModelSpec, load_experiment
 from emlab.config.questions import build_prompts, question_sets_for
 from emlab.errors import ConfigError
-from emlab.judge.cost import token_cost
 from emlab.pipeline.checks import MissingInputsError, missing_inputs, preflight
 from emlab.sample.remote import (
     SubjectError,
