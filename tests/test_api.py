@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import email.utils
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import judge_support  # noqa: F401  (puts lib/ on sys.path when emlab is not installed)
 import openai
 import pytest
 from emlab.api.client import api_error_text, run_sync
@@ -24,7 +24,6 @@ from emlab.api.retry import (
 )
 from emlab.config.experiment import JudgeSpec, ModelSpec
 from emlab.errors import DataError, EmlabError, JudgeError
-from emlab.judge.server import free_port
 
 KEY_ENV = "EMLAB_TEST_API_KEY"
 
@@ -168,7 +167,9 @@ def test_complete_all_retries_429_and_5xx_then_succeeds(flaky: str) -> None:
 
 
 def test_a_dead_endpoint_costs_one_cycle_then_calls_are_not_attempted() -> None:
-    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     outcomes = run_sync(lambda: complete_all(
         list(range(12)), lambda _: {"model": "m", "messages": [{"role": "user", "content": "x"}]},
         base_url=dead, api_key="k", concurrency=1, timeout_s=5, retry=RetryPolicy(max_retries=0),
