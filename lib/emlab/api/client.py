@@ -50,10 +50,12 @@ def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def api_error_text(exc: openai.APIError, limit: int = 300) -> str:
-    """One line for a failed call: 'HTTP 400: <the server's message>', else
-    '<ErrorType>: <text>', cut at `limit` characters."""
+    """One line for a failed call: 'HTTP 400: <the server's message>', 'connection error:
+    <why>' (refused, DNS, TLS), else '<ErrorType>: <text>'; cut at `limit` characters."""
     if isinstance(exc, openai.APIStatusError):
         return f"HTTP {exc.status_code}: {error_message(exc, limit)}"
+    if isinstance(exc, openai.APIConnectionError) and not isinstance(exc, openai.APITimeoutError) and exc.__cause__:
+        return f"connection error: {exc.__cause__}"[:limit]  # the client's own text says only 'Connection error.'
     return f"{type(exc).__name__}: {exc}"[:limit]
 
 

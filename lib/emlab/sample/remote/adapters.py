@@ -44,8 +44,10 @@ def register_adapter(endpoint: Endpoint, name: str, folder: Path) -> None:
             return
         hint = ("; start vLLM with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora, or register the "
                 "adapters at launch (--lora-modules) and set register_adapters: false")
-        raise SubjectError(f"{endpoint.owner}: the server refused adapter {name!r} ({folder}) with "
-                           f"{api_error_text(exc)}{hint if exc.status_code in (404, 405) else ''}") from None
+        # the reply as sent: vLLM and FastAPI word refusals in shapes other than OpenAI's {"error": ...}
+        raise SubjectError(f"{endpoint.owner}: the server refused adapter {name!r} ({folder}) with HTTP "
+                           f"{exc.status_code}: {exc.response.text[:200]!r}"
+                           f"{hint if exc.status_code in (404, 405) else ''}") from None
     except openai.APIError as exc:
         raise SubjectError(f"{endpoint.owner}: registering adapter {name!r} at {url} failed "
                            f"({api_error_text(exc)}); is the server running?") from None
