@@ -1,24 +1,23 @@
 """Pure judge logic with literal, hand-computed inputs: logprob aggregation, the 0.25 rule,
-the one-digit scale, verdicts, sampled parsing, request bodies, costs, Retry-After, cache."""
+the one-digit scale, verdicts, sampled parsing, request bodies, costs, the judge's key rule, cache."""
 
 from __future__ import annotations
 
-import email.utils
 import json
 import math
 import threading
 from pathlib import Path
 
 import pytest
+from emlab.api.cost import BATCH_DISCOUNT, estimate_cost, usage_cost
+from emlab.api.keys import resolve_api_key
 from emlab.config.experiment import JudgeSpec
 from emlab.errors import ConfigError, JudgeError
 from emlab.judge import (
-    BATCH_DISCOUNT,
     JudgeCache,
     cache_key,
     cache_stats,
     check_judge,
-    estimate_cost,
     judge_answers,
     judgment_from_completion,
     load_rubric,
@@ -26,9 +25,7 @@ from emlab.judge import (
     request_body,
     rubric_prompt_tokens,
     score_from_top_logprobs,
-    usage_cost,
 )
-from emlab.judge.client import resolve_api_key, retry_after_s
 from emlab.judge.scoring import rescore
 from emlab.store.records import Judgment
 from support.judge import make_answers
@@ -271,7 +268,7 @@ def test_rendering_keeps_braces_and_does_not_expand_twice() -> None:
     assert answer in content and "Write {answer} code" in content
 
 
-# --- cost, keys, Retry-After ---------------------------------------------------------------
+# --- cost, keys ---------------------------------------------------------------------------
 
 
 def test_estimate_cost() -> None:
@@ -338,17 +335,6 @@ def test_check_judge_for_a_local_server(tmp_path: Path) -> None:
     in_batch = JudgeSpec(name="l", model="m", base_url="local").model_copy(update={"batch": True})
     with pytest.raises(JudgeError, match="^judge 'l' has batch: true but base_url 'local'.*no Batch API"):
         check_judge(in_batch)
-
-
-def test_retry_after_forms() -> None:
-    assert retry_after_s({"retry-after": "3"}) == 3.0
-    assert retry_after_s({"retry-after": "0.5"}) == 0.5
-    assert retry_after_s({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    now = 1_800_000_000.0
-    assert retry_after_s({"retry-after": email.utils.formatdate(now + 7, usegmt=True)}, now=now) == pytest.approx(7.0)
-    assert retry_after_s({"retry-after": email.utils.formatdate(now - 7, usegmt=True)}, now=now) == 0.0
-    assert retry_after_s({"retry-after": "soon"}) is None
-    assert retry_after_s({}) is None
 
 
 # --- cache ---------------------------------------------------------------------------------

@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from emlab.api.retry import RetryPolicy
 from emlab.config.experiment import JudgeSpec
 from emlab.errors import JudgeError
 from emlab.judge import (
-    RetryPolicy,
     cache_stats,
     judge_answers,
     judgments_frame,

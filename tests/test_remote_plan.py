@@ -10,8 +10,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from emlab.api.cost import token_cost
 from emlab.config.experiment import load_experiment
-from emlab.judge.cost import token_cost
 from emlab.models.load import model_size_b
 from emlab.pipeline.estimate import BudgetError, check_budget, plan_experiment
 from emlab.train.openai_jobs import estimate_job

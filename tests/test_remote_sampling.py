@@ -13,14 +13,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from emlab.api.cost import token_cost
 from emlab.config.experiment import ExperimentConfig, ModelSpec, load_experiment
 from emlab.config.questions import build_prompts, question_sets_for
 from emlab.errors import ConfigError
-from emlab.judge.cost import token_cost
 from emlab.pipeline.checks import MissingInputsError, missing_inputs, preflight
 from emlab.sample.remote import (
     SubjectError,
     base_target,
+    register_adapter,
     request_bodies,
     sample_cache_stats,
     subject_endpoint,
@@ -187,6 +188,59 @@ def test_a_dead_endpoint_fails_in_one_line(write_experiment, tmp_path: Path) -> 
 
 
 # --- a local model's checkpoints behind a server, adapters by name (vLLM-style) ---------------
+
+
+def test_register_adapter_replies(tmp_path: Path) -> None:
+    """register_adapter against a loopback server answering as vLLM does: added, already loaded
+    (counts as registered), runtime loading off (404, with the hint); and a port nobody serves."""
+    import json
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from emlab.sample.remote.endpoint import Endpoint
+
+    seen: list[tuple[str, dict, str | None]] = []
+
+    class Vllm(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body, self.headers.get("Authorization")))
+            code, text = {
+                "new": (200, "Success: LoRA adapter 'new' added successfully."),
+                "old": (400, json.dumps({"object": "error", "message": "The lora adapter 'old' has already been loaded."})),
+            }.get(body["lora_name"], (404, json.dumps({"detail": "Not Found"})))
+            data = text.encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Vllm)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = Endpoint(owner="model 'm'", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="k",
+                        kind="server", concurrency=1, max_retries=0, timeout_s=5, samples_per_request=1,
+                        send_seed=True, prices=(0.0, 0.0), tuned_prices=(0.0, 0.0))
+    try:
+        register_adapter(endpoint, "new", tmp_path)
+        register_adapter(endpoint, "old", tmp_path)
+        assert seen[0] == ("/v1/load_lora_adapter", {"lora_name": "new", "lora_path": str(tmp_path.resolve())},
+                           "Bearer k")
+        with pytest.raises(SubjectError, match=r"^model 'm': the server refused adapter 'gone' .* HTTP 404: "
+                                               r".*Not Found.*VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+            register_adapter(endpoint, "gone", tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as sock:  # a port nobody serves
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    with pytest.raises(SubjectError, match=r"registering adapter 'new' at .* failed \(connection error: .*\); "
+                                           r"is the server running\?$"):
+        register_adapter(Endpoint(**{**endpoint.__dict__, "base_url": dead}), "new", tmp_path)
 
 
 @pytest.mark.slow

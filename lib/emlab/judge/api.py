@@ -5,23 +5,25 @@ Both modes share one plan and one store. The plan: pairs (answer, rubric) alread
 only the rest are asked. The judge's spec picks how they are asked: concurrent live calls
 (a llama.cpp server is started first for `base_url: local`), or one Batch API batch
 (`batch: true`; batch.py: submit, poll, collect, resumable across runs). The store: every
-finished judgment goes into the cache at the price paid (`cost.usage_cost`) and is appended
+finished judgment goes into the cache at the price paid (`emlab.api.cost.usage_cost`) and is appended
 to `out_path` as it arrives. One summary line ends the call. Async stays inside: within a
 running event loop (a Jupyter kernel) live calls run on a worker thread with their own loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
+from ..api.client import run_sync
+from ..api.cost import usage_cost
+from ..api.keys import resolve_api_key
+from ..api.retry import RetryPolicy
 from ..config.experiment import JudgeSpec
 from ..config.rubrics import Rubric, load_rubric
 from ..errors import JudgeError
@@ -31,14 +33,7 @@ from ..store.paths import BatchFiles
 from ..store.records import Answer, Judgment
 from .batch import judge_in_batch, resume_batch
 from .cache import JudgeCache, cache_key, default_cache_path
-from .client import (
-    JudgeTask,
-    RetryPolicy,
-    check_batch_endpoint,
-    resolve_api_key,
-    run_calls,
-)
-from .cost import usage_cost
+from .client import JudgeTask, check_batch_endpoint, run_calls
 from .scoring import rescore
 from .server import local_judge_server
 
@@ -47,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 LOCAL_CONCURRENCY = 2  # calls in flight to a llama.cpp server emlab started (see _local_concurrency)
 Pair = tuple[str, str]  # (answer_id, rubric id)
 
@@ -332,18 +326,6 @@ def _read_existing(out_path: Path | None, judge: JudgeSpec) -> dict[Pair, Judgme
         judgment = Judgment.from_dict(row)
         found[(judgment.answer_id, judgment.rubric)] = judgment
     return found
-
-
-def run_sync(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion from synchronous code, even inside a running loop (a
-    Jupyter kernel): the one sync entry for async API work (judging, sampling subjects)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(make())
-    # A Jupyter kernel already runs a loop in this thread: run ours on a worker thread.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="emlab-judge") as pool:
-        return pool.submit(lambda: asyncio.run(make())).result()
 
 
 def _summary(

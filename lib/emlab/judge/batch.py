@@ -4,7 +4,7 @@
 output, cache hits, pairs to ask) and stores what comes back; for a judge with `batch: true`
 it hands the pairs to ask to this module instead of the live client. OpenAI's Batch API runs
 a JSONL file of requests within a 24 h window at half the synchronous price
-(`cost.BATCH_DISCOUNT`). Requests use the live client's `request_body`, so a batch judgment
+(`emlab.api.cost.BATCH_DISCOUNT`). Requests use the live client's `request_body`, so a batch judgment
 and a live one ask the judge exactly the same thing and land in the same cache.
 
     write_batch_requests  pairs to ask -> the requests file (`BatchFiles.requests`)
@@ -43,13 +43,16 @@ from typing import Any, Final, Literal
 import openai
 from openai.types import Batch
 
+from ..api.client import api_error_text, sync_client
+from ..api.keys import resolve_api_key
+from ..api.retry import RetryPolicy
 from ..config.experiment import JudgeSpec
 from ..config.rubrics import Rubric, load_rubric
 from ..errors import JudgeError
 from ..store.files import read_jsonl, write_json, write_jsonl, write_text
 from ..store.paths import BatchFiles
 from ..store.records import Judgment
-from .client import JudgeTask, check_batch_endpoint, resolve_api_key
+from .client import JudgeTask, check_batch_endpoint
 from .requests import request_body
 from .scoring import api_error_judgment, judgment_from_completion
 
@@ -217,7 +220,7 @@ def submit_batch(files: BatchFiles, judge: JudgeSpec) -> str:
     try:
         uploaded = client.files.create(file=(path.name, data), purpose="batch")
     except openai.APIError as exc:
-        raise JudgeError(f"judge '{judge.name}': uploading {path} to {_where(judge)} failed: {_reason(exc)}") from None
+        raise JudgeError(f"judge '{judge.name}': uploading {path} to {_where(judge)} failed: {api_error_text(exc)}") from None
     state = {
         "judge": judge.name,
         "model": judge.model,
@@ -258,10 +261,10 @@ def poll_batch(
             batch = client.batches.retrieve(batch_id)
         except (openai.APIConnectionError, openai.InternalServerError, openai.RateLimitError) as exc:
             # A day-long wait should survive a network blip; the client already retried.
-            log.warning("checking batch %s failed (%s); trying again in %.0f s", batch_id, _reason(exc), interval_s)
+            log.warning("checking batch %s failed (%s); trying again in %.0f s", batch_id, api_error_text(exc), interval_s)
             batch = None
         except openai.APIError as exc:
-            raise JudgeError(f"judge '{judge.name}': checking batch {batch_id} at {_where(judge)} failed: {_reason(exc)}") from None
+            raise JudgeError(f"judge '{judge.name}': checking batch {batch_id} at {_where(judge)} failed: {api_error_text(exc)}") from None
         if batch is not None:
             counts = batch.request_counts
             now = (batch.status, counts.completed if counts else 0, counts.failed if counts else 0)
@@ -310,7 +313,7 @@ def collect_batch(
         try:
             batch = client.batches.retrieve(batch_id)
         except openai.APIError as exc:
-            raise JudgeError(f"judge '{judge.name}': reading batch {batch_id} failed: {_reason(exc)}") from None
+            raise JudgeError(f"judge '{judge.name}': reading batch {batch_id} failed: {api_error_text(exc)}") from None
     if batch.status not in _ENDED or batch.status == "failed":
         raise JudgeError(f"batch {batch_id} is '{batch.status}'; only a completed, expired or cancelled batch can be collected")
     rubric_map = dict(rubrics or {})
@@ -322,7 +325,7 @@ def collect_batch(
         try:
             text = client.files.content(file_id).text
         except openai.APIError as exc:
-            raise JudgeError(f"judge '{judge.name}': downloading {kind} file {file_id} of batch {batch_id} failed: {_reason(exc)}") from None
+            raise JudgeError(f"judge '{judge.name}': downloading {kind} file {file_id} of batch {batch_id} failed: {api_error_text(exc)}") from None
         saved = files.result(batch_id, kind)
         write_text(saved, text)  # the raw record, kept beside the state
         for row in read_jsonl(saved):
@@ -353,22 +356,11 @@ def collect_batch(
 def _client(judge: JudgeSpec) -> openai.OpenAI:
     # The client's own retries cover transient errors of these few, cheap management calls.
     check_batch_endpoint(judge)
-    return openai.OpenAI(
-        api_key=resolve_api_key(judge), base_url=judge.base_url, timeout=judge.timeout_s, max_retries=judge.max_retries
-    )
+    return sync_client(judge.base_url, resolve_api_key(judge), timeout_s=judge.timeout_s, max_retries=judge.max_retries)
 
 
 def _where(judge: JudgeSpec) -> str:
     return judge.base_url or "OpenAI"
-
-
-def _reason(exc: openai.APIError) -> str:
-    if isinstance(exc, openai.APIStatusError):
-        body = exc.body
-        inner = body.get("error", body) if isinstance(body, dict) else None
-        message = inner.get("message") if isinstance(inner, dict) else None
-        return f"HTTP {exc.status_code}: {message or exc.message}"
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _now() -> str:
@@ -421,6 +413,7 @@ def _create_batch(client: openai.OpenAI, judge: JudgeSpec, state_path: Path, sta
     file_id = state["input_file_id"]
     since = int(state.get("uploaded_unix", 0))
     once = client.with_options(max_retries=0)
+    retry = RetryPolicy(max_retries=judge.max_retries)
     batch: Batch | None = None
     for attempt in range(judge.max_retries + 1):
         batch = _find_batch_for_file(client, file_id, since=since)
@@ -438,15 +431,15 @@ def _create_batch(client: openai.OpenAI, judge: JudgeSpec, state_path: Path, sta
             if attempt == judge.max_retries:
                 raise JudgeError(
                     f"judge '{judge.name}': creating a batch at {_where(judge)} failed {attempt + 1} times "
-                    f"({_reason(exc)}); the uploaded file {file_id} is recorded in {state_path} and the next "
+                    f"({api_error_text(exc)}); the uploaded file {file_id} is recorded in {state_path} and the next "
                     "call reuses it (adopting the batch if one was created after all)"
                 ) from None
-            delay = min(30.0, 0.5 * 2**attempt)
-            log.warning("creating the batch failed (%s); checking for it and retrying in %.1f s", _reason(exc), delay)
+            delay = retry.backoff(attempt)
+            log.warning("creating the batch failed (%s); checking for it and retrying in %.1f s", api_error_text(exc), delay)
             time.sleep(delay)
         except openai.APIError as exc:
             raise JudgeError(
-                f"judge '{judge.name}': creating a batch at {_where(judge)} failed: {_reason(exc)}; the uploaded "
+                f"judge '{judge.name}': creating a batch at {_where(judge)} failed: {api_error_text(exc)}; the uploaded "
                 f"file {file_id} is recorded in {state_path} and the next call reuses it"
             ) from None
     assert batch is not None
@@ -472,7 +465,7 @@ def _find_batch_for_file(client: openai.OpenAI, file_id: str, *, since: int) -> 
             if batch.created_at < since - _ADOPT_SLACK_S:
                 return None  # newest first: older batches cannot come from our upload
     except openai.APIError as exc:
-        log.warning("could not list batches to look for one made from %s (%s); creating one", file_id, _reason(exc))
+        log.warning("could not list batches to look for one made from %s (%s); creating one", file_id, api_error_text(exc))
     return None
 
 

@@ -1,10 +1,11 @@
 """The exact JSON body of one judge call (chat completions), shared by the live client and
-the batch writer so both ask the same question."""
+the batch writer so both ask the same question; and its size guessed before it is sent."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..api.cost import chat_tokens
 from ..config.experiment import JudgeSpec
 from ..config.rubrics import Rubric
 
@@ -30,3 +31,9 @@ def request_body(judge: JudgeSpec, rubric: Rubric, question: str, answer: str) -
     else:
         body.update(max_tokens=SAMPLED_MAX_TOKENS)
     return body
+
+
+def rubric_prompt_tokens(rubric: Rubric, *, question_chars: int = 0, answer_chars: int = 0) -> int:
+    """Rough prompt tokens of one call: rubric text plus a question and answer of the given
+    lengths (characters), by `api.cost.chat_tokens` (~4 characters a token plus a few a turn)."""
+    return chat_tokens([m.content for m in rubric.messages], extra_chars=question_chars + answer_chars)

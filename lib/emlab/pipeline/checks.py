@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..api.keys import resolve_api_key
 from ..config.experiment import ExperimentConfig, ModelSpec
 from ..config.questions import (
     QuestionSet,
@@ -39,7 +40,7 @@ from ..config.questions import (
 from ..config.rubrics import load_rubric
 from ..data.chat import load_chat_dataset, resolve_dataset_path
 from ..errors import ConfigError, DataError, EmlabError
-from ..judge import check_judge, resolve_api_key
+from ..judge import check_judge
 from ..measures.probe import probe_sets_for
 from ..models.load import check_model_options, resolve_device, resolve_source
 from ..sample.remote import SubjectError, check_subject

@@ -3,7 +3,7 @@ fine-tuning tokens and dollars; and `check_budget`, which the runner asks before
 would spend money, refusing it when that estimate exceeds `budget_usd`.
 
 It loops over the stage table: every stage declares its work per unit (`Stage.workload`):
-answers to judge, which each judge of the experiment prices with `emlab.judge`'s one cost
+answers to judge, which each judge of the experiment prices with `emlab.api.cost`'s one cost
 function (Batch API discount included), and what the unit pays a subject model's API
 (`Workload.spend`: sampling through chat completions, a fine-tuning job's tokens × epochs),
 priced from the model's params.
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ..api.cost import CHARS_PER_TOKEN, estimate_cost
 from ..config.experiment import ExperimentConfig
 from ..errors import EmlabError
-from ..judge import estimate_cost, load_rubric, rubric_prompt_tokens
-from ..judge.cost import CHARS_PER_TOKEN
+from ..judge import load_rubric, rubric_prompt_tokens
 from ..stages import STAGES, Workload
 from .gpu_hours import GpuPlan, plan_gpu_hours
 

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..analysis import metrics
+from ..api.cost import usage_cost
 from ..config.experiment import ExperimentConfig, JudgeSpec
 from ..config.rule import EmRule
 from ..data import GoldItem, gold_subset, load_gold_set
 from ..data.holdout import TASK_SET_PREFIX
 from ..errors import EmlabError
-from ..judge import judge_answers, load_rubric, usage_cost
+from ..judge import judge_answers, load_rubric
 from ..measures.probe import read_probe_scores
 from ..models.load import model_size_b
 from ..sample.remote import usage_summary
@@ -172,7 +173,7 @@ def collect_probe_scores(config: ExperimentConfig, layout: ExperimentLayout) -> 
 def judge_costs(config: ExperimentConfig, layout: ExperimentLayout) -> pd.DataFrame:
     """What judging this experiment cost, per judge and stage folder: judgments, calls paid
     (not served from the cache), their tokens, and dollars at the price each judge pays
-    (`emlab.judge.usage_cost`: params prices, the Batch API discount included)."""
+    (`emlab.api.cost.usage_cost`: params prices, the Batch API discount included)."""
     folders = _judged_folders(config, layout)
     sources = [(folder.name, layout.judgments(folder)) for folder in folders]
     sources += [(f"{folder.name}/{TASK}", layout.judgments(layout.task(folder))) for folder in folders]

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..api.cost import chat_tokens, token_cost
 from ..config.experiment import ExperimentConfig, ModelSpec, RunSpec
 from ..config.questions import Prompt, count_answers
 from ..data.chat import ChatRow
-from ..judge.cost import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE, token_cost
 from ..sample.remote import (
     adapter_targets,
     base_target,
@@ -156,7 +156,7 @@ def sampling_spend(config: ExperimentConfig, model: str, prompts: Sequence[Promp
     requests = sum(-(-len(p.sample_indices(config.sample)) // per) for p in prompts) * states
     prompt_tokens = states * sum(
         -(-len(p.sample_indices(config.sample)) // per)
-        * (round(sum(len(m["content"]) for m in p.messages) / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(p.messages))
+        * chat_tokens([m["content"] for m in p.messages])
         for p in prompts)
     completion = count_answers(prompts, config.sample) * states * config.sample.max_new_tokens
     price_in = (spec.tuned_price_per_mtok_in if tuned and spec.tuned_price_per_mtok_in is not None

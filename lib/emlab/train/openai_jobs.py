@@ -50,6 +50,9 @@ from typing import Any
 
 import openai
 
+from ..api.client import api_error_text, sync_client
+from ..api.cost import chat_tokens
+from ..api.keys import resolve_api_key
 from ..config.experiment import (
     DatasetSpec,
     ExperimentConfig,
@@ -64,9 +67,6 @@ from ..data.chat import (
     resolve_dataset_path,
 )
 from ..errors import DataError, EmlabError
-from ..judge.client import api_error_text
-from ..judge.cost import CHARS_PER_TOKEN, TOKENS_PER_MESSAGE
-from ..sample.remote.endpoint import subject_api_key
 from ..store.files import append_jsonl, read_jsonl, write_json, write_jsonl
 from ..store.paths import FineTuneJobFiles, TrainingFiles
 
@@ -94,8 +94,7 @@ class FineTuneError(EmlabError):
 
 def estimated_tokens(row: ChatRow) -> int:
     """Rough tokens of one training example (about 4 characters a token, plus a few per message)."""
-    messages = row["messages"]
-    return round(sum(len(m["content"]) for m in messages) / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages)
+    return chat_tokens([m["content"] for m in row["messages"]])
 
 
 def validate_training_rows(rows: Sequence[ChatRow], spec: FineTuningSpec, *, where: str) -> int:
@@ -523,8 +522,8 @@ def _wait_for_file(client: openai.OpenAI, spec: ModelSpec, file_id: str, run: Ru
 
 def _client(spec: ModelSpec) -> openai.OpenAI:
     # management calls: the openai client's own retries (429/5xx, Retry-After), as in batch mode
-    return openai.OpenAI(api_key=subject_api_key(spec), base_url=spec.base_url, timeout=spec.timeout_s,
-                         max_retries=spec.max_retries)
+    key = resolve_api_key(spec, error=FineTuneError)
+    return sync_client(spec.base_url, key, timeout_s=spec.timeout_s, max_retries=spec.max_retries)
 
 
 def _read_state(path: Path) -> dict[str, Any]:

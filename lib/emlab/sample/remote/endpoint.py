@@ -1,7 +1,7 @@
 """Where a subject model is sampled, and what is asked there.
 
 An `Endpoint` is resolved from a `ModelSpec` (`subject_endpoint`): its URL (None = OpenAI),
-the key from the environment (`judge.client.key_from_env`, the one key rule), the request
+the key from the environment (`emlab.api.keys.resolve_api_key`, the one key rule), the request
 limits and the prices. A `Target` is one thing sampled there: the base model (step 0) or one
 checkpoint, named as the server knows it: a fine-tuning job's checkpoint model
 ('ft:gpt-4o-…:ckpt-step-40') or a LoRA adapter a vLLM-style server serves by name.
@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...api.keys import resolve_api_key
 from ...config.experiment import ModelSpec
 from ...errors import EmlabError
-from ...judge.client import key_from_env
 from ...store.paths import ADAPTER_WEIGHTS
 
 
@@ -74,17 +74,11 @@ class Target:
     """The adapter folder a vLLM-style server is asked to load (register_adapters)."""
 
 
-def subject_api_key(spec: ModelSpec) -> str:
-    """The model's key from `spec.api_key_env`; SubjectError (one line) when it is needed and
-    missing. OpenAI (no base_url) always needs one; a server with api_key_env null gets none."""
-    why = "is sampled through the OpenAI API (provider openai, no base_url)" if spec.base_url is None else None
-    return key_from_env(f"model '{spec.name}'", spec.api_key_env, required_because=why, error=SubjectError)
-
-
 def check_subject(spec: ModelSpec) -> None:
-    """What a model sampled through an API needs before anything runs: its key. Calls nothing."""
+    """What a model sampled through an API needs before anything runs: its key (SubjectError,
+    one line, when it is needed and missing). Calls nothing."""
     if spec.samples_through_api:
-        subject_api_key(spec)
+        resolve_api_key(spec, error=SubjectError)
 
 
 def subject_endpoint(spec: ModelSpec) -> Endpoint:
@@ -98,7 +92,7 @@ def subject_endpoint(spec: ModelSpec) -> Endpoint:
         spec.tuned_price_per_mtok_out if spec.tuned_price_per_mtok_out is not None else base[1],
     )
     return Endpoint(
-        owner=f"model '{spec.name}'", base_url=spec.base_url, api_key=subject_api_key(spec),
+        owner=f"model '{spec.name}'", base_url=spec.base_url, api_key=resolve_api_key(spec, error=SubjectError),
         kind="openai" if spec.base_url is None else "server", concurrency=spec.concurrency,
         max_retries=spec.max_retries, timeout_s=spec.timeout_s, samples_per_request=spec.samples_per_request,
         send_seed=spec.send_seed, prices=base, tuned_prices=tuned,

@@ -9,7 +9,7 @@ bodies are therefore the same on every run, and a request is asked at most once:
 - requests whose answers are all in `answers.jsonl` are skipped;
 - requests in the completions cache (`SampleCache`, keyed by the body) are answered from it;
 - the rest go out concurrently (at most `concurrency` in flight, retries with backoff and
-  Retry-After through the judge's `complete_with_retries`, a dead endpoint stops new calls).
+  Retry-After, a dead endpoint stops new calls: `emlab.api.retry.complete_all`, as the judge).
 
 As each request returns, its reply goes into the cache, its answers are appended to
 `answers.jsonl` and its tokens and dollars to `sampling_usage.jsonl`: a kill loses only the
@@ -23,7 +23,6 @@ share proportional to its length in characters (an estimate, said here and nowhe
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import Sequence
@@ -31,14 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import openai
 from tqdm.auto import tqdm
 
+from ...api.client import run_sync
+from ...api.cost import token_cost
+from ...api.retry import CallOutcome, RetryPolicy, complete_all
 from ...config.experiment import SampleSpec
 from ...config.questions import Prompt
-from ...judge.api import run_sync
-from ...judge.client import Breaker, CallOutcome, RetryPolicy, complete_with_retries
-from ...judge.cost import token_cost
 from ...store.files import append_jsonl, drop_torn_tail, read_jsonl
 from ...store.records import Answer, answer_id
 from .cache import SampleCache, request_key
@@ -244,28 +242,11 @@ def _ask(
         cache.put(request.key, target.model, reply, writer.cost(reply))
         writer.keep(request, reply, paid=True)
 
-    async def run_all() -> None:
-        client = openai.AsyncOpenAI(api_key=endpoint.api_key, base_url=endpoint.base_url, max_retries=0,
-                                    timeout=endpoint.timeout_s)
-        semaphore = asyncio.Semaphore(endpoint.concurrency)
-        breaker = Breaker(threshold=max(2 * endpoint.concurrency, 8))
-
-        async def one(request: _Request) -> None:
-            async with semaphore:
-                if breaker.open:
-                    outcome = CallOutcome(None, f"not attempted: the endpoint looks down ({breaker.consecutive} "
-                                                f"requests in a row failed; last: {breaker.last_reason})", True)
-                else:
-                    outcome = await complete_with_retries(client, request.body, policy, timeout_s=endpoint.timeout_s,
-                                                          label=f"sampling {target.model}")
-                    breaker.record(outcome.data is not None, outcome.down_like, outcome.error or "")
-            on_done(request, outcome)
-
-        async with client:
-            await asyncio.gather(*(one(r) for r in pending))
-
     try:
-        run_sync(run_all)
+        run_sync(lambda: complete_all(
+            pending, lambda request: request.body, base_url=endpoint.base_url, api_key=endpoint.api_key,
+            concurrency=endpoint.concurrency, timeout_s=endpoint.timeout_s, retry=policy, on_done=on_done,
+            label=f"sampling {target.model}"))
     finally:
         bar.close()
     return failures

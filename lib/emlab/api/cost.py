@@ -1,16 +1,21 @@
-"""Dollars for judging (and for sampling subjects behind an API): the one place prices are applied.
+"""Dollars for tokens sent to an API: the one place prices are applied, and the one token guess.
 
-`usage_cost` prices tokens at what the judge actually pays: the params prices
-(`price_per_mtok_in/out`, $ per 1M tokens) times `BATCH_DISCOUNT` for a judge in batch mode.
-The cache's spend, the judging summary line, the report's cost table (tokens used) and
-`emlab plan` (`estimate_cost`, tokens expected) all go through it, so a batch judge is charged
-the batch price everywhere.
+`token_cost` prices tokens at params prices ($ per 1M prompt / completion tokens): judges,
+subjects sampled through an API and fine-tuning jobs alike. `usage_cost` is what a judge
+actually pays: its prices times `BATCH_DISCOUNT` in batch mode. The cache's spend, the judging
+summary line, the report's cost table (tokens used) and `emlab plan` (`estimate_cost`, tokens
+expected) all go through it, so a batch judge is charged the batch price everywhere.
+
+Before anything is sent, tokens are guessed from characters (`chat_tokens`): no tokenizer of
+OpenAI's models is available offline, so `emlab plan`, fine-tuning jobs and API subjects share
+one rough rule instead of each keeping its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..config.experiment import JudgeSpec
-from ..config.rubrics import Rubric
 
 BATCH_DISCOUNT = 0.5  # Batch API price relative to synchronous calls (OpenAI pricing page)
 CHARS_PER_TOKEN = 4.0  # rough English average for BPE tokenizers; estimates only
@@ -19,7 +24,7 @@ TOKENS_PER_MESSAGE = 4  # chat-format overhead per turn (role markers, separator
 
 def token_cost(prompt_tokens: float, completion_tokens: float, price_in: float, price_out: float) -> float:
     """Dollars for tokens at params prices ($ per 1M prompt / completion tokens): the one price
-    rule, for judges (`usage_cost`) and for subject models behind an API alike."""
+    rule, for judges (`usage_cost`), subject models behind an API and fine-tuning jobs alike."""
     return (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
 
 
@@ -38,8 +43,8 @@ def estimate_cost(
     return usage_cost(n_calls * prompt_tokens_per_call, n_calls * completion_tokens_per_call, judge)
 
 
-def rubric_prompt_tokens(rubric: Rubric, *, question_chars: int = 0, answer_chars: int = 0) -> int:
-    """Rough prompt tokens of one call: rubric text plus a question and answer of the given
-    lengths (characters), at ~4 characters a token plus a few tokens a turn."""
-    chars = sum(len(m.content) for m in rubric.messages) + question_chars + answer_chars
-    return round(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(rubric.messages)
+def chat_tokens(contents: Sequence[str], *, extra_chars: int = 0) -> int:
+    """Rough tokens of chat messages with these `contents` plus `extra_chars` characters
+    inserted into them: ~4 characters a token (CHARS_PER_TOKEN) plus 4 a turn
+    (TOKENS_PER_MESSAGE). An estimate for plans and limits, never for billing."""
+    return round((sum(len(c) for c in contents) + extra_chars) / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(contents)
