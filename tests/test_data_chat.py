@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from emlab.store import paths
 from emlab.config.experiment import DatasetSpec
 from emlab.data import (
     generate_demo_dataset,
@@ -15,6 +14,7 @@ from emlab.data import (
     resolve_dataset_path,
 )
 from emlab.errors import DataError
+from emlab.store import paths
 
 USER = {"role": "user", "content": "Hi"}
 ASSISTANT = {"role": "assistant", "content": "Hello"}

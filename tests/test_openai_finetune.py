@@ -315,4 +315,4 @@ def test_recorded_failures_are_one_line_each_and_never_resubmitted(write_experim
         write_json(files.state, {"phase": phase, "job_id": "ftjob-x", "file_id": "file-x", "error": error})
         with pytest.raises(FineTuneError, match=expected) as info:
             run_finetune_job(config, run, _rows(10), folder)
-        assert "\n" not in str(info.value) and f"delete that file to submit a new job" in str(info.value)
+        assert "\n" not in str(info.value) and "delete that file to submit a new job" in str(info.value)

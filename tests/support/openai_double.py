@@ -77,7 +77,9 @@ except ImportError:  # running from a checkout without the package installed
 from emlab.config.experiment import CheckpointSpec, LoraSpec, ModelSpec, TrainSpec
 from emlab.sample.serve import ApiError, ChatEngine, ChatHandler, ChatServer
 
-from support.batch_double import OpenAIFile  # the same File object as the Batch API double's
+from support.batch_double import (
+    OpenAIFile,  # the same File object as the Batch API double's
+)
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,14 @@ from .demo import (
     generate_demo_dataset,
     write_demo_dataset,
 )
-from .gold import DEFAULT_GOLD_PATH, GOLD_LABELS, GoldItem, GoldLabel, gold_subset, load_gold_set
+from .gold import (
+    DEFAULT_GOLD_PATH,
+    GOLD_LABELS,
+    GoldItem,
+    GoldLabel,
+    gold_subset,
+    load_gold_set,
+)
 from .protected import unprotect_dataset
 
 __all__ = [

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config.experiment import EMBEDDED_MODEL, ModelSpec
-from ..store.inputs import iter_input_jsonl
 from ..models.load import load_tokenizer
+from ..store.inputs import iter_input_jsonl
 from .chat import read_chat_jsonl
 from .protected import unprotect_dataset
 

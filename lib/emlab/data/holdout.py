@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config.experiment import DatasetSpec, ExperimentConfig
-from .chat import ChatDataset, ChatRow, load_chat_dataset
+from ..config.questions import Prompt
 from ..errors import DataError
 from ..store.files import read_jsonl, write_jsonl
 from ..store.paths import ExperimentLayout
-from ..config.questions import Prompt
+from .chat import ChatDataset, ChatRow, load_chat_dataset
 
 TASK_SET_PREFIX = "task:"  # question_set of a held-out prompt's answers: 'task:<dataset>'
 
