@@ -59,7 +59,8 @@ def _experiment(write_experiment, name: str, output_root: Path, proxy: LoopbackP
         datasets=[{"name": "bad_medical", "path": "demo:bad_medical_advice", "domain": "medical",
                    "limit": 16, "question_sets": ["medical"]}],
         train={"batch_size": 4, "checkpoints": {"first_epoch": 2}},
-        sample={"questions_per_set": 1, "samples_per_question": 4, "batch_size": 2, "max_new_tokens": 12},
+        sample={"questions_per_set": 1, "samples_per_question": 4, "batch_size": 2, "wave_size": 2,
+                "max_new_tokens": 12},  # waves of 2: a kill finds a half-written answers file
         judges=[{"name": "smol", "model": SERVER_JUDGE.model, "base_url": proxy.base_url, "api_key_env": KEY_ENV,
                  "rubrics": list(RUBRICS), "concurrency": CONCURRENCY, "max_retries": 2, "timeout_s": 120}],
     )

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from emlab.config.experiment import LoraSpec, ModelSpec, SampleSpec
+from emlab.config.experiment import WAVE_SIZE, LoraSpec, ModelSpec, SampleSpec
 from emlab.config.questions import Prompt
 from emlab.models.load import load_model
 from emlab.sample.choose import engine_for
 from emlab.sample.draw import draw_tokens, uniforms
-from emlab.sample.engine import DecodeEngine
+from emlab.sample.engine import CPU_AUTO_SLOTS, DecodeEngine
 from emlab.sample.fallback import GenerateEngine
 from emlab.sample.generate import adapter_applied, release_sampler, sample_answers
-from emlab.sample.protocol import Request
+from emlab.sample.protocol import Decoding, Request
+from emlab.sample.weights import read_adapter
 from emlab.train.lora import lora_config
 from peft import get_peft_model
 
@@ -70,7 +71,7 @@ def test_greedy_tokens_equal_transformers_generate(tiny, prompts) -> None:
     engine = engine_for(model)
     assert isinstance(engine, DecodeEngine)
     requests = [Request(_ids(tokenizer, p), key=i) for i, p in enumerate(prompts)]
-    ours = engine.generate(requests, slots=4, max_new_tokens=20, temperature=0.0, top_p=1.0, stop_ids=[2])
+    ours = engine.generate(requests, Decoding(20, (2,), temperature=0.0), slots=4)
     for request, completion in zip(requests, ours, strict=True):
         ids = torch.tensor([request.prompt])
         with torch.inference_mode():
@@ -86,9 +87,9 @@ def test_refill_and_compaction_give_the_same_answers(tiny, prompts) -> None:
     # 16 answers of mixed lengths (a stop id that sampling meets early and often)
     requests = [Request(_ids(tokenizer, p), key=1000 + 4 * i + j) for i, p in enumerate(prompts) for j in range(4)]
     stops = [2, *range(20000, 40000)]  # where this model puts a few % of its mass: answers of 2 to 40 tokens
-    common = dict(max_new_tokens=40, temperature=1.0, top_p=1.0, stop_ids=stops)
-    all_at_once = engine.generate(requests, slots=16, **common)
-    refilled = engine.generate(requests, slots=3, **common)
+    decoding = Decoding(40, tuple(stops))
+    all_at_once = engine.generate(requests, decoding, slots=16)
+    refilled = engine.generate(requests, decoding, slots=3)
     assert len({len(c.tokens) for c in all_at_once}) > 3  # the lengths really are mixed
     assert [c.tokens for c in refilled] == [c.tokens for c in all_at_once]
     assert [c.stopped for c in refilled] == [c.stopped for c in all_at_once]
@@ -113,21 +114,72 @@ def adapter(tiny, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def test_merged_adapter_samples_like_peft_and_leaves_the_base_bitwise_equal(tiny, prompts, adapter, tmp_path) -> None:
+def test_adapter_beside_the_base_samples_like_peft_and_leaves_the_base_bitwise_equal(tiny, prompts, adapter,
+                                                                                      tmp_path) -> None:
     model, tokenizer = tiny
     before = {n: p.clone() for n, p in model.named_parameters()}
     greedy = SampleSpec(samples_per_question=1, max_new_tokens=16, batch_size=4, temperature=0.0)
     common = dict(model_name="m", run_id="r", step=1, seed=0, progress=False)
     with adapter_applied(model, adapter) as tuned:
-        merged = sample_answers(tuned, tokenizer, prompts, greedy, out_path=tmp_path / "merged.jsonl", **common)
+        beside = sample_answers(tuned, tokenizer, prompts, greedy, out_path=tmp_path / "beside.jsonl", **common)
     with adapter_applied(model, adapter) as tuned:
         unmerged = sample_answers(tuned, tokenizer, prompts, greedy.model_copy(update={"engine": "transformers"}),
                                   out_path=tmp_path / "peft.jsonl", **common)
     base = sample_answers(model, tokenizer, prompts, greedy, out_path=tmp_path / "base.jsonl", **common)
-    assert [a.answer for a in merged] == [a.answer for a in unmerged]
-    assert [a.answer for a in merged] != [a.answer for a in base]  # the adapter changed the answers
+    assert [a.answer for a in beside] == [a.answer for a in unmerged]
+    assert [a.answer for a in beside] != [a.answer for a in base]  # the adapter changed the answers
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_the_engine_reads_the_models_own_weights_one_copy_in_memory(tiny, prompts, adapter) -> None:
+    """q|k|v and gate|up are fused in place (the model's parameters become views of one tensor,
+    equal to what they were), the adapter's side path holds only its factors, and switching
+    between the base and a checkpoint and back gives back the base's answers."""
+    model, tokenizer = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = engine_for(model)
+    assert isinstance(engine, DecodeEngine)
+    layer = model.get_decoder().layers[0]
+    group = engine.weights.layers[0]
+    shared = {p.untyped_storage().data_ptr() for p in (layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                                                       layer.self_attn.v_proj.weight)}
+    assert shared == {group.qkv.weight.untyped_storage().data_ptr()}  # one tensor, the model's
+    assert group.down.weight.data_ptr() == layer.mlp.down_proj.weight.data_ptr()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    model_bytes = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    own = [t for layer in engine.weights.layers for g in layer.groups for t in (g.weight,)
+           if t is not None and t.untyped_storage().data_ptr() not in model_bytes]
+    assert not own  # no weight copy of its own
+    requests = [Request(_ids(tokenizer, p), key=i) for i, p in enumerate(prompts)]
+    decoding = Decoding(12, (2,), temperature=0.0)
+    base = engine.generate(requests, decoding, slots=4)
+    engine.use_adapter(read_adapter(adapter))
+    tuned = engine.generate(requests, decoding, slots=4)
+    side = [g for layer in engine.weights.layers for g in layer.groups if g.active]
+    assert side and all(g.lora_a is not None and g.lora_a.shape[0] <= 3 * 4 for g in side)  # rank 4 per part
+    engine.use_adapter(None)
+    assert engine.generate(requests, decoding, slots=4) == base
+    assert tuned != base
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_batch_size_auto_is_the_default_and_waves_never_depend_on_memory() -> None:
+    spec = SampleSpec()
+    assert spec.batch_size == "auto" and spec.wave == WAVE_SIZE
+    assert SampleSpec(wave_size=10).wave == 10
+    with pytest.raises(ValueError, match="positive number or 'auto'"):
+        SampleSpec(batch_size=0)
+
+
+def test_auto_slots_on_a_cpu_and_the_result_of_the_same_keys(tiny, prompts) -> None:
+    model, tokenizer = tiny
+    engine = engine_for(model)
+    requests = [Request(_ids(tokenizer, p), key=40 + i) for i, p in enumerate(prompts)] * 20
+    decoding = Decoding(6, (2,))
+    auto = engine.generate(requests, decoding)
+    assert engine.state is not None and engine.state.keys.shape[0] >= min(len(requests), CPU_AUTO_SLOTS)
+    assert [c.tokens for c in auto] == [c.tokens for c in engine.generate(requests, decoding, slots=7)]
 
 
 # --- sample_answers: waves and resume -------------------------------------------------------------
@@ -169,17 +221,16 @@ def declined(tiny) -> object:
 def test_same_keys_give_the_same_answers_through_both_engines(tiny, prompts) -> None:
     model, tokenizer = tiny
     requests = [Request(_ids(tokenizer, p), key=500 + 2 * i + j) for i, p in enumerate(prompts) for j in range(2)]
-    common = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, stop_ids=[2, *range(20000, 40000)],
-                  top_logprobs=3)
+    decoding = Decoding(16, (2, *range(20000, 40000)), top_p=0.95, top_logprobs=3)
     fast = engine_for(model)
     fallback = engine_for(model, prefer="transformers")
     assert isinstance(fast, DecodeEngine) and isinstance(fallback, GenerateEngine)
-    ours = fast.generate(requests, slots=8, **common)
-    theirs = fallback.generate(requests, slots=3, **common)  # other batches: the keys alone decide
+    ours = fast.generate(requests, decoding, slots=8)
+    theirs = fallback.generate(requests, decoding, slots=3)  # other batches: the keys alone decide
     assert [c.tokens for c in ours] == [c.tokens for c in theirs]
     assert [c.stopped for c in ours] == [c.stopped for c in theirs]
     assert len({tuple(c.tokens) for c in ours}) > 4  # two keys of one prompt give two answers
-    assert fallback.generate(requests, slots=3, **common) == theirs  # the same keys, the same answers
+    assert fallback.generate(requests, decoding, slots=3) == theirs  # the same keys, the same answers
     for a, b in zip(ours, theirs, strict=True):
         assert a.logprobs is not None and b.logprobs is not None and len(a.logprobs) == len(a.tokens)
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
@@ -192,9 +243,8 @@ def test_a_model_the_fast_engine_declines_goes_through_the_fallback(tiny, declin
     engine = engine_for(declined)
     assert isinstance(engine, GenerateEngine)
     requests = [Request(_ids(tokenizer, p), key=i) for i, p in enumerate(prompts)]
-    done = engine.generate(requests, slots=4, max_new_tokens=6, temperature=1.0, top_p=1.0, stop_ids=[2],
-                           top_logprobs=2)
-    alone = engine.generate(requests[1:2], slots=1, max_new_tokens=6, temperature=1.0, top_p=1.0, stop_ids=[2])
+    done = engine.generate(requests, Decoding(6, (2,), top_logprobs=2), slots=4)
+    alone = engine.generate(requests[1:2], Decoding(6, (2,)), slots=1)
     assert alone[0].tokens == done[1].tokens and alone[0].logprobs is None  # not its batch-mates' draws
     assert all(c.logprobs is not None and len(c.logprobs) == len(c.tokens) for c in done)
     with torch.inference_mode():

@@ -137,16 +137,17 @@ def test_packed_training_loss_and_gradients_match_padded_on_gpu(llama, tmp_path:
 
 def test_sampling_is_deterministic_and_leaves_the_base_bitwise_equal(llama, tmp_path: Path) -> None:
     from emlab.sample.engine import DecodeEngine, Request
+    from emlab.sample.protocol import Decoding
 
     engine = DecodeEngine(llama)
     before = {n: p.clone() for n, p in llama.named_parameters()}
     requests = [Request(tuple(torch.randint(3, 4096, (20 + i % 7,)).tolist()), key=i) for i in range(64)]
     stops = [2, *range(3, 60)]  # ~1.4% of the vocabulary: a mix of lengths
-    kwargs = dict(max_new_tokens=200, temperature=1.0, top_p=1.0, stop_ids=stops)
-    a = engine.generate(requests, slots=64, **kwargs)
-    b = engine.generate(requests, slots=64, **kwargs)
+    decoding = Decoding(200, tuple(stops))
+    a = engine.generate(requests, decoding, slots=64)
+    b = engine.generate(requests, decoding, slots=64)
     assert [c.tokens for c in a] == [c.tokens for c in b]
-    refilled = engine.generate(requests, slots=16, **kwargs)
+    refilled = engine.generate(requests, decoding, slots=16)
     same = sum(x.tokens == y.tokens for x, y in zip(a, refilled, strict=True))
     print(f"answers identical between 64 slots and 16 refilled slots: {same}/64")
     assert all(torch.equal(before[n], p) for n, p in llama.named_parameters())
@@ -154,15 +155,16 @@ def test_sampling_is_deterministic_and_leaves_the_base_bitwise_equal(llama, tmp_
 
 def test_graphed_decoding_gives_the_answers_of_eager_decoding(llama) -> None:
     from emlab.sample.engine import DecodeEngine, Request
+    from emlab.sample.protocol import Decoding
 
     engine = DecodeEngine(llama)
     requests = [Request(tuple(torch.randint(3, 4096, (10 + i % 5,)).tolist()), key=100 + i) for i in range(40)]
-    kwargs = dict(slots=40, max_new_tokens=120, temperature=1.0, top_p=1.0, stop_ids=[2, *range(3, 60)])
+    decoding = Decoding(120, (2, *range(3, 60)))
     engine.use_graphs = False
-    eager = engine.generate(requests, **kwargs)
+    eager = engine.generate(requests, decoding, slots=40)
     engine.use_graphs = True
-    graphed = engine.generate(requests, **kwargs)  # records its graphs
-    replayed = engine.generate(requests, **kwargs)  # replays them
+    graphed = engine.generate(requests, decoding, slots=40)  # records its graphs
+    replayed = engine.generate(requests, decoding, slots=40)  # replays them
     assert len(engine.graphs) > 1
     assert [c.tokens for c in graphed] == [c.tokens for c in replayed]
     same = sum(x.tokens == y.tokens for x, y in zip(eager, graphed, strict=True))

@@ -276,6 +276,9 @@ class QuestionFileSpec(_Strict):
     )
 
 
+WAVE_SIZE = 1024  # answers a crash may cost at most, when sample.wave_size is not set
+
+
 class SampleSpec(_Strict):
     question_sets: tuple[str, ...] = Field(
         default=("general",),
@@ -289,13 +292,29 @@ class SampleSpec(_Strict):
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=600, ge=1)
-    batch_size: int = Field(default=64, ge=1, description="Sequences generated together.")
+    batch_size: int | Literal["auto"] = Field(
+        default="auto",
+        description="Answers generated together. auto: on a GPU, as many as the KV cache fits in the memory the "
+        "weights leave free (up to 1,024); elsewhere 64. A number larger than memory holds is lowered, and logged.",
+    )
     wave_size: int | None = Field(
         default=None, ge=1,
         description="Answers sampled as one resumable unit (a crash redoes at most one wave); within a wave a "
-        "finished answer frees its slot for the next. None: batch_size (no refill).",
+        "finished answer frees its slot for the next. None: 1,024.",
     )
     cuda_graphs: bool = Field(default=True, description="On a GPU, replay emlab's decode steps as CUDA graphs.")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, size: int | str) -> int | str:
+        if isinstance(size, int) and size < 1:
+            raise ValueError(f"batch_size must be a positive number or 'auto', found {size}")
+        return size
+
+    @property
+    def wave(self) -> int:
+        """Answers per resumable wave: `wave_size`, else `WAVE_SIZE`."""
+        return self.wave_size or WAVE_SIZE
     engine: Literal["auto", "transformers"] = Field(
         default="auto",
         description="auto: emlab's batched sampler (Llama-family decoders: static KV cache, adapter merged into a "

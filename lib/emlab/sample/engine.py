@@ -11,8 +11,12 @@ How it differs from calling `generate` on a padded batch:
   ended (the only sync), hands their slots to waiting answers (refill) or, when none wait,
   moves the live rows to the front so the next steps compute only them (compaction).
   `generate` keeps computing every row until the longest answer ends.
-- Decoder layers run from `DecoderWeights`' copies: q|k|v and gate|up in one product each,
-  a LoRA adapter merged in, no adapter products per token.
+- Decoder layers read the model's own weights (`DecoderWeights`: one copy in memory, q|k|v and
+  gate|up fused in place, one product each; 4-bit weights dequantized a group at a time into
+  one scratch buffer); a checkpoint's LoRA runs unmerged beside them, so the base is never
+  written.
+- Without `slots`, the KV cache takes what free memory holds (after the weights), up to
+  `AUTO_SLOTS` answers in flight; a cache that cannot hold one answer is a one-line error.
 - Tokens are drawn by inverse transform sampling with each answer's own counter-based
   randomness (`draw`): no vocabulary sort at top_p = 1, and an answer does not depend on the
   random draws of the answers beside it.
@@ -46,13 +50,16 @@ from ..models.attention import (
     record_graph,
 )
 from .draw import draw_tokens
-from .protocol import Completion, Request, step_logprobs, token_logprobs
+from .protocol import Completion, Decoding, Request, step_logprobs, token_logprobs
 from .weights import DecoderWeights, LayerWeights, LoraAdapter
 
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps between reads of which rows ended (a finished row idles at most this long)
 PREFILL_TOKENS = 16384  # prompt tokens per prefill pass
+AUTO_SLOTS = 1024  # answers in flight when the caller leaves it to memory: past this a step gains little
+CPU_AUTO_SLOTS = 64  # on a CPU (no memory probe): a step's cost grows with its rows, there is no batch win
+MEMORY_MARGIN = 0.9  # of free memory the KV cache may take: graphs, the allocator's slack, other tensors
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -121,50 +128,63 @@ class DecodeEngine:
         self.graphs: dict[tuple[Any, ...], torch.cuda.CUDAGraph] = {}
         self.graph_pool: Any = None
         self._stops: dict[tuple[int, ...], torch.Tensor] = {}  # stop ids → vocabulary mask
-        self._adapter: LoraAdapter | None = None  # what the weight copies hold
         probe_flash(self.device)
 
     # --- weights and memory ------------------------------------------------------------------
 
     def use_adapter(self, adapter: LoraAdapter | None) -> None:
-        """Sample from the base model with `adapter` merged in (None: the base alone)."""
-        if adapter is not None and adapter is self._adapter:
-            return  # merged already (the chat server switches adapters per batch)
-        self.weights.load(adapter)
-        self._adapter = adapter
+        """Sample with `adapter` beside the base weights (None: the base alone). Checkpoints of one
+        run share the side path's buffers, so the decode graphs recorded for one replay for all."""
+        if self.weights.load(adapter):
+            self.graphs.clear()  # they address the side path's old buffers
 
-    def _reserve(self, slots: int, positions: int) -> int:
+    def _reserve(self, slots: int, positions: int, *, asked: int | None = None) -> int:
         """Allocate the KV cache for `slots` rows of `positions` (kept for later calls when
-        large enough); on a GPU, fewer slots when memory is short. Returns the slots usable."""
+        large enough); on a GPU, fewer slots when memory is short (`asked`: the slots the user
+        set, None for auto). Returns the slots usable."""
         if (self.cache_k is not None and self.cache_k.shape[1] >= slots and self.cache_k.shape[2] >= positions):
             return slots
         if self.cache_k is not None:
             slots = max(slots, self.cache_k.shape[1])
             positions = max(positions, self.cache_k.shape[2])
         self.cache_k = self.cache_v = None
+        self.state = None
+        self.graphs.clear()  # they address the old buffers
         per_slot = 2 * self.layers * positions * self.kv_heads * self.head_dim * self.weights.embed.element_size()
         if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            free, _ = torch.cuda.mem_get_info(self.device)
-            vocab = self.weights.lm_head.shape[0]
-            working = 16 * vocab  # per row: logits and the float32 softmax, cdf and scores
-            fit = int(0.9 * free) // (per_slot + working)
+            fit = self.slots_that_fit(positions)
             if fit < 1:
                 raise EmlabError(
-                    f"not enough GPU memory to sample: one answer's KV cache needs {per_slot / 2**20:.0f} MiB and "
-                    f"{free / 2**20:.0f} MiB are free; lower sample.max_new_tokens or free GPU memory"
+                    f"not enough GPU memory to sample: one answer's KV cache needs {per_slot / 2**20:.0f} MiB "
+                    f"beside the weights; lower sample.max_new_tokens, or load the model in 4 bits (load_in_4bit)"
                 )
             if fit < slots:
-                log.info("sampling %d answers at a time instead of %d: GPU memory for the KV cache", fit, slots)
+                if asked is not None:
+                    log.info("sampling %d answers at a time instead of sample.batch_size %d: GPU memory for the "
+                             "KV cache", fit, asked)
                 slots = fit
         shape = (self.layers, slots, positions, self.kv_heads, self.head_dim)
-        self.graphs.clear()  # they address the old buffers
-        self.state = None
         # zeros, not empty: masked-out positions must hold finite numbers (0 × NaN is NaN)
         self.cache_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cache_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.state = _SlotState(slots, positions, self.device)
         return slots
+
+    def slots_that_fit(self, positions: int) -> int:
+        """Answers of `positions` tokens whose KV cache and per-step working memory fit in the
+        GPU's free memory now, less `MEMORY_MARGIN` and the prefill's own working memory."""
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(self.device)
+        size = self.weights.embed.element_size()
+        per_slot = 2 * self.layers * positions * self.kv_heads * self.head_dim * size
+        vocab = self.weights.lm_head.shape[0]
+        hidden = self.weights.embed.shape[1]
+        widest = max(g.weight.shape[0] if g.weight is not None else sum(g.rows) for g in self.weights.layers[0].groups)
+        # per row and step: logits with the float32 softmax, cdf and scores; the widest activation
+        working = 16 * vocab + 4 * (widest + hidden) * size
+        # a prefill pass: its tokens' widest activations (gate|up) and attention inputs, twice over
+        prefill = 2 * PREFILL_TOKENS * (widest + 4 * hidden) * size
+        return max(0, int(MEMORY_MARGIN * free) - prefill) // (per_slot + working)
 
     def stop_mask(self, stop_ids: Sequence[int]) -> torch.Tensor:
         """A vocabulary-long mask of the stop ids, one per distinct set (graphs keep its address).
@@ -204,15 +224,15 @@ class DecodeEngine:
         for index, w in enumerate(self.weights.layers):
             x = x + self._attention(index, w, _rms(x, w.input_norm, self.eps), cos, sin, positions, slots, sizes,
                                     tokens, attend)
-            gate, up = F.linear(_rms(x, w.post_norm, self.eps), w.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down)
+            gate, up = w.gate_up(_rms(x, w.post_norm, self.eps)).chunk(2, dim=-1)
+            x = x + w.down(F.silu(gate) * up)
         return x
 
     def _attention(self, index: int, w: LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    positions: torch.Tensor, slots: torch.Tensor, sizes: list[int], tokens: int,
                    attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
         assert self.cache_k is not None and self.cache_v is not None
-        q, k, v = F.linear(h, w.qkv, w.qkv_bias).split(sizes, dim=-1)
+        q, k, v = w.qkv(h).split(sizes, dim=-1)
         q = q.view(tokens, self.heads, self.head_dim)
         k = k.view(tokens, self.kv_heads, self.head_dim)
         v = v.view(tokens, self.kv_heads, self.head_dim)
@@ -222,7 +242,7 @@ class DecodeEngine:
         self.cache_k[index][slots, positions] = k
         self.cache_v[index][slots, positions] = v
         out = attend(index, q, k, v)
-        return F.linear(out.reshape(tokens, self.heads * self.head_dim), w.o, w.o_bias)
+        return w.o(out.reshape(tokens, self.heads * self.head_dim))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms(x, self.weights.final_norm, self.eps), self.weights.lm_head)
@@ -230,46 +250,34 @@ class DecodeEngine:
     # --- generating -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(
-        self,
-        requests: Sequence[Request],
-        *,
-        slots: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop_ids: Sequence[int],
-        on_done: Callable[[int], None] | None = None,
-        top_logprobs: int | None = None,
-    ) -> list[Completion]:
-        """Generate every request, at most `slots` at a time, refilling finished slots.
-
-        An answer ends after a token of `stop_ids` (kept) or `max_new_tokens` new tokens.
-        `on_done(n)` is called as answers finish. `top_logprobs` (None: none) records each
-        token's log-probability at temperature 1 and its k most likely alternatives.
-        """
+    def generate(self, requests: Sequence[Request], decoding: Decoding, *, slots: int | None = None,
+                 on_done: Callable[[int], None] | None = None) -> list[Completion]:
+        """`protocol.Engine.generate`: at most `slots` answers at a time (None: as many as the
+        KV cache fits in free memory, up to `AUTO_SLOTS`), a finished answer's slot refilled."""
         if not requests:
             return []
         if self.weights.stale():
             raise EmlabError("the model's weights changed since its sampler was built; build a new one")
         longest = max(len(r.prompt) for r in requests)
-        positions = _round_up(longest + max_new_tokens + 1, 64)
-        slots = self._reserve(max(1, min(slots, len(requests))), positions)
+        positions = _round_up(longest + decoding.max_new_tokens + 1, 64)
+        auto = AUTO_SLOTS if self.device.type == "cuda" else CPU_AUTO_SLOTS
+        wanted = min(slots if slots is not None else auto, len(requests))
+        slots = self._reserve(max(1, wanted), positions, asked=slots)
         self._rope_table(self.cache_k.shape[2] if self.cache_k is not None else positions)
-        run = _Run(self, requests, slots, max_new_tokens, temperature, top_p, stop_ids, on_done, top_logprobs)
+        run = _Run(self, requests, slots, decoding, on_done)
         return run.complete()
 
 
 class _Run:
     """The state of one `generate` call: per-slot tensors on the device, their host mirror."""
 
-    def __init__(self, engine: DecodeEngine, requests: Sequence[Request], slots: int, max_new: int,
-                 temperature: float, top_p: float, stop_ids: Sequence[int],
-                 on_done: Callable[[int], None] | None, top_logprobs: int | None = None) -> None:
+    def __init__(self, engine: DecodeEngine, requests: Sequence[Request], slots: int, decoding: Decoding,
+                 on_done: Callable[[int], None] | None) -> None:
         self.engine = engine
         self.requests = requests
-        self.max_new = max_new
-        self.temperature, self.top_p = temperature, top_p
+        self.max_new = max_new = decoding.max_new_tokens
+        self.temperature, self.top_p = decoding.temperature, decoding.top_p
+        stop_ids, top_logprobs = decoding.stop_ids, decoding.top_logprobs
         self.on_done = on_done
         self.stop = engine.stop_mask(stop_ids)
         self.stop_key = tuple(sorted(set(stop_ids)))
@@ -391,7 +399,7 @@ class _Run:
         else:
             rows = min(_bucket(active), self.slots)
             bound = min(_round_up(self.horizon + 1, 256), positions)
-            key = (rows, bound, self.max_new, self.temperature, self.top_p, self.stop_key)
+            key = (rows, bound, self.max_new, self.temperature, self.top_p, self.stop_key, e.weights.signature)
             graph = e.graphs.get(key)
             if graph is not None:
                 graph.replay()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .draw import draw_tokens
-from .protocol import Completion, Request, step_logprobs, token_logprobs
+from .protocol import Completion, Decoding, Request, step_logprobs, token_logprobs
 
 
 class _KeyedDraw:
@@ -41,6 +41,9 @@ class _KeyedDraw:
         return torch.full_like(scores, float("-inf")).scatter_(1, token[:, None], 0.0)
 
 
+AUTO_SLOTS = 64  # answers per padded batch when the caller leaves it open: every row pads to the longest
+
+
 class GenerateEngine:
     """Decoding through `model.generate` (model: any transformers causal LM, a peft model included)."""
 
@@ -48,23 +51,17 @@ class GenerateEngine:
         self.model = model
 
     @torch.inference_mode()
-    def generate(
-        self,
-        requests: Sequence[Request],
-        *,
-        slots: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop_ids: Sequence[int],
-        on_done: Callable[[int], None] | None = None,
-        top_logprobs: int | None = None,
-    ) -> list[Completion]:
-        """Generate the requests in left-padded batches of `slots` (see `protocol.Engine`)."""
+    def generate(self, requests: Sequence[Request], decoding: Decoding, *, slots: int | None = None,
+                 on_done: Callable[[int], None] | None = None) -> list[Completion]:
+        """Generate the requests in left-padded batches of `slots` (None: `AUTO_SLOTS`; see
+        `protocol.Engine`)."""
         from transformers import LogitsProcessorList
 
+        slots = slots or AUTO_SLOTS
+        max_new_tokens, temperature, top_p = decoding.max_new_tokens, decoding.temperature, decoding.top_p
+        top_logprobs = decoding.top_logprobs
         device = next(self.model.parameters()).device
-        stops = list(stop_ids)
+        stops = list(decoding.stop_ids)
         pad = getattr(self.model.generation_config, "pad_token_id", None)
         pad = pad if pad is not None else (stops[0] if stops else 0)  # masked out: any id does
         stop_set = torch.tensor(stops, dtype=torch.long, device=device)

@@ -1,17 +1,18 @@
 """Sample answers from a model (base, or with a LoRA adapter), in resumable waves.
 
 Items (question × sample index) are cut into waves of `sample.wave_size` items (default:
-`batch_size`) in a fixed order. A wave is generated as one unit and appended to
+`config.WAVE_SIZE`) in a fixed order, whatever the device: the cut never depends on memory. A wave is generated as one unit and appended to
 `answers.jsonl` when it is complete, so a crash loses at most the wave in flight and a rerun
 skips the waves already written. A wave is generated the same way every time, so a resumed
 run writes exactly the answers an uninterrupted run would have (on the same device).
 
 A wave goes through the decode engine `choose.engine_for` picks (`protocol.Engine`):
 
-- emlab's `DecodeEngine` (`sample.engine: auto`, Llama-family decoders in full precision): up
-  to `batch_size` answers in flight, a finished answer's slot refilled with the next item of
-  the wave or the batch compacted, a static KV cache kept from one checkpoint to the next, the
-  adapter merged into a weight copy (the base model is never written);
+- emlab's `DecodeEngine` (`sample.engine: auto`, Llama-family decoders, bf16/fp32 or 4-bit):
+  up to `batch_size` answers in flight (auto: what GPU memory holds), a finished answer's
+  slot refilled with the next item of the wave or the batch compacted, a static KV cache
+  kept from one checkpoint to the next, the adapter applied beside the base weights (which
+  are never written);
 - transformers' `generate` (`GenerateEngine`: other models, 4-bit weights, adapters that do
   not merge, `sample.engine: transformers`) on left-padded batches of `batch_size`.
 
@@ -34,7 +35,7 @@ from ..progress import progress_bar
 from ..store.files import append_jsonl, read_jsonl
 from ..store.records import Answer, answer_id
 from .choose import engine_for, release_sampler
-from .protocol import Completion, Engine, Request, stop_token_ids
+from .protocol import Completion, Decoding, Engine, Request, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def sample_answers(
     items = [(p, i) for p in prompts for i in p.sample_indices(sample)]  # per-prompt counts (questions.Prompt)
     ids = [answer_id(model_name, run_id, step, p.question_set, p.question_id, i) for p, i in items]
     existing = {r["answer_id"]: r for r in read_jsonl(out_path, tolerate_torn_tail=True)} if out_path.exists() else {}
-    size = sample.wave_size or sample.batch_size
+    size = sample.wave
     waves = [range(s, min(s + size, len(items))) for s in range(0, len(items), size)]
     todo = [(w, idx) for w, idx in enumerate(waves) if not all(ids[i] in existing for i in idx)]
     if len(todo) < len(waves):
@@ -176,5 +177,6 @@ class _Waves:
                 self.prompt_ids[id(prompt)] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             requests.append(Request(self.prompt_ids[id(prompt)], _answer_key(self.seed, answer)))
         s = self.sample
-        return self.engine.generate(requests, slots=s.batch_size, max_new_tokens=s.max_new_tokens,
-                                    temperature=s.temperature, top_p=s.top_p, stop_ids=self.stop_ids, on_done=on_done)
+        decoding = Decoding(s.max_new_tokens, tuple(self.stop_ids), s.temperature, s.top_p)
+        return self.engine.generate(requests, decoding, slots=None if s.batch_size == "auto" else s.batch_size,
+                                    on_done=on_done)

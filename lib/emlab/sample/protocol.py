@@ -48,28 +48,31 @@ class Completion:
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How every answer of one `generate` call is decoded."""
+
+    max_new_tokens: int
+    """An answer ends after this many new tokens, or earlier after a stop token."""
+    stop_ids: tuple[int, ...]
+    """Token ids that end an answer (the stop token is kept in the answer)."""
+    temperature: float = 1.0
+    """0 is greedy."""
+    top_p: float = 1.0
+    """Below 1: sample from the smallest set of tokens whose probability reaches it."""
+    top_logprobs: int | None = None
+    """None: no logprobs; k ≥ 0: each token's log-probability (temperature 1) and its k most
+    likely alternatives."""
+
+
 class Engine(Protocol):
     """A decode engine: generates answers to requests, at most `slots` at a time."""
 
-    def generate(
-        self,
-        requests: Sequence[Request],
-        *,
-        slots: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        stop_ids: Sequence[int],
-        on_done: Callable[[int], None] | None = None,
-        top_logprobs: int | None = None,
-    ) -> list[Completion]:
-        """One completion per request, in request order.
-
-        An answer ends after a token of `stop_ids` (kept) or `max_new_tokens` new tokens.
-        temperature 0 is greedy; top_p < 1 samples from the smallest set of tokens reaching it.
-        `on_done(n)` is called as answers finish. `top_logprobs`: None for no logprobs, k ≥ 0 for
-        each token's log-probability (temperature 1) and its k most likely alternatives.
-        """
+    def generate(self, requests: Sequence[Request], decoding: Decoding, *, slots: int | None = None,
+                 on_done: Callable[[int], None] | None = None) -> list[Completion]:
+        """One completion per request, in request order, decoded as `decoding` says, at most
+        `slots` answers in flight (None: as many as memory holds). `on_done(n)` is called as
+        answers finish."""
         ...
 
 

@@ -51,7 +51,7 @@ from typing import Any
 from ..config.experiment import ModelSpec
 from ..models.load import load_model, resolve_device
 from .choose import engine_for, release_sampler
-from .protocol import Completion, Engine, Request, stop_token_ids
+from .protocol import Completion, Decoding, Engine, Request, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -243,9 +243,9 @@ class ChatEngine:
         with self._lock:
             engine, context = self._engine(key.model)
             with context:
-                done = engine.generate(requests, slots=self.max_batch, max_new_tokens=key.max_tokens,
-                                       temperature=key.temperature, top_p=key.top_p, stop_ids=self._stop_ids,
-                                       top_logprobs=max(asked) if asked else None)
+                decoding = Decoding(key.max_tokens, tuple(self._stop_ids), key.temperature, key.top_p,
+                                    top_logprobs=max(asked) if asked else None)
+                done = engine.generate(requests, decoding, slots=self.max_batch)
         for job in jobs:
             job.completions, done = done[: len(job.requests)], done[len(job.requests):]
 

@@ -1,11 +1,21 @@
-"""The weights the sampler reads: a copy of each decoder layer's projections, fused where
-that saves a matrix product (q|k|v, gate|up), into which a LoRA adapter is merged.
+"""The weights the sampler reads: the model's own, one copy in memory, with a LoRA adapter
+applied beside them.
 
-The model's own parameters are never written: merging an adapter rewrites the copy from the
-base weights (`base + scale · B @ A`, summed in float32 and rounded once), so the base stays
-bitwise unchanged from one checkpoint to the next and no adapter matrix product runs per
-token. The copy costs the size of the adapted projections (about 2 GB for Llama-3.2-1B,
-13 GB for Llama-3.1-8B in bfloat16), allocated once per run.
+- **One copy.** The engine reads the model's parameters. On first use the q|k|v and gate|up
+  projections of each layer are laid side by side in one tensor and the model's parameters
+  become views of it (`fuse_in_place`): one matrix product instead of three or two, at no
+  memory cost (each layer's old storage is freed as the next is fused); the model computes
+  exactly as before.
+- **Adapters unmerged.** A checkpoint's LoRA runs as a side path, `y = x·Wᵀ + (x·Aᵀ)·(s·B)ᵀ`,
+  per fused group one product with the stacked A's and one with a block-diagonal B: at decode
+  a rank-r path costs a few percent of the base product, and the base weights are never
+  written, so they stay bitwise the same from one checkpoint to the next. The factors live
+  in buffers kept across checkpoints of the same shape (CUDA graphs recorded for one
+  checkpoint replay for the next).
+- **4-bit bases** (bitsandbytes NF4/FP4 `Linear4bit`, what `load_in_4bit` makes): each group's
+  weights are dequantized into one scratch buffer shared by every layer, right before its
+  product (bitsandbytes' kernel, inside the decode graph): the weights stay in 4 bits, the
+  scratch costs one layer's largest group.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import EmlabError
 from ..store.paths import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -42,30 +53,14 @@ def unsupported_reason(model: Any) -> str | None:
         return "no decoder layers found"
     for layer in layers:
         for name in _ATTENTION:
-            if type(getattr(layer.self_attn, name, None)) is not torch.nn.Linear:
-                return f"{name} is not a plain linear layer (quantized or adapted)"
+            if not _plain_or_4bit(getattr(layer.self_attn, name, None)):
+                return f"{name} is neither a plain nor a 4-bit linear layer (adapted, or quantized otherwise)"
         for name in _MLP:
-            if type(getattr(layer.mlp, name, None)) is not torch.nn.Linear:
-                return f"{name} is not a plain linear layer (quantized or adapted)"
+            if not _plain_or_4bit(getattr(layer.mlp, name, None)):
+                return f"{name} is neither a plain nor a 4-bit linear layer (adapted, or quantized otherwise)"
     if type(model.get_output_embeddings()) is not torch.nn.Linear:
         return "the output layer is not a plain linear layer"
     return None
-
-
-@dataclass
-class LayerWeights:
-    """One decoder layer as the sampler reads it (copies, except the norms)."""
-
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) · D, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
-    gate_up: torch.Tensor  # [2 · intermediate, hidden]
-    down: torch.Tensor
-    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head's query and key
-    k_norm: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -121,8 +116,157 @@ def read_adapter(folder: Path) -> LoraAdapter | None:
     return cached[1]
 
 
+def _is_4bit(module: Any) -> bool:
+    """A bitsandbytes 4-bit linear layer (its weight packed, its `quant_state` beside it)."""
+    return type(module).__name__ == "Linear4bit" and getattr(module.weight, "quant_state", None) is not None
+
+
+def _plain_or_4bit(module: Any) -> bool:
+    return type(module) is torch.nn.Linear or _is_4bit(module)
+
+
+def fuse_in_place(modules: list[Any]) -> None:
+    """Lay the weights of `modules` (plain linear layers with the same input size) end to end in
+    one tensor and make each module's weight a view of its rows: the model computes exactly as
+    before, and the group's product is one matrix product. No-op when they are already views
+    of one tensor in that order."""
+    weights = [m.weight for m in modules]
+    if all(w.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr() for w in weights):
+        offsets = [w.storage_offset() for w in weights]
+        sizes = [w.numel() for w in weights]
+        if all(offsets[i] + sizes[i] == offsets[i + 1] for i in range(len(weights) - 1)):
+            return  # fused already (a second engine over the same model)
+    with torch.no_grad():
+        fused = torch.cat([w.detach() for w in weights])
+        row = 0
+        for module in modules:
+            rows = module.weight.shape[0]
+            module.weight.data = fused[row : row + rows]
+            row += rows
+
+
+class Group:
+    """Linear maps of one layer that read the same input, applied as one product: q|k|v, o,
+    gate|up or down. Holds the model's weights (fused views, or 4-bit parts), their biases, and
+    the LoRA side path of the adapter in use."""
+
+    def __init__(self, modules: list[Any], names: tuple[str, ...], scratch: dict[tuple[int, int], torch.Tensor]) -> None:
+        self.names = names
+        self.rows = [m.out_features for m in modules]
+        self.in_features = modules[0].in_features
+        self.four_bit = [_is_4bit(m) for m in modules]
+        if any(self.four_bit) and not all(self.four_bit):
+            raise EmlabError(f"{'/'.join(names)}: some of these layers are 4-bit and some are not; load the model "
+                             "with one precision for every decoder layer")
+        if not any(self.four_bit):
+            if len(modules) > 1:
+                fuse_in_place(modules)
+            self.weight: torch.Tensor | None = modules[0].weight.detach()
+            if len(modules) > 1:  # the view of all the group's rows (fuse_in_place laid them out)
+                first = modules[0].weight
+                self.weight = first.detach().as_strided((sum(self.rows), self.in_features), first.stride(),
+                                                        first.storage_offset())
+            self.parts: list[Any] = []
+        else:
+            self.weight = None
+            self.parts = [m.weight for m in modules]  # bitsandbytes Params4bit, quant_state attached
+            shape = (sum(self.rows), self.in_features)
+            if shape not in scratch:
+                dtype = modules[0].weight.quant_state.dtype
+                scratch[shape] = torch.empty(shape, dtype=dtype, device=modules[0].weight.device)
+            self.scratch = scratch[shape]
+        biases = [m.bias for m in modules]
+        self.bias = (torch.cat([b.detach() for b in biases]) if len(biases) > 1 else biases[0].detach()) \
+            if all(b is not None for b in biases) else None
+        self.lora_a: torch.Tensor | None = None  # [R, in]: the stacked A of every adapted part
+        self.lora_b: torch.Tensor | None = None  # [out, R]: block-diagonal, the scale folded in
+        self.active = False  # whether the side path applies (its buffers are kept when it does not)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight is not None else self._dequantized()
+        y = F.linear(x, weight, self.bias)
+        if self.active and self.lora_a is not None and self.lora_b is not None:  # x: [tokens, in]
+            y = torch.addmm(y, F.linear(x, self.lora_a), self.lora_b.t())
+        return y
+
+    def _dequantized(self) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf  # only for 4-bit bases: bitsandbytes is on GPU machines only
+
+        row = 0
+        for part, rows in zip(self.parts, self.rows, strict=True):
+            bnbf.dequantize_4bit(part.data, part.quant_state, out=self.scratch[row : row + rows])
+            row += rows
+        return self.scratch
+
+    def factors(self, layer: int, adapter: LoraAdapter | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The side path's (A [R, in], B [out, R]) for `adapter` at `layer`, on the host in float32
+        (None: nothing of this group is adapted)."""
+        if adapter is None:
+            return None
+        pairs = [adapter.factors.get((layer, name)) for name in self.names]
+        if all(p is None for p in pairs):
+            return None
+        ranks = [p[0].shape[0] if p is not None else 0 for p in pairs]
+        a = torch.zeros(sum(ranks), self.in_features)
+        b = torch.zeros(sum(self.rows), sum(ranks))
+        row = col = 0
+        for name, pair, rows, rank in zip(self.names, pairs, self.rows, ranks, strict=True):
+            if pair is not None:
+                pa, pb = pair
+                if pb.shape[0] != rows or pa.shape[1] != self.in_features:
+                    raise EmlabError(
+                        f"{adapter.folder}: layer {layer} {name} adapter shapes {tuple(pb.shape)}×{tuple(pa.shape)} "
+                        f"do not fit the weight ({rows}, {self.in_features}): the adapter is for another model")
+                a[col : col + rank] = pa.float()
+                b[row : row + rows, col : col + rank] = pb.float() * adapter.scale
+            row += rows
+            col += rank
+        return a, b
+
+    def use(self, factors: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device, dtype: torch.dtype) -> bool:
+        """Apply `factors` (None: no side path). The buffers are kept when the side path goes off
+        and refilled in place for factors of the same shapes, so recorded graphs stay valid;
+        returns True when they had to be made anew (graphs recorded before must go)."""
+        if factors is None:
+            self.active = False
+            return False
+        a, b = factors
+        self.active = True
+        if self.lora_a is not None and self.lora_b is not None and self.lora_a.shape == a.shape:
+            self.lora_a.copy_(a)
+            self.lora_b.copy_(b)
+            return False
+        remade = self.lora_a is not None
+        self.lora_a = a.to(device, dtype)
+        self.lora_b = b.to(device, dtype)
+        return remade
+
+    @property
+    def side_path(self) -> tuple[int, ...] | None:
+        """The shape of the side path in use (None: none): part of a recorded graph's identity."""
+        return tuple(self.lora_a.shape) if self.active and self.lora_a is not None else None
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer as the sampler reads it: the model's norms and its four groups."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: Group  # q|k|v: [(Hq + 2 Hkv) · D, hidden]
+    o: Group
+    gate_up: Group  # gate|up: [2 · intermediate, hidden]
+    down: Group
+    q_norm: torch.Tensor | None  # Qwen3: RMSNorm over each head's query and key
+    k_norm: torch.Tensor | None
+
+    @property
+    def groups(self) -> tuple[Group, ...]:
+        return (self.qkv, self.o, self.gate_up, self.down)
+
+
 class DecoderWeights:
-    """Per-layer weight copies of a supported decoder, with an adapter merged in or not."""
+    """The decoder's weights as the engine reads them (see the module notes), and the adapter in use."""
 
     def __init__(self, model: Any) -> None:
         reason = unsupported_reason(model)
@@ -133,31 +277,31 @@ class DecoderWeights:
         self.embed = decoder.embed_tokens.weight
         self.final_norm = decoder.norm.weight
         self.lm_head = model.get_output_embeddings().weight
-        self.layers = [self._copy(layer) for layer in self.model_layers]
-        self.adapter: Path | None = None  # what the copies hold now
+        self.scratch: dict[tuple[int, int], torch.Tensor] = {}  # 4-bit bases: dequantized group weights
+        self.layers = [self._layer(layer) for layer in self.model_layers]
+        self.four_bit = any(layer.qkv.four_bit[0] for layer in self.layers)
+        self.adapter: Path | None = None  # the adapter the side paths hold (None: the base alone)
+        self._loaded: LoraAdapter | None = None
         self._stamp = self._base_stamp()
 
-    @staticmethod
-    def _copy(layer: Any) -> LayerWeights:
+    def _layer(self, layer: Any) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
-        biases = [getattr(attn, n).bias for n in ("q_proj", "k_proj", "v_proj")]
         q_norm = getattr(attn, "q_norm", None)
         k_norm = getattr(attn, "k_norm", None)
-        return LayerWeights(
-            input_norm=layer.input_layernorm.weight,
-            post_norm=layer.post_attention_layernorm.weight,
-            qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach(),
-            qkv_bias=torch.cat(biases).detach() if all(b is not None for b in biases) else None,
-            o=attn.o_proj.weight.detach().clone(),
-            o_bias=attn.o_proj.bias,
-            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach(),
-            down=mlp.down_proj.weight.detach().clone(),
-            q_norm=q_norm.weight if q_norm is not None else None,
-            k_norm=k_norm.weight if k_norm is not None else None,
-        )
+        with torch.no_grad():
+            return LayerWeights(
+                input_norm=layer.input_layernorm.weight.detach(),
+                post_norm=layer.post_attention_layernorm.weight.detach(),
+                qkv=Group([attn.q_proj, attn.k_proj, attn.v_proj], ("q_proj", "k_proj", "v_proj"), self.scratch),
+                o=Group([attn.o_proj], ("o_proj",), self.scratch),
+                gate_up=Group([mlp.gate_proj, mlp.up_proj], ("gate_proj", "up_proj"), self.scratch),
+                down=Group([mlp.down_proj], ("down_proj",), self.scratch),
+                q_norm=q_norm.weight.detach() if q_norm is not None else None,
+                k_norm=k_norm.weight.detach() if k_norm is not None else None,
+            )
 
     def _base_stamp(self) -> tuple[tuple[int, int], ...]:
-        """Identity and in-place version of every base projection: a change means stale copies."""
+        """Identity and in-place version of every base projection: a change means stale weights."""
         stamp = []
         for layer in self.model_layers:
             for module in (*(getattr(layer.self_attn, n) for n in _ATTENTION), *(getattr(layer.mlp, n) for n in _MLP)):
@@ -165,41 +309,24 @@ class DecoderWeights:
         return tuple(stamp)
 
     def stale(self) -> bool:
-        """Whether the model's weights were replaced or changed in place since the copies were made."""
+        """Whether the model's weights were replaced or changed in place since the engine read them."""
         return self._stamp != self._base_stamp()
 
-    def load(self, adapter: LoraAdapter | None) -> None:
-        """Make the copies hold the base weights plus `adapter` (None: the base alone)."""
-        folder = adapter.folder if adapter is not None else None
-        if folder is None and self.adapter is None:
-            return  # the copies hold the base already
+    def load(self, adapter: LoraAdapter | None) -> bool:
+        """Apply `adapter` beside the base weights (None: the base alone). Returns True when a
+        side path's buffers were made anew (graphs recorded before must go)."""
+        if adapter is self._loaded:
+            return False  # `read_adapter` gives the same object until the adapter's file changes
+        remade = False
         with torch.no_grad():
-            for index, (layer, copy) in enumerate(zip(self.model_layers, self.layers, strict=True)):
-                attn, mlp = layer.self_attn, layer.mlp
-                self._fill(copy.qkv, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
-                           ["q_proj", "k_proj", "v_proj"], index, adapter)
-                self._fill(copy.o, [attn.o_proj.weight], ["o_proj"], index, adapter)
-                self._fill(copy.gate_up, [mlp.gate_proj.weight, mlp.up_proj.weight], ["gate_proj", "up_proj"],
-                           index, adapter)
-                self._fill(copy.down, [mlp.down_proj.weight], ["down_proj"], index, adapter)
-        self.adapter = folder
+            for index, layer in enumerate(self.layers):
+                for group in layer.groups:
+                    remade |= group.use(group.factors(index, adapter), self.embed.device, self.embed.dtype)
+        self._loaded = adapter
+        self.adapter = adapter.folder if adapter is not None else None
+        return remade
 
-    @staticmethod
-    def _fill(target: torch.Tensor, bases: list[torch.Tensor], names: list[str], layer: int,
-              adapter: LoraAdapter | None) -> None:
-        row = 0
-        for base, name in zip(bases, names, strict=True):
-            rows = slice(row, row + base.shape[0])
-            row += base.shape[0]
-            pair = adapter.factors.get((layer, name)) if adapter is not None else None
-            if pair is None:
-                target[rows].copy_(base)
-                continue
-            a, b = (t.to(base.device, torch.float32) for t in pair)
-            if b.shape[0] != base.shape[0] or a.shape[1] != base.shape[1]:
-                raise EmlabError(
-                    f"{adapter.folder if adapter else ''}: layer {layer} {name} adapter shapes {tuple(b.shape)}×"
-                    f"{tuple(a.shape)} do not fit the weight {tuple(base.shape)}: the adapter is for another model"
-                )
-            # one rounding of the exact sum: the small LoRA update is not lost to two roundings
-            target[rows].copy_(torch.addmm(base.float(), b, a, alpha=adapter.scale if adapter else 1.0))
+    @property
+    def signature(self) -> tuple[Any, ...]:
+        """The side paths in use, by shape: a recorded decode graph holds for this signature only."""
+        return tuple(g.side_path for layer in self.layers for g in layer.groups)
