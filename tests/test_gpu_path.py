@@ -223,12 +223,11 @@ def _quantized_copy(model):
 
 def test_nf4_weights_decode_in_emlabs_engine_like_generate() -> None:
     pytest.importorskip("bitsandbytes")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from emlab.sample.choose import engine_for
     from emlab.sample.engine import DecodeEngine, Request
     from emlab.sample.fallback import GenerateEngine
     from emlab.sample.protocol import Decoding
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=3,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048,
