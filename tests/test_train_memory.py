@@ -16,7 +16,13 @@ from emlab.errors import ConfigError
 from emlab.models.load import load_model
 from emlab.store.paths import TrainingFiles
 from emlab.train.encode import EncodedRows, encode_chat_rows
-from emlab.train.lora import Checkpointing, _LoraLoop, lora_config, resolve_checkpointing, train_lora
+from emlab.train.lora import (
+    Checkpointing,
+    _LoraLoop,
+    lora_config,
+    resolve_checkpointing,
+    train_lora,
+)
 from emlab.train.memory import (
     GIB,
     DecoderShape,
