@@ -261,3 +261,41 @@ def test_sampling_peak_memory_is_the_weights_and_the_kv_cache(llama) -> None:
     peak = torch.cuda.max_memory_allocated()
     print(f"peak {peak / 2**20:.0f} MiB for weights {weights / 2**20:.0f} + KV {kv / 2**20:.0f} MiB")
     assert peak <= 1.1 * (weights + kv) + 256 * 2**20  # + the per-step working set of 200 rows
+
+
+def test_auto_checkpoints_some_layers_when_a_pass_would_not_fit(llama, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gradient_checkpointing: auto` against a GPU that reports just less free memory than an
+    uncheckpointed pass needs: some layers are checkpointed, no graphs, and training runs."""
+    import json
+    import math
+
+    from emlab.config.experiment import CheckpointSpec, LoraSpec, TrainSpec
+    from emlab.store.paths import TrainingFiles
+    from emlab.train.encode import EncodedRows
+    from emlab.train.lora import largest_pass_tokens, train_lora
+    from emlab.train.memory import GIB, DecoderShape, activation_bytes, lora_state_bytes
+
+    torch.manual_seed(3)
+    rows = []
+    for i in range(16):
+        n = 100 + (i * 37) % 150
+        ids = torch.randint(3, 4096, (n,)).tolist()
+        rows.append({"input_ids": ids, "attention_mask": [1] * n, "labels": [-100] * (n // 4) + ids[n // 4:]})
+    encoded = EncodedRows(rows, 16, 0, 250, 0)
+    spec = TrainSpec(batch_size=4, grad_accum=2, max_length=256, learning_rate=1e-3, lora=LoraSpec(r=8, alpha=16),
+                     checkpoints=CheckpointSpec(first_epoch=1))
+    shape = DecoderShape.of(llama.config)
+    tokens = largest_pass_tokens(llama.config, encoded, spec)
+    state = lora_state_bytes(shape, 8)
+    none, every = (state + activation_bytes(shape, tokens, lora_r=8, checkpointed=k) for k in (0, shape.layers))
+    free = 2 * GIB + (none + every) // 2  # the margin, and room for some layers' activations only
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 140 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    result = train_lora(llama, None, encoded, spec, TrainingFiles(tmp_path), seed=0, device="cuda")
+    assert result.checkpointing is not None
+    assert 0 < result.checkpointing.checkpointed_layers < shape.layers and not result.checkpointing.cuda_graphs
+    assert result.graph_record_seconds == 0 and result.steady_tokens_per_second
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert losses and all(math.isfinite(loss) for loss in losses)

@@ -218,8 +218,11 @@ class TrainSpec(_Strict):
         "padding. None: as much activation memory as a padded batch of batch_size × max_length (see "
         "emlab.train.lora.pass_token_budget). Lower it if a pass runs out of GPU memory.",
     )
-    gradient_checkpointing: bool = Field(
-        default=False, description="Recompute activations in the backward pass: less memory (8B QLoRA on a 24 GB card), ~1.3× slower."
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        default="auto",
+        description="Recompute activations in the backward pass: less memory, ~1.3× slower. auto: on a GPU, only "
+        "as many decoder layers as the largest pass needs to fit the free memory (none when it fits; see "
+        "emlab.train.memory), off on a CPU; true: every layer; false: none.",
     )
     compile: bool = Field(
         default=False,
@@ -229,7 +232,8 @@ class TrainSpec(_Strict):
     cuda_graphs: bool = Field(
         default=True,
         description="On a GPU, replay each training pass and update as a CUDA graph (no per-kernel launch cost); "
-        "off by itself with LoRA dropout, gradient checkpointing or 4-bit weights.",
+        "off by itself with LoRA dropout, gradient checkpointing or 4-bit weights, and under gradient_checkpointing: "
+        "auto when the graphs' memory pool would not fit beside an eager pass.",
     )
     lora: LoraSpec = LoraSpec()
     checkpoints: CheckpointSpec = CheckpointSpec()

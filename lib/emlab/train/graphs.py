@@ -8,6 +8,7 @@ no quantized layers, the fused loss) and `TrainSpec.cuda_graphs` allow it.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,23 +20,28 @@ from .loss import fused_loss_applies, linear_cross_entropy_sum
 from .packing import PackedPass
 
 
-def graphs_apply(causal_lm: Any, peft_model: Any, train: TrainSpec) -> bool:
+def graphs_apply(causal_lm: Any, train: TrainSpec, *, checkpointing: bool) -> bool:
     """Whether training steps can be CUDA graphs: no random dropout (its noise would be frozen
-    into the graph), no gradient checkpointing (it reads RNG state on the host), no quantized
-    layers (bitsandbytes kernels are not known to be capturable), and the fused loss."""
-    quantized = any("4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in causal_lm.modules())
-    return (train.lora.dropout == 0 and not train.gradient_checkpointing and not quantized
+    into the graph), no gradient checkpointing (`checkpointing`, the resolved setting: it reads
+    RNG state on the host), no quantized layers (bitsandbytes kernels are not known to be
+    capturable), and the fused loss."""
+    return (train.lora.dropout == 0 and not checkpointing and not is_quantized(causal_lm)
             and fused_loss_applies(causal_lm, causal_lm.get_output_embeddings()))
 
 
-_GRAPH_TOKENS = 256  # a graphed pass has a multiple of this many tokens: few shapes, few graphs to record
+def is_quantized(causal_lm: Any) -> bool:
+    """Whether the model has bitsandbytes 4-bit or 8-bit layers."""
+    return any("4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in causal_lm.modules())
+
+
+GRAPH_TOKENS = 256  # a graphed pass has a multiple of this many tokens: few shapes, few graphs to record
 
 
 class GraphedSteps:
     """Training steps replayed as CUDA graphs, so that the thousands of small kernels of a
     LoRA step are launched by one call instead of one Python call each.
 
-    One graph per pass size (tokens rounded up to `_GRAPH_TOKENS`; the rest is a padding row
+    One graph per pass size (tokens rounded up to `GRAPH_TOKENS`; the rest is a padding row
     of its own that carries no loss and, its rows being separate, changes no other row) and one
     for the update (gradient clipping, AdamW, zeroing the gradients). The first pass of a size
     and the first update run eagerly — real work that also warms up their kernels — and are
@@ -58,12 +64,13 @@ class GraphedSteps:
         self.passes: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
         self.update: torch.cuda.CUDAGraph | None = None
         self.updates = 0
+        self.record_seconds = 0.0  # host time spent recording graphs (a fixed cost of the run)
         self.loss_sum = torch.zeros((), device=device)
         self.inv_targets = torch.ones((), device=device)
         self.norm = torch.zeros((), device=device)
         self.max_rows = train.batch_size * train.grad_accum + 1  # the step's rows and a padding row
         # the padding row must fit the attention bound, or its outputs are never written (and not finite)
-        self.max_len = max(train.max_length, _GRAPH_TOKENS)
+        self.max_len = max(train.max_length, GRAPH_TOKENS)
 
     def step(self, passes: list[PackedPass]) -> tuple[torch.Tensor, torch.Tensor]:
         """Accumulate the gradients of `passes` and update; returns the step's mean loss and
@@ -71,7 +78,7 @@ class GraphedSteps:
         self.inv_targets.fill_(1.0 / max(1, sum(p.n_targets for p in passes)))
         with attention_implementation(self.causal_lm, PACKED):
             for packed in passes:
-                size = -(-packed.n_tokens // _GRAPH_TOKENS) * _GRAPH_TOKENS
+                size = -(-packed.n_tokens // GRAPH_TOKENS) * GRAPH_TOKENS
                 if size in self.passes:
                     graph, buffers = self.passes[size]
                     self._fill(buffers, packed)
@@ -94,7 +101,11 @@ class GraphedSteps:
         return loss, self.norm.clone()
 
     def _record(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        return record_graph(work, self.pool)
+        started = time.perf_counter()
+        try:
+            return record_graph(work, self.pool)
+        finally:
+            self.record_seconds += time.perf_counter() - started
 
     def release(self) -> None:
         """Free the graphs and their memory pool (activations of every recorded pass size)."""

@@ -14,8 +14,14 @@ What makes it fast on a GPU, step by step (each measured in `bench/gpu_speed.py`
   checkpoints and every `_LOG_EVERY` steps: no host sync per step;
 - checkpoints are copied off the GPU asynchronously and written by a background thread while
   training goes on;
-- optional: each decoder layer compiled (`compile`), gradient checkpointing
-  (`gradient_checkpointing`, for 4-bit QLoRA on small cards).
+- gradient checkpointing only where memory needs it: `gradient_checkpointing: auto` checkpoints
+  as few decoder layers as make the largest pass fit the free GPU memory, none when it fits
+  (`emlab.train.memory`); a pass that cannot fit even so is refused before training starts;
+- optional: each decoder layer compiled (`compile`).
+
+The result and the summary file report the fixed costs of a call apart from its steady rate:
+setup (memory plan, LoRA layers, optimizer), recording CUDA graphs, checkpoint writes waited
+on, and the tokens/s of the steps after the first `_WARM_STEPS`.
 
 The loss of a step is the mean over all assistant tokens of its rows, however its rows are cut
 into passes: the padding-free loss and gradients equal the padded reference (tested on CPU).
@@ -48,7 +54,7 @@ from peft import get_peft_model
 from transformers import set_seed
 
 from ..config.experiment import LoraSpec, TrainSpec
-from ..errors import EmlabError
+from ..errors import ConfigError, EmlabError
 from ..models.attention import (
     PACKED,
     attention_implementation,
@@ -60,8 +66,9 @@ from ..store.files import append_jsonl, write_json
 from ..store.paths import TrainingFiles
 from .checkpoints import CheckpointWriter, latest_complete_trainer_checkpoint, trim_log
 from .encode import EncodedRows
-from .graphs import GraphedSteps, graphs_apply
+from .graphs import GRAPH_TOKENS, GraphedSteps, graphs_apply, is_quantized
 from .loss import fused_loss_applies, linear_cross_entropy_sum
+from .memory import GIB, DecoderShape, checkpointed_layer_indices, plan_checkpointing
 from .packing import PackedPass, pack_step, step_rows
 from .schedule import CheckpointSchedule
 
@@ -69,6 +76,7 @@ log = logging.getLogger(__name__)
 
 _LOG_EVERY = 50  # optimizer steps between log flushes (each flush reads the GPU once)
 _MAX_GRAD_NORM = 1.0  # gradient clipping, as the transformers Trainer does by default
+_WARM_STEPS = 3  # steps left out of the steady rate: first passes of each size, graph recording
 
 
 def lora_config(spec: LoraSpec) -> Any:
@@ -100,6 +108,26 @@ class TrainResult:
     train_tokens: int  # tokens per epoch (all, not just assistant)
     seconds: float  # wall time of this call's training (0 when everything was done)
     resumed_from: int | None  # step of the checkpoint training resumed from
+    setup_seconds: float = 0.0  # memory plan, LoRA layers, optimizer (and restoring a checkpoint)
+    graph_record_seconds: float = 0.0  # recording CUDA graphs (0 without them)
+    checkpoint_wait_seconds: float = 0.0  # training blocked on snapshotting and writing checkpoints
+    steady_tokens_per_second: float | None = None  # real tokens/s after the first steps, fixed costs left out
+    checkpointing: Checkpointing | None = None  # the resolved gradient checkpointing (None: nothing trained)
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """`train.gradient_checkpointing` as resolved for one call."""
+
+    setting: str  # "auto", "true" or "false", as configured
+    checkpointed_layers: int  # decoder layers recomputed in the backward pass (0: none)
+    layers: int
+    cuda_graphs: bool  # whether passes may be CUDA graphs under this choice
+    reason: str  # one line with the numbers behind the choice
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"setting": self.setting, "checkpointed_layers": self.checkpointed_layers, "layers": self.layers,
+                "cuda_graphs": self.cuda_graphs, "reason": self.reason}
 
 
 class _RunFacts(TypedDict):
@@ -142,15 +170,22 @@ def train_lora(
     resumed_step = int(resume.name.split("-")[-1]) if resume else None
     trim_log(files.log, resumed_step or 0)
 
+    setup_started = time.perf_counter()
+    # before any LoRA layer or row reaches the GPU: a pass that cannot fit is refused here
+    checkpointing = resolve_checkpointing(model, encoded, train, torch.device(device))
+    log.info("gradient checkpointing (%s): %s", checkpointing.setting, checkpointing.reason)
     set_seed(seed)  # the LoRA A matrices are drawn from it
     # made and initialised where the model is: on a GPU, not drawn on the CPU and copied over
     with torch.device(device):
         peft_model = get_peft_model(model, lora_config(train.lora))
-    loop = _LoraLoop(peft_model, encoded, train, files, schedule, seed=seed, device=torch.device(device))
+    loop = _LoraLoop(peft_model, encoded, train, files, schedule, seed=seed, device=torch.device(device),
+                     checkpointing=checkpointing)
     started = time.perf_counter()
+    setup_seconds = started - setup_started
     try:
         if resume is not None:
             loop.restore(files.trainer_state(resumed_step or 0), resumed_step or 0)
+            setup_seconds += time.perf_counter() - started
         stats = loop.run(first_step=(resumed_step or 0) + 1)
     except BaseException as exc:
         loop.abandon()
@@ -161,22 +196,81 @@ def train_lora(
         if isinstance(exc, torch.OutOfMemoryError):
             raise EmlabError(
                 f"out of GPU memory training with batch_size={train.batch_size}, max_length="
-                f"{train.max_length}, lora.r={train.lora.r}: lower tokens_per_pass or batch_size (raise "
-                "grad_accum to keep the effective batch), set gradient_checkpointing: true, or load_in_4bit: true"
+                f"{train.max_length}, lora.r={train.lora.r} ({checkpointing.reason}): lower tokens_per_pass or "
+                "batch_size (raise grad_accum to keep the effective batch), set gradient_checkpointing: true, or "
+                "load_in_4bit: true"
             ) from None
         raise
     finally:
         loop.close()
         peft_model.unload()  # give the caller its base model back without LoRA layers
     seconds = time.perf_counter() - started
+    steady = round(stats.steady_tokens_per_second, 1) if stats.steady_tokens_per_second is not None else None
     write_json(files.summary, {
         "steps": schedule.total_steps, "checkpoints": list(schedule.steps), "rows": len(encoded.rows),
         "rows_too_long": encoded.n_too_long, "tokens_per_epoch": encoded.total_tokens,
         "seconds": round(seconds, 2), "resumed_from": resumed_step,
         "tokens_per_second": round(stats.tokens / seconds, 1) if seconds and stats.tokens else None,
         "passes": stats.passes, "tokens_per_pass": loop.budget,
+        "setup_seconds": round(setup_seconds, 2), "graph_record_seconds": round(stats.record_seconds, 2),
+        "checkpoint_wait_seconds": round(stats.checkpoint_seconds, 2), "steady_tokens_per_second": steady,
+        "gradient_checkpointing": checkpointing.as_dict(),
     })
-    return TrainResult(checkpoints=files.completed(), seconds=seconds, resumed_from=resumed_step, **result_args)
+    log.info(
+        "trained %d steps in %.1f s (%s tokens/s steady after %d warm-up steps); fixed costs: setup %.1f s, "
+        "graph recording %.1f s, checkpoint writes waited on %.1f s; summary in %s",
+        stats.steps, seconds, f"{steady:,.0f}" if steady is not None else "–", stats.warm_steps, setup_seconds,
+        stats.record_seconds, stats.checkpoint_seconds, files.summary,
+    )
+    return TrainResult(checkpoints=files.completed(), seconds=seconds, resumed_from=resumed_step,
+                       setup_seconds=setup_seconds, graph_record_seconds=stats.record_seconds,
+                       checkpoint_wait_seconds=stats.checkpoint_seconds, steady_tokens_per_second=steady,
+                       checkpointing=checkpointing, **result_args)
+
+
+def resolve_checkpointing(model: Any, encoded: EncodedRows, train: TrainSpec, device: torch.device) -> Checkpointing:
+    """`train.gradient_checkpointing` for this call: true (every layer), false (none), or auto:
+    off on a CPU; on a GPU the plan of `emlab.train.memory.plan_checkpointing` for the largest
+    pass against the free memory after the weights. Raises ConfigError when even checkpointing
+    every layer leaves the largest pass too big."""
+    setting = train.gradient_checkpointing
+    layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
+    graphs = train.cuda_graphs and device.type == "cuda"
+    if setting is True:
+        return Checkpointing("true", layers, layers, False, "set to true: every decoder layer")
+    if setting is False:
+        return Checkpointing("false", 0, layers, graphs, "set to false")
+    if device.type != "cuda":
+        return Checkpointing("auto", 0, layers, False, "auto on the CPU: off")
+    shape = DecoderShape.of(model.config)
+    if shape is None:
+        return Checkpointing("auto", 0, layers, graphs, "auto: not a Llama-family shape, memory not estimated: off")
+    pass_tokens = largest_pass_tokens(model.config, encoded, train)
+    free, _total = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by torch, reusable
+    head = model.get_output_embeddings()
+    graphs = (graphs and train.lora.dropout == 0 and not is_quantized(model)
+              and fused_loss_applies(model, head))
+    plan = plan_checkpointing(
+        shape, pass_tokens, free, lora_r=train.lora.r,
+        lora_layers=len(train.lora.layers) if train.lora.layers is not None else None,
+        graphs=graphs, graph_tokens=GRAPH_TOKENS, fused_loss=fused_loss_applies(model, head),
+    )
+    if not plan.fits:
+        raise ConfigError(
+            f"train: a pass of {plan.pass_tokens:,} tokens needs {plan.need_bytes / GIB:.1f} GiB even with gradient "
+            f"checkpointing on every layer, but {plan.free_bytes / GIB:.1f} GiB are free after the weights; lower "
+            f"train.batch_size (now {train.batch_size}), train.max_length ({train.max_length}) or train.tokens_per_pass, "
+            "or set load_in_4bit: true"
+        )
+    return Checkpointing("auto", plan.checkpointed, shape.layers, plan.cuda_graphs, "auto: " + plan.describe())
+
+
+def largest_pass_tokens(model_config: Any, encoded: EncodedRows, train: TrainSpec) -> int:
+    """An upper bound on the tokens of any pass: the packer's budget, or a whole step of the
+    longest row when that is less."""
+    longest = max((len(r["input_ids"]) for r in encoded.rows), default=train.max_length)
+    return min(pass_token_budget(model_config, train), train.batch_size * train.grad_accum * longest)
 
 
 def pass_token_budget(model_config: Any, train: TrainSpec) -> int:
@@ -204,13 +298,21 @@ def pass_token_budget(model_config: Any, train: TrainSpec) -> int:
 class _Stats:
     tokens: int = 0  # real tokens trained on by this call
     passes: int = 0
+    steps: int = 0
+    warm_steps: int = 0  # the first steps, left out of the steady rate
+    record_seconds: float = 0.0  # recording CUDA graphs
+    checkpoint_seconds: float = 0.0  # blocked on checkpoint snapshots and writes
+    steady_tokens_per_second: float | None = None
 
 
 class _LoraLoop:
     """The training loop of one `train_lora` call: model, optimizer, schedule, checkpoints."""
 
     def __init__(self, peft_model: Any, encoded: EncodedRows, train: TrainSpec, files: TrainingFiles,
-                 schedule: CheckpointSchedule, *, seed: int, device: torch.device) -> None:
+                 schedule: CheckpointSchedule, *, seed: int, device: torch.device,
+                 checkpointing: Checkpointing | None = None) -> None:
+        """`checkpointing`: the resolved choice (`resolve_checkpointing`); None: every layer when
+        `train.gradient_checkpointing` is true, none otherwise."""
         self.peft_model = peft_model
         self.rows = encoded.rows
         self.train = train
@@ -226,7 +328,14 @@ class _LoraLoop:
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         self.names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
         on_gpu = device.type == "cuda"
-        self.graphed = on_gpu and train.cuda_graphs and graphs_apply(self.causal_lm, peft_model, train)
+        n_layers = len(getattr(self.decoder, "layers", []))
+        if checkpointing is None:
+            everything = train.gradient_checkpointing is True
+            checkpointing = Checkpointing(str(train.gradient_checkpointing).lower(), n_layers if everything else 0,
+                                          n_layers, not everything, "from train.gradient_checkpointing")
+        self.checkpointing = checkpointing
+        self.graphed = (on_gpu and train.cuda_graphs and checkpointing.cuda_graphs
+                        and graphs_apply(self.causal_lm, train, checkpointing=checkpointing.checkpointed_layers > 0))
         # a CUDA graph replays the update with whatever the learning rate tensor holds then
         lr: float | torch.Tensor = torch.tensor(train.learning_rate, device=device) if self.graphed else train.learning_rate
         self.optimizer = torch.optim.AdamW(
@@ -250,9 +359,8 @@ class _LoraLoop:
         register_packed_attention()
         if on_gpu:
             probe_flash(device)
-        if train.gradient_checkpointing:
-            self.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self._undo.append(self.causal_lm.gradient_checkpointing_disable)
+        if checkpointing.checkpointed_layers > 0:
+            self._checkpoint_layers(checkpointing.checkpointed_layers)
         if on_gpu:
             self._keep_activation_dtype()
         # compiled layers are not recorded into graphs (their capture fails): one or the other
@@ -278,6 +386,24 @@ class _LoraLoop:
 
         self._undo.append(undo)
 
+    def _checkpoint_layers(self, count: int) -> None:
+        """Recompute `count` decoder layers (spread evenly) in the backward pass, keep the rest.
+
+        transformers turns checkpointing on for every layer; the flag each layer reads at every
+        call is then turned off again on the layers left out."""
+        lm = self.causal_lm
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers ≥ 5.2x names it so (the old name warns)
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            self._undo.append(lm.activation_checkpointing_disable)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._undo.append(lm.gradient_checkpointing_disable)
+        layers = list(getattr(self.decoder, "layers", []))
+        chosen = set(checkpointed_layer_indices(len(layers), count))
+        for index, layer in enumerate(layers):
+            if index not in chosen and hasattr(layer, "gradient_checkpointing"):
+                layer.gradient_checkpointing = False
+
     def _compile_layers(self) -> None:
         """Compile each decoder layer on its own: identical layers share one compiled graph, so
         the cost is one layer's compile, paid at the first steps of the run."""
@@ -299,8 +425,14 @@ class _LoraLoop:
         total = self.schedule.total_steps
         checkpoints = set(self.schedule.steps)
         started = time.perf_counter()
+        # the steady rate: steps after the warm ones (all of them for a call of one step)
+        stats.warm_steps = min(_WARM_STEPS, max(0, total - first_step))
+        steady_from = (started, 0, 0.0)  # time, tokens, fixed seconds when the steady steps start
         with progress_bar(total, "training", unit="step", initial=first_step - 1) as bar:
             for step in range(first_step, total + 1):
+                if step == first_step + stats.warm_steps:
+                    self._sync()
+                    steady_from = (time.perf_counter(), stats.tokens, self._fixed_seconds(stats))
                 rows = [self.rows[i] for i in step_rows(len(self.rows), self.train.batch_size,
                                                         self.train.grad_accum, self.seed, step)]
                 lr = self._set_learning_rate()
@@ -314,15 +446,35 @@ class _LoraLoop:
                     lines = self._take_log()
                     bar.set_postfix(loss=f"{lines[-1]['loss']:.3f}",
                                     tokens_s=f"{stats.tokens / (time.perf_counter() - started):,.0f}")
+                    waiting = time.perf_counter()
                     if step in checkpoints:
                         self.writer.save(step, lines, self.optimizer, self.scheduler)
                     else:
                         self.writer.wait()  # the log file has one writer at a time, lines in step order
                         append_jsonl(self.files.log, lines)
-        self.writer.wait()
+                    stats.checkpoint_seconds += time.perf_counter() - waiting
+                stats.steps += 1
+        self._sync()
+        ended, fixed_at_end = time.perf_counter(), self._fixed_seconds(stats)
+        self.writer.wait()  # the last checkpoint's write: a fixed cost, after the steady steps
+        stats.checkpoint_seconds += time.perf_counter() - ended
         if self.pending:  # steps after the last checkpoint (none: the last step is one)
             append_jsonl(self.files.log, self._take_log())
+        since, tokens_before, fixed_before = steady_from
+        steady_seconds = (ended - since) - (fixed_at_end - fixed_before)
+        if stats.tokens > tokens_before and steady_seconds > 0:
+            stats.steady_tokens_per_second = (stats.tokens - tokens_before) / steady_seconds
         return stats
+
+    def _fixed_seconds(self, stats: _Stats) -> float:
+        """Seconds so far of the loop's fixed costs: graph recording and checkpoint waits."""
+        stats.record_seconds = self.graphs.record_seconds if self.graphs is not None else 0.0
+        return stats.record_seconds + stats.checkpoint_seconds
+
+    def _sync(self) -> None:
+        """Wait for the GPU's queued work, so that a clock reading covers it (twice a call)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _set_learning_rate(self) -> float:
         """Give the optimizer this step's learning rate (no host sync); returns it."""
