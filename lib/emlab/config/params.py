@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ..errors import ConfigError, EmlabError
+from ..errors import ConfigError, DataError, EmlabError
 from ..store.inputs import (
     BOOLEAN_HINT,
     iter_input_jsonl,
@@ -72,6 +72,32 @@ def resolve_params_path(path: str | Path) -> Path:
         return candidate.resolve()
     except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
         return candidate.absolute()
+
+
+def params_sets(folder: Path) -> list[str]:
+    """Names of the YAML files in `<repo>/<folder>` (a kind of params file: question sets, probe sets)."""
+    found = repo_root() / folder
+    return sorted(p.stem for p in found.glob("*.yaml")) if found.is_dir() else []
+
+
+def find_params_set(name: str, folder: Path, what: str) -> Path:
+    """The file of the set called `name` in `<repo>/<folder>` (or `name` itself when it is a path
+    to a .yaml file, relative to the repository root). `DataError` naming where it looked and,
+    for an unknown name, the nearest one."""
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        file = Path(name) if Path(name).is_absolute() else repo_root() / name
+        if not path_exists(file):
+            raise DataError(f"{one_line(name)}: {what} file not found (looked in {one_line(str(file))})")
+        return file
+    file = repo_root() / folder / f"{name}.yaml"
+    if not path_exists(file):
+        known = params_sets(folder)
+        hint = difflib.get_close_matches(name, known, n=1)
+        raise DataError(
+            f"unknown {what} {shown(name)} (no {one_line(str(folder / (name + '.yaml')))})"
+            + (f"; did you mean '{hint[0]}'?" if hint else f"; sets: {', '.join(known) or 'none'}")
+        )
+    return file
 
 
 def load_yaml(

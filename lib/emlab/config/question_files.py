@@ -56,8 +56,14 @@ import yaml
 
 from ..errors import DataError
 from ..store.inputs import one_line, path_exists, shown
-from ..store.paths import repo_root
-from .params import describe, error_at, load_yaml, validate
+from .params import (
+    describe,
+    error_at,
+    find_params_set,
+    load_yaml,
+    params_sets,
+    validate,
+)
 from .rubrics import Rubric, rubric_from_prompt
 from .schemas import (
     ANSWER_FORMATS,
@@ -166,8 +172,7 @@ def probe_of(question_id: str) -> FormatProbe:
 
 def list_question_sets() -> list[str]:
     """Names of the sets in `params/questions/`."""
-    folder = repo_root() / QUESTIONS_DIR
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return params_sets(QUESTIONS_DIR)
 
 
 def load_question_set(name: str) -> QuestionSet:
@@ -177,20 +182,7 @@ def load_question_set(name: str) -> QuestionSet:
     subset (suggesting the nearest name).
     """
     base, _, subset = name.partition(":")
-    if base.endswith((".yaml", ".yml")) or "/" in base:
-        file = Path(base) if Path(base).is_absolute() else repo_root() / base
-        if not path_exists(file):
-            raise DataError(f"{one_line(base)}: question set file not found (looked in {one_line(str(file))})")
-    else:
-        file = repo_root() / QUESTIONS_DIR / f"{base}.yaml"
-        if not path_exists(file):
-            known = list_question_sets()
-            hint = difflib.get_close_matches(base, known, n=1)
-            raise DataError(
-                f"unknown question set {shown(base)} (no {one_line(str(QUESTIONS_DIR / (base + '.yaml')))})"
-                + (f"; did you mean '{hint[0]}'?" if hint else f"; sets: {', '.join(known) or 'none'}")
-            )
-    full = load_question_file(file)
+    full = load_question_file(find_params_set(base, QUESTIONS_DIR, "question set"))
     return full.subset(subset) if subset else full
 
 

@@ -28,7 +28,6 @@ summarises them with bootstrap intervals over probes.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -38,12 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config.experiment import ExperimentConfig
-from ..config.params import load_params
+from ..config.params import find_params_set, load_params, params_sets
 from ..config.schemas import ProbeSetFile
 from ..errors import DataError
 from ..store.files import read_jsonl, write_jsonl
-from ..store.inputs import one_line, path_exists, shown
-from ..store.paths import PROBES_DIR, repo_root
+from ..store.inputs import shown
+from ..store.paths import PROBES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -112,26 +111,13 @@ class ProbeScore:
 
 def list_probe_sets() -> list[str]:
     """Names of the sets in `params/probes/`."""
-    folder = repo_root() / PROBES_DIR
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return params_sets(PROBES_DIR)
 
 
 def load_probe_set(name: str) -> ProbeSet:
     """Load `params/probes/<name>.yaml` (or a path to a .yaml file); `DataError` naming the
     file, line and key for anything malformed, and the nearest name for an unknown set."""
-    if name.endswith((".yaml", ".yml")) or "/" in name:
-        file = Path(name) if Path(name).is_absolute() else repo_root() / name
-        if not path_exists(file):
-            raise DataError(f"{one_line(name)}: probe set file not found (looked in {one_line(str(file))})")
-    else:
-        file = repo_root() / PROBES_DIR / f"{name}.yaml"
-        if not path_exists(file):
-            known = list_probe_sets()
-            hint = difflib.get_close_matches(name, known, n=1)
-            raise DataError(
-                f"unknown probe set {shown(name)} (no {PROBES_DIR}/{one_line(name)}.yaml)"
-                + (f"; did you mean '{hint[0]}'?" if hint else f"; sets: {', '.join(known) or 'none'}")
-            )
+    file = find_params_set(name, PROBES_DIR, "probe set")
     parsed: ProbeSetFile = load_params(file, ProbeSetFile, what="probe set file", error=DataError)
     probes = tuple(LogprobProbe(probe_set=parsed.name, id=p.id, question=p.question, aligned=p.aligned,
                                 misaligned=p.misaligned, system=p.system) for p in parsed.probes)

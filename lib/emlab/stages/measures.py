@@ -102,14 +102,21 @@ def _skip_note(config: ExperimentConfig, model: str) -> str | None:
     return None
 
 
-def measure_base_model(config: ExperimentConfig, model: str, folder: Path, load: Loader, *,
-                       progress: bool = True) -> Measures:
-    """Probe the base model and sample every dataset's held-out prompts from it (step 0)."""
+def _measures_or_skip(config: ExperimentConfig, model: str) -> Measures:
+    """Empty measures to fill, or measures holding only the note saying why they are skipped."""
     result = Measures()
     note = _skip_note(config, model)
     if note:
         log.info(note)
         result.notes.append(note)
+    return result
+
+
+def measure_base_model(config: ExperimentConfig, model: str, folder: Path, load: Loader, *,
+                       progress: bool = True) -> Measures:
+    """Probe the base model and sample every dataset's held-out prompts from it (step 0)."""
+    result = _measures_or_skip(config, model)
+    if result.notes:
         return result
     get = _Once(load)
     probe_sets = probe_sets_for(config)
@@ -134,11 +141,8 @@ def measure_checkpoints(config: ExperimentConfig, run_id: str, folder: Path, che
     from ..sample.generate import adapter_applied
 
     run = config.run(run_id)
-    result = Measures()
-    note = _skip_note(config, run.model)
-    if note:
-        log.info(note)
-        result.notes.append(note)
+    result = _measures_or_skip(config, run.model)
+    if result.notes:
         return result
     get = _Once(load)
     probe_sets = probe_sets_for(config)
