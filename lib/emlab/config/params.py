@@ -74,13 +74,13 @@ def resolve_params_path(path: str | Path) -> Path:
         return candidate.absolute()
 
 
-def params_sets(folder: Path) -> list[str]:
+def params_sets(folder: str | Path) -> list[str]:
     """Names of the YAML files in `<repo>/<folder>` (a kind of params file: question sets, probe sets)."""
     found = repo_root() / folder
     return sorted(p.stem for p in found.glob("*.yaml")) if found.is_dir() else []
 
 
-def find_params_set(name: str, folder: Path, what: str) -> Path:
+def find_params_set(name: str, folder: str | Path, what: str) -> Path:
     """The file of the set called `name` in `<repo>/<folder>` (or `name` itself when it is a path
     to a .yaml file, relative to the repository root). `DataError` naming where it looked and,
     for an unknown name, the nearest one."""
@@ -89,6 +89,7 @@ def find_params_set(name: str, folder: Path, what: str) -> Path:
         if not path_exists(file):
             raise DataError(f"{one_line(name)}: {what} file not found (looked in {one_line(str(file))})")
         return file
+    folder = Path(folder)
     file = repo_root() / folder / f"{name}.yaml"
     if not path_exists(file):
         known = params_sets(folder)
