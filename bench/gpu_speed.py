@@ -67,7 +67,13 @@ from emlab.sample.generate import adapter_applied, release_sampler, sample_answe
 from emlab.store.paths import TrainingFiles
 from emlab.train.encode import EncodedRows, encode_chat_rows
 from emlab.train.lora import lora_config, train_lora
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B; the 128,256-token vocabulary is a real cost
     "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
@@ -722,21 +728,20 @@ def bench_big(shape: str, four_bit: bool, args: argparse.Namespace, tokenizer: A
              "load_seconds": round(time.perf_counter() - started, 1)}
     print(f"[build] {shape} {precision}: {facts}", flush=True)
     work.mkdir(parents=True, exist_ok=True)
-    parts: list[tuple[str, Callable[[], None]]] = []
-    if "sample" in args.big_parts:
-        parts.append(("sample", lambda: bench_big_sample(model, shape, four_bit, args, tokenizer, stops, rec, work, facts)))
+    parts: list[tuple[str, str | None]] = [("sample", None)] if "sample" in args.big_parts else []
     if "train" in args.big_parts:
-        for setting in args.big_trainings:
-            parts.append(("train", lambda s=setting: bench_big_train(model, shape, four_bit, s, args, tokenizer, rec,
-                                                                       work / "train", facts)))
-    for part, run in parts:
+        parts += [("train", setting) for setting in args.big_trainings]
+    for part, setting in parts:
         if not may_start(part, args, shape):
             continue
         try:
-            run()
-        except Exception as exc:  # one part's failure (OOM, allocator assert) is a result, not the end of the run
-            rec.add(work=f"{part} failed", shape=shape, four_bit=four_bit, big=True, error=f"{type(exc).__name__}: {exc}"[:500],
-                    peak_gib=peak_gib(), **facts)
+            if setting is None:
+                bench_big_sample(model, shape, four_bit, args, tokenizer, stops, rec, work, facts)
+            else:
+                bench_big_train(model, shape, four_bit, setting, args, tokenizer, rec, work / "train", facts)
+        except Exception as exc:  # noqa: BLE001  one part's failure (OOM, allocator assert) is a result
+            rec.add(work=f"{part} failed", shape=shape, four_bit=four_bit, big=True, setting=setting,
+                    error=f"{type(exc).__name__}: {exc}"[:500], peak_gib=peak_gib(), **facts)
             release_sampler(model)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
