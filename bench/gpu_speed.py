@@ -625,7 +625,7 @@ def bench_big_sample(model: Any, shape: str, four_bit: bool, args: argparse.Name
     timed_calls = calls[1:]
     if not timed_calls:
         return
-    rate = statistics.median(c["tokens_s"] for c in timed_calls)
+    rate = round(statistics.median(c["tokens_s"] for c in timed_calls), 1)
     with_adapter = [c["tokens_s"] for c in timed_calls if c["adapter"]]
     base_rows = [r for r in rec.rows if r.get("baseline") and r.get("shape") == shape and r.get("four_bit") == four_bit]
     baseline = base_rows[-1]["real_tokens_per_s"] if base_rows else None
@@ -683,7 +683,7 @@ def bench_big_train(model: Any, shape: str, four_bit: bool, setting: str, args: 
     per_step = settings["batch_size"] * settings["grad_accum"]
     steps = 4 if args.quick else args.train_steps
     encoded = load_rows(Path(args.data), tokenizer, steps * per_step, max_length=settings["max_length"])
-    checkpointing = not args.no_checkpointing
+    checkpointing: str | bool = {"auto": "auto", "on": True, "off": False}[args.checkpointing]
     spec = TrainSpec(epochs=1, warmup_steps=2, checkpoints=CheckpointSpec(first_epoch=1),
                      gradient_checkpointing=checkpointing, **settings)
     reset_peak()
@@ -694,7 +694,7 @@ def bench_big_train(model: Any, shape: str, four_bit: bool, setting: str, args: 
                             device="cuda" if torch.cuda.is_available() else "cpu")
         sync()
         seconds = time.perf_counter() - started
-    exposed = getattr(result, "steady_tokens_per_s", None)
+    exposed = getattr(result, "steady_tokens_per_second", None)  # train_lora's own figure, where it gives one
     steady = exposed if isinstance(exposed, (int, float)) else clock.steady(1 if args.quick else args.steady_after)
     real = sum(t for _, t in clock.marks) or encoded.total_tokens
     rate = steady or real / seconds
@@ -707,6 +707,11 @@ def bench_big_train(model: Any, shape: str, four_bit: bool, setting: str, args: 
             if steady else "whole call (no step clock)",
             call_seconds=round(seconds, 2), call_tokens_per_s=round(real / seconds, 1),
             fixed_seconds=round(seconds - real / rate, 2) if steady else None,
+            fixed_parts={k: round(getattr(result, k), 2) for k in ("setup_seconds", "graph_record_seconds",
+                                                                   "checkpoint_wait_seconds") if hasattr(result, k)},
+            checkpointing_resolved=(lambda c: c and {"layers": f"{c.checkpointed_layers}/{c.layers}",
+                                                     "cuda_graphs": c.cuda_graphs, "reason": c.reason})(
+                getattr(result, "checkpointing", None)),
             step_seconds=[round(b[0] - a[0], 3) for a, b in zip(clock.marks, clock.marks[1:])],
             mfu=round(4 * n * rate / PEAK_TFLOPS / 1e12, 3), peak_gib=peak_gib(), **facts)
 
@@ -816,8 +821,8 @@ def main() -> None:
     parser.add_argument("--big-trainings", nargs="+", default=list(BIG_TRAININGS), choices=list(BIG_TRAININGS))
     parser.add_argument("--train-steps", type=int, default=12, help="optimizer steps of each big-shape training call")
     parser.add_argument("--steady-after", type=int, default=3, help="steps left out of the steady in-loop rate")
-    parser.add_argument("--no-checkpointing", action="store_true",
-                        help="big-shape training without gradient checkpointing (32B bf16 runs out of memory)")
+    parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
+                        help="gradient checkpointing of big-shape training (auto: train_lora's memory plan)")
     parser.add_argument("--sample-batch", type=int, default=None,
                         help="emlab's sampling batch on big shapes (default: 'auto' where SampleSpec accepts it, else 64)")
     parser.add_argument("--sample-calls", type=int, default=3, help="timed sampling calls after the warm-up call")
