@@ -308,6 +308,9 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     os.environ[KEY_ENV] = "sk-standin"
+    # a judge cache of the run's own: every call is really made (a shared cache would answer a
+    # rerun's identical answers from disk, and the stand-in's scores stay out of users' caches)
+    os.environ["EMLAB_CACHE"] = str(out / "cache")
     os.environ.setdefault("PYTHONPATH", str(REPO / "lib"))  # the stage kernels import emlab from this checkout
     register_kernel(out)
 
