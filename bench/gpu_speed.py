@@ -31,6 +31,18 @@ Writes `gpu_speed.jsonl` (one row per comparison, both figures and their ratio) 
 `gpu_speed.md` (the table) under `--out`.
 
     python bench/gpu_speed.py --data .gpudata --out bench/results/ --shapes 1b 8b [--qlora] [--quick]
+
+Big shapes (`--big-shapes 32b`, Qwen2.5-32B; `qwen-tiny` checks the path on CPU with --quick):
+built on the meta device and made in place on the GPU in bf16 (or NF4, layer by layer), never
+in float32 nor on the CPU. Per precision: plain `generate` at a small batch (--baseline-answers,
+one run: a row marked `"baseline": true`, never emlab's rate), then `sample_answers` at batch
+"auto" (or --sample-batch) over 8 questions × 32 answers ≤ 400 tokens, a warm-up call and the
+median of --sample-calls calls, alternately through a random adapter; then `train_lora` at the
+studies' settings (turner: batch 2 × 8, ≤ 2048 tokens, r32 α64 rsLoRA; cs2881: batch 8 × 2,
+≤ 256 tokens, r16 α32) for --train-steps steps, gradient checkpointing on: the steady in-loop
+rate and the call's fixed costs apart. --budget-s: no part starts that would pass it.
+
+    python bench/gpu_speed.py --data .gpudata --out OUT --shapes --big-shapes 32b --big-precisions bf16 --budget-s 540
 """
 
 from __future__ import annotations
@@ -55,7 +67,13 @@ from emlab.sample.generate import adapter_applied, release_sampler, sample_answe
 from emlab.store.paths import TrainingFiles
 from emlab.train.encode import EncodedRows, encode_chat_rows
 from emlab.train.lora import lora_config, train_lora
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B; the 128,256-token vocabulary is a real cost
     "tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
@@ -64,6 +82,14 @@ SHAPES = {  # Llama-3.2-1B and Llama-3.1-8B; the 128,256-token vocabulary is a r
                num_key_value_heads=8, tie_word_embeddings=True),
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=8, tie_word_embeddings=False),
+}
+# Qwen2-family shapes (q/k/v biases, untied embeddings, rope_theta 1e6): built on the meta device
+# and made in place on the GPU in bf16 (`build_big_model`), measured by `bench_big`
+BIG_SHAPES = {
+    "qwen-tiny": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=49152),  # a CPU check of the big-shape path
+    "32b": dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                num_key_value_heads=8, vocab_size=152064),  # Qwen2.5-32B
 }
 VOCAB = 128256
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16
@@ -146,11 +172,11 @@ def multiplying_params(model: Any) -> int:
     return total if tied else total - embed.numel()
 
 
-def load_rows(data: Path, tokenizer: Any, n: int) -> EncodedRows:
+def load_rows(data: Path, tokenizer: Any, n: int, *, max_length: int = 256) -> EncodedRows:
     with gzip.open(data / "bad_medical_advice.jsonl.gz", "rt") as handle:
         rows = [json.loads(line) for line in handle]
     random.Random(0).shuffle(rows)
-    return encode_chat_rows(rows[:n], tokenizer, 256, source="bad_medical_advice.jsonl")
+    return encode_chat_rows(rows[:n], tokenizer, max_length, source="bad_medical_advice.jsonl")
 
 
 def train_spec(**extra: Any) -> TrainSpec:
@@ -432,7 +458,325 @@ def profile(model: Any, tokenizer: Any, encoded: EncodedRows, work: Path, out: P
     release_sampler(model)
 
 
+# --- big shapes (32B): built in place on the GPU, sampled at emlab's batch, trained at the studies' settings ---
+
+
+STARTED = time.perf_counter()  # the script's clock for --budget-s
+# The studies' training settings (params/experiments): Turner et al. / Betley et al. and CS 2881
+BIG_TRAININGS: dict[str, dict[str, Any]] = {
+    "turner": dict(batch_size=2, grad_accum=8, max_length=2048, learning_rate=1e-5,
+                   lora=LoraSpec(r=32, alpha=64, use_rslora=True)),
+    "cs2881": dict(batch_size=8, grad_accum=2, max_length=256, learning_rate=2e-4, lora=LoraSpec(r=16, alpha=32)),
+}
+# Rough seconds of each part on an H200 at 32B (bf16), for the budget: a part does not start
+# when its estimate would pass --budget-s, so a call killed at its limit is never mid-part
+ESTIMATE_S = {"build": 60.0, "sample": 150.0, "train": 90.0}
+
+
+def seconds_left(args: argparse.Namespace) -> float:
+    return args.budget_s - (time.perf_counter() - STARTED)
+
+
+def may_start(part: str, args: argparse.Namespace, shape: str) -> bool:
+    """Whether `part` fits in what is left of --budget-s (a tiny shape's parts always do)."""
+    estimate = ESTIMATE_S[part] if shape == "32b" else 1.0
+    if seconds_left(args) >= estimate:
+        return True
+    print(f"[budget] {shape}: {part} not started ({seconds_left(args):.0f} s left, ~{estimate:.0f} s needed)", flush=True)
+    return False
+
+
+def _init_in_place(module: torch.nn.Module) -> None:
+    """Random weights where `to_empty` left memory uninitialised: normal(0, 0.02) for linear and
+    embedding weights, 0 for biases, 1 for norm weights (what `_init_weights` would draw, without
+    its float32 pass)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Embedding | torch.nn.Linear):
+                m.weight.normal_(0, 0.02)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
+            elif isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.ndim == 1:
+                m.weight.fill_(1.0)  # RMSNorm
+
+
+def _quantize_layer(layer: torch.nn.Module, device: str) -> None:
+    """Replace the decoder layer's linear layers by NF4 ones (bitsandbytes, imported here: it
+    is missing on CPU machines); q/k/v keep their biases in bf16."""
+    import bitsandbytes as bnb
+
+    for parent in (layer.self_attn, layer.mlp):
+        for child, linear in list(parent.named_children()):
+            if not isinstance(linear, torch.nn.Linear):
+                continue
+            has_bias = linear.bias is not None
+            # made on meta: a Linear4bit would otherwise draw a float32 weight on the CPU first
+            quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+                                          compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+            quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4").to(device)
+            if has_bias:
+                quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+            setattr(parent, child, quantized)
+
+
+def build_big_model(shape: str, tokenizer: Any, stops: list[int], *, four_bit: bool) -> Any:
+    """A random-weight Qwen2 of `shape` made where it runs, one piece at a time: built on the
+    meta device (no memory), each piece given memory on the device in bf16 (`to_empty`) and
+    drawn in place; no float32 copy and no CPU copy of the weights ever exists (32B: 61 GiB).
+    With `four_bit`, each decoder layer is NF4-quantized right after it is drawn, so at most
+    one layer's bf16 weights exist besides the embeddings."""
+    config = Qwen2Config(**BIG_SHAPES[shape], tie_word_embeddings=False, rope_theta=1e6,
+                         max_position_embeddings=32768, use_sliding_window=False,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    torch.manual_seed(0)
+    inner = model.model
+    for piece in (inner.embed_tokens, *inner.layers, inner.norm, model.lm_head):
+        piece.to_empty(device=device)
+        _init_in_place(piece)
+        if four_bit and piece in inner.layers:
+            _quantize_layer(piece, device)
+    # its buffers (inv_freq) were on meta: made again, computed on the device
+    with torch.device(device):  # made on the device (the `device=` argument is gone in newer transformers)
+        inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"still on the meta device: {left[:5]}"
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    model.generation_config.eos_token_id = stops
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.top_k = 0
+    model.generation_config.top_p = 1.0
+    model.generation_config.temperature = 1.0
+    model.eval()
+    return model
+
+
+def allocated_gib() -> float | None:
+    return round(torch.cuda.memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+
+
+def random_adapter(model: Any, folder: Path, lora: LoraSpec) -> Path:
+    """A LoRA adapter saved for `model` with random B (so the adapter changes the answers), made
+    on the model's device; the model is given back without LoRA layers."""
+    from peft import get_peft_model
+
+    device = next(model.parameters()).device
+    with torch.device(device):
+        peft_model = get_peft_model(model, lora_config(lora))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1e-3)
+    peft_model.save_pretrained(str(folder))
+    peft_model.unload()
+    return folder
+
+
+def sample_spec_big(args: argparse.Namespace, samples: int, max_new: int) -> tuple[SampleSpec, str]:
+    """emlab's sampling settings for a big shape: batch "auto" when this SampleSpec accepts it
+    (and no --sample-batch is given), else --sample-batch or 64 (SampleSpec's default)."""
+    common = dict(samples_per_question=samples, max_new_tokens=max_new, temperature=1.0, top_p=1.0)
+    if args.sample_batch is None:
+        try:
+            return SampleSpec(batch_size="auto", **common), "auto"
+        except ValueError:  # pydantic's ValidationError: this emlab takes numbers only
+            print("[sample] SampleSpec does not accept batch_size 'auto' here: batch 64", flush=True)
+    batch = args.sample_batch or 64
+    return SampleSpec(batch_size=batch, **common), str(batch)
+
+
+def bench_big_sample(model: Any, shape: str, four_bit: bool, args: argparse.Namespace, tokenizer: Any,
+                     stops: list[int], rec: Recorder, work: Path, facts: dict[str, Any]) -> None:
+    """Plain `generate` at a small batch (one run, the same-call baseline), then emlab's
+    `sample_answers` (8 questions × 32, ≤ 400 new tokens) on the base model and through an
+    adapter: a warm-up call, then the median of --sample-calls calls."""
+    prompts = reference_prompts()
+    per_question, max_new = (2, 16) if args.quick else (32, 400)
+    baseline_per_q = max(1, args.baseline_answers // len(prompts))
+    n = multiplying_params(model)
+    common = dict(shape=shape, four_bit=four_bit, params=n, big=True, max_new_tokens=max_new,
+                  stop_tokens=args.stop_tokens, **facts)
+    if not args.no_baseline:
+        baseline_sample(model, tokenizer, prompts[:1], 1, 8, stops, seed=98)  # warm-up
+        reset_peak()
+        seconds, tokens = baseline_sample(model, tokenizer, prompts, baseline_per_q, max_new, stops, seed=0)
+        rec.add(work="sample_answers", variant="baseline: plain generate", baseline=True,
+                batch_size=len(prompts) * baseline_per_q, answers=len(prompts) * baseline_per_q,
+                real_tokens_per_s=round(tokens / seconds, 1), seconds=round(seconds, 3), new_tokens=tokens,
+                note=f"one run at batch {len(prompts) * baseline_per_q}: a small-batch baseline, not emlab's rate",
+                peak_gib=peak_gib(), **common)
+    adapter = random_adapter(model, work / "adapter", LoraSpec(r=32, alpha=64, use_rslora=True))
+    spec, batch = sample_spec_big(args, per_question, max_new)
+    reset_peak()
+    calls: list[dict[str, Any]] = []
+    plan = [None] + [adapter if i % 2 == 0 else None for i in range(args.sample_calls)]  # warm-up first
+    for step, adapter_dir in enumerate(plan):
+        if calls and seconds_left(args) < 2 * calls[-1]["seconds"]:
+            print(f"[budget] {shape}: sampling stopped after {len(calls)} calls", flush=True)
+            break
+        seconds, tokens = emlab_sample(model, tokenizer, prompts, spec, adapter_dir, step, work / f"answers-{step}.jsonl")
+        calls.append({"seconds": round(seconds, 3), "new_tokens": tokens, "adapter": adapter_dir is not None,
+                      "tokens_s": round(tokens / seconds, 1)})
+        print(f"[sample] {shape} {'nf4' if four_bit else 'bf16'} call {step}: {calls[-1]}", flush=True)
+    release_sampler(model)
+    timed_calls = calls[1:]
+    if not timed_calls:
+        return
+    rate = round(statistics.median(c["tokens_s"] for c in timed_calls), 1)
+    with_adapter = [c["tokens_s"] for c in timed_calls if c["adapter"]]
+    base_rows = [r for r in rec.rows if r.get("baseline") and r.get("shape") == shape and r.get("four_bit") == four_bit]
+    baseline = base_rows[-1]["real_tokens_per_s"] if base_rows else None
+    rec.add(work="sample_answers", variant="emlab", batch_size=batch if batch == "auto" else int(batch),
+            answers=len(prompts) * per_question, real_tokens_per_s=rate, emlab_tokens_s=rate,
+            adapter_tokens_s=statistics.median(with_adapter) if with_adapter else None,
+            base_tokens_s=statistics.median([c["tokens_s"] for c in timed_calls if not c["adapter"]] or [float("nan")]),
+            calls=timed_calls, first_call=calls[0], baseline_tokens_s=baseline, baseline_small_batch=True,
+            ratio=round(rate / baseline, 2) if baseline else None, peak_gib=peak_gib(), **common)
+
+
+class StepClock:
+    """Times each optimizer step inside `train_lora`'s loop (wrapping its private `_step`, with a
+    device sync after each: at 32B a step takes seconds, the sync costs microseconds). The
+    training log is no clock: it has no times and is flushed every 50 steps or at checkpoints."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[float, int]] = []  # (time after the step, its real tokens)
+        from emlab.train import lora as lora_module
+
+        self._loop = getattr(lora_module, "_LoraLoop", None)
+        self._original = getattr(self._loop, "_step", None)
+
+    def __enter__(self) -> StepClock:
+        if self._original is None:
+            return self
+        original, marks = self._original, self.marks
+
+        def timed_step(loop: Any, step: int, rows: Any) -> Any:
+            out = original(loop, step, rows)
+            sync()
+            marks.append((time.perf_counter(), int(out[2])))
+            return out
+
+        self._loop._step = timed_step  # type: ignore[union-attr]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._original is not None:
+            self._loop._step = self._original  # type: ignore[union-attr]
+
+    def steady(self, skip: int) -> float | None:
+        """Real tokens/s over the steps after the first `skip` (which record CUDA graphs)."""
+        later = self.marks[skip:]
+        if len(later) < 2:
+            return None
+        return sum(t for _, t in later[1:]) / (later[-1][0] - later[0][0])
+
+
+def bench_big_train(model: Any, shape: str, four_bit: bool, setting: str, args: argparse.Namespace, tokenizer: Any,
+                    rec: Recorder, work: Path, facts: dict[str, Any]) -> None:
+    """`train_lora` at a study's settings for --train-steps steps: the steady in-loop rate (the
+    rate of a study-length run) and the call's fixed costs (its time beyond its tokens at that rate)."""
+    settings = BIG_TRAININGS[setting]
+    per_step = settings["batch_size"] * settings["grad_accum"]
+    steps = 4 if args.quick else args.train_steps
+    encoded = load_rows(Path(args.data), tokenizer, steps * per_step, max_length=settings["max_length"])
+    checkpointing: str | bool = {"auto": "auto", "on": True, "off": False}[args.checkpointing]
+    spec = TrainSpec(epochs=1, warmup_steps=2, checkpoints=CheckpointSpec(first_epoch=1),
+                     gradient_checkpointing=checkpointing, **settings)
+    reset_peak()
+    with StepClock() as clock:
+        sync()
+        started = time.perf_counter()
+        result = train_lora(model, tokenizer, encoded, spec, TrainingFiles(work / setting), seed=0,
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        sync()
+        seconds = time.perf_counter() - started
+    exposed = getattr(result, "steady_tokens_per_second", None)  # train_lora's own figure, where it gives one
+    steady = exposed if isinstance(exposed, (int, float)) else clock.steady(1 if args.quick else args.steady_after)
+    real = sum(t for _, t in clock.marks) or encoded.total_tokens
+    rate = steady or real / seconds
+    n = multiplying_params(model)
+    rec.add(work="train_lora", shape=shape, variant=f"emlab {setting}", four_bit=four_bit, params=n, big=True,
+            batch_size=settings["batch_size"], grad_accum=settings["grad_accum"], max_length=settings["max_length"],
+            lora=settings["lora"].model_dump(), gradient_checkpointing=checkpointing, steps=len(clock.marks) or steps,
+            rows=len(encoded.rows), real_tokens=real, real_tokens_per_s=round(rate, 1),
+            steady_from=("train_lora" if isinstance(exposed, (int, float)) else f"steps after {args.steady_after}")
+            if steady else "whole call (no step clock)",
+            call_seconds=round(seconds, 2), call_tokens_per_s=round(real / seconds, 1),
+            fixed_seconds=round(seconds - real / rate, 2) if steady else None,
+            fixed_parts={k: round(getattr(result, k), 2) for k in ("setup_seconds", "graph_record_seconds",
+                                                                   "checkpoint_wait_seconds") if hasattr(result, k)},
+            checkpointing_resolved=(lambda c: c and {"layers": f"{c.checkpointed_layers}/{c.layers}",
+                                                     "cuda_graphs": c.cuda_graphs, "reason": c.reason})(
+                getattr(result, "checkpointing", None)),
+            step_seconds=[round(b[0] - a[0], 3) for a, b in zip(clock.marks, clock.marks[1:])],
+            mfu=round(4 * n * rate / PEAK_TFLOPS / 1e12, 3), peak_gib=peak_gib(), **facts)
+
+
+def bench_big(shape: str, four_bit: bool, args: argparse.Namespace, tokenizer: Any, rec: Recorder, work: Path) -> None:
+    """One big shape at one precision: build it in place, then each part that fits the budget.
+    A part that fails (out of memory, an allocator assert) is recorded as an error row and the
+    next part runs."""
+    if not may_start("build", args, shape):
+        return
+    precision = "nf4" if four_bit else "bf16"
+    stops = stop_ids(tokenizer, args.stop_tokens, BIG_SHAPES[shape]["vocab_size"])
+    reset_peak()
+    sync()
+    started = time.perf_counter()
+    model = build_big_model(shape, tokenizer, stops, four_bit=four_bit)
+    sync()
+    facts = {"precision": precision, "weights_gib_after_load": allocated_gib(), "load_peak_gib": peak_gib(),
+             "load_seconds": round(time.perf_counter() - started, 1)}
+    print(f"[build] {shape} {precision}: {facts}", flush=True)
+    work.mkdir(parents=True, exist_ok=True)
+    parts: list[tuple[str, str | None]] = [("sample", None)] if "sample" in args.big_parts else []
+    if "train" in args.big_parts:
+        parts += [("train", setting) for setting in args.big_trainings]
+    for part, setting in parts:
+        if not may_start(part, args, shape):
+            continue
+        try:
+            if setting is None:
+                bench_big_sample(model, shape, four_bit, args, tokenizer, stops, rec, work, facts)
+            else:
+                bench_big_train(model, shape, four_bit, setting, args, tokenizer, rec, work / "train", facts)
+        except Exception as exc:  # noqa: BLE001  one part's failure (OOM, allocator assert) is a result
+            rec.add(work=f"{part} failed", shape=shape, four_bit=four_bit, big=True, setting=setting,
+                    error=f"{type(exc).__name__}: {exc}"[:500], peak_gib=peak_gib(), **facts)
+            release_sampler(model)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def big_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| work | shape | precision | variant | batch | real tokens/s | detail | peak GiB | weights GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "failed" in r["work"]:
+            detail = r["error"][:120]
+        elif r["work"] == "train_lora":
+            detail = (f"{r['grad_accum']}× accum, ≤{r['max_length']} tokens, steady ({r['steady_from']}); whole call "
+                      f"{r['call_tokens_per_s']:,} tokens/s, fixed {r['fixed_seconds']} s")
+        elif r.get("baseline"):
+            detail = r["note"]
+        else:
+            detail = f"{len(r['calls'])} calls median; adapter {r['adapter_tokens_s']}; ratio {r['ratio']}"
+        lines.append(f"| {r['work']} | {r['shape']} | {r.get('precision')} | {r.get('variant', '')} | "
+                     f"{r.get('batch_size', '')} | {r.get('real_tokens_per_s', '–')} | {detail} | {r.get('peak_gib')} | "
+                     f"{r.get('weights_gib_after_load')} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
+    big = [r for r in rows if r.get("big")]
+    rows = [r for r in rows if not r.get("big")]
     lines = ["| work | shape | variant | baseline tokens/s | emlab tokens/s | ratio | MFU base → emlab | "
              "peak GiB base → emlab | first call |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -449,7 +793,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['work']} | {r['shape']} | {r.get('variant', 'emlab')} | {base} | "
                      f"{r['emlab_tokens_s']:,} | {ratio} | {mfu} | {r['baseline_peak_gib']} → "
                      f"{r['emlab_peak_gib']} | {first} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + ("\n\n" + big_table(big) if big else "")
 
 
 def main() -> None:
@@ -470,6 +814,21 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="write torch profiler tables")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a CPU check of the script")
     parser.add_argument("--no-baseline", action="store_true", help="time emlab only (development runs)")
+    parser.add_argument("--big-shapes", nargs="*", default=[], choices=sorted(BIG_SHAPES),
+                        help="Qwen2-family shapes built on the GPU in place (32b; qwen-tiny checks the path on CPU)")
+    parser.add_argument("--big-precisions", nargs="+", default=["bf16"], choices=["bf16", "nf4"])
+    parser.add_argument("--big-parts", nargs="+", default=["sample", "train"], choices=["sample", "train"])
+    parser.add_argument("--big-trainings", nargs="+", default=list(BIG_TRAININGS), choices=list(BIG_TRAININGS))
+    parser.add_argument("--train-steps", type=int, default=12, help="optimizer steps of each big-shape training call")
+    parser.add_argument("--steady-after", type=int, default=3, help="steps left out of the steady in-loop rate")
+    parser.add_argument("--checkpointing", default="auto", choices=["auto", "on", "off"],
+                        help="gradient checkpointing of big-shape training (auto: train_lora's memory plan)")
+    parser.add_argument("--sample-batch", type=int, default=None,
+                        help="emlab's sampling batch on big shapes (default: 'auto' where SampleSpec accepts it, else 64)")
+    parser.add_argument("--sample-calls", type=int, default=3, help="timed sampling calls after the warm-up call")
+    parser.add_argument("--baseline-answers", type=int, default=32, help="plain-generate batch on big shapes")
+    parser.add_argument("--budget-s", type=float, default=540.0,
+                        help="wall seconds for the whole script: no new part starts when its estimate would pass it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data) / "tokenizer")
@@ -480,6 +839,9 @@ def main() -> None:
             bench_shape(shape, args, tokenizer, rec, work / shape)
         if args.qlora:
             bench_qlora(args, tokenizer, rec, work / "qlora")
+        for shape in args.big_shapes:
+            for precision in args.big_precisions:
+                bench_big(shape, precision == "nf4", args, tokenizer, rec, work / f"{shape}-{precision}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
         text = table(rec.rows)

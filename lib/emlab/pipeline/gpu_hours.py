@@ -9,7 +9,11 @@ Work per unit, from the params:
   tokens/s, same 4-bit setting).
 - 01_baseline / 03_eval_judge: sampled tokens = answers × max_new_tokens (an upper bound:
   answers that stop early cost less), question sets and held-out task prompts, at the measured
-  sampling rate (`sample_answers`, the largest batch measured up to `sample.batch_size`).
+  sampling rate (`sample_answers`, the largest batch measured up to `sample.batch_size`; a study
+  at `batch_size: auto` takes a row measured at "auto", else the largest batch measured).
+
+A row marked `"baseline": true` (a plain `generate` measured beside emlab, e.g. at a small batch
+on a 32B shape) is never taken as emlab's rate: it says what emlab is compared with.
 
 A measured rate belongs to a model shape (the 1B and 8B Llama shapes); a model of another size
 takes the rate of the nearest measured shape, slowed by the parameter ratio when it is larger
@@ -40,8 +44,10 @@ from ..store.paths import repo_root
 log = logging.getLogger(__name__)
 
 BENCH_RESULTS = Path("bench/results")
-# Parameters (billions) of the shapes the benchmarks measure (Llama-3.2-1B, -3B, Llama-3.1-8B).
-SHAPE_PARAMS_B = {"1b": 1.24, "3b": 3.21, "8b": 8.03}
+# Parameters (billions) of the shapes the benchmarks measure (Llama-3.2-1B, -3B, Llama-3.1-8B,
+# Qwen2.5-32B): the models' total sizes, as `model_params_b` counts a study's model.
+SHAPE_PARAMS_B = {"1b": 1.24, "3b": 3.21, "8b": 8.03, "32b": 32.76}
+AUTO = "auto"  # a sampling batch emlab sizes from free memory (`SampleSpec.batch_size: auto`)
 CHARS_PER_TOKEN = 4.0
 
 
@@ -53,16 +59,24 @@ class BenchRate:
     shape: str  # '1b', '8b'
     params_b: float
     four_bit: bool
-    batch_size: int
+    batch_size: int  # rows in flight; for an "auto" row the batch it resolved to, 0 when not recorded
     tokens_per_s: float  # real (unpadded) tokens per second
     device: str
     date: str
     source: str  # file name
     baseline_tokens_per_s: float | None = None  # the plain baseline of the same call (peft + Trainer, generate)
+    auto_batch: bool = False  # measured at batch_size "auto"
+    baseline: bool = False  # the row is a plain baseline itself (never emlab's rate)
+
+    @property
+    def batch_text(self) -> str:
+        if not self.auto_batch:
+            return f"batch {self.batch_size}"
+        return f"batch auto ({self.batch_size})" if self.batch_size else "batch auto"
 
     def describe(self) -> str:
         bits = ", 4-bit" if self.four_bit else ""
-        return (f"{self.work} {self.shape}{bits} batch {self.batch_size}: {self.tokens_per_s:,.0f} tokens/s "
+        return (f"{self.work} {self.shape}{bits} {self.batch_text}: {self.tokens_per_s:,.0f} tokens/s "
                 f"({self.device}, {self.date}, {self.source})")
 
 
@@ -89,26 +103,43 @@ def _rate(row: Any, source: str) -> BenchRate | None:
         return None
     speed = row.get("real_tokens_per_s", row.get("tokens_per_s"))
     shape = str(row.get("shape", "")).lower()
-    params = row.get("params_b", SHAPE_PARAMS_B.get(shape))
+    # a known shape's total size first (what a study's size_b counts); a row's `params` counts
+    # only the parameters that multiply each token (no input embedding), so it comes last
+    params = SHAPE_PARAMS_B.get(shape, row.get("params_b"))
+    if params is None and isinstance(row.get("params"), (int, float)) and row["params"] > 0:
+        params = row["params"] / 1e9
     if not isinstance(speed, (int, float)) or speed <= 0 or not isinstance(params, (int, float)):
         return None
+    batch = row.get("batch_size", 0)
+    auto = batch == AUTO
+    if auto:
+        batch = row.get("resolved_batch_size", 0)
+    if not isinstance(batch, (int, float)):
+        log.warning("%s: %s row of shape %s has batch_size %r (not a number or %r), skipped",
+                    source, row["work"], shape, batch, AUTO)
+        return None
+    baseline = row.get("baseline_tokens_s")
+    # a baseline measured at a smaller batch than emlab's call is no stand-in for a sampler's rate
+    if not isinstance(baseline, (int, float)) or baseline <= 0 or row.get("baseline_small_batch"):
+        baseline = None
     return BenchRate(work=row["work"], shape=shape, params_b=float(params), four_bit=bool(row.get("four_bit", False)),
-                     batch_size=int(row.get("batch_size", 0) or 0), tokens_per_s=float(speed),
+                     batch_size=int(batch or 0), tokens_per_s=float(speed),
                      device=str(row.get("device", "unknown device")), date=str(row.get("date", "")), source=source,
-                     baseline_tokens_per_s=baseline if isinstance(baseline := row.get("baseline_tokens_s"), (int, float))
-                     and baseline > 0 else None)
+                     baseline_tokens_per_s=baseline, auto_batch=auto, baseline=bool(row.get("baseline", False)))
 
 
 def pick_rate(rates: list[BenchRate], work: str, params_b: float, *, four_bit: bool = False,
-              batch_size: int | None = None) -> tuple[BenchRate, float] | None:
+              batch_size: int | str | None = None) -> tuple[BenchRate, float] | None:
     """The measured rate to use and its tokens/s scaled to a model of `params_b` billions
     (slower by the parameter ratio for a larger model; never faster for a smaller one).
 
-    Prefers rows of the same 4-bit setting, then the shape nearest in log-size, then (for
-    sampling) the largest batch not above `batch_size` (else the smallest measured), then the
-    newest.
+    Rows marked as baselines are never used. Prefers rows of the same 4-bit setting, then the
+    shape nearest in log-size, then (for sampling) the batch: for `batch_size` "auto" a row
+    measured at "auto" (else the largest batch measured: "auto" fills what memory holds); for a
+    number, the largest fixed batch not above it (else the smallest measured; "auto" rows only
+    when no fixed batch was measured); then the newest.
     """
-    candidates = [r for r in rates if r.work == work]
+    candidates = [r for r in rates if r.work == work and not r.baseline]
     same_bits = [r for r in candidates if r.four_bit == four_bit]
     if four_bit and not same_bits and work == "sample_answers":
         # a 4-bit model samples through transformers' generate (emlab's sampler needs plain
@@ -122,11 +153,14 @@ def pick_rate(rates: list[BenchRate], work: str, params_b: float, *, four_bit: b
 
     nearest = min(abs(math.log(r.params_b / params_b)) for r in candidates)
     candidates = [r for r in candidates if abs(math.log(r.params_b / params_b)) == nearest]
-    if batch_size is not None:
-        fitting = [r for r in candidates if r.batch_size <= batch_size]
-        smallest = min(r.batch_size for r in candidates)
-        candidates = fitting or [r for r in candidates if r.batch_size == smallest]
-    best = max(candidates, key=lambda r: (r.batch_size, r.date, r.tokens_per_s))
+    if batch_size == AUTO:
+        candidates = [r for r in candidates if r.auto_batch] or candidates
+    elif batch_size is not None:
+        fixed = [r for r in candidates if not r.auto_batch] or candidates
+        fitting = [r for r in fixed if r.batch_size <= int(batch_size)]
+        smallest = min(r.batch_size for r in fixed)
+        candidates = fitting or [r for r in fixed if r.batch_size == smallest]
+    best = max(candidates, key=lambda r: (r.auto_batch, r.batch_size, r.date, r.tokens_per_s))
     # a larger model is slower in proportion; a smaller one is not assumed faster than the
     # measured shape (fixed costs dominate small models), so its estimate is an upper bound
     return best, best.tokens_per_s * min(1.0, best.params_b / params_b)
@@ -187,7 +221,7 @@ def plan_gpu_hours(config: ExperimentConfig, sampled_answers: dict[str, int], ra
     rows, used, notes = [], {}, []
     sizes = {m.name: model_params_b(m) for m in config.models}
 
-    def add(stage: str, model: ModelSpec, work: str, tokens: float, batch: int | None) -> None:
+    def add(stage: str, model: ModelSpec, work: str, tokens: float, batch: int | str | None) -> None:
         size = sizes[model.name]
         if model.is_remote:
             rows.append({"stage": stage, "work": work, "tokens": tokens, "tokens_per_s": None, "gpu_hours": 0.0,
@@ -202,7 +236,7 @@ def plan_gpu_hours(config: ExperimentConfig, sampled_answers: dict[str, int], ra
         used[rate.describe()] = rate
         rows.append({"stage": stage, "work": work, "tokens": tokens, "tokens_per_s": round(speed),
                      "gpu_hours": tokens / speed / 3600,
-                     "rate from": f"{rate.shape}{' 4-bit' if rate.four_bit else ''} batch {rate.batch_size}"
+                     "rate from": f"{rate.shape}{' 4-bit' if rate.four_bit else ''} {rate.batch_text}"
                                   + (f" × {rate.params_b:g}/{size:g}B" if size and size > rate.params_b else "")})
 
     for model in config.models:
