@@ -381,7 +381,7 @@ def bench_shape(shape: str, args: argparse.Namespace, tokenizer: Any, rec: Recor
         if not args.no_baseline:
             baseline_sample(model, tokenizer, prompts, samples, max_new, stops, seed=99)  # warm-up: the same run
             reset_peak()
-            base_s, base_tok = timed(args.repeats, lambda r: baseline_sample(model, tokenizer, prompts, samples,
+            base_s, base_tok = timed(args.repeats, lambda r, m=model: baseline_sample(m, tokenizer, prompts, samples,
                                                                              max_new, stops, seed=r))
             base_peak = peak_gib()
         sample = SampleSpec(samples_per_question=samples, max_new_tokens=max_new, batch_size=len(prompts) * samples,
@@ -594,7 +594,7 @@ def bench_big_sample(model: Any, shape: str, four_bit: bool, args: argparse.Name
     `sample_answers` (8 questions × 32, ≤ 400 new tokens) on the base model and through an
     adapter: a warm-up call, then the median of --sample-calls calls."""
     prompts = reference_prompts()
-    per_question, max_new = (2, 16) if args.quick else (32, 400)
+    per_question, max_new = (2, 16) if args.quick else (args.big_answers, 400)
     baseline_per_q = max(1, args.baseline_answers // len(prompts))
     n = multiplying_params(model)
     common = dict(shape=shape, four_bit=four_bit, params=n, big=True, max_new_tokens=max_new,
@@ -755,6 +755,45 @@ def bench_big(shape: str, four_bit: bool, args: argparse.Namespace, tokenizer: A
         torch.cuda.empty_cache()
 
 
+def bench_defaults(args: argparse.Namespace, tokenizer: Any, rec: Recorder, work: Path) -> None:
+    """The CS 2881 arm's evaluation as a user runs it: 20 questions × 50 answers ≤ 600 tokens on
+    the 1B shape, sampled with a study file's settings (no sampling knobs: `SampleSpec()`'s
+    defaults) and with the best hand-tuned setting measured before (batch 400, waves of 1,000);
+    a warm-up call each, then calls alternating between the two, median of --repeats each."""
+    shape = "qwen-tiny" if args.quick else "1b"
+    stops = stop_ids(tokenizer, args.stop_tokens, (SHAPES.get(shape) or BIG_SHAPES[shape]).get("vocab_size", VOCAB))
+    model = build_model(shape, tokenizer, stops) if shape in SHAPES else build_big_model(shape, tokenizer, stops,
+                                                                                              four_bit=False)
+    questions = [q for name in ("general", "medical") for q in load_question_set(name).questions][:20]
+    prompts = [Prompt(q.question_set, q.id, q.text, tuple(question_messages(q))) for q in questions]
+    samples, max_new = (2, 16) if args.quick else (50, 600)
+    settings = {"defaults (auto)": SampleSpec(samples_per_question=samples, max_new_tokens=max_new),
+                "hand-tuned (batch 400, waves of 1,000)": SampleSpec(samples_per_question=samples, max_new_tokens=max_new,
+                                                                     batch_size=400, wave_size=1000)}
+    runs: dict[str, list[float]] = {name: [] for name in settings}
+    step = 0
+    for name, spec in settings.items():  # warm-up: graphs recorded, cache sized
+        emlab_sample(model, tokenizer, prompts, spec, None, step, work / f"w{step}.jsonl")
+        step += 1
+    reset_peak()
+    for _ in range(args.repeats):
+        for name, spec in settings.items():
+            seconds, tokens = emlab_sample(model, tokenizer, prompts, spec, None, step, work / f"d{step}.jsonl")
+            runs[name].append(round(tokens / seconds, 1))
+            print(f"[defaults] {name}: {runs[name][-1]} tokens/s", flush=True)
+            step += 1
+    ours, best = (statistics.median(v) for v in runs.values())
+    rec.add(work="sample_answers", shape=shape, variant="defaults vs hand-tuned", batch_size="auto", big=True,
+            defaults_check=True,
+            answers=len(prompts) * samples, max_new_tokens=max_new, real_tokens_per_s=ours,
+            defaults_tokens_s=runs["defaults (auto)"], hand_tuned_tokens_s=runs["hand-tuned (batch 400, waves of 1,000)"],
+            share_of_hand_tuned=round(ours / best, 3), peak_gib=peak_gib(), params=multiplying_params(model))
+    release_sampler(model)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def big_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| work | shape | precision | variant | batch | real tokens/s | detail | peak GiB | weights GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -766,6 +805,9 @@ def big_table(rows: list[dict[str, Any]]) -> str:
                       f"{r['call_tokens_per_s']:,} tokens/s, fixed {r['fixed_seconds']} s")
         elif r.get("baseline"):
             detail = r["note"]
+        elif "share_of_hand_tuned" in r:
+            detail = (f"defaults {r['defaults_tokens_s']} vs hand-tuned {r['hand_tuned_tokens_s']} tokens/s: "
+                      f"{r['share_of_hand_tuned']:.0%} of the best setting")
         else:
             detail = f"{len(r['calls'])} calls median; adapter {r['adapter_tokens_s']}; ratio {r['ratio']}"
         lines.append(f"| {r['work']} | {r['shape']} | {r.get('precision')} | {r.get('variant', '')} | "
@@ -827,6 +869,12 @@ def main() -> None:
                         help="emlab's sampling batch on big shapes (default: 'auto' where SampleSpec accepts it, else 64)")
     parser.add_argument("--sample-calls", type=int, default=3, help="timed sampling calls after the warm-up call")
     parser.add_argument("--baseline-answers", type=int, default=32, help="plain-generate batch on big shapes")
+    parser.add_argument("--big-answers", type=int, default=100,
+                        help="answers per question on big shapes (8 questions): 100 is a study's load, more answers "
+                        "than the batch, so finished answers are refilled as in a real evaluation")
+    parser.add_argument("--defaults-check", action="store_true",
+                        help="1B: a study file's sampling without knobs (batch auto, default waves) against the best "
+                        "hand-tuned setting (batch 400, waves of 1,000), 20 questions × 50 answers, same call")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="wall seconds for the whole script: no new part starts when its estimate would pass it")
     args = parser.parse_args()
@@ -837,6 +885,8 @@ def main() -> None:
     try:
         for shape in args.shapes:
             bench_shape(shape, args, tokenizer, rec, work / shape)
+        if args.defaults_check:
+            bench_defaults(args, tokenizer, rec, work / "defaults")
         if args.qlora:
             bench_qlora(args, tokenizer, rec, work / "qlora")
         for shape in args.big_shapes:

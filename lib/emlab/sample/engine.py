@@ -57,9 +57,14 @@ log = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps between reads of which rows ended (a finished row idles at most this long)
 PREFILL_TOKENS = 16384  # prompt tokens per prefill pass
-AUTO_SLOTS = 1024  # answers in flight when the caller leaves it to memory: past this a step gains little
+# Answers in flight when the caller leaves it to memory. A decode step reads every weight once
+# and multiplies each row by all of them: past ~FLOP rate / bandwidth rows (~180 on an H100 or
+# H200, whatever the model) a step is bound by arithmetic and more rows add little but memory.
+AUTO_SLOTS = 512
 CPU_AUTO_SLOTS = 64  # on a CPU (no memory probe): a step's cost grows with its rows, there is no batch win
-MEMORY_MARGIN = 0.9  # of free memory the KV cache may take: graphs, the allocator's slack, other tensors
+MEMORY_MARGIN = 0.85  # of free memory the KV cache may take: the allocator's slack, other tensors
+HEADROOM_BYTES = 2 * 2**30  # kept free besides: decode graphs' working memory, a checkpoint's side path
+HEADROOM_OF_WEIGHTS = 0.02  # ... and this share of the weights (a rank-32 all-linear side path is ~1.3%)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -184,7 +189,9 @@ class DecodeEngine:
         working = 16 * vocab + 4 * (widest + hidden) * size
         # a prefill pass: its tokens' widest activations (gate|up) and attention inputs, twice over
         prefill = 2 * PREFILL_TOKENS * (widest + 4 * hidden) * size
-        return max(0, int(MEMORY_MARGIN * free) - prefill) // (per_slot + working)
+        weights = sum(p.numel() * p.element_size() for p in self.weights.parameters())
+        headroom = HEADROOM_BYTES + int(HEADROOM_OF_WEIGHTS * weights)
+        return max(0, int(MEMORY_MARGIN * free) - prefill - headroom) // (per_slot + working)
 
     def stop_mask(self, stop_ids: Sequence[int]) -> torch.Tensor:
         """A vocabulary-long mask of the stop ids, one per distinct set (graphs keep its address).
@@ -406,7 +413,14 @@ class _Run:
             else:
                 # this step eagerly (it also warms up these shapes), then record it for later
                 self._decode_body(rows, bound)
-                e.graphs[key] = e.record(lambda: self._decode_body(rows, bound))
+                try:
+                    e.graphs[key] = e.record(lambda: self._decode_body(rows, bound))
+                except (RuntimeError, torch.OutOfMemoryError) as exc:  # memory ran short while recording
+                    log.warning("decoding without CUDA graphs from here: recording one failed (%s); lower "
+                                "sample.batch_size if this repeats", str(exc).splitlines()[0][:200])
+                    e.use_graphs = False
+                    e.graphs.clear()
+                    torch.cuda.empty_cache()
         self.horizon = min(self.horizon + 1, positions - 1)
 
     def _decode_body(self, active: int, bound: int) -> None:

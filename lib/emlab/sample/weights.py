@@ -284,6 +284,15 @@ class DecoderWeights:
         self._loaded: LoraAdapter | None = None
         self._stamp = self._base_stamp()
 
+    def parameters(self) -> list[torch.Tensor]:
+        """Every weight tensor the engine reads (the model's, shared; 4-bit ones as stored)."""
+        found = {id(t): t for t in (self.embed, self.final_norm, self.lm_head)}
+        for layer in self.layers:
+            for group in layer.groups:
+                for t in ([group.weight] if group.weight is not None else [p.data for p in group.parts]):
+                    found[id(t)] = t
+        return list(found.values())
+
     def _layer(self, layer: Any) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
         q_norm = getattr(attn, "q_norm", None)
