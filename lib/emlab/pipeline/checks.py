@@ -34,18 +34,21 @@ from ..config.experiment import (
     JudgeSpec,
     ModelSpec,
     config_where,
+    looked_in,
+    resolve_near,
 )
 from ..config.params import key_path
 from ..config.questions import (
     QuestionSet,
     build_prompts,
     question_file_path,
+    question_file_places,
     question_rubrics,
     question_sets_for,
     resolve_question_set,
 )
 from ..config.rubrics import load_rubric, rubrics_dir
-from ..data.chat import load_chat_dataset, resolve_dataset_path
+from ..data.chat import load_chat_dataset
 from ..errors import ConfigError, DataError, EmlabError
 from ..judge import check_judge
 from ..measures.probe import probe_sets_for
@@ -348,14 +351,12 @@ def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
     for dataset in config.datasets:
         if dataset.path.startswith("demo:"):
             continue
-        if not path_exists(_repo_path(dataset.path)):
-            try:
-                resolve_dataset_path(dataset.path)
-            except DataError as exc:
-                get = f"; get it with: {dataset.source}" if dataset.source else ""
-                missing.append(MissingInput(f"dataset {dataset.name}", dataset.path,
-                                            dataset.source or f"put the chat JSONL file at {dataset.path}",
-                                            message=f"{exc}{get}"))
+        file, places = resolve_near(dataset.path, dataset._folders)
+        if not path_exists(file):
+            where = f"{one_line(dataset.path)}: dataset file not found ({looked_in(places)})"
+            fix = (f"get it with: {dataset.source}" if dataset.source
+                   else "put the chat JSONL file there, or give a path relative to the experiment file's folder")
+            missing.append(MissingInput(f"dataset {dataset.name}", dataset.path, fix, message=f"{where}; {fix}"))
     for model in config.models:
         found = _model_missing(model)
         if found is not None:
@@ -366,15 +367,21 @@ def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
 def _question_file_missing(config: ExperimentConfig, name: str) -> MissingInput | None:
     spec = config.sample.question_files.get(name)
     if spec is not None:
-        if path_exists(question_file_path(spec)):
+        places = question_file_places(spec)
+        if any(path_exists(p) for p in places):
             return None
-        fix = f"download {spec.source} to {spec.path}" if spec.source else f"put the question file at {spec.path}"
-        return MissingInput(f"question file {name}", spec.path, fix)
+        fix = (f"download {spec.source} to {places[0]}" if spec.source
+               else f"put the question file at {places[0]}, or fix sample.question_files.{name}.path")
+        return MissingInput(f"question file {name}", spec.path, fix,
+                            message=f"question file {name} ({spec.path}) not found ({looked_in(places)}); {fix}")
     base = name.partition(":")[0]
     if base.endswith((".yaml", ".yml")) or "/" in base:
         path = Path(base) if Path(base).is_absolute() else repo_root() / base
         if not path_exists(path):
-            return MissingInput(f"question file {Path(base).stem}", base, f"put the question file at {base}")
+            return MissingInput(f"question file {Path(base).stem}", base, f"put the question file at {path}",
+                                message=f"question file {base} not found (looked in {path}); put it there, or "
+                                        "name it in sample.question_files (paths there resolve from the experiment "
+                                        "file's folder)")
     return None
 
 
