@@ -54,9 +54,9 @@ class _Located(_Strict):
 
 def resolve_near(text: str, folders: tuple[Path, ...]) -> tuple[Path, list[Path]]:
     """The one path rule of experiment files: a relative path resolves from the folder of the
-    experiment file that holds it (its `base:` files' folders next), then from the repository
-    root. Returns the first place that exists (else the first looked at) and every place looked
-    at, for 'not found (looked in A, then B)' messages."""
+    experiment file (`folders`), then from the repository root. Returns the first place that
+    exists (else the first looked at) and every place looked at, for 'not found (looked in A,
+    then B)' messages."""
     path = user_path(text)
     if path.is_absolute():
         return path, [path]
@@ -747,16 +747,17 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     file = resolve_params_path(path)
     config, sources = _load_experiment(file, overrides, chain=())
     config._sources = sources
-    folders = tuple(dict.fromkeys(f.parent for f, _ in sources))
+    folders = config_folders(config)
     for item in (*config.datasets, *config.sample.question_files.values()):
         item._folders = folders
     return config
 
 
 def config_folders(config: ExperimentConfig) -> tuple[Path, ...]:
-    """The folders relative paths of `config` resolve from (its file's, then its bases'); () when
-    the config was built in code (the repository root alone then)."""
-    return tuple(dict.fromkeys(f.parent for f, _ in config._sources))
+    """The folder relative paths of `config` resolve from before the repository root: the
+    experiment file's (the file named on the command line; its `base:` files' folders are not
+    searched, so every 'not found' names two places); () for a config built in code."""
+    return (config._sources[0][0].parent,) if config._sources else ()
 
 
 def config_where(config: ExperimentConfig, loc: tuple[str | int, ...]) -> str:
