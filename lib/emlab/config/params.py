@@ -301,12 +301,8 @@ def _problem(err: Any, loc: Loc, cause: Any, first_line: int | None, schema: Sch
     if plain is not None:
         example = f" such as [{found}]" if plain == "a list" and isinstance(found, (int, float, str)) else ""
         return f"{prefix}expected {plain}{example}, found {describe(found)}"
-    # bounds and the rest: pydantic's words say what was expected ('greater than or equal to 1'),
-    # said as 'expected ...' like every other message rather than pydantic's 'Input should be ...'
-    msg = str(err["msg"])
-    if msg.startswith("Input should be "):
-        msg = "expected a value " + msg.removeprefix("Input should be ")
-    return f"{prefix}{msg} (found {describe(found)})"
+    # bounds and the rest: pydantic's words say what was expected ('greater than or equal to 1')
+    return f"{prefix}{err['msg']} (found {describe(found)})"
 
 
 # pydantic's error types in plain words: what the key takes (pydantic says 'valid tuple' for a list)
