@@ -96,8 +96,8 @@ def test_a_header_that_states_another_rule_is_a_warning(tmp_path: Path, caplog: 
     with caplog.at_level(logging.WARNING, logger="emlab.pipeline.checks"):
         check_params(load_experiment(exp))  # a warning, not an error
     assert [r.getMessage() for r in caplog.records] == [
-        f"{exp}:1: the file says 'aligned <= 30' but its params count aligned < 30 (analysis.aligned_below / "
-        "aligned_inclusive); fix the params or the comment"]
+        (f"{exp}:1: the file says 'aligned <= 30' but its params count aligned < 30 (analysis.aligned_below / "
+        "aligned_inclusive); fix the params or the comment")]
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "params/experiments").glob("*.yaml")))

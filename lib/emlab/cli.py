@@ -173,7 +173,7 @@ def _check(experiment: str, *, params_only: bool) -> int:
     except MissingInputsError as exc:
         if len(exc.missing) > 1:  # every one, each with its fix; the error line sums them up
             for item in exc.missing:
-                print(f"missing: {item.line()}")
+                print(f"missing: {item.listed()}")
         raise  # one input: the error line is its message, said once
     print(f"{experiment}: ok ({len(config.runs())} runs, {len(config.judges)} judges)")
     return 0

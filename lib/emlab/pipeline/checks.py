@@ -74,10 +74,17 @@ class MissingInput:
     """The command (or the place) that fixes it."""
     message: str | None = None
     """The one-line error of the loader that missed it, when it says more than what/where/fix."""
+    looked: str | None = None
+    """'looked in A, then B (the repository root)': where a relative path was searched."""
 
     def line(self) -> str:
         """One line for people: the loader's message, else what, where and the fix."""
         return one_line(self.message or f"{self.what} ({self.where}) is missing: {self.fix}")
+
+    def listed(self) -> str:
+        """The entry of `emlab check`'s list when several are missing: what, where, the fix and
+        where it looked, each said once."""
+        return one_line(f"{self.what} ({self.where}): {self.fix}" + (f" ({self.looked})" if self.looked else ""))
 
 
 class MissingInputsError(EmlabError):
@@ -354,9 +361,10 @@ def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
         file, places = resolve_near(dataset.path, dataset._folders)
         if not path_exists(file):
             where = f"{one_line(dataset.path)}: dataset file not found ({looked_in(places)})"
-            fix = (f"get it with: {dataset.source}" if dataset.source
-                   else "put the chat JSONL file there, or give a path relative to the experiment file's folder")
-            missing.append(MissingInput(f"dataset {dataset.name}", dataset.path, fix, message=f"{where}; {fix}"))
+            fix = dataset.source or "put the chat JSONL file there, or give a path relative to the experiment file's folder"
+            get = f"get it with: {fix}" if dataset.source else fix
+            missing.append(MissingInput(f"dataset {dataset.name}", dataset.path, fix, message=f"{where}; {get}",
+                                        looked=looked_in(places)))
     for model in config.models:
         found = _model_missing(model)
         if found is not None:
@@ -370,9 +378,9 @@ def _question_file_missing(config: ExperimentConfig, name: str) -> MissingInput 
         places = question_file_places(spec)
         if any(path_exists(p) for p in places):
             return None
-        fix = (f"download {spec.source} to {places[0]}" if spec.source
+        fix = (f"download {spec.source} to {spec.path}" if spec.source
                else f"put the question file at {places[0]}, or fix sample.question_files.{name}.path")
-        return MissingInput(f"question file {name}", spec.path, fix,
+        return MissingInput(f"question file {name}", spec.path, fix, looked=looked_in(places),
                             message=f"question file {name} ({spec.path}) not found ({looked_in(places)}); {fix}")
     base = name.partition(":")[0]
     if base.endswith((".yaml", ".yml")) or "/" in base:
