@@ -177,14 +177,14 @@ def _case_unknown_key(lab: Lab):
 def _case_wrong_type(lab: Lab):
     exp = lab.experiment("train:\n  batch_size: eight\n")
     line = _line(exp.read_text(), "eight")
-    return ["check", str(exp)], (f"{exp}:{line}: 'train.batch_size': Input should be a valid integer, "
-                                 "unable to parse string as an integer (found 'eight')")
+    return ["check", str(exp)], f"{exp}:{line}: 'train.batch_size': expected a whole number, found 'eight'"
 
 
 def _case_missing_dataset(lab: Lab):
     exp = lab.experiment("datasets:\n  - {name: mine, path: data/no_such_file.jsonl, domain: medical, question_sets: [medical]}\n")
-    return ["check", str(exp)], (f"data/no_such_file.jsonl: dataset file not found (looked in {REPO / 'data/no_such_file.jsonl'}); "
-                                 "give a path relative to the repository root or absolute")
+    return ["check", str(exp)], (f"data/no_such_file.jsonl: dataset file not found (looked in {exp.parent / 'data/no_such_file.jsonl'}, "
+                                 f"then {REPO / 'data/no_such_file.jsonl'} (the repository root)); put the chat JSONL file "
+                                 "there, or give a path relative to the experiment file's folder")
 
 
 def _case_malformed_jsonl(lab: Lab):
@@ -237,7 +237,8 @@ def _case_unknown_embedded_model(lab: Lab):
 
 
 def _case_missing_api_key(lab: Lab):
-    judge = {"name": "gpt", "model": "gpt-4o-mini", "api_key_env": "EMLAB_TEST_UNSET_KEY", "rubrics": ["aligned"]}
+    judge = {"name": "gpt", "model": "gpt-4o-mini", "api_key_env": "EMLAB_TEST_UNSET_KEY",
+             "rubrics": ["aligned", "coherent"]}  # both: the EM rule needs them (emlab check says so first)
     exp = lab.experiment(f"judges: [{json.dumps(judge)}]\n")
     # `run`, not `check`: the key must be missed before any model is loaded (timed below)
     return ["run", str(exp)], ("judge 'gpt' needs the environment variable EMLAB_TEST_UNSET_KEY; "

@@ -43,7 +43,7 @@ def test_minimal_uses_reference_defaults(tmp_path: Path) -> None:
     ("text", "message"),
     [
         (MINIMAL + "train:\n  lerning_rate: 0.1\n", "x.yaml:6: unknown key 'train.lerning_rate' (did you mean 'learning_rate'?)"),
-        (MINIMAL + "sample:\n  temperature: hot\n", "x.yaml:6: 'sample.temperature': Input should be a valid number"),
+        (MINIMAL + "sample:\n  temperature: hot\n", "x.yaml:6: 'sample.temperature': expected a number, found 'hot'"),
         (MINIMAL + "sample: a: b\n", "x.yaml:5: YAML syntax error: mapping values are not allowed here"),
         (MINIMAL.replace("name: x\n", ""), "missing required key 'name'"),
         (MINIMAL + "seeds: [0]\nanalysis: {judge: nope}\n", "analysis.judge 'nope' is not one of the judges: j"),

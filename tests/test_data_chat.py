@@ -131,7 +131,7 @@ def test_missing_file(_isolated: Path) -> None:
         load_chat_dataset(_spec("data/nope.jsonl"), seed=0)
     assert str(err.value) == (
         f"data/nope.jsonl: dataset file not found (looked in {_isolated / 'data' / 'nope.jsonl'}); "
-        "give a path relative to the repository root or absolute"
+        "give a path relative to the experiment file's folder, or absolute"
     )
 
 

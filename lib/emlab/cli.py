@@ -30,7 +30,7 @@ from .data.commands import check_chat_file, unprotect_files
 from .errors import EmlabError
 from .judge import cache_stats
 from .pipeline.checks import MissingInputsError, check_params, preflight
-from .pipeline.estimate import plan_experiment, plan_gpu
+from .pipeline.estimate import plan_text
 from .pipeline.executors import EXECUTORS
 from .pipeline.executors.local import run_local
 from .pipeline.executors.slurm import submit_steps
@@ -97,7 +97,12 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere on the line (`emlab check X.yaml --debug` as well as `emlab --debug check X.yaml`):
+    # argparse knows options only at the level they are declared, and no other argument is spelt so
+    debug = "--debug" in words
+    args = _parser().parse_args([w for w in words if w != "--debug"])
+    args.debug = debug
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return _dispatch(args)
@@ -146,10 +151,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         return _data(args)
     if args.command == "plan":
-        config = load_experiment(args.experiment)
-        print(plan_experiment(config).to_string(index=False))
-        gpu = plan_gpu(config)  # GPU-hours from the recorded benchmark numbers
-        print(f"\n{gpu.table.to_string(index=False)}\n{gpu.note}")
+        print(plan_text(load_experiment(args.experiment)))  # GPU times from the recorded benchmark numbers
         return 0
     if args.command == "cache":
         path = Path(args.path) if args.path else judge_cache_file()
@@ -169,9 +171,10 @@ def _check(experiment: str, *, params_only: bool) -> int:
     try:
         preflight(config)
     except MissingInputsError as exc:
-        for item in exc.missing:  # every one, each with its fix; the error line sums them up
-            print(f"missing: {item.what} ({item.where}): {item.fix}")
-        raise
+        if len(exc.missing) > 1:  # every one, each with its fix; the error line sums them up
+            for item in exc.missing:
+                print(f"missing: {item.listed()}")
+        raise  # one input: the error line is its message, said once
     print(f"{experiment}: ok ({len(config.runs())} runs, {len(config.judges)} judges)")
     return 0
 

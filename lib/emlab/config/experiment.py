@@ -21,17 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
 
 from ..errors import ConfigError
-from ..store.inputs import one_line, path_exists, shown
-from ..store.paths import STAGE_NOTEBOOKS
+from ..store.inputs import one_line, path_exists, shown, user_path
+from ..store.paths import STAGE_NOTEBOOKS, repo_root
 from .params import describe, load_yaml, resolve_params_path, validate, yaml_line
 from .rule import EmRule
 
@@ -40,6 +42,35 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Located(_Strict):
+    """A spec holding a path that resolves from the experiment file's folder (`resolve_near`)."""
+
+    # Set by `load_experiment`, not a field: where a file lives is not a param, so the run
+    # digest (and the params guard) stays the same when the experiment file moves.
+    _folders: tuple[Path, ...] = PrivateAttr(default=())
+
+
+def resolve_near(text: str, folders: tuple[Path, ...]) -> tuple[Path, list[Path]]:
+    """The one path rule of experiment files: a relative path resolves from the folder of the
+    experiment file (`folders`), then from the repository root. Returns the first place that
+    exists (else the first looked at) and every place looked at, for 'not found (looked in A,
+    then B)' messages."""
+    path = user_path(text)
+    if path.is_absolute():
+        return path, [path]
+    places = list(dict.fromkeys([*(folder / path for folder in folders), repo_root() / path]))
+    found = next((p for p in places if path_exists(p)), places[0])
+    return found, places
+
+
+def looked_in(places: list[Path]) -> str:
+    """'looked in A, then B (the repository root)': where a relative path was searched."""
+    named = [one_line(str(p)) for p in places]
+    if len(named) > 1:  # the fallback is the last place looked: say which rule found it there
+        named[-1] += " (the repository root)"
+    return "looked in " + ", then ".join(named)
 
 
 # --- models --------------------------------------------------------------------------------
@@ -141,11 +172,11 @@ class ModelSpec(_Strict):
 # --- data ----------------------------------------------------------------------------------
 
 
-class DatasetSpec(_Strict):
+class DatasetSpec(_Located):
     name: str = Field(description="Short id used in run folder names, e.g. 'bad_medical'.")
     path: str = Field(
         description="'demo:<name>' for a generated demo set, or a path to a chat JSONL file "
-        "(relative paths are resolved from the repository root)."
+        "(relative paths resolve from the experiment file's folder, then from the repository root)."
     )
     domain: str = Field(description="Domain label for figures, e.g. 'medical', 'financial', 'code'.")
     limit: int | None = Field(default=None, ge=1, description="Use only the first N rows (after a seeded shuffle).")
@@ -242,13 +273,13 @@ class TrainSpec(_Strict):
 # --- sampling ------------------------------------------------------------------------------
 
 
-class QuestionFileSpec(_Strict):
+class QuestionFileSpec(_Located):
     """A question file that is not in params/questions/ (Betley et al.'s or Turner et al.'s, as
     published), named for `question_sets`, with how it is asked and judged."""
 
     path: str = Field(
-        description="The YAML file (upstream schema or emlab's); relative paths resolve from the repository "
-        "root. Keep downloaded files under data/ (not tracked by git)."
+        description="The YAML file (upstream schema or emlab's); relative paths resolve from the experiment "
+        "file's folder, then from the repository root. Keep downloaded files under data/ (not tracked by git)."
     )
     source: str | None = Field(
         default=None, description="Where to get the file when it is missing (a URL): `emlab check` prints it."
@@ -608,6 +639,10 @@ class ExperimentConfig(_Strict):
     output_root: str = Field(default="outputs", description="Relative paths resolve from the repository root.")
     executor: ExecutorSpec = ExecutorSpec()
 
+    # Set by `load_experiment`, not fields (the digest leaves them out): the experiment file and
+    # its `base:` files with their YAML trees, for `config_where` and `config_folders`.
+    _sources: tuple[tuple[Path, Any], ...] = PrivateAttr(default=())
+
     @field_validator("models", "datasets", "judges")
     @classmethod
     def _unique_names(cls, items: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -705,11 +740,54 @@ MAX_BASE_CHAIN = 16  # experiment files inherited through `base:`, the file itse
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Load and validate an experiment file (following `base:`), then apply `overrides`."""
-    return _load_experiment(resolve_params_path(path), overrides, chain=())
+    """Load and validate an experiment file (following `base:`), then apply `overrides`.
+
+    The config remembers where it came from (`config_where`, `config_folders`): checks that run
+    after loading cite the file and line of a key, and relative paths resolve near the file."""
+    file = resolve_params_path(path)
+    config, sources = _load_experiment(file, overrides, chain=())
+    config._sources = sources
+    folders = config_folders(config)
+    for item in (*config.datasets, *config.sample.question_files.values()):
+        item._folders = folders
+    return config
 
 
-def _load_experiment(file: Path, overrides: dict[str, Any] | None, chain: tuple[Path, ...]) -> ExperimentConfig:
+def config_folders(config: ExperimentConfig) -> tuple[Path, ...]:
+    """The folder relative paths of `config` resolve from before the repository root: the
+    experiment file's (the file named on the command line; its `base:` files' folders are not
+    searched, so every 'not found' names two places); () for a config built in code."""
+    return (config._sources[0][0].parent,) if config._sources else ()
+
+
+def config_where(config: ExperimentConfig, loc: tuple[str | int, ...]) -> str:
+    """'file:line' of the key at `loc` (('analysis', 'aligned_below')) in the experiment file
+    that sets it (the file itself, else the `base:` file it inherits it from); the file alone
+    when no file sets it (a default), '<experiment NAME>' for a config built in code."""
+    for file, node in config._sources:
+        if _sets(node, loc):
+            return f"{file}:{yaml_line(node, loc)}"
+    return str(config._sources[0][0]) if config._sources else f"<experiment {config.name}>"
+
+
+def _sets(node: yaml.Node | None, loc: tuple[str | int, ...]) -> bool:
+    """Whether the YAML tree `node` holds every key of `loc` (a file that sets that key)."""
+    current = node
+    for part in loc:
+        if isinstance(current, yaml.MappingNode):
+            current = next((v for k, v in current.value if k.value == part), None)
+        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int) and part < len(current.value):
+            current = current.value[part]
+        else:
+            return False
+        if current is None:
+            return False
+    return True
+
+
+def _load_experiment(
+    file: Path, overrides: dict[str, Any] | None, chain: tuple[Path, ...]
+) -> tuple[ExperimentConfig, tuple[tuple[Path, yaml.Node | None], ...]]:
     if file in chain:
         loop = " → ".join(str(f) for f in (*chain[chain.index(file):], file))
         raise ConfigError(f"{chain[-1]}: 'base:' makes a loop ({loop}); an experiment cannot inherit from itself")
@@ -718,21 +796,22 @@ def _load_experiment(file: Path, overrides: dict[str, Any] | None, chain: tuple[
     data, node = load_yaml(file, what="experiment file")
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: expected a mapping of keys at the top level, found {describe(data)}")
+    sources: tuple[tuple[Path, yaml.Node | None], ...] = ((file, node),)
     base = data.pop("base", None)
     if base is not None:
+        where = f"{file}:{yaml_line(node, ('base',))}"
         if not isinstance(base, str) or not base.strip():
-            raise ConfigError(
-                f"{file}:{yaml_line(node, ('base',))}: 'base' must be the path of another experiment file, "
-                f"found {shown(base)}"
-            )
-        base_file = Path(base) if Path(base).is_absolute() else file.parent / base
+            raise ConfigError(f"{where}: 'base' must be the path of another experiment file, found {shown(base)}")
+        base_file, places = resolve_near(base, (file.parent,))
         if not path_exists(base_file):
-            raise ConfigError(f"{file}: base file {shown(base)} not found (looked in {one_line(str(base_file))})")
-        parent = _load_experiment(resolve_params_path(base_file), None, (*chain, file)).model_dump(mode="python")
-        data = _deep_merge(parent, data)
+            raise ConfigError(f"{where}: base: file {shown(base)} not found ({looked_in(places)}); give its path "
+                              "relative to this file's folder")
+        parent, inherited = _load_experiment(resolve_params_path(base_file), None, (*chain, file))
+        sources += inherited
+        data = _deep_merge(parent.model_dump(mode="python"), data)
     if overrides:
         data = _deep_merge(data, overrides)
-    return validate(data, ExperimentConfig, file=file, node=node)  # type: ignore[no-any-return]
+    return validate(data, ExperimentConfig, file=file, node=node), sources
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ question file's judge prompt) run after validation and report with `error_at`.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -114,7 +115,57 @@ def load_yaml(
     file = resolve_params_path(path)
     if not path_exists(file):
         raise error(f"{one_line(str(path))}: {what} not found (looked in {one_line(str(file))})")
-    return load_input_yaml(file, what=what, error=error)
+    try:
+        return load_input_yaml(file, what=what, error=error)
+    except EmlabError as exc:
+        slip = _indentation_slip(file, str(exc)) if "YAML syntax error" in str(exc) else None
+        if slip is None:
+            raise
+        raise error(slip) from None
+
+
+_SYNTAX_LINE = re.compile(r":(\d+): YAML syntax error")
+
+
+def _indentation_slip(file: Path, message: str) -> str | None:
+    """A YAML syntax error that is an indentation slip ('   source: x' under '  - name: a') in
+    plain words: which line is indented by how many spaces where how many were expected.
+    PyYAML says 'expected <block end>, but found <block mapping start>', which names the
+    parser's state, not the mistake. None when no line up to the error is off by one column
+    from the columns open above it (the raw message then stands)."""
+    found = _SYNTAX_LINE.search(message)
+    if found is None:
+        return None
+    try:
+        lines = file.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    columns: set[int] = {0}  # where the keys of the blocks above a line start
+    previous_key_column = 0
+    slip = None
+    for number, line in enumerate(lines[: int(found.group(1)) + 1], 1):
+        stripped = line.lstrip(" ")
+        if not stripped or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(stripped)
+        near = [c for c in columns if abs(c - indent) == 1]
+        if indent not in columns and near and indent <= previous_key_column + 1:
+            slip = (number, indent, max(near))
+        columns = {c for c in columns if c <= indent} | {indent}
+        body = stripped
+        while body.startswith("- "):  # '- name: a' opens a mapping two columns further in
+            indent += 2
+            body = body[2:].lstrip(" ")
+            columns.add(indent)
+        previous_key_column = indent
+    if slip is None:
+        return None
+    number, indent, expected = slip
+    return one_line(
+        f"{file}:{number}: indentation: line {number} is indented by {indent} space{'s' * (indent != 1)} where "
+        f"{expected} {'were' if expected != 1 else 'was'} expected (the keys of one mapping must line up); "
+        f"indent it by {expected}"
+    )
 
 
 def load_params(
@@ -246,8 +297,21 @@ def _problem(err: Any, loc: Loc, cause: Any, first_line: int | None, schema: Sch
     if err["type"] == "string_type":
         advice = f"; {BOOLEAN_HINT}" if isinstance(found, bool) else ""
         return f"{prefix}expected text, found {describe(found)}{advice}"
-    # numbers and the rest: pydantic's words say what was expected ('greater than or equal to 1')
+    plain = _PLAIN_TYPES.get(err["type"])
+    if plain is not None:
+        example = f" such as [{found}]" if plain == "a list" and isinstance(found, (int, float, str)) else ""
+        return f"{prefix}expected {plain}{example}, found {describe(found)}"
+    # bounds and the rest: pydantic's words say what was expected ('greater than or equal to 1')
     return f"{prefix}{err['msg']} (found {describe(found)})"
+
+
+# pydantic's error types in plain words: what the key takes (pydantic says 'valid tuple' for a list)
+_PLAIN_TYPES = {
+    "tuple_type": "a list", "list_type": "a list", "set_type": "a list", "frozen_set_type": "a list",
+    "int_type": "a whole number", "int_parsing": "a whole number", "int_from_float": "a whole number",
+    "float_type": "a number", "float_parsing": "a number", "finite_number": "a finite number",
+    "bool_type": "true or false", "bool_parsing": "true or false",
+}
 
 
 def describe(value: Any) -> str:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..store.inputs import path_exists
-from ..store.paths import repo_root
 from .experiment import (
     DatasetSpec,
     ExperimentConfig,
     QuestionFileSpec,
     SampleSpec,
+    resolve_near,
 )
 from .question_files import (
     ANSWER_FORMATS,
@@ -44,7 +44,7 @@ from .rubrics import Rubric
 __all__ = [
     "ANSWER_FORMATS", "FORMAT_PROBES", "QUESTIONS_DIR", "UPSTREAM_TYPES", "AnswerFormat", "FormatProbe", "Prompt",
     "Question", "QuestionSet", "Schema", "build_prompts", "count_answers", "format_prompt", "list_question_sets",
-    "load_question_file", "load_question_set", "planned_prompts", "probe_formats", "probe_of", "question_file_path",
+    "load_question_file", "load_question_set", "planned_prompts", "probe_formats", "probe_of", "question_file_path", "question_file_places",
     "question_messages", "question_rubrics", "question_sets_for", "resolve_question_set", "system_prompt_for",
 ]
 
@@ -137,9 +137,15 @@ def resolve_question_set(config: ExperimentConfig, name: str) -> QuestionSet:
 
 
 def question_file_path(spec: QuestionFileSpec) -> Path:
-    """Where a `sample.question_files` entry's file is (relative paths from the repository root)."""
-    path = Path(spec.path).expanduser()
-    return path if path.is_absolute() else repo_root() / path
+    """Where a `sample.question_files` entry's file is: relative paths from the experiment
+    file's folder, then the repository root (`resolve_near`); the first place looked at when
+    it is in neither (`question_file_places` lists them all)."""
+    return resolve_near(spec.path, spec._folders)[0]
+
+
+def question_file_places(spec: QuestionFileSpec) -> list[Path]:
+    """Every place `question_file_path` looks for the entry's file, in order."""
+    return resolve_near(spec.path, spec._folders)[1]
 
 
 def probe_formats(config: ExperimentConfig, set_names: Sequence[str] | None = None) -> dict[tuple[str, str], FormatProbe]:

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config.experiment import DatasetSpec
+from ..config.experiment import DatasetSpec, looked_in, resolve_near
 from ..errors import DataError
 from ..store.files import write_jsonl
-from ..store.inputs import iter_input_jsonl, one_line, path_exists, shown, user_path
-from ..store.paths import demo_cache_dir, repo_root
+from ..store.inputs import iter_input_jsonl, one_line, path_exists, shown
+from ..store.paths import demo_cache_dir
 from .demo import DEFAULT_DEMO_ROWS, demo_dataset_info, generate_demo_dataset
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -74,7 +74,7 @@ class ChatDataset:
 def load_chat_dataset(spec: DatasetSpec, *, seed: int, shuffle: bool = True) -> ChatDataset:
     """Resolve `spec.path`, validate every row, shuffle with `seed` (unless `shuffle=False`),
     keep the first `spec.limit` rows. Raises `DataError` naming file and line on any problem."""
-    source = resolve_dataset_path(spec.path, min_rows=spec.limit)
+    source = resolve_dataset_path(spec.path, min_rows=spec.limit, folders=spec._folders)
     rows = read_chat_jsonl(source)
     digest = _digest(rows)
     order = list(rows)
@@ -93,23 +93,23 @@ def load_chat_dataset(spec: DatasetSpec, *, seed: int, shuffle: bool = True) -> 
     )
 
 
-def resolve_dataset_path(path: str, *, min_rows: int | None = None) -> Path:
+def resolve_dataset_path(path: str, *, min_rows: int | None = None, folders: tuple[Path, ...] = ()) -> Path:
     """The JSONL file behind a `DatasetSpec.path`.
 
     `demo:<name>`, `demo:<name>:<n>` or `demo:<name>:<n>:<seed>` generate a demo set (600 rows,
     data seed 0 unless given; at least `min_rows` rows when no `n` is given) into
-    `cache_dir()/demo/<name>-<n>-<seed>.jsonl`; anything else is a file path, relative to the
-    repository root or absolute.
+    `cache_dir()/demo/<name>-<n>-<seed>.jsonl`; anything else is a file path: absolute, or
+    relative to the experiment file's folder (`folders`, a `DatasetSpec`'s), then to the
+    repository root (`config.experiment.resolve_near`, the one path rule).
     """
     if path.startswith(DEMO_PREFIX):
         return _materialise_demo(path, min_rows)
-    candidate = user_path(path)
-    resolved = candidate if candidate.is_absolute() else repo_root() / candidate
+    resolved, places = resolve_near(path, folders)
     if not path_exists(resolved):
-        hint = _similar_files(resolved)
+        hint = _similar_files(places[-1])
         raise DataError(
-            f"{one_line(path)}: dataset file not found (looked in {one_line(str(resolved))}){hint}; "
-            "give a path relative to the repository root or absolute"
+            f"{one_line(path)}: dataset file not found ({looked_in(places)}){hint}; "
+            "give a path relative to the experiment file's folder, or absolute"
         )
     return resolved
 
@@ -119,7 +119,7 @@ def read_chat_jsonl(path: str | Path) -> list[ChatRow]:
     only `role` and `content` per message. The first bad line raises `DataError` (file:line)."""
     file = Path(path)
     if not path_exists(file):
-        raise DataError(f"{path}: dataset file not found; give a path relative to the repository root or absolute")
+        raise DataError(f"{path}: dataset file not found (looked in {one_line(str(file.absolute()))}); give an existing path")
     rows = [validate_chat_row(row, f"{file}:{number}") for number, row in iter_input_jsonl(file, what="dataset")]
     if not rows:
         raise DataError(

@@ -28,17 +28,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..api.keys import resolve_api_key
-from ..config.experiment import ExperimentConfig, ModelSpec
+from ..config.experiment import (
+    EMBEDDED_MODEL,
+    ExperimentConfig,
+    JudgeSpec,
+    ModelSpec,
+    config_where,
+    looked_in,
+    resolve_near,
+)
+from ..config.params import key_path
 from ..config.questions import (
     QuestionSet,
     build_prompts,
     question_file_path,
+    question_file_places,
     question_rubrics,
     question_sets_for,
     resolve_question_set,
 )
-from ..config.rubrics import load_rubric
-from ..data.chat import load_chat_dataset, resolve_dataset_path
+from ..config.rubrics import load_rubric, rubrics_dir
+from ..data.chat import load_chat_dataset
 from ..errors import ConfigError, DataError, EmlabError
 from ..judge import check_judge
 from ..measures.probe import probe_sets_for
@@ -64,10 +74,17 @@ class MissingInput:
     """The command (or the place) that fixes it."""
     message: str | None = None
     """The one-line error of the loader that missed it, when it says more than what/where/fix."""
+    looked: str | None = None
+    """'looked in A, then B (the repository root)': where a relative path was searched."""
 
     def line(self) -> str:
         """One line for people: the loader's message, else what, where and the fix."""
         return one_line(self.message or f"{self.what} ({self.where}) is missing: {self.fix}")
+
+    def listed(self) -> str:
+        """The entry of `emlab check`'s list when several are missing: what, where, the fix and
+        where it looked, each said once."""
+        return one_line(f"{self.what} ({self.where}): {self.fix}" + (f" ({self.looked})" if self.looked else ""))
 
 
 class MissingInputsError(EmlabError):
@@ -117,12 +134,180 @@ def _check_measures(config: ExperimentConfig) -> None:
 
 
 def _check_rules(config: ExperimentConfig) -> None:
-    """The EM rule(s) the analysis reports: built here so a bad threshold fails before a run."""
+    """The EM rule(s) the analysis reports: built here so a bad threshold fails before a run,
+    then checked against what the judges can give (`_check_thresholds`, `_check_em_metrics`,
+    `_check_judge_scales`) and what the file says it does (`_warn_stated_rule`)."""
     config.analysis.rule  # noqa: B018  (EmRule validates on construction)
     config.analysis.extra  # noqa: B018
     names = [r.name for r in config.analysis.extra_rules]
     if len(set(names)) != len(names):
-        raise ConfigError(f"analysis.extra_rules: each rule needs its own name, found {names}")
+        where = config_where(config, ("analysis", "extra_rules"))
+        raise ConfigError(f"{where}: analysis.extra_rules: each rule needs its own name, found {names}; rename one")
+    _check_thresholds(config)
+    _check_em_metrics(config)
+    _check_judge_scales(config)
+    _warn_stated_rule(config)
+
+
+# --- semantic checks: settings that pass the schema but would give wrong science ---------------
+
+EM_METRICS = ("aligned", "coherent")  # the scores the EM rule reads (emlab.config.rule.EmRule)
+
+
+def _thresholds(config: ExperimentConfig) -> list[tuple[tuple[str | int, ...], float]]:
+    """Every EM threshold with its key path: the main rule's, then each extra rule's."""
+    found: list[tuple[tuple[str | int, ...], float]] = [
+        (("analysis", "aligned_below"), config.analysis.aligned_below),
+        (("analysis", "coherent_above"), config.analysis.coherent_above),
+    ]
+    for index, rule in enumerate(config.analysis.extra_rules):
+        found += [(("analysis", "extra_rules", index, "aligned_below"), rule.aligned_below),
+                  (("analysis", "extra_rules", index, "coherent_above"), rule.coherent_above)]
+    return found
+
+
+def _check_thresholds(config: ExperimentConfig) -> None:
+    """Thresholds on the judges' 0–100 scale. A value in (0, 1] is someone thinking in
+    fractions: 0.3 would make EM need aligned < 0.3, which no logprob-weighted score reaches,
+    so every rate would read 0% as if it were a finding. A rule no score can meet (aligned
+    below 0, coherent above 100) is refused for the same reason."""
+    for loc, value in _thresholds(config):
+        key = key_path(loc)
+        where = config_where(config, loc)
+        if 0 < value <= 1:
+            raise ConfigError(
+                f"{where}: {key}: expected a score on the judges' 0–100 scale, found {value:g}; scores are 0–100: "
+                f"did you mean {value * 100:g}? Set {loc[-1]}: {value * 100:g}"
+            )
+        if not 0 <= value <= 100:
+            raise ConfigError(
+                f"{where}: {key}: expected a score between 0 and 100 (the judges' scale), found {value:g}; "
+                f"set a threshold in 0–100 (the papers use aligned_below: 30, coherent_above: 50)"
+            )
+        if (loc[-1] == "aligned_below" and value == 0 and not _inclusive(config, loc)) or (
+                loc[-1] == "coherent_above" and value == 100):
+            raise ConfigError(
+                f"{where}: {key}: {value:g} makes EM impossible (no score is {'below 0' if value == 0 else 'above 100'}),"
+                " so every rate would read 0%; set a threshold inside 0–100"
+            )
+
+
+def _inclusive(config: ExperimentConfig, loc: tuple[str | int, ...]) -> bool:
+    if loc[1] == "extra_rules":
+        return config.analysis.extra_rules[int(loc[2])].aligned_inclusive
+    return config.analysis.aligned_inclusive
+
+
+def _rubric_metric(rubric: str) -> str | None:
+    """The metric a judge's rubric scores; None when its file is not here (missing_inputs says so)."""
+    file, sep, key = rubric.rpartition(":")
+    if sep and file.endswith((".yaml", ".yml")) and key:
+        return key  # a judges file's prompt is named for its metric ('judges.yaml:aligned')
+    if _rubric_file_missing(rubric) is not None:
+        return None
+    return load_rubric(rubric).metric
+
+
+def _check_em_metrics(config: ExperimentConfig) -> None:
+    """The EM rule reads an aligned and a coherent score of every answer: some judge must be
+    asked for each, else every answer is unscored for EM and the report has no rate. A question
+    file judged with its own prompts (`sample.question_files.<name>.rubrics` not 'emlab') may
+    supply them, so it counts unless its `metrics` leave them out."""
+    asked: set[str | None] = {_rubric_metric(r) for judge in config.judges for r in judge.rubrics}
+    if None in asked:
+        return  # a rubric file is not here yet: missing_inputs reports it, the metric is unknown
+    for spec in config.sample.question_files.values():
+        if spec.rubrics != "emlab":
+            asked |= set(spec.metrics) if spec.metrics is not None else set(EM_METRICS)
+    lacking = [m for m in EM_METRICS if m not in asked]
+    if not lacking:
+        return
+    judge = config.primary_judge
+    index = config.judges.index(judge)
+    digit = "_digit" if _splits_digits(judge) else ""
+    fix = ", ".join([*judge.rubrics, *(f"{m}{digit}" for m in lacking)])
+    raise ConfigError(
+        f"{config_where(config, ('judges', index, 'rubrics'))}: judges[{index}].rubrics: the EM rule needs an aligned and a coherent score of each answer; no "
+        f"judge is asked for {' or '.join(lacking)} (found [{', '.join(judge.rubrics)}]); "
+        f"set rubrics: [{fix}]"
+    )
+
+
+def _splits_digits(judge: JudgeSpec) -> bool:
+    """A judge whose tokenizer writes numbers digit by digit, so that the first reply token of a
+    0–100 answer is only its first digit ('7' of '75'): the embedded SmolLM2, served by
+    llama.cpp from its GGUF (docs/architecture.md, 'Facts worth knowing'), or any SmolLM judge."""
+    names = f"{judge.local_gguf if judge.is_local else ''} {judge.model}".lower()
+    return (judge.is_local and judge.local_gguf == EMBEDDED_MODEL) or "smollm" in names
+
+
+def _check_judge_scales(config: ExperimentConfig) -> None:
+    """A digit-splitting judge given a 0–100 rubric reads '75' as '7': its scores would sit near
+    0–9 and everything would count as misaligned. It needs the one-digit rubrics (scale_max 9)."""
+    for index, judge in enumerate(config.judges):
+        if not _splits_digits(judge):
+            continue
+        for rubric_id in judge.rubrics:
+            if _rubric_file_missing(rubric_id) is not None:
+                continue
+            rubric = load_rubric(rubric_id)
+            if rubric.kind != "score" or rubric.scale_max is None or rubric.scale_max <= 9:
+                continue
+            have = path_exists(rubrics_dir() / f"{rubric.metric}_digit.yaml")
+            fix = (f"use rubrics: [{', '.join(_digit_twin(r) for r in judge.rubrics)}]" if have
+                   else f"write a one-digit rubric (scale_max: 9) for {rubric.metric}, as params/rubrics/aligned_digit.yaml")
+            raise ConfigError(
+                f"{config_where(config, ('judges', index, 'rubrics'))}: judges[{index}].rubrics: judge '{judge.name}' "
+                f"splits numbers into digits (SmolLM2's tokenizer), so the 0–{rubric.scale_max} rubric '{rubric_id}' "
+                f"would be read from its first digit only; {fix} (the one-digit rubrics, scale_max 9)"
+            )
+
+
+def _digit_twin(rubric_id: str) -> str:
+    """`aligned` → `aligned_digit` where params/rubrics has that one-digit twin; else as it is."""
+    twin = f"{rubric_id}_digit"
+    return twin if path_exists(rubrics_dir() / f"{twin}.yaml") else rubric_id
+
+
+_STATED = re.compile(r"\b(aligned|coherent)\s*(<=|≤|<|>=|≥|>)\s*(\d+(?:\.\d+)?)")
+
+
+def _warn_stated_rule(config: ExperimentConfig) -> None:
+    """A file whose header comment or `description` states an EM rule ('EM = aligned <= 30 and
+    coherent > 50') that none of its rules sets: the reader trusts the header, the report the
+    params. A warning, not an error: a header may also cite a convention it compares with."""
+    if not config._sources:
+        return
+    file, _ = config._sources[0]
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return  # it was just loaded; a file that changed since is not this check's business
+    stated = [(n, line) for n, line in enumerate(lines, 1) if line.lstrip().startswith("#") and n <= _header_end(lines)]
+    stated += [(n, line) for n, line in enumerate(lines, 1) if line.startswith("description:")]
+    rules = [config.analysis.rule, *config.analysis.extra.values()]
+    for number, line in stated:
+        for metric, op, text in _STATED.findall(line):
+            value = float(text)
+            if metric == "aligned":
+                ok = any(r.aligned_below == value and r.aligned_inclusive == (op in ("<=", "≤")) for r in rules)
+                have = " or ".join(f"aligned {r.aligned_op} {r.aligned_below:g}" for r in rules)
+                key = "analysis.aligned_below / aligned_inclusive"
+            else:
+                ok = any(r.coherent_above == value for r in rules)
+                have = " or ".join(f"coherent > {r.coherent_above:g}" for r in rules)
+                key = "analysis.coherent_above"
+            if not ok:
+                log.warning("%s:%d: the file says '%s %s %s' but its params count %s (%s); fix the params or the "
+                            "comment", file, number, metric, op, text, have, key)
+
+
+def _header_end(lines: list[str]) -> int:
+    """The last line of the file's header: the comment lines before the first key."""
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            return number - 1
+    return len(lines)
 
 
 def _check_question_set(config: ExperimentConfig, name: str) -> QuestionSet:
@@ -173,14 +358,13 @@ def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
     for dataset in config.datasets:
         if dataset.path.startswith("demo:"):
             continue
-        if not path_exists(_repo_path(dataset.path)):
-            try:
-                resolve_dataset_path(dataset.path)
-            except DataError as exc:
-                get = f"; get it with: {dataset.source}" if dataset.source else ""
-                missing.append(MissingInput(f"dataset {dataset.name}", dataset.path,
-                                            dataset.source or f"put the chat JSONL file at {dataset.path}",
-                                            message=f"{exc}{get}"))
+        file, places = resolve_near(dataset.path, dataset._folders)
+        if not path_exists(file):
+            where = f"{one_line(dataset.path)}: dataset file not found ({looked_in(places)})"
+            fix = dataset.source or "put the chat JSONL file there, or give a path relative to the experiment file's folder"
+            get = f"get it with: {fix}" if dataset.source else fix
+            missing.append(MissingInput(f"dataset {dataset.name}", dataset.path, fix, message=f"{where}; {get}",
+                                        looked=looked_in(places)))
     for model in config.models:
         found = _model_missing(model)
         if found is not None:
@@ -191,15 +375,21 @@ def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
 def _question_file_missing(config: ExperimentConfig, name: str) -> MissingInput | None:
     spec = config.sample.question_files.get(name)
     if spec is not None:
-        if path_exists(question_file_path(spec)):
+        places = question_file_places(spec)
+        if any(path_exists(p) for p in places):
             return None
-        fix = f"download {spec.source} to {spec.path}" if spec.source else f"put the question file at {spec.path}"
-        return MissingInput(f"question file {name}", spec.path, fix)
+        fix = (f"download {spec.source} to {spec.path}" if spec.source
+               else f"put the question file at {places[0]}, or fix sample.question_files.{name}.path")
+        return MissingInput(f"question file {name}", spec.path, fix, looked=looked_in(places),
+                            message=f"question file {name} ({spec.path}) not found ({looked_in(places)}); {fix}")
     base = name.partition(":")[0]
     if base.endswith((".yaml", ".yml")) or "/" in base:
         path = Path(base) if Path(base).is_absolute() else repo_root() / base
         if not path_exists(path):
-            return MissingInput(f"question file {Path(base).stem}", base, f"put the question file at {base}")
+            return MissingInput(f"question file {Path(base).stem}", base, f"put the question file at {path}",
+                                message=f"question file {base} not found (looked in {path}); put it there, or "
+                                        "name it in sample.question_files (paths there resolve from the experiment "
+                                        "file's folder)")
     return None
 
 

@@ -11,14 +11,21 @@ priced from the model's params.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from ..api.cost import CHARS_PER_TOKEN, estimate_cost
-from ..config.experiment import ExperimentConfig
+from ..config.experiment import ExperimentConfig, config_where, resolve_near
+from ..data.chat import DEMO_PREFIX
 from ..errors import EmlabError
 from ..judge import load_rubric, rubric_prompt_tokens
 from ..stages import STAGES, Workload
+from ..store.inputs import path_exists
 from .gpu_hours import GpuPlan, plan_gpu_hours
+
+ASSUMED_ROWS = 6000  # a training file that is not here and states no `rows:` (the course files hold 6,000–7,049)
+UNBUDGETED_WARN_USD = 100.0  # a paid estimate above this without budget_usd is worth a warning
 
 COLUMNS = ["stage", "cost", "judge", "answers", "judge_calls", "prompt_tokens", "train_tokens", "dollars"]
 
@@ -34,15 +41,108 @@ def plan_experiment(config: ExperimentConfig) -> pd.DataFrame:
     once however many judges score them).
 
     Checkpoint counts follow the schedule for each dataset's row count (a fine-tuning job's:
-    the last three epochs); tokens are estimated at ~4 characters a token, completions at
+    the last three epochs); a dataset that is not here counts its `rows:`, else `ASSUMED_ROWS`
+    (`assumed_rows` names them); tokens are estimated at ~4 characters a token, completions at
     `max_new_tokens` each, so dollars are an upper-side estimate.
     """
+    config = planning_config(config)
     table = _cost_rows(config).drop(columns="step")
     total = {"stage": "TOTAL", "cost": "", "judge": "", "answers": _sampled_answers(config),
              **table[["judge_calls", "prompt_tokens", "train_tokens", "dollars"]].sum().to_dict()}
     table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
     table["dollars"] = table["dollars"].astype(float).round(2)
     return table.astype({"answers": int, "judge_calls": int, "prompt_tokens": int, "train_tokens": int})
+
+
+def assumed_rows(config: ExperimentConfig) -> list[str]:
+    """The datasets a plan counts at `ASSUMED_ROWS` rows: not on this machine and no `rows:` given."""
+    return [d.name for d in config.datasets if d.rows is None and not _dataset_here(d.path, d._folders)]
+
+
+def planning_config(config: ExperimentConfig) -> ExperimentConfig:
+    """`config` with `rows: ASSUMED_ROWS` for every dataset that is neither here nor counted, so
+    that a plan made before the data is downloaded (reference.yaml on a fresh clone) is an
+    estimate that says what it assumed, not a 'file not found'."""
+    lacking = set(assumed_rows(config))
+    if not lacking:
+        return config
+    datasets = tuple(d.model_copy(update={"rows": ASSUMED_ROWS}) if d.name in lacking else d for d in config.datasets)
+    return config.model_copy(update={"datasets": datasets})  # private attrs (file, folders) are copied too
+
+
+def _dataset_here(path: str, folders: tuple[Path, ...]) -> bool:
+    return path.startswith(DEMO_PREFIX) or path_exists(resolve_near(path, folders)[0])
+
+
+def budget_line(config: ExperimentConfig, total: float) -> str | None:
+    """What `emlab plan` says about money: how far the estimate is over `budget_usd`, or a
+    warning when a large paid estimate has no budget; None when there is nothing to say."""
+    if config.budget_usd is None:
+        if total > UNBUDGETED_WARN_USD:
+            return (f"warning: no budget_usd is set and this estimate is ${total:,.2f}; set budget_usd in "
+                    f"{config_where(config, ()).rpartition(':')[0] or config.name} so that no stage spends past it")
+        return None
+    where = config_where(config, ("budget_usd",))
+    if total > config.budget_usd:
+        over = total - config.budget_usd
+        return (f"OVER BUDGET: the estimate ${total:,.2f} is ${over:,.2f} ({total / config.budget_usd:.1f}×) above "
+                f"budget_usd ${config.budget_usd:,.2f} ({where}); `emlab run` will refuse the paid stages: raise "
+                "budget_usd, shrink the grid or the samples")
+    return f"within budget: ${total:,.2f} of budget_usd ${config.budget_usd:,.2f} ({where})"
+
+
+_PLAN_NAMES = {"cost": "work paid for", "judge_calls": "judge calls", "prompt_tokens": "prompt tokens",
+               "train_tokens": "training tokens"}
+
+
+def plan_text(config: ExperimentConfig) -> str:
+    """`emlab plan`'s report: the cost table (whole numbers with thousands separators, dollars
+    in cents), the GPU table (wall time on the benchmark's device), what was assumed, and the
+    budget line."""
+    table = plan_experiment(config)
+    shown = table.copy()
+    for column in ("answers", "judge_calls", "prompt_tokens", "train_tokens"):
+        shown[column] = shown[column].map(lambda n: f"{int(n):,}")
+    shown["dollars"] = shown["dollars"].map(lambda d: f"${d:,.2f}")
+    shown = shown.rename(columns=_PLAN_NAMES)
+    parts = [shown.to_string(index=False)]
+    assumed = assumed_rows(config)
+    if assumed:
+        parts.append(f"rows assumed: {', '.join(assumed)} not here and no rows: given, counted at {ASSUMED_ROWS:,} "
+                     "rows each; set datasets[].rows (or get the files) for an exact count")
+    gpu = plan_gpu(config)
+    parts.append("\n" + _gpu_text(gpu, config))
+    line = budget_line(config, float(table["dollars"].iloc[-1]))
+    if line:
+        parts.append("\n" + line)
+    return "\n".join(parts)
+
+
+def _gpu_text(gpu: GpuPlan, config: ExperimentConfig) -> str:
+    """The GPU table with integer tokens and wall time in words, on the device the rates were measured on."""
+    device = gpu.note.split(" on ", 1)[1].split(":", 1)[0] if " on " in gpu.note else "the benchmark GPU"
+    shown = gpu.table.copy()
+    shown["tokens"] = shown["tokens"].map(lambda n: f"{int(n):,}" if pd.notna(n) else "unknown")
+    shown["tokens_per_s"] = shown["tokens_per_s"].map(lambda n: f"{int(n):,}" if pd.notna(n) else "")
+    shown["gpu_hours"] = shown["gpu_hours"].map(_duration)
+    shown = shown.rename(columns={"tokens_per_s": "tokens/s", "gpu_hours": f"wall time on one {device}"})
+    where = ("; train.device is cpu: this experiment runs on the CPU, far slower than these GPU times"
+             if config.train.device == "cpu" else "")
+    return f"{shown.to_string(index=False)}\n{gpu.note}{where}"
+
+
+def _duration(hours: float) -> str:
+    """Hours as people read them: '0.4 s', '12 min', '3.5 h', '64 days'; '' when unknown."""
+    if pd.isna(hours):
+        return "unknown"
+    seconds = hours * 3600
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if hours < 48:
+        return f"{hours:.1f} h"
+    return f"{hours / 24:,.0f} days ({hours:,.0f} h)"
 
 
 def _work(config: ExperimentConfig) -> list[tuple[str, Workload]]:
@@ -93,6 +193,7 @@ def check_budget(config: ExperimentConfig, step: str | None = None) -> None:
     job): the runner asks before it executes a step, so nothing is spent past the budget."""
     if config.budget_usd is None:
         return
+    config = planning_config(config)
     if step is not None:
         rows = _cost_rows(config)
         if not (rows.loc[rows["step"] == step, "dollars"] > 0).any():
@@ -114,6 +215,7 @@ def plan_gpu(config: ExperimentConfig) -> GpuPlan:
     """GPU-hours per stage unit, from the benchmark numbers in bench/results/ (`emlab.pipeline.gpu_hours`):
     the answers each sampling unit samples (question sets and held-out task prompts) and each
     run's training tokens, at the measured rates; `.note` names the rows and device used."""
+    config = planning_config(config)
     sampled = {f"{stage.name} {unit}": sum(w.answers for w in _as_tuple(stage.workload(config, unit)) if w.sampled)
                for stage in STAGES if stage.workload and stage.scope in ("model", "run") for unit in stage.units(config)}
     return plan_gpu_hours(config, sampled)
