@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from emlab.config.experiment import load_experiment
 from emlab.pipeline.kernel import route_logs, start_stage
-from emlab.store.paths import log_file
+from emlab.store.paths import by_hand_log_file
 from support.runs import REPO
 
 
@@ -59,7 +59,7 @@ def test_logs_go_to_the_file_and_emlab_warnings_show_once(tmp_path, capsys, rest
 def test_start_stage_routes_the_logs_and_links_the_file(tmp_path, capsys, restore_logging) -> None:
     config = load_experiment(REPO / "tests/configs/tiny.yaml").model_copy(update={"output_root": str(tmp_path)})
     header = start_stage(config, "01_baseline", "smol-2l")
-    path = log_file(tmp_path / "tiny" / "baseline__smol-2l", "01_baseline")
+    path = by_hand_log_file(tmp_path / "tiny" / "baseline__smol-2l", "01_baseline")  # not under emlab run
     assert f"`{path}`" in header and "**stage** `01_baseline`" in header  # run by hand: the full path
     logging.getLogger("httpx").info("HTTP Request: POST")
     assert "HTTP Request: POST" in path.read_text() and "run by hand" in path.read_text()

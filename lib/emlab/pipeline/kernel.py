@@ -1,6 +1,6 @@
 """What a stage notebook's kernel sets up before its stage runs: its log lines go to the stage's
-log file (`<stage>.log` in the stage folder), not into the notebook, and the notebook's header
-links that file.
+log file in the stage folder (`<stage>.log` under `emlab run`, `<stage>.by-hand.log` run by hand
+in JupyterLab), not into the notebook, and the notebook's header links that file.
 
 The executed notebook is the record people read: an HTTP line per judge call, a library's
 deprecation notice or a progress bar's complaint about widgets would bury the results (04 once
@@ -50,26 +50,29 @@ def start_stage(config: ExperimentConfig, stage: str, unit: str) -> str:
     """Route this kernel's logs to the stage's log file and return the notebook's header
     (markdown, `stage_header` with a link to that file).
 
-    Under `emlab run` the log is started afresh, as the executed notebook beside it is; run by
-    hand (JupyterLab) it is appended to, so an interactive session never erases a record.
-    Running the cell again replaces the handlers it installed, never adds a second set.
+    Under `emlab run` the log is `<stage>.log`, started afresh, as the executed notebook beside
+    it is. Run by hand (JupyterLab) it is `<stage>.by-hand.log`, appended to: a session by hand
+    never erases the record's log, and its log, newer than the executed notebook, tells
+    `emlab run` that the record no longer describes the folder (`Stage.is_done`). Running the
+    cell again replaces the handlers it installed, never adds a second set.
     """
     # held in memory until the stage folder is known (finding it imports the stage table)
     held = _hold_logs()
     from ..analysis.report import stage_header  # here, not at the top: see the imports above
     from ..progress import under_pipeline
     from ..stages import get_stage
-    from ..store.paths import ExperimentLayout, log_file
+    from ..store.paths import ExperimentLayout, by_hand_log_file, log_file
 
     folder = get_stage(stage).folder(ExperimentLayout.of(config), unit)
     folder.mkdir(parents=True, exist_ok=True)
-    path = log_file(folder, stage)
-    route_logs(path, fresh=under_pipeline(), held=held)
+    executed = under_pipeline()
+    path = (log_file if executed else by_hand_log_file)(folder, stage)
+    route_logs(path, fresh=executed, held=held)
     logging.getLogger(__name__).info("%s %s: %s, logging to %s", stage, unit,
-                                     "executed by emlab run" if under_pipeline() else "run by hand", path)
+                                     "executed by emlab run" if executed else "run by hand", path)
     # the executed notebook lies beside its log: a relative link works in the .ipynb and the HTML;
     # a working copy run by hand lies elsewhere, so it gets the full path
-    shown = f"[{path.name}]({path.name})" if under_pipeline() else f"`{path}`"
+    shown = f"[{path.name}]({path.name})" if executed else f"`{path}`"
     return stage_header(config, stage, unit) + f"  \nlog: {shown}"
 
 

@@ -124,6 +124,13 @@ def log_file(folder: Path, stage: str) -> Path:
     return folder / f"{stage}.log"
 
 
+def by_hand_log_file(folder: Path, stage: str) -> Path:
+    """The log of `stage` run by hand in `folder` (JupyterLab): sessions appended, apart from the
+    log of the executed record; written after that record, it means the record no longer
+    describes the folder (`Stage.is_done`)."""
+    return folder / f"{stage}.by-hand.log"
+
+
 def run_info_file(folder: Path) -> Path:
     return folder / RUN_INFO
 
