@@ -37,7 +37,7 @@ class _Once(logging.Filter):
         self._seen: set[tuple[str, str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith(SHOWN_LOGGERS):
+        if record.name != SHOWN_LOGGERS and not record.name.startswith(SHOWN_LOGGERS + "."):
             return False
         key = (record.name, record.getMessage())
         if key in self._seen:
