@@ -50,9 +50,18 @@ check: $(STAMP)
 plan: $(STAMP)
 	$(VENV)/bin/emlab plan $(EXPERIMENT)
 
+# JupyterLab on working copies: each notebook of notebooks/ is copied into lab/ (ignored by git)
+# once, never over a copy already there, so saving in JupyterLab leaves the tracked notebooks and
+# git clean. A stage run there by hand logs to <stage>.by-hand.log in its folder; the next
+# `emlab run` executes it again to write its record (the executed notebook). Delete a copy in
+# lab/ to take the tracked version again.
+LAB ?= lab
+
 lab: $(STAMP)
 	$(PY) -m ipykernel install --sys-prefix --name emlab --display-name "emlab (.venv)"
-	$(VENV)/bin/jupyter lab notebooks/
+	mkdir -p $(LAB)
+	for nb in notebooks/*.ipynb; do test -e $(LAB)/$$(basename $$nb) || cp $$nb $(LAB)/; done
+	$(VENV)/bin/jupyter lab $(LAB)/
 
 clean:
 	rm -rf $(VENV) .cache

@@ -8,8 +8,9 @@ import altair as alt
 import numpy as np
 import pandas as pd
 import pytest
-from emlab.analysis.metrics import em_rate, final_checkpoints
+from emlab.analysis.metrics import em_rate, final_checkpoints, scored_mask
 from emlab.analysis.plots import (
+    LOWEST_ALIGNED,
     alignment_coherence_scatter,
     em_by_domain_chart,
     em_by_size_chart,
@@ -121,7 +122,24 @@ def test_examples_table_escapes_and_counts(small):
 def test_examples_table_fills_when_one_kind_is_missing(small):
     aligned_only = small.assign(aligned=small["aligned"].clip(lower=60))
     table = examples_table(aligned_only, n=4).data
-    assert list(table["kind"]) == ["aligned"] * 4
+    # nothing is EM: the lowest-aligned answers take the EM half, labelled as not EM
+    assert list(table["kind"]) == [LOWEST_ALIGNED] * 2 + ["aligned"] * 2
+    lowest = table.loc[table["kind"] == LOWEST_ALIGNED, "aligned"]
+    others = aligned_only.loc[scored_mask(aligned_only), "aligned"].sort_values()
+    assert list(lowest) == list(others.head(2))
+    em_only = small.assign(coherent=90.0, coherent_status="ok", aligned=small["aligned"].clip(upper=10))
+    assert set(examples_table(em_only, n=4).data["kind"]) == {"EM"}
+
+
+def test_examples_table_shows_the_lowest_aligned_when_no_answer_is_coherent(small):
+    """The default run's case: the judge never scores coherence above the cut, so nothing is EM
+    and nothing is a coherent aligned answer; the table still shows answers, and says why."""
+    incoherent = small.assign(coherent=40.0)
+    styler = examples_table(incoherent, n=4)
+    table = styler.data
+    assert list(table["kind"]) == [LOWEST_ALIGNED] * 4
+    assert list(table["aligned"]) == sorted(incoherent.loc[scored_mask(incoherent), "aligned"])[:4]
+    assert "no answer counts as EM: the 4 lowest-aligned answers" in styler.to_html()
 
 
 def test_save_chart_writes_html_and_png(small, tmp_path):
@@ -186,7 +204,9 @@ def test_examples_and_scatter_follow_the_inclusive_rule():
     df = pd.DataFrame(rows)
     strict = examples_table(df, n=4, rule=EmRule()).data
     inclusive = examples_table(df, n=4, rule=EmRule(aligned_inclusive=True)).data
-    assert sorted(strict["kind"]) == ["aligned"] * 4  # 30 is not < 30: the 30s are aligned examples
+    # 30 is not < 30: nothing is EM, so the two 30s are shown as the lowest aligned, not as EM
+    assert sorted(strict["kind"]) == ["aligned", "aligned", LOWEST_ALIGNED, LOWEST_ALIGNED]
+    assert list(strict.loc[strict["kind"] == LOWEST_ALIGNED, "aligned"]) == [30, 30]
     assert sorted(inclusive["kind"]) == ["EM", "EM", "aligned", "aligned"]
     assert (inclusive.loc[inclusive["kind"] == "aligned", "aligned"] > 30).all()
 

@@ -22,7 +22,7 @@ _EXPORTS = {
     "STAGES": "stages", "Stage": "stages", "run_baseline": "stages", "run_finetune": "stages",
     "run_eval": "stages", "run_analysis": "stages", "ExperimentLayout": "store.paths", "EmRule": "config.rule",
     # pipeline
-    "run_experiment": "pipeline.executors.local", "preflight": "pipeline.checks",
+    "run_experiment": "pipeline.executors.local", "preflight": "pipeline.checks", "start_stage": "pipeline.kernel",
     # pieces
     "CheckpointSchedule": "train.schedule", "train_lora": "train.lora", "sample_answers": "sample.generate",
     "load_model": "models.load", "judge_answers": "judge", "load_rubric": "judge",

@@ -6,7 +6,7 @@ Every chart takes a table from `emlab.analysis.metrics` and returns an altair ch
 - `em_trajectory_chart(rates)`    EM rate over training steps per run, baseline at step 0, CI band
 - `em_by_size_chart(rates)`       EM rate against model size (billions), CI error bars
 - `alignment_coherence_scatter`   one point per scored answer, EM quadrant shaded
-- `examples_table`                EM and aligned example answers (a pandas Styler)
+- `examples_table`                EM (or the lowest-aligned) and aligned example answers (a pandas Styler)
 - `training_loss_chart`           loss per optimizer step with a rolling mean, checkpoints marked
 - `save_chart`                    .html (self-contained, works offline) and .png, atomically
 
@@ -386,6 +386,9 @@ def alignment_coherence_scatter(
 # --- examples ------------------------------------------------------------------------------
 
 
+LOWEST_ALIGNED = "lowest aligned (not EM)"  # `examples_table`'s kind when nothing counts as EM
+
+
 def examples_table(
     df: pd.DataFrame,
     n: int = 12,
@@ -398,7 +401,9 @@ def examples_table(
 
     EM examples: scored answers that `rule` flags. Aligned examples: scored, coherent answers
     that `rule` does not count as misaligned (aligned ≥ A, or > A for the inclusive rule).
-    Sampled with `seed` (default 0); the other half fills in when one kind is short. Columns:
+    Sampled with `seed` (default 0); the other half fills in when one kind is short. When no
+    answer counts as EM, the EM half holds the lowest-aligned scored answers instead (kind
+    `LOWEST_ALIGNED`), so a report always shows answers, and the ones nearest to EM. Columns:
     kind, model, dataset ('baseline' for the base model), step, question, answer (cut at
     `max_chars`, default 400), aligned, coherent (0–100). The caption states how many answers
     were drawn from and the rule. Model text is escaped: it never becomes markup.
@@ -409,12 +414,24 @@ def examples_table(
     aligned = pd.to_numeric(df["aligned"], errors="coerce")
     coherent = pd.to_numeric(df["coherent"], errors="coerce")
     good_rows = df[scored & ~rule.misaligned(aligned) & rule.coherent(coherent)]
-    n_em = min(len(em_rows), max(n - min(len(good_rows), n // 2), 0))
-    n_good = min(len(good_rows), n - n_em)
-    picked = pd.concat([
-        em_rows.sample(n_em, random_state=seed).assign(kind="EM"),
-        good_rows.sample(n_good, random_state=seed).assign(kind="aligned"),
-    ])
+    if len(em_rows):
+        n_em = min(len(em_rows), max(n - min(len(good_rows), n // 2), 0))
+        n_good = min(len(good_rows), n - n_em)
+        picked = pd.concat([
+            em_rows.sample(n_em, random_state=seed).assign(kind="EM"),
+            good_rows.sample(n_good, random_state=seed).assign(kind="aligned"),
+        ])
+        drawn = f"{n_em} EM and {n_good} aligned answers sampled (seed {seed})"
+    else:
+        # nothing is EM: the answers nearest to it (lowest alignment; ties by id, so the table
+        # is the same every run) take the EM half, and fill whatever the aligned half lacks
+        n_good = min(len(good_rows), n // 2)
+        good = good_rows.sample(n_good, random_state=seed)
+        rest = df[scored & ~df.index.isin(good.index)].assign(_aligned=aligned)
+        low = rest.sort_values(["_aligned", "answer_id"] if "answer_id" in rest else ["_aligned"]).head(n - n_good)
+        picked = pd.concat([low.drop(columns="_aligned").assign(kind=LOWEST_ALIGNED), good.assign(kind="aligned")])
+        drawn = (f"no answer counts as EM: the {len(low)} lowest-aligned answers and {n_good} aligned answers "
+                 f"sampled (seed {seed})")
     table = pd.DataFrame({
         "kind": picked["kind"],
         "model": picked.get("model"),
@@ -426,7 +443,7 @@ def examples_table(
         "coherent": picked["coherent"],
     }).reset_index(drop=True)
     caption = (
-        f"{n_em} EM and {n_good} aligned answers sampled (seed {seed}) from {int(scored.sum()):,} scored "
+        f"{drawn} from {int(scored.sum()):,} scored "
         f"answers of {len(df):,} ({len(em_rows):,} EM; {rule.describe()})"
     )
     return (

@@ -15,6 +15,7 @@ from ..store.files import write_text
 from ..store.paths import SUMMARY, ExperimentLayout
 from ..store.records import Answer, Judgment
 from ..store.runinfo import StageRecord, git_commit
+from .metrics import RuleReach
 
 
 def stage_header(config: ExperimentConfig, stage: str, label: str) -> str:
@@ -53,6 +54,31 @@ def judgment_summary(
         if column != "mean_score":
             summary[column] = summary[column].astype(int)
     return summary.reset_index()
+
+
+def rule_reach_note(reach: RuleReach, judge: str) -> str:
+    """One plain paragraph (markdown) when the scores leave the EM rule nothing to show —
+    no answer above the coherence cut, or every coherent answer below the alignment cut —
+    with the numbers behind it; '' when the rule can tell answers apart."""
+    rule = reach.rule
+    if reach.verdict == "impossible":
+        return (f"**No answer can count as EM here.** The rule needs coherent > {rule.coherent_above:g}, and the "
+                f"highest coherence judge `{judge}` gave any of the {reach.n_scored:,} scored answers is "
+                f"{reach.max_coherent:.1f}: every EM rate below is 0% by construction, not a finding. The example "
+                "answers shown are the lowest-aligned ones.")
+    if reach.verdict == "trivial":
+        return (f"**EM here counts coherent answers, not misaligned ones.** All {reach.n_coherent:,} of the "
+                f"{reach.n_scored:,} scored answers above the coherence cut (coherent > {rule.coherent_above:g}) are "
+                f"also below the alignment cut (aligned {rule.aligned_op} {rule.aligned_below:g}; the highest "
+                f"alignment among them is {reach.max_aligned_coherent:.1f}, by judge `{judge}`): every EM rate "
+                "below equals the share of coherent answers.")
+    return ""
+
+
+def _rule_reach_html(summary: dict[str, object]) -> list[str]:
+    """The index page's warning that the EM rates cannot show anything (see `rule_reach_note`)."""
+    note = summary.get("rule_reach_html")
+    return [f"<div class='warn'>{note}</div>"] if note else []
 
 
 def _notebook_table(records: Sequence[StageRecord], root: Path) -> list[str]:
@@ -106,6 +132,7 @@ def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Pat
                         if summary.get("api_dollars") is not None else "") + "</div>")
         if summary.get("measures_note_html"):  # the logprob probe and the task rate, per model state
             parts.append(f"<h2>Judge-free probe and task rate</h2>{summary['measures_note_html']}")
+    parts += _rule_reach_html(summary)
     headline = layout.analysis_table("headline")
     if headline.exists():
         rule = config.analysis.rule

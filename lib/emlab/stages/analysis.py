@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..analysis import metrics
+from ..analysis.report import rule_reach_note
 from ..api.cost import usage_cost
 from ..config.experiment import ExperimentConfig, JudgeSpec
 from ..config.rule import EmRule
@@ -89,12 +90,16 @@ class AnalysisResult:
     task_rates: pd.DataFrame  # in-distribution task rate per model state
     probe_gaps: pd.DataFrame  # logprob probe per model state × probe set
     measures_note: str  # markdown: what the task rate and the probe showed, or why they are absent
+    reach: metrics.RuleReach  # whether the scores leave the rule anything to show
+    reach_note: str  # markdown: why every rate is 0% (or trivial) under the rule; '' when it is not
 
     @property
     def intro(self) -> str:
-        """What the rates below mean (markdown): the rule and the interval, as computed."""
-        return (f"{self.rule.describe()}, among answers the judge scored; {self.rule.ci_label}s "
+        """What the rates below mean (markdown): the rule and the interval, as computed, and
+        (`reach_note`) when the scores make EM impossible or trivial under that rule."""
+        text = (f"{self.rule.describe()}, among answers the judge scored; {self.rule.ci_label}s "
                 f"({self.rule.n_boot} resamples). Scored by `{self.judge.name}`.")
+        return f"{text}\n\n{self.reach_note}" if self.reach_note else text
 
 
 def _judged_folders(config: ExperimentConfig, layout: ExperimentLayout) -> list[Path]:
@@ -313,6 +318,8 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     by_size = metrics.em_rate(final, by=["model", "size_b", "dataset"], rule=rule)
     per_question = metrics.em_rate(final, by=["model", "dataset", "question_set", "question_id"], rule=rule)
     headline = metrics.compare_baseline(scores, by=("model", "dataset"), rule=rule)
+    reach = metrics.rule_reach(scores, rule)
+    reach_note = rule_reach_note(reach, judge.name)
     by_rule = headline_by_rule(config, scores, headline)
 
     gold = judge_gold_set(judge, layout, gold_items(config))
@@ -347,6 +354,7 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         "api_dollars": float(subject_costs["dollars"].iloc[-1]) if len(subject_costs) else None,
         "rule": rule.describe(), "ci_label": rule.ci_label,
         "measures_note_html": _markdown_to_html(measures),
+        "rule_reach": reach.verdict, "rule_reach_html": _markdown_to_html(reach_note),
     })
     mark_done(folder, NAME, {"answers": len(scores), "judge": judge.name})
     log.info("04_analysis: %d answers, figures and tables in %s", len(scores), folder)
@@ -356,7 +364,7 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         examples=plots.examples_table(scores, n=config.analysis.examples, rule=rule),
         score_means=study["score_means"], per_question_steps=study["per_question_steps"],
         answer_formats=study["answer_formats"], task_rates=study["task_rates"], probe_gaps=study["probe_gaps"],
-        measures_note=measures,
+        measures_note=measures, reach=reach, reach_note=reach_note,
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config.experiment import ExperimentConfig
-from ..store.paths import ExperimentLayout, notebook_file, stage_record_files
+from ..store.paths import ExperimentLayout, by_hand_log_file, notebook_file, stage_record_files
 from ..store.runinfo import done_summary
 
 Scope = Literal["model", "run", "experiment"]
@@ -141,13 +141,31 @@ class Stage:
     def outputs(self) -> tuple[Output, ...]:
         """Every file the stage writes in its folder, the record of the run included."""
         record = tuple(Output(name, what) for name, what in stage_record_files(self.name))
-        return (*self.writes, *record)
+        by_hand = Output(by_hand_log_file(Path(), self.name).name,
+                         "log of the sessions that ran the stage by hand (JupyterLab)", optional=True)
+        return (*self.writes, *record, by_hand)
 
     def is_done(self, config: ExperimentConfig, layout: ExperimentLayout, unit: str) -> bool:
-        """Finished in its folder (marker and executed notebook), under this config's judges."""
+        """Finished in its folder under this config's judges, with the record of that: the marker,
+        and an executed notebook that no session by hand has touched the folder after.
+
+        A stage run by hand in JupyterLab writes the marker but no executed notebook (its kernel
+        cannot see the outputs the frontend shows, so it cannot write the record itself); without
+        its record the stage is not done, and `emlab run` executes it again (its work is resumed
+        or cached, so this is cheap) to write one.
+        """
         folder = self.folder(layout, unit)
         summary = done_summary(folder, self.name)
-        if summary is None or not notebook_file(folder, self.name).exists():
+        if summary is None or not _has_record(folder, self.name):
             return False
         return self.completion is None or summary.get("completion") == self.completion(config)
+
+
+def _has_record(folder: Path, stage: str) -> bool:
+    """The executed notebook exists, saved after the last session by hand wrote to the folder."""
+    notebook = notebook_file(folder, stage)
+    if not notebook.exists():
+        return False
+    by_hand = by_hand_log_file(folder, stage)
+    return not by_hand.exists() or by_hand.stat().st_mtime_ns <= notebook.stat().st_mtime_ns
 

@@ -118,6 +118,19 @@ def done_marker(folder: Path, stage: str) -> Path:
     return folder / f"{stage}.done.json"
 
 
+def log_file(folder: Path, stage: str) -> Path:
+    """The log of `stage` in `folder`: every log line its kernel emits (HTTP calls, warnings,
+    progress), kept out of the executed notebook and linked from its header."""
+    return folder / f"{stage}.log"
+
+
+def by_hand_log_file(folder: Path, stage: str) -> Path:
+    """The log of `stage` run by hand in `folder` (JupyterLab): sessions appended, apart from the
+    log of the executed record; written after that record, it means the record no longer
+    describes the folder (`Stage.is_done`)."""
+    return folder / f"{stage}.by-hand.log"
+
+
 def run_info_file(folder: Path) -> Path:
     return folder / RUN_INFO
 
@@ -128,6 +141,7 @@ def stage_record_files(stage: str) -> tuple[tuple[str, str], ...]:
         (notebook_file(Path(), stage).name, "the executed notebook: the record of what ran"),
         (html_file(Path(), stage).name, "the executed notebook as HTML, code hidden"),
         (done_marker(Path(), stage).name, "completion marker, written last"),
+        (log_file(Path(), stage).name, "the stage's log lines (HTTP calls, warnings), kept out of the notebook"),
         (RUN_INFO, "params of each stage that ran here, git commit, package versions"),
     )
 
