@@ -20,7 +20,14 @@ from emlab.pipeline.kernel import start_stage
 from emlab.pipeline.steps import load_steps
 from emlab.progress import ENV as PROGRESS_ENV
 from emlab.stages import STAGES
-from emlab.store.paths import SCORES, ExperimentLayout, by_hand_log_file, log_file, notebook_file, run_info_file
+from emlab.store.paths import (
+    SCORES,
+    ExperimentLayout,
+    by_hand_log_file,
+    log_file,
+    notebook_file,
+    run_info_file,
+)
 from support.runs import TINY_RUN_GROUP, TinyRun
 
 pytestmark = [TINY_RUN_GROUP, pytest.mark.slow, pytest.mark.server]

@@ -189,7 +189,7 @@ def training_tokens(config: ExperimentConfig, dataset: DatasetSpec) -> tuple[flo
     rows and tokens were counted."""
     holdout_rows = config.task.holdout if config.task.enabled else 0
     try:
-        path = resolve_dataset_path(dataset.path, min_rows=dataset.limit)
+        path = resolve_dataset_path(dataset.path, min_rows=dataset.limit, folders=dataset._folders)
         # the one reading path for user files (size cap, encoding): a bad file is a one-line error
         text = read_input_text(path, what=f"dataset {dataset.name}", max_bytes=MAX_JSONL_BYTES)
         lines = [line for line in text.splitlines() if line.strip()]

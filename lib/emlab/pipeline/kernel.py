@@ -58,7 +58,9 @@ def start_stage(config: ExperimentConfig, stage: str, unit: str) -> str:
     """
     # held in memory until the stage folder is known (finding it imports the stage table)
     held = _hold_logs()
-    from ..analysis.report import stage_header  # here, not at the top: see the imports above
+    from ..analysis.report import (
+        stage_header,  # here, not at the top: see the imports above
+    )
     from ..progress import under_pipeline
     from ..stages import get_stage
     from ..store.paths import ExperimentLayout, by_hand_log_file, log_file

@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config.experiment import ExperimentConfig
-from ..store.paths import ExperimentLayout, by_hand_log_file, notebook_file, stage_record_files
+from ..store.paths import (
+    ExperimentLayout,
+    by_hand_log_file,
+    notebook_file,
+    stage_record_files,
+)
 from ..store.runinfo import done_summary
 
 Scope = Literal["model", "run", "experiment"]

@@ -197,7 +197,7 @@ def estimate_job(config: ExperimentConfig, run: RunSpec) -> JobEstimate:
 
 def _dataset_is_here(dataset: DatasetSpec) -> bool:
     try:
-        resolve_dataset_path(dataset.path)
+        resolve_dataset_path(dataset.path, folders=dataset._folders)
     except DataError:
         return False
     return True

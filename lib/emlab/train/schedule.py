@@ -71,13 +71,18 @@ def planned_checkpoints(config: ExperimentConfig, run: RunSpec) -> CheckpointSch
     such rows trains fewer steps than planned here.
     """
     dataset = config.dataset(run.dataset)
-    if dataset.rows is not None and not _is_here(dataset.path):  # emlab plan before the download
+    if dataset.rows is not None and not _is_here(dataset.path, dataset._folders):  # emlab plan before the download
         rows = min(dataset.rows, dataset.limit or dataset.rows)
     else:
         rows = len(load_chat_dataset(dataset, seed=run.seed))
     return CheckpointSchedule.for_training(rows, config.train)
 
 
-def _is_here(path: str) -> bool:
-    """A dataset path that resolves to something on this machine (demo sets always do)."""
-    return path.startswith(DEMO_PREFIX) or path_exists(Path(path) if Path(path).is_absolute() else repo_root() / path)
+def _is_here(path: str, folders: tuple[Path, ...] = ()) -> bool:
+    """A dataset path that resolves to something on this machine (demo sets always do): absolute,
+    or relative to the experiment file's folders, else to the repository root."""
+    if path.startswith(DEMO_PREFIX):
+        return True
+    if Path(path).is_absolute():
+        return path_exists(Path(path))
+    return any(path_exists(folder / path) for folder in (*folders, repo_root()))
