@@ -38,7 +38,7 @@ from ..store.paths import (
     TASK,
     ExperimentLayout,
 )
-from ..store.records import Answer, answer_id
+from ..store.records import Answer, answer_id, valid_text
 from ..store.runinfo import mark_done, record_stage
 from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
 from .baseline import NAME as BASELINE
@@ -114,12 +114,12 @@ def collect_answers(config: ExperimentConfig, layout: ExperimentLayout) -> pd.Da
         size = model_size_b(model)
         path = layout.answers(layout.baseline(model.name))
         if path.exists():
-            frame = pd.DataFrame(read_jsonl(path, tolerate_torn_tail=True))
+            frame = pd.DataFrame(valid_text(read_jsonl(path, tolerate_torn_tail=True)))
             frames.append(frame.assign(size_b=size, dataset=None, domain=None, seed=None, is_baseline=True))
         for run in (r for r in config.runs() if r.model == model.name):
             dataset = config.dataset(run.dataset)
             for path in layout.answer_files(layout.run(run.run_id)):
-                frame = pd.DataFrame(read_jsonl(path, tolerate_torn_tail=True))
+                frame = pd.DataFrame(valid_text(read_jsonl(path, tolerate_torn_tail=True)))
                 frames.append(frame.assign(size_b=size, dataset=dataset.name, domain=dataset.domain,
                                            seed=run.seed, is_baseline=False))
     if not frames:
@@ -131,7 +131,7 @@ def collect_judgments(config: ExperimentConfig, layout: ExperimentLayout) -> pd.
     """Every judgment of the experiment's answers (all judges), the last one per pair."""
     files = [layout.judgments(folder) for folder in _judged_folders(config, layout)]
     rows = [row for f in files if f.exists() for row in read_jsonl(f, tolerate_torn_tail=True)]
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(valid_text(rows))
     return frame.drop_duplicates(["answer_id", "judge", "rubric"], keep="last") if len(frame) else frame
 
 

@@ -18,7 +18,7 @@ is named by `ExperimentLayout`; the files inside one stage folder by `StageFiles
         task/                           held-out training prompts (task.holdout > 0): holdout.jsonl
                                         (02_finetune), eval/step-NNNNNN/answers.jsonl, judgments.jsonl
       analysis/                         04_analysis: scores.parquet, *.csv, fig_*.html/png,
-                                        gold_judgments.jsonl, summary.json
+                                        gold_judgments.jsonl, summary.json, explorer.html
       slurm/                            `emlab run --executor slurm`: jobs.json (every job
                                         submitted, by stage and unit), scripts/, logs/
 
@@ -70,6 +70,7 @@ FIGURE_PREFIX = "fig_"
 SCORES = "scores.parquet"  # 04_analysis: one row per answer, scores of the analysis judge
 GOLD_JUDGMENTS = "gold_judgments.jsonl"  # 04_analysis: the judge's judgments of the gold set
 SUMMARY = "summary.json"  # 04_analysis: judge verdict and cost, for the index page
+EXPLORER = "explorer.html"  # 04_analysis: every answer with its judgments, one self-contained page
 TABLE_SUFFIX = ".csv"
 BASELINE_PREFIX = "baseline__"
 SAMPLING_USAGE = "sampling_usage.jsonl"  # one line per sampling request paid to an API (tokens, dollars)
@@ -405,6 +406,12 @@ class ExperimentLayout:
     def analysis_table(self, name: str) -> Path:
         """A CSV table of 04_analysis by name, e.g. 'headline' → analysis/headline.csv."""
         return self.analysis / f"{name}{TABLE_SUFFIX}"
+
+    @property
+    def explorer(self) -> Path:
+        """The answer explorer page of 04_analysis: 'analysis/explorer.html' (beside the figures,
+        whose heatmap cells link into it by a relative address)."""
+        return self.analysis / EXPLORER
 
     def figure(self, name: str) -> Path:
         """Base path of a figure (save_chart adds .html and .png): 'analysis/fig_<name>'."""

@@ -24,6 +24,24 @@ JudgmentStatus = Literal[
 ]
 
 
+def valid_text(value: Any) -> Any:
+    """`value` with every string in it (in lists, tuples and dicts too) made valid Unicode: an
+    unpaired surrogate (JSON allows `"\\ud800"`, and a model or a judge's top-logprob token can
+    write one) becomes U+FFFD, as a browser would show it. Text that pandas, Parquet and UTF-8
+    files cannot hold would otherwise crash the analysis on one bad answer."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:  # rare: only then pay for the round trip
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {k: valid_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(valid_text(v) for v in value)
+    return value
+
+
 def answer_id(*parts: object) -> str:
     """Stable 16-hex id for an answer from what identifies it (model, step, question, sample)."""
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:16]
