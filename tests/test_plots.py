@@ -82,7 +82,7 @@ def test_size_chart_leaves_out_models_of_unknown_size_and_says_so() -> None:
     df = scores(4, models=(("s", 0.135), ("gpt", None)))  # a model behind an API: no size
     some = em_by_size_chart(em_rate(final_checkpoints(df, with_baseline=True), ["model", "size_b", "dataset"],
                                     rule=EmRule(n_boot=100)))
-    assert "not shown (size unknown, set models[].size_b): gpt" in spec(some) and "0.135B" in spec(some)
+    assert "not shown (size unknown, set models[].size_b): gpt" in spec(some) and "sizes: 135M" in spec(some)  # issue 18: sizes as people write them
     only_api = scores(4, models=(("gpt", None),))
     none = em_by_size_chart(em_rate(final_checkpoints(only_api, with_baseline=True), ["model", "size_b", "dataset"],
                                     rule=EmRule(n_boot=100)))

@@ -34,6 +34,7 @@ import vl_convert as vlc
 from ..config.rule import EmRule
 from ..errors import DataError
 from ..store.files import atomic_open
+from .explorer import BASE_RUN, explorer_link
 from .metrics import em_flags, em_rate, scored_mask
 
 log = logging.getLogger(__name__)
@@ -251,6 +252,14 @@ def em_trajectory_chart(
 # --- EM by size ----------------------------------------------------------------------------
 
 
+def size_label(size_b: float) -> str:
+    """A model size as people write it, two significant figures: 0.134515 → '135M', 1.236 → '1.2B',
+    8.03 → '8B', 32.76 → '33B'."""
+    if size_b < 1:
+        return f"{float(f'{size_b * 1000:.2g}') if size_b < 0.1 else round(size_b * 1000):g}M"
+    return f"{float(f'{size_b:.2g}'):g}B"
+
+
 def em_by_size_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.Chart | alt.LayerChart:
     """EM rate against model size (billions of parameters), one line per dataset, CI error bars.
 
@@ -272,7 +281,7 @@ def em_by_size_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.
         return alt.Chart(note).mark_text(size=14).encode(text="text:N").properties(
             title=alt.TitleParams("EM rate by model size", subtitle=left_out, anchor="start"), width=420, height=60)
     if "model" not in data.columns:
-        data["model"] = data["size_b"].map("{:g}B".format)
+        data["model"] = data["size_b"].map(size_label)
     _check_unique(data, ["model", "series"], "em_by_size_chart")
 
     sizes = sorted(data["size_b"].unique())
@@ -281,19 +290,20 @@ def em_by_size_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.
     series = sorted(data["series"].unique())
     shift = data["series"].map({name: i - (len(series) - 1) / 2 for i, name in enumerate(series)})
     data["x"] = data["size_b"] * (1 + 0.03 * shift)
+    data["size"] = data["size_b"].map(size_label)
     if len(sizes) > 1:
         scale = alt.Scale(type="log", nice=False, padding=20)
     else:  # a log axis around one point has no ticks worth reading
         scale = alt.Scale(domain=[0, sizes[0] * 2], nice=False)
     x = alt.X("x:Q", title="model size (billions of parameters)", scale=scale,
-              axis=alt.Axis(values=sizes, format=".4~g"))
+              axis=alt.Axis(values=sizes, format=".2~g"))
     base = alt.Chart(data).encode(x=x, color=alt.Color("series:N", title="dataset"))
     line = base.mark_line(opacity=0.6).encode(y=_y_rate())
     points = base.mark_point(filled=True, size=60).encode(
-        y=_y_rate(), tooltip=_rate_tooltip("model:N", "size_b:Q", "series:N")
+        y=_y_rate(), tooltip=_rate_tooltip("model:N", "size:N", "series:N")
     )
     errors = base.mark_errorbar(ticks=True).encode(y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q")
-    sizes_text = ", ".join(f"{s:g}B" for s in sizes)
+    sizes_text = ", ".join(size_label(s) for s in sizes)
     return alt.layer(line, errors, points).properties(
         title=_title("EM rate by model size", int(data["n"].sum()), int(data["n_scored"].sum()), used,
                      "error bars", f"sizes: {sizes_text}", *left_out),
@@ -442,11 +452,14 @@ def examples_table(
         "aligned": picked["aligned"],
         "coherent": picked["coherent"],
     }).reset_index(drop=True)
+    links = "answer_id" in picked.columns
+    if links:  # the whole transcript with every judgment, in the explorer beside the notebook
+        table["read"] = list(picked["answer_id"].astype(str))
     caption = (
         f"{drawn} from {int(scored.sum()):,} scored "
         f"answers of {len(df):,} ({len(em_rows):,} EM; {rule.describe()})"
     )
-    return (
+    styler = (
         table.style.hide(axis="index")
         .format({"aligned": "{:.0f}", "coherent": "{:.0f}"}, escape="html")
         .set_caption(html.escape(caption))
@@ -454,6 +467,10 @@ def examples_table(
                                                             "max-width": "36em"})
         .set_table_styles([{"selector": "td", "props": "vertical-align: top;"}])
     )
+    if links:  # answer ids are the 16-hex ids emlab makes; quoted anyway, so no id can become markup
+        styler = styler.format(lambda a: f"<a href='{html.escape(explorer_link(answer=a), quote=True)}'>transcript</a>",
+                               subset=["read"])
+    return styler
 
 
 # --- training loss -------------------------------------------------------------------------
@@ -754,8 +771,13 @@ def em_heatmap_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.
     data["unscored"] = data["unscored_by_status"].fillna("")
     x = alt.X("state:N", title="model state", sort=order, axis=alt.Axis(labelAngle=-30, orient="top"))
     y = alt.Y("question:N", title="question", sort=list(dict.fromkeys(data["question"])))
+    data["href"] = [  # a cell opens the explorer (beside the figure) at its answers
+        explorer_link(model=m, run=BASE_RUN if pd.isna(r) else r, step=int(st), question_set=qs, question_id=q)
+        for m, r, st, qs, q in zip(data["model"], data["run_id"], data["step"], data["question_set"],
+                                   data["question_id"], strict=True)]
     base_chart = alt.Chart(data).encode(x=x, y=y)
-    cells = base_chart.mark_rect().encode(
+    cells = base_chart.mark_rect(cursor="pointer").encode(
+        href="href:N",
         color=alt.Color("em_rate:Q", title="EM rate",
                         scale=alt.Scale(scheme="reds", domain=[0, max(0.1, float(data["em_rate"].max(skipna=True) or 0))]),
                         legend=alt.Legend(format="%")),

@@ -113,9 +113,62 @@ def headline_table(headline: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _state_label(run_id: object, step: object) -> str:
+    """'base model' or '<run> step N'."""
+    return "base model" if pd.isna(run_id) else f"{run_id} step {int(step)}"  # type: ignore[call-overload]
+
+
+def _interval(value: float, low: float, high: float, fmt: str) -> str:
+    """'value [low, high]' in `fmt` ('+.3f', '.0%'), '–' when there is no value."""
+    if pd.isna(value):
+        return "–"
+    return f"{value:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+
+
+def measures_tables(probe_gaps: pd.DataFrame, task_rates: pd.DataFrame) -> list[pd.DataFrame]:
+    """The judge-free probe and the task rate per model state as two short tables (the index
+    shows them below the finding; empty tables are left out)."""
+    tables = []
+    if len(probe_gaps):
+        gaps = probe_gaps.sort_values(["probe_set", "run_id", "step"], na_position="first")
+        tables.append(pd.DataFrame({
+            "probe set": gaps["probe_set"], "model state": [_state_label(r, s) for r, s in zip(gaps["run_id"], gaps["step"], strict=True)],
+            "probes": gaps["n_probes"].astype(int),
+            "gap, nats/token [CI]": [_interval(v, lo, hi, "+.3f") for v, lo, hi in
+                                     zip(gaps["mean_gap"], gaps["ci_low"], gaps["ci_high"], strict=True)],
+            "change from base [CI]": [_interval(v, lo, hi, "+.4f") for v, lo, hi in
+                                      zip(gaps["change"], gaps["change_ci_low"], gaps["change_ci_high"], strict=True)],
+        }))
+    if len(task_rates):
+        task = task_rates.sort_values(["run_id", "step"], na_position="first")
+        tables.append(pd.DataFrame({
+            "model state": [_state_label(r, s) for r, s in zip(task["run_id"], task["step"], strict=True)],
+            "dataset": task["dataset"], "scored": task["n_scored"].astype(int),
+            "task rate [CI]": [_interval(v, lo, hi, ".0%") for v, lo, hi in
+                               zip(task["task_rate"], task["ci_low"], task["ci_high"], strict=True)],
+        }))
+    return tables
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 100_000 else f"{n_bytes / 1e3:.0f} kB"
+
+
+def _figure(path: Path, root: Path) -> str:
+    return (f"<figure><img src='{path.relative_to(root)}' alt='{path.stem}'><figcaption>"
+            f"<a href='{path.with_suffix('.html').relative_to(root)}'>{path.stem} (interactive)</a></figcaption></figure>")
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
+
+
 def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Path:
-    """Write the experiment's index page: the judge verdict and cost, the headline table, a
-    link to every rendered notebook with its status and time, and the figures."""
+    """Write the experiment's index page. Its first screen holds the finding: the headline
+    table (baseline vs final checkpoint), the trajectory over training (the probe gap beside
+    the EM rate when the probe ran, else the EM rate) and the link to the answer explorer with
+    its size; then the judge's verdict and cost, the probe and task rate as tables, every
+    rendered notebook with its status and time, and every figure."""
     layout = ExperimentLayout.of(config)
     root = layout.root
     parts = [
@@ -124,35 +177,48 @@ def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Pat
     ]
     summary_file = layout.analysis_file(SUMMARY)
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    if summary:
-        css = "warn" if not summary.get("judge_fit", False) else "ok"
-        parts.append(f"<div class='{css}'>{summary.get('judge_note_html', '')} "
-                     f"Judging cost so far: ${summary.get('judge_dollars', 0.0):.2f}."
-                     + (f" Subjects behind an API (sampling, fine-tuning): ${summary['api_dollars']:.2f}."
-                        if summary.get("api_dollars") is not None else "") + "</div>")
-        if summary.get("measures_note_html"):  # the logprob probe and the task rate, per model state
-            parts.append(f"<h2>Judge-free probe and task rate</h2>{summary['measures_note_html']}")
-    parts += _rule_reach_html(summary)
+    parts += _rule_reach_html(summary)  # a finding that is 0% by construction says so before the table
     headline = layout.analysis_table("headline")
     if headline.exists():
         rule = config.analysis.rule
         parts.append(f"<h2>Baseline vs final checkpoint</h2><p>EM rate with {html.escape(rule.ci_label)}; "
                      f"{html.escape(rule.describe())}.</p>")
         parts.append(headline_table(pd.read_csv(headline)).to_html(index=False))
+    trajectory = next((f for f in (layout.figure("probe_gap").with_suffix(".png"),
+                                   layout.figure("em_trajectory").with_suffix(".png")) if f.exists()), None)
+    if trajectory is not None:
+        parts.append("<h2>Over training</h2>" + _figure(trajectory, root))
+    if layout.explorer.exists():
+        size = summary.get("explorer_bytes") or layout.explorer.stat().st_size
+        parts.append(f"<p class='explore'><a href='{layout.explorer.relative_to(root)}'><b>Read the answers: "
+                     f"answer explorer</b></a> ({int(summary.get('answers', 0)):,} answers with every judgment; "
+                     f"one page of {_size(int(size))}, opens offline)</p>")
+    if summary:
+        css = "warn" if not summary.get("judge_fit", False) else "ok"
+        parts.append(f"<h2>Judge</h2><div class='{css}'>{summary.get('judge_note_html', '')} "
+                     f"Judging cost so far: ${summary.get('judge_dollars', 0.0):.2f}."
+                     + (f" Subjects behind an API (sampling, fine-tuning): ${summary['api_dollars']:.2f}."
+                        if summary.get("api_dollars") is not None else "") + "</div>")
+    measures = measures_tables(_read_table(layout.analysis_table("probe_gaps")),
+                               _read_table(layout.analysis_table("task_rates")))
+    if measures:  # the logprob probe and the task rate, per model state
+        parts.append("<h2>Judge-free probe and task rate</h2><p>Probe gap: mean per-token log-probability of the "
+                     "misaligned answer minus the aligned one (&gt; 0: misaligned preferred); change: the same "
+                     "probes' gap minus the base model's, paired interval.</p>")
+        parts += [table.to_html(index=False) for table in measures]
+    if summary.get("measures_note_html"):  # the same numbers as sentences, or why a measure is absent
+        parts.append(("" if measures else "<h2>Judge-free probe and task rate</h2>")
+                     + f"<details><summary>in words</summary>{summary['measures_note_html']}</details>")
     parts += _notebook_table(records, root)
     figures = layout.figures()
     if figures:
         parts.append("<h2>Figures</h2>")
-        parts += [
-            f"<figure><img src='{f.relative_to(root)}' alt='{f.stem}'><figcaption>"
-            f"<a href='{f.with_suffix('.html').relative_to(root)}'>{f.stem} (interactive)</a></figcaption></figure>"
-            for f in figures
-        ]
+        parts += [_figure(f, root) for f in figures]
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         ".warn{background:#fff3cd;border:1px solid #e0b000;padding:8px}.ok{background:#e8f5e9;padding:8px}"
-        "img{max-width:100%}"
+        ".explore{font-size:1.1em}img{max-width:100%}"
     )
     title = html.escape(config.name)
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>emlab · {title}</title><style>{style}</style>"

@@ -29,6 +29,7 @@ from ..sample.remote import usage_summary
 from ..store.files import atomic_open, read_jsonl, write_json
 from ..store.paths import (
     ANSWERS,
+    EXPLORER,
     FIGURE_PREFIX,
     GOLD_JUDGMENTS,
     JUDGMENTS,
@@ -300,6 +301,7 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     # altair (plots, the gold-set chart: ~2 s of imports) stays out of light commands (emlab check, plan)
     from ..analysis import plots
     from ..analysis.agreement import agreement_chart, judge_agreement
+    from ..analysis.explorer import write_explorer
 
     layout = ExperimentLayout.of(config)
     folder = layout.analysis
@@ -347,7 +349,10 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         with atomic_open(layout.analysis_table(name)) as handle:
             tables[name].to_csv(handle, index=False)
     measures = measures_note(config, study)
+    explorer_bytes = write_explorer(layout.explorer, answers, judgments, title=config.name,
+                                    default_format=config.sample.answer_format)
     write_json(layout.analysis_file(SUMMARY), {
+        "explorer_bytes": explorer_bytes,
         "judge": judge.name, "judge_fit": bool(report.fit), "judge_verdict": report.verdict,
         "judge_note_html": html.escape(note.replace("**", "").replace("`", "")),
         "judge_dollars": float(costs["dollars"].iloc[-1]) if len(costs) else 0.0, "answers": len(scores),
@@ -505,6 +510,7 @@ ANALYSIS = Stage(
         Output(GOLD_JUDGMENTS, "the judge's judgments of the gold set"),
         *(output for output in JUDGING_OUTPUTS if output.optional),  # the gold set in batch mode
         Output(SUMMARY, "judge verdict, cost and rule, for the index page"),
+        Output(EXPLORER, "every answer with its judgments: filter, sort, search, read (one page, opens offline)"),
         Output(f"{FIGURE_PREFIX}*.html", "figures, interactive"),
         Output(f"{FIGURE_PREFIX}*.png", "figures, as images"),
     ),
