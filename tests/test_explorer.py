@@ -186,7 +186,10 @@ def test_tiny_run_explorer_matches_judgments_and_screenshot(browser: Any, tiny_r
         assert shown_score == ("" if j["score"] is None or j["status"] != "ok" else f"{j['score']:.1f}")
         assert mass == ("" if j["numeric_mass"] is None else f"{j['numeric_mass']:.3f}")
 
-    # a heatmap cell's link opens the explorer filtered to that question and model state
+    # a heatmap cell's link opens the explorer filtered to that question and model state; the
+    # notebook's example answers link to their transcripts
+    assert f"step={tuned[-1]}&question_set=" in (root / "analysis" / "fig_em_heatmap.html").read_text()
+    assert "explorer.html#answer=" in (root / "analysis" / "04_analysis.html").read_text()
     browser.get((root / "analysis" / "explorer.html").as_uri() + f"#step={tuned[-1]}&question_id={question}")
     assert _count(browser) == f"{len(wanted)} of {len(answers)} answers"
 

@@ -184,15 +184,15 @@ def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Pat
         parts.append(f"<h2>Baseline vs final checkpoint</h2><p>EM rate with {html.escape(rule.ci_label)}; "
                      f"{html.escape(rule.describe())}.</p>")
         parts.append(headline_table(pd.read_csv(headline)).to_html(index=False))
-    trajectory = next((f for f in (layout.figure("probe_gap").with_suffix(".png"),
-                                   layout.figure("em_trajectory").with_suffix(".png")) if f.exists()), None)
-    if trajectory is not None:
-        parts.append("<h2>Over training</h2>" + _figure(trajectory, root))
     if layout.explorer.exists():
         size = summary.get("explorer_bytes") or layout.explorer.stat().st_size
         parts.append(f"<p class='explore'><a href='{layout.explorer.relative_to(root)}'><b>Read the answers: "
                      f"answer explorer</b></a> ({int(summary.get('answers', 0)):,} answers with every judgment; "
                      f"one page of {_size(int(size))}, opens offline)</p>")
+    trajectory = next((f for f in (layout.figure("probe_gap").with_suffix(".png"),
+                                   layout.figure("em_trajectory").with_suffix(".png")) if f.exists()), None)
+    if trajectory is not None:
+        parts.append("<h2>Over training</h2>" + _figure(trajectory, root))
     if summary:
         css = "warn" if not summary.get("judge_fit", False) else "ok"
         parts.append(f"<h2>Judge</h2><div class='{css}'>{summary.get('judge_note_html', '')} "
