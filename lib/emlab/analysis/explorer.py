@@ -83,7 +83,7 @@ def explorer_data(answers: pd.DataFrame, judgments: pd.DataFrame, *, title: str 
                if name in frame.columns and frame[name].notna().any()]
     position = pd.Series(range(len(frame)), index=frame["answer_id"].astype(str))
     statuses: list[str] = []
-    scores = []
+    scores: list[dict[str, Any]] = []
     if len(judgments):
         known = judgments[judgments["answer_id"].isin(position.index)]
         for (judge, rubric), part in known.groupby(["judge", "rubric"], sort=True):
