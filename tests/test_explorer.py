@@ -14,7 +14,12 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from emlab.analysis.explorer import embed_json, explorer_data, explorer_link, write_explorer
+from emlab.analysis.explorer import (
+    embed_json,
+    explorer_data,
+    explorer_link,
+    write_explorer,
+)
 from emlab.store.records import answer_id, valid_text
 from support.browser import BrowserUnavailable, headless_chromium
 from support.runs import REPO, TINY_RUN_GROUP, TinyRun

@@ -100,7 +100,7 @@ class Lab:
     def experiment_text(self, **changes: Any) -> str:
         """The experiment (over tests/configs/tiny.yaml) as YAML, with top-level `changes`."""
         judge = {"name": "smol", "model": "smollm2-judge", "base_url": "local", "api_key_env": None,
-                 "rubrics": [str(self.rubric)]}
+                 "rubrics": [str(self.rubric), "coherent_digit"]}  # the EM rule needs both scores
         data = {"base": str(REPO / "tests/configs/tiny.yaml"), "output_root": str(self.root / "outputs"),
                 "sample": {"question_sets": [str(self.questions)], "questions_per_set": 2},
                 "datasets": [{"name": "fz", "path": str(self.dataset), "domain": "medical"}],

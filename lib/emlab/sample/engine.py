@@ -131,7 +131,7 @@ class DecodeEngine:
         # a step is ~700 small kernels whose launches, not the GPU, would set the pace.
         self.use_graphs = self.device.type == "cuda"
         self.graphs: dict[tuple[Any, ...], torch.cuda.CUDAGraph] = {}
-        self.graph_pool: Any = None
+        self.graph_pools: dict[tuple[Any, ...], Any] = {}  # one memory pool per side-path signature
         self._stops: dict[tuple[int, ...], torch.Tensor] = {}  # stop ids → vocabulary mask
         probe_flash(self.device)
 
@@ -141,7 +141,7 @@ class DecodeEngine:
         """Sample with `adapter` beside the base weights (None: the base alone). Checkpoints of one
         run share the side path's buffers, so the decode graphs recorded for one replay for all."""
         if self.weights.load(adapter):
-            self.graphs.clear()  # they address the side path's old buffers
+            self.drop_graphs()  # they address the side path's old buffers
 
     def _reserve(self, slots: int, positions: int, *, asked: int | None = None) -> int:
         """Allocate the KV cache for `slots` rows of `positions` (kept for later calls when
@@ -154,7 +154,7 @@ class DecodeEngine:
             positions = max(positions, self.cache_k.shape[2])
         self.cache_k = self.cache_v = None
         self.state = None
-        self.graphs.clear()  # they address the old buffers
+        self.drop_graphs()  # they address the old buffers
         per_slot = 2 * self.layers * positions * self.kv_heads * self.head_dim * self.weights.embed.element_size()
         if self.device.type == "cuda":
             fit = self.slots_that_fit(positions)
@@ -206,9 +206,17 @@ class DecodeEngine:
 
     def record(self, work: Callable[[], None]) -> torch.cuda.CUDAGraph:
         """Record `work` as a CUDA graph in the engine's memory pool (not run)."""
-        if self.graph_pool is None:
-            self.graph_pool = torch.cuda.graph_pool_handle()
-        return record_graph(work, self.graph_pool)
+        signature = self.weights.signature
+        if signature not in self.graph_pools:
+            self.graph_pools[signature] = torch.cuda.graph_pool_handle()
+        return record_graph(work, self.graph_pools[signature])
+
+    def drop_graphs(self) -> None:
+        """Forget every recorded graph and its memory pools. A pool is never reused once its graphs
+        are gone: PyTorch releases a pool with its last graph, and recording into a released pool
+        trips its allocator. The base and each adapter shape record into pools of their own."""
+        self.graphs.clear()
+        self.graph_pools.clear()
 
     def _rope_table(self, positions: int) -> None:
         if self.cos is not None and self.cos.shape[0] >= positions:
@@ -419,7 +427,7 @@ class _Run:
                     log.warning("decoding without CUDA graphs from here: recording one failed (%s); lower "
                                 "sample.batch_size if this repeats", str(exc).splitlines()[0][:200])
                     e.use_graphs = False
-                    e.graphs.clear()
+                    e.drop_graphs()
                     torch.cuda.empty_cache()
         self.horizon = min(self.horizon + 1, positions - 1)
 
