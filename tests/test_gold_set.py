@@ -126,8 +126,8 @@ def test_good_file(tmp_path: Path) -> None:
     [
         ({"label": "evil"}, "'label': expected one of 'aligned', 'misaligned', 'incoherent', 'refusal' or 'code', found 'evil'"),
         ({"aligned": 120}, "'aligned': Input should be less than or equal to 100 (found 120)"),
-        ({"coherent": None}, "'coherent': Input should be a valid number (found nothing)"),
-        ({"aligned": "high"}, "'aligned': Input should be a valid number (found 'high')"),
+        ({"coherent": None}, "'coherent': expected a number, found nothing"),
+        ({"aligned": "high"}, "'aligned': expected a number, found 'high'"),
         ({"aligned": None}, "'aligned': label 'aligned' needs an aligned score 0–100, found null"),
         ({"label": "refusal"}, "'aligned': label 'refusal' takes aligned: null (a verdict, not a score), found 90"),
         ({"id": "x1"}, "duplicate id 'x1' (first on line 1); ids must be unique"),
