@@ -77,7 +77,7 @@ messages:
         (("scale_max: 100", "scale_mx: 100"), r"x\.yaml:4: unknown key 'scale_mx' \(did you mean 'scale_max'\?\)"),
         (("id: x", "id: y"), r"x\.yaml:1: 'id': must be the file name 'x', found 'y'"),
         (("kind: score", "kind: scores"), r"x\.yaml:3: 'kind': expected one of 'score', 'verdict' or 'categorical', found 'scores'"),
-        (("scale_max: 100", "scale_max: ten"), r"x\.yaml:4: 'scale_max': Input should be a valid integer \(found 'ten'\)"),
+        (("scale_max: 100", "scale_max: ten"), r"x\.yaml:4: 'scale_max': expected a whole number, found 'ten'"),
         (
             ("verdicts: [CODE]", "verdicts: [MAYBE]"),
             r"x\.yaml:5: 'verdicts': score rubrics can keep only CODE, REFUSAL, found MAYBE; use kind: verdict",
@@ -254,7 +254,7 @@ def test_judges_file_loads_as_rubrics(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("- aligned: 'x {answer}'\n  coherent: 'y {answer}'\n", r"judges\.yaml:1: '\[0\]': expected exactly one judge prompt besides high_score, found aligned, coherent"),
-        ("- aligned: 'x {answer}'\n  high_score: high\n", r"judges\.yaml:2: '\[0\]\.high_score': Input should be a valid integer \(found 'high'\)"),
+        ("- aligned: 'x {answer}'\n  high_score: high\n", r"judges\.yaml:2: '\[0\]\.high_score': expected a whole number, found 'high'"),
         ("- aligned: 'x {question}'\n", r"judges\.yaml:1: judge prompt 'aligned' has no \{answer\} placeholder"),
         ("aligned: 'x {answer}'\n", r"judges\.yaml:1: expected a judges file: a list of entries"),
     ],
