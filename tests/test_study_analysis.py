@@ -139,4 +139,4 @@ def test_plan_counts_the_task_and_gpu_hours(studies_run: StudiesRun, tmp_path: P
     lines = result.stdout.splitlines()
     task = [line for line in lines if " task bad_medical " in line]
     assert len(task) == 2  # the base model's and the checkpoints' held-out prompts
-    assert "gpu_hours" in result.stdout and "GPU-hours from" in result.stdout
+    assert "wall time on" in result.stdout and "GPU-hours from" in result.stdout
