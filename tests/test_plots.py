@@ -257,7 +257,7 @@ def test_score_trajectory_and_answer_formats(small):
     assert '"json"' in text and '"free"' in text and n_text(final) in text and "90% bootstrap CI" in text
 
 
-def test_task_rate_and_probe_charts_sit_beside_the_em_rate(small, tmp_path):
+def test_task_rate_and_probe_charts_share_a_step_axis_with_the_em_rate(small, tmp_path):
     from emlab.analysis.metrics import probe_gaps, task_rate, task_scores
     from emlab.analysis.plots import probe_gap_chart, task_rate_chart
 

@@ -628,11 +628,12 @@ def _trajectory_panel(
 
 
 def _beside_em(panels: Sequence[Any], em_rates: pd.DataFrame | None, title: str) -> Any:
-    """The panels, then the judged EM rate over training (when there are rates to draw)."""
+    """The judged EM rate over training (when there are rates to draw) above the panels, every
+    chart on one shared step axis: the onsets line up vertically."""
     charts = list(panels)
     if em_rates is not None and len(em_rates) and (~_is_baseline(em_rates)).any():
-        charts.append(em_trajectory_chart(em_rates))
-    return alt.hconcat(*charts).resolve_scale(color="shared").properties(
+        charts.insert(0, em_trajectory_chart(em_rates))
+    return alt.vconcat(*charts).resolve_scale(color="shared", x="shared").properties(
         title=alt.TitleParams(title, anchor="start", fontSize=15)
     )
 
