@@ -6,6 +6,7 @@ import live in `support` (tests/support/); this file only defines fixtures."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,3 +80,18 @@ def proxy(judge_server: str) -> Iterator[LoopbackProxy]:
     """A fresh counting proxy in front of the shared judge server."""
     with LoopbackProxy(judge_server) as running:
         yield running
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """The root logger and warnings capture as they were (pytest's own handlers included)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(False)

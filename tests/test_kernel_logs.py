@@ -5,28 +5,11 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator
 
-import pytest
 from emlab.config.experiment import load_experiment
 from emlab.pipeline.kernel import route_logs, start_stage
 from emlab.store.paths import by_hand_log_file
 from support.runs import REPO
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The root logger and warnings capture as they were (pytest's own handlers included)."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 def test_logs_go_to_the_file_and_emlab_warnings_show_once(tmp_path, capsys, restore_logging) -> None:

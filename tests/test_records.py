@@ -6,9 +6,7 @@ executed notebook missing, or a session by hand after it) that `emlab run` execu
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-from collections.abc import Iterator
 
 import nbformat
 import pandas as pd
@@ -84,20 +82,6 @@ def test_report_says_why_no_answer_is_em_and_shows_answers(tiny_run: TinyRun) ->
     # the examples are there, and say what they are
     examples = notebook[notebook.index("no answer counts as EM: the "):]
     assert examples.count(LOWEST_ALIGNED) == config.analysis.examples
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 def test_a_step_without_its_record_is_not_complete(tiny_run: TinyRun, write_experiment, monkeypatch,
