@@ -182,6 +182,27 @@ def test_auto_slots_on_a_cpu_and_the_result_of_the_same_keys(tiny, prompts) -> N
     assert [c.tokens for c in auto] == [c.tokens for c in engine.generate(requests, decoding, slots=7)]
 
 
+def test_a_window_bounds_how_far_ahead_requests_start_and_changes_no_answer(tiny, prompts) -> None:
+    model, tokenizer = tiny
+    engine = engine_for(model)
+    requests = [Request(_ids(tokenizer, p), key=900 + i) for i, p in enumerate(prompts)] * 10
+    decoding = Decoding(12, (2, *range(20000, 30000)))  # many stop ids: answers of many lengths
+    finished: list[int] = []
+    seen: dict[int, object] = {}
+
+    def on_done(index: int, completion: object) -> None:
+        # request i started only once every request before i − 6 had finished
+        assert all(j in seen for j in range(index - 6)), (index, sorted(set(range(index)) - set(seen)))
+        finished.append(index)
+        seen[index] = completion
+
+    windowed = engine.generate(requests, decoding, slots=4, on_done=on_done, window=6)
+    assert sorted(finished) == list(range(len(requests)))  # each answer reported once
+    assert [seen[i] for i in range(len(requests))] == windowed
+    assert windowed == engine.generate(requests, decoding, slots=4)
+    assert finished != sorted(finished)  # refill: answers finish out of order
+
+
 # --- sample_answers: waves and resume -------------------------------------------------------------
 
 

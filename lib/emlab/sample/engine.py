@@ -266,9 +266,11 @@ class DecodeEngine:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], decoding: Decoding, *, slots: int | None = None,
-                 on_done: Callable[[int], None] | None = None) -> list[Completion]:
+                 on_done: Callable[[int, Completion], None] | None = None,
+                 window: int | None = None) -> list[Completion]:
         """`protocol.Engine.generate`: at most `slots` answers at a time (None: as many as the
-        KV cache fits in free memory, up to `AUTO_SLOTS`), a finished answer's slot refilled."""
+        KV cache fits in free memory, up to `AUTO_SLOTS`), a finished answer's slot refilled
+        with the next request that `window` lets start."""
         if not requests:
             return []
         if self.weights.stale():
@@ -279,7 +281,7 @@ class DecodeEngine:
         wanted = min(slots if slots is not None else auto, len(requests))
         slots = self._reserve(max(1, wanted), positions, asked=slots)
         self._rope_table(self.cache_k.shape[2] if self.cache_k is not None else positions)
-        run = _Run(self, requests, slots, decoding, on_done)
+        run = _Run(self, requests, slots, decoding, on_done, max(window, slots) if window else None)
         return run.complete()
 
 
@@ -287,7 +289,7 @@ class _Run:
     """The state of one `generate` call: per-slot tensors on the device, their host mirror."""
 
     def __init__(self, engine: DecodeEngine, requests: Sequence[Request], slots: int, decoding: Decoding,
-                 on_done: Callable[[int], None] | None) -> None:
+                 on_done: Callable[[int, Completion], None] | None, window: int | None) -> None:
         self.engine = engine
         self.requests = requests
         self.max_new = max_new = decoding.max_new_tokens
@@ -307,6 +309,8 @@ class _Run:
         self.horizon = 0  # ≥ every live row's `pos` (host bound: attention never reads past it)
         self.results: list[Completion | None] = [None] * len(requests)
         self.queue = deque(range(len(requests)))
+        self.window = window  # request i waits until every request before i − window has finished
+        self.oldest = 0  # the first request not yet finished
         # logprobs per slot and token number (column max_new takes an ended row's idle writes)
         self.top_k = top_logprobs
         self.logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # chosen, top values, top ids
@@ -330,7 +334,10 @@ class _Run:
     def _admit(self, free: list[int]) -> int:
         """Start waiting requests in `free` slots; returns the number of rows to compute (the
         highest slot in use + 1)."""
-        chosen = [(slot, self.queue.popleft()) for slot in free[: len(self.queue)]]
+        startable = len(self.queue)
+        if self.window is not None and self.queue:
+            startable = max(0, min(startable, self.oldest + self.window - self.queue[0]))
+        chosen = [(slot, self.queue.popleft()) for slot in free[:startable]]
         if not chosen:
             return max((s + 1 for s, item in enumerate(self.item) if item >= 0), default=0)
         by_prompt: dict[tuple[int, ...], list[int]] = {}
@@ -483,11 +490,14 @@ class _Run:
                 if logprobs is not None:
                     chosen, values, ids = (rows[n][:count] for rows in logprobs)
                     kept_logprobs = token_logprobs(kept, chosen, values, ids)
-                self.results[self.item[slot]] = Completion(kept, bool(kept) and kept[-1] in self.stop_set,
-                                                           kept_logprobs)
+                item = self.item[slot]
+                done_item = self.results[item] = Completion(kept, bool(kept) and kept[-1] in self.stop_set,
+                                                            kept_logprobs)
                 self.item[slot] = -1
-            if self.on_done:
-                self.on_done(len(ended))
+                if self.on_done:
+                    self.on_done(item, done_item)
+            while self.oldest < len(self.results) and self.results[self.oldest] is not None:
+                self.oldest += 1
         if self.queue:
             free = [s for s in range(self.slots) if self.item[s] < 0]
             return max(active, self._admit(free))
