@@ -164,6 +164,34 @@ def test_the_engine_reads_the_models_own_weights_one_copy_in_memory(tiny, prompt
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+def test_an_adapter_merged_into_a_copy_samples_as_the_side_path_and_leaves_the_base(tiny, prompts, adapter) -> None:
+    """Where a copy is cheap (small models on a GPU) the adapter is merged into one copy of the
+    projections: the same answers as the side path, the base untouched, the copy refilled in
+    place for the next checkpoint, and the base's own answers once the adapter goes off."""
+    model, tokenizer = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = engine_for(model)
+    assert isinstance(engine, DecodeEngine) and not engine.merge_fits()  # on a CPU: the side path
+    requests = [Request(_ids(tokenizer, p), key=i) for i, p in enumerate(prompts)]
+    decoding = Decoding(12, (2,), temperature=0.0)
+    base = engine.generate(requests, decoding, slots=4)
+    engine.use_adapter(read_adapter(adapter))
+    beside = engine.generate(requests, decoding, slots=4)
+    engine.merge_adapters = True
+    engine.use_adapter(read_adapter(adapter))
+    groups = [g for layer in engine.weights.layers for g in layer.groups]
+    copies = [g.merged for g in groups if g.merged_active]
+    assert copies and not any(g.active for g in groups)  # merged, no side path
+    assert engine.generate(requests, decoding, slots=4) == beside
+    engine.use_adapter(None)
+    assert engine.generate(requests, decoding, slots=4) == base
+    engine.use_adapter(read_adapter(adapter))
+    assert all(a is b for a, b in zip([g.merged for g in groups if g.merged_active], copies, strict=True))  # refilled in place
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    engine.merge_adapters = None
+    engine.use_adapter(None)
+
+
 def test_batch_size_auto_is_the_default_and_waves_never_depend_on_memory() -> None:
     spec = SampleSpec()
     assert spec.batch_size == "auto" and spec.wave == WAVE_SIZE

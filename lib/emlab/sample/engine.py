@@ -13,8 +13,8 @@ How it differs from calling `generate` on a padded batch:
   `generate` keeps computing every row until the longest answer ends.
 - Decoder layers read the model's own weights (`DecoderWeights`: one copy in memory, q|k|v and
   gate|up fused in place, one product each; 4-bit weights dequantized a group at a time into
-  one scratch buffer); a checkpoint's LoRA runs unmerged beside them, so the base is never
-  written.
+  one scratch buffer); a checkpoint's LoRA runs unmerged beside them, or merged into one copy
+  where a copy costs little (small models on a GPU), so the base is never written.
 - Without `slots`, the KV cache takes what free memory holds (after the weights), up to
   `AUTO_SLOTS` answers in flight; a cache that cannot hold one answer is a one-line error.
 - Tokens are drawn by inverse transform sampling with each answer's own counter-based
@@ -65,6 +65,7 @@ CPU_AUTO_SLOTS = 64  # on a CPU (no memory probe): a step's cost grows with its 
 MEMORY_MARGIN = 0.85  # of free memory the KV cache may take: the allocator's slack, other tensors
 HEADROOM_BYTES = 2 * 2**30  # kept free besides: decode graphs' working memory, a checkpoint's side path
 HEADROOM_OF_WEIGHTS = 0.02  # ... and this share of the weights (a rank-32 all-linear side path is ~1.3%)
+MERGE_SHARE = 0.1  # a merged copy of the projections at most this share of GPU memory (1B, 8B on an H200; not 32B)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -133,15 +134,28 @@ class DecodeEngine:
         self.graphs: dict[tuple[Any, ...], torch.cuda.CUDAGraph] = {}
         self.graph_pools: dict[tuple[Any, ...], Any] = {}  # one memory pool per side-path signature
         self._stops: dict[tuple[int, ...], torch.Tensor] = {}  # stop ids → vocabulary mask
+        self.merge_adapters: bool | None = None  # None: decided by `merge_fits` at the first adapter
         probe_flash(self.device)
 
     # --- weights and memory ------------------------------------------------------------------
 
     def use_adapter(self, adapter: LoraAdapter | None) -> None:
-        """Sample with `adapter` beside the base weights (None: the base alone). Checkpoints of one
-        run share the side path's buffers, so the decode graphs recorded for one replay for all."""
-        if self.weights.load(adapter):
-            self.drop_graphs()  # they address the side path's old buffers
+        """Sample with `adapter` (None: the base alone): merged into a copy of the projections
+        where that copy is cheap (`merge_fits`), else beside the base weights. Checkpoints of one
+        run share the buffers, so the decode graphs recorded for one replay for all."""
+        if self.merge_adapters is None:
+            self.merge_adapters = self.merge_fits()
+        if self.weights.load(adapter, merge=self.merge_adapters and adapter is not None):
+            self.drop_graphs()  # they address the old buffers
+
+    def merge_fits(self) -> bool:
+        """Whether a merged copy of the projections costs little: on a GPU, at most `MERGE_SHARE`
+        of its memory and half of what is free now (on a CPU the side path: no batch win to buy)."""
+        if self.device.type != "cuda" or self.weights.four_bit:
+            return False
+        copy = self.weights.projection_bytes()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return copy <= MERGE_SHARE * total and copy <= free / 2
 
     def _reserve(self, slots: int, positions: int, *, asked: int | None = None) -> int:
         """Allocate the KV cache for `slots` rows of `positions` (kept for later calls when
@@ -289,7 +303,7 @@ class _Run:
     """The state of one `generate` call: per-slot tensors on the device, their host mirror."""
 
     def __init__(self, engine: DecodeEngine, requests: Sequence[Request], slots: int, decoding: Decoding,
-                 on_done: Callable[[int, Completion], None] | None, window: int | None) -> None:
+                 on_done: Callable[[int, Completion], None] | None, window: int | None = None) -> None:
         self.engine = engine
         self.requests = requests
         self.max_new = max_new = decoding.max_new_tokens
