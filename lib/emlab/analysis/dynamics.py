@@ -596,6 +596,15 @@ def experiment_dynamics(runs: Sequence[RunCheckpoints], spec: DynamicsSpec, *, s
             notes.append(f"`{run.run_id}`: {found.note}")
     columns = [*RUN_KEYS, *dynamics_columns(spec.k_steps, spec.pca_components)]
     dynamics = pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+    if tables:
+        ranks = ", ".join(str(r) for r in sorted(dynamics["rank"].unique()))
+        notes.insert(0, f"Adapter dynamics of {dynamics['run_id'].nunique()} run(s): {dynamics['adapter'].nunique()} "
+                        f"adapters (layer × module) of rank {ranks}, lags k = {', '.join(map(str, spec.k_steps))} "
+                        "steps. Direction: the B vector for rank 1, the top left singular vector of B·A for rank r; "
+                        "rotation = 1 − local cosine; onsets: changepoint (two flat segments) for levels, the peak "
+                        f"for the rotation; {rule.ci_label}s of the onset ({rule.n_boot} resamples).")
+    elif not spec.enabled:
+        notes.insert(0, "Adapter dynamics are off (`dynamics.enabled: false`); the behaviour's onsets are below.")
     pca = (pd.concat(pcas, ignore_index=True)[[*RUN_KEYS, *PCA_COLUMNS]] if pcas
            else pd.DataFrame(columns=[*RUN_KEYS, *PCA_COLUMNS]))
     return ExperimentDynamics(dynamics, pca, pd.DataFrame(onsets, columns=ONSET_COLUMNS),

@@ -99,6 +99,7 @@ class AnalysisResult:
     probe_gaps: pd.DataFrame  # logprob probe per model state × probe set
     measures_note: str  # markdown: what the task rate and the probe showed, or why they are absent
     dynamics_note: str  # markdown: how the adapter dynamics and onsets were computed, what was left out
+    onsets: pd.DataFrame  # per run × signal: onset step with its bootstrap interval
     reach: metrics.RuleReach  # whether the scores leave the rule anything to show
     reach_note: str  # markdown: why every rate is 0% (or trivial) under the rule; '' when it is not
 
@@ -382,6 +383,7 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         score_means=study["score_means"], per_question_steps=study["per_question_steps"],
         answer_formats=study["answer_formats"], task_rates=study["task_rates"], probe_gaps=study["probe_gaps"],
         measures_note=measures, reach=reach, reach_note=reach_note, dynamics_note=dynamics.note,
+        onsets=dynamics.onsets,
     )
 
 
