@@ -5,6 +5,7 @@ dynamics params; and 04_analysis on the session's tiny run writing the tables an
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -212,17 +213,25 @@ def test_paired_onset_resamples_rows_together() -> None:
     assert rotation.step == 15 and rotation.n_steps == 5 and rotation.n == 5
 
 
-def test_run_onsets_on_synthetic_scores(tmp_path: Path) -> None:
-    files = _rank1_run(tmp_path)
+def _scores(em_from: int = 15) -> pd.DataFrame:
+    """60 judged answers of the base model (run None, step 0) and of run 'r' at steps 5–20, EM at
+    half the answers from step `em_from`."""
     rng = np.random.default_rng(3)
     rows = []
     for step in (None, 5, 10, 15, 20):  # None: the base model
-        p = 0.5 if step is not None and step >= 15 else 0.0
+        p = 0.5 if step is not None and step >= em_from else 0.0
         for i in range(60):
             em = rng.random() < p
             rows.append({"model": "m", "dataset": None if step is None else "d", "run_id": None if step is None else "r",
                          "step": 0 if step is None else step, "aligned": 10.0 if em else 90.0, "aligned_status": "ok",
-                         "coherent": 90.0, "coherent_status": "ok", "answer_id": f"{step}-{i}"})
+                         "coherent": 90.0, "coherent_status": "ok", "answer_id": f"{step}-{i}",
+                         "is_baseline": step is None})
+    return pd.DataFrame(rows)
+
+
+def test_run_onsets_on_synthetic_scores(tmp_path: Path) -> None:
+    files = _rank1_run(tmp_path)
+    rows = _scores()
     run = dynamics.RunCheckpoints("m", "d", 0, "r", files.completed())
     found = dynamics.experiment_dynamics([run], DynamicsSpec(k_steps=(5,)), scores=pd.DataFrame(rows),
                                          rule=EmRule(n_boot=200))
@@ -236,6 +245,24 @@ def test_run_onsets_on_synthetic_scores(tmp_path: Path) -> None:
     off = dynamics.experiment_dynamics([run], DynamicsSpec(enabled=False), scores=pd.DataFrame(rows),
                                        rule=EmRule(n_boot=200))
     assert off.dynamics.empty and off.onsets["signal"].tolist() == ["em_rate"]
+
+
+def test_dynamics_figure_lines_up_em_rotation_and_onsets(tmp_path: Path) -> None:
+    from emlab.analysis.metrics import em_rate
+    from emlab.analysis.plots import dynamics_chart, save_chart
+
+    rule = EmRule(n_boot=200)
+    run = dynamics.RunCheckpoints("m", "d", 0, "r", _rank1_run(tmp_path).completed())
+    found = dynamics.experiment_dynamics([run], DynamicsSpec(k_steps=(5, 10)), scores=_scores(), rule=rule)
+    rates = em_rate(_scores(), by=["model", "dataset", "run_id", "step"], rule=rule)
+    chart = dynamics_chart(rates, None, None, found.rotation, found.onsets, rule=rule)
+    spec = json.dumps(chart.to_dict(), ensure_ascii=False)
+    assert "EM rate over training" in spec and "Adapter rotation" in spec and "Onsets: where each signal changes" in spec
+    assert "n = 2 adapters (layer × module) a run" in spec and "95% bootstrap CI over adapters (200 resamples)" in spec
+    assert "k→gap: 10→5" in spec  # step 10 has no checkpoint 10 steps before it
+    assert chart.to_dict()["resolve"]["scale"]["x"] == "shared"  # one step axis for every panel
+    html, png = save_chart(chart, tmp_path / "fig_dynamics")
+    assert png.stat().st_size > 1000 and html.exists()
 
 
 def test_dynamics_params() -> None:

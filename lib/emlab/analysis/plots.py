@@ -734,9 +734,7 @@ def _rotation_panel(rotation: pd.DataFrame, rule: EmRule | None) -> Any:
                                       "B = 0; with warm-up the first steps may not move it)"]})
         return alt.Chart(note).mark_text(size=12).encode(text="text:N").properties(
             title=alt.TitleParams("Adapter rotation", anchor="start"), width=300, height=40)
-    data = rotation.assign(series=_series(rotation), point="checkpoint",
-                           lag=[f"k = {k} (gap {g:g})" if g != k else f"k = {k}" for k, g in
-                                zip(rotation["k"], rotation["gap"], strict=True)],
+    data = rotation.assign(series=_series(rotation), point="checkpoint", lag="k = " + rotation["k"].astype(str),
                            run_id=rotation["run_id"].astype(str) + " k" + rotation["k"].astype(str))
     n_adapters = int(rotation["n_adapters"].max())
     mapped = sorted({f"{k}→{g:g}" for k, g in zip(rotation["k"], rotation["gap"], strict=True) if g != k})
@@ -748,21 +746,52 @@ def _rotation_panel(rotation: pd.DataFrame, rule: EmRule | None) -> Any:
                   "direction: rank 1 the B vector, rank r the top left singular vector of B·A; dashes: the lag k",
                   *([f"checkpoints not k steps apart: nearest earlier checkpoint used (k→gap: {', '.join(mapped)})"]
                     if mapped else [])],
-        tooltip=[alt.Tooltip("lag:N", title="lag"), alt.Tooltip("n_adapters:Q", title="adapters")])
+        tooltip=[alt.Tooltip("lag:N", title="lag"), alt.Tooltip("gap:Q", title="steps between the checkpoints"),
+                 alt.Tooltip("n_adapters:Q", title="adapters")])
     return panel.encode(strokeDash=alt.StrokeDash("lag:N", title="lag"))
 
 
+def _onset_panel(onsets: pd.DataFrame, rule: EmRule | None) -> Any:
+    """Each signal's onset (a point) with its bootstrap interval (a bar), one row per signal,
+    on the step axis of the panels above it."""
+    used = rule or EmRule.from_attrs(onsets.attrs) or EmRule()
+    data = onsets[onsets["onset_step"].notna()].assign(series=lambda t: _series(t))
+    data = data.assign(label=data["signal"] + " · " + data["method"],
+                       n_text=data["n"].astype(int).astype(str) + " " + data["unit"])
+    flat = ", ".join(sorted(set(onsets.loc[onsets["onset_step"].isna(), "signal"])))
+    base = alt.Chart(data).encode(
+        y=alt.Y("label:N", title=None, sort=list(dict.fromkeys(data["label"]))),
+        color=alt.Color("series:N", title="dataset"), yOffset=alt.YOffset("run_id:N"))
+    return alt.layer(
+        base.mark_rule(strokeWidth=2).encode(x=alt.X("ci_low:Q", title=_STEP_TITLE), x2="ci_high:Q"),
+        base.mark_point(filled=True, size=60, shape="diamond").encode(
+            x="onset_step:Q", tooltip=[alt.Tooltip("run_id:N", title="run"), alt.Tooltip("signal:N"),
+                                       alt.Tooltip("method:N"), alt.Tooltip("onset_step:Q", title="onset step"),
+                                       alt.Tooltip("ci_low:Q", title="CI low"), alt.Tooltip("ci_high:Q", title="CI high"),
+                                       alt.Tooltip("n_text:N", title="n")]),
+    ).properties(title=alt.TitleParams(
+        "Onsets: where each signal changes", anchor="start",
+        subtitle=["changepoint: first step of the second of two flat segments (least squares); peak: the step of "
+                  "the largest rotation", f"bars: {used.ci_label} of the onset ({used.n_boot} resamples of answers, "
+                  "probes or adapters)", *([f"no change found: {flat}"] if flat else [])]),
+        width=300, height=alt.Step(18))
+
+
 def dynamics_chart(em_rates: pd.DataFrame | None, task_rates: pd.DataFrame | None, probe_gaps: pd.DataFrame | None,
-                   rotation: pd.DataFrame, *, rule: EmRule | None = None) -> Any:
+                   rotation: pd.DataFrame, onsets: pd.DataFrame | None = None, *, rule: EmRule | None = None) -> Any:
     """The run's signals on one step axis, top to bottom: the judged EM rate, the task rate,
-    each probe set's gap and the adapters' rotation (`emlab.analysis.dynamics.rotation_summary`),
-    so their onsets line up vertically. A signal without fine-tuned rows is left out."""
+    each probe set's change from the base model, the adapters' rotation
+    (`emlab.analysis.dynamics.rotation_summary`) and, last, each signal's onset with its
+    interval (`onsets`), so the onsets line up vertically. A signal without fine-tuned rows is
+    left out."""
     panels: list[Any] = []
     if task_rates is not None and len(task_rates) and task_rates["run_id"].notna().any():
         panels.append(_task_rate_panel(task_rates, rule))
     if probe_gaps is not None and len(probe_gaps) and probe_gaps["run_id"].notna().any():
         panels += _probe_gap_panels(probe_gaps, rule, show=("change",))  # paired: where a move shows
     panels.append(_rotation_panel(rotation, rule))
+    if onsets is not None and onsets["onset_step"].notna().any():
+        panels.append(_onset_panel(onsets, rule))
     return _beside_em(panels, em_rates, "Adapter dynamics beside the behaviour: EM, task rate, probe gap, rotation")
 
 

@@ -351,7 +351,8 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     dynamics = dynamics_tables(config, layout, scores)
     study |= {"dynamics": dynamics.dynamics, "dynamics_pca": dynamics.pca, "onsets": dynamics.onsets}
     if len(dynamics.rotation) or len(dynamics.onsets):
-        charts["dynamics"] = plots.dynamics_chart(rates, study["task_rates"], study["probe_gaps"], dynamics.rotation)
+        charts["dynamics"] = plots.dynamics_chart(rates, study["task_rates"], study["probe_gaps"], dynamics.rotation,
+                                                  dynamics.onsets)
     for name, chart in charts.items():
         plots.save_chart(chart, layout.figure(name))
     with atomic_open(layout.analysis_file(SCORES), "wb") as handle:
