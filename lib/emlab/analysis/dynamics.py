@@ -252,7 +252,9 @@ def adapter_dynamics(checkpoints: Mapping[int, Path], *, k_steps: Sequence[int] 
     as 'down_proj') and `layers` when given. The files are opened once and each adapter's
     matrices read lazily, one adapter at a time (a 32B rank-32 run's checkpoints need not fit
     in memory together)."""
-    from safetensors import safe_open  # reads bfloat16 too (through torch), once the analysis runs
+    from safetensors import (
+        safe_open,  # reads bfloat16 too (through torch), once the analysis runs
+    )
 
     steps = sorted(checkpoints)
     rows: list[dict[str, Any]] = []
@@ -278,8 +280,8 @@ def adapter_dynamics(checkpoints: Mapping[int, Path], *, k_steps: Sequence[int] 
             ratios, coords = trajectory_pca(b_dirs, pca_components)
             per_k = {}
             for k, partner in partners.items():
-                index = [None if p is None else position[p] for p in partner]
-                per_k[k] = (_cosines(b_dirs, index), _cosines(a_dirs, index),
+                rows_before = [None if p is None else position[p] for p in partner]
+                per_k[k] = (_cosines(b_dirs, rows_before), _cosines(a_dirs, rows_before),
                             [np.nan if p is None else t - p for t, p in zip(steps, partner, strict=True)])
             for i, (step, state) in enumerate(zip(steps, states, strict=True)):
                 row: dict[str, Any] = {"adapter": name.adapter, "layer": name.layer, "module": name.module,
@@ -342,7 +344,7 @@ class Changepoint:
     """Mean from `step` on."""
 
 
-def changepoint(steps: Sequence[float], values: Sequence[float]) -> Changepoint:
+def changepoint(steps: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray) -> Changepoint:
     """The least-squares split of `values` (at `steps`, ascending) into two flat segments; the
     earliest split among equals. Needs ≥ 2 values."""
     x, y = np.asarray(steps), np.asarray(values, dtype=float)
@@ -355,7 +357,7 @@ def changepoint(steps: Sequence[float], values: Sequence[float]) -> Changepoint:
     return Changepoint(onset, float(y[:split].mean()), float(y[split:].mean()))
 
 
-def peak(steps: Sequence[float], values: Sequence[float]) -> float:
+def peak(steps: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray) -> float:
     """The step of the largest of `values` (ties: the earliest); NaN when all are equal."""
     return float(_peak_rows(np.asarray(steps), np.asarray(values, dtype=float)[None])[0])
 

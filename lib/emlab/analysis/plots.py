@@ -730,8 +730,8 @@ def _rotation_panel(rotation: pd.DataFrame, rule: EmRule | None) -> Any:
           "dynamics_chart")
     used = rule or EmRule.from_attrs(rotation.attrs) or EmRule()
     if rotation.empty:
-        note = pd.DataFrame({"text": ["no rotation: no run has two checkpoints with a nonzero B (LoRA starts at "
-                                      "B = 0; with warm-up the first steps may not move it)"]})
+        note = pd.DataFrame({"text": [("no rotation: no run has two checkpoints with a nonzero B (LoRA starts at "
+                                       "B = 0; with warm-up the first steps may not move it)")]})
         return alt.Chart(note).mark_text(size=12).encode(text="text:N").properties(
             title=alt.TitleParams("Adapter rotation", anchor="start"), width=300, height=40)
     data = rotation.assign(series=_series(rotation), point="checkpoint", lag="k = " + rotation["k"].astype(str),
@@ -741,8 +741,8 @@ def _rotation_panel(rotation: pd.DataFrame, rule: EmRule | None) -> Any:
     panel = _trajectory_panel(
         data, value="rotation", y_title="1 − local cosine of the direction", fmt=".4f",
         title="Adapter rotation (1 − local cosine between checkpoints k steps apart)",
-        subtitle=[f"n = {n_adapters} adapters (layer × module) a run; mean over adapters; bands: "
-                  f"{used.ci_label} over adapters ({used.n_boot} resamples)",
+        subtitle=[(f"n = {n_adapters} adapters (layer × module) a run; mean over adapters; bands: "
+                   f"{used.ci_label} over adapters ({used.n_boot} resamples)"),
                   "direction: rank 1 the B vector, rank r the top left singular vector of B·A; dashes: the lag k",
                   *([f"checkpoints not k steps apart: nearest earlier checkpoint used (k→gap: {', '.join(mapped)})"]
                     if mapped else [])],
@@ -771,9 +771,10 @@ def _onset_panel(onsets: pd.DataFrame, rule: EmRule | None) -> Any:
                                        alt.Tooltip("n_text:N", title="n")]),
     ).properties(title=alt.TitleParams(
         "Onsets: where each signal changes", anchor="start",
-        subtitle=["changepoint: first step of the second of two flat segments (least squares); peak: the step of "
-                  "the largest rotation", f"bars: {used.ci_label} of the onset ({used.n_boot} resamples of answers, "
-                  "probes or adapters)", *([f"no change found: {flat}"] if flat else [])]),
+        subtitle=[("changepoint: first step of the second of two flat segments (least squares); peak: the step of "
+                   "the largest rotation"),
+                  f"bars: {used.ci_label} of the onset ({used.n_boot} resamples of answers, probes or adapters)",
+                  *([f"no change found: {flat}"] if flat else [])]),
         width=300, height=alt.Step(18))
 
 

@@ -446,7 +446,9 @@ def study_charts(tables: dict[str, pd.DataFrame], rates: pd.DataFrame) -> dict[s
 def dynamics_tables(config: ExperimentConfig, layout: ExperimentLayout, scores: pd.DataFrame) -> Any:
     """Adapter dynamics of every run with 2 or more saved checkpoints (`config.dynamics`) and
     each run's onsets: `emlab.analysis.dynamics.ExperimentDynamics`."""
-    from ..analysis import dynamics  # safetensors and torch read the adapters: only once the analysis runs
+    from ..analysis import (
+        dynamics,  # safetensors and torch read the adapters: only once the analysis runs
+    )
 
     runs = [dynamics.RunCheckpoints(r.model, r.dataset, r.seed, r.run_id, layout.training(r.run_id).completed())
             for r in config.runs()]
