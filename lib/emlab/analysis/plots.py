@@ -763,7 +763,8 @@ def _onset_panel(onsets: pd.DataFrame, rule: EmRule | None) -> Any:
         y=alt.Y("label:N", title=None, sort=list(dict.fromkeys(data["label"]))),
         color=alt.Color("series:N", title="dataset"), yOffset=alt.YOffset("run_id:N"))
     return alt.layer(
-        base.mark_rule(strokeWidth=2).encode(x=alt.X("ci_low:Q", title=_STEP_TITLE), x2="ci_high:Q"),
+        base.mark_rule(strokeWidth=2).encode(
+            x=alt.X("ci_low:Q", title=_STEP_TITLE, axis=alt.Axis(format="d", tickMinStep=1)), x2="ci_high:Q"),
         base.mark_point(filled=True, size=60, shape="diamond").encode(
             x="onset_step:Q", tooltip=[alt.Tooltip("run_id:N", title="run"), alt.Tooltip("signal:N"),
                                        alt.Tooltip("method:N"), alt.Tooltip("onset_step:Q", title="onset step"),
