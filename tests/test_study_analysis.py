@@ -118,6 +118,14 @@ def test_report_shows_the_studies_measures(studies_run: StudiesRun) -> None:
     assert "fig_probe_gap.png" in index and "fig_task_rate.png" in index
     notebook = (layout.analysis / "04_analysis.ipynb").read_text()
     assert "change from the base model" in notebook
+    # the dynamics figure stacks EM, task rate, probe change and rotation on one step axis
+    figure = layout.figure("dynamics").with_suffix(".html").read_text()
+    assert "In-distribution task rate" in figure and "change from the base model" in figure
+    assert "Adapter rotation" in figure and "EM rate over training" in figure
+    onsets = pd.read_csv(layout.analysis_table("onsets"))
+    assert {"em_rate", "probe_gap:general", "probe_gap:medical", "b_norm"} <= set(onsets["signal"])
+    task = pd.read_csv(layout.analysis_table("task_rates"))
+    assert ("task_rate" in set(onsets["signal"])) == ((task["n_scored"] > 0).sum() >= 2)  # needs 2 scored states
 
 
 def test_every_file_written_is_declared(studies_run: StudiesRun) -> None:

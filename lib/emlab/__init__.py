@@ -31,6 +31,7 @@ _EXPORTS = {
     "load_chat_dataset": "data", "load_question_set": "config.questions",
     "stage_header": "analysis.report", "judgment_summary": "analysis.report", "headline_table": "analysis.report", "training_loss_chart": "analysis.plots",
     "plan_experiment": "pipeline.estimate",
+    "adapter_dynamics": "analysis.dynamics", "onsets_table": "analysis.report",
 }
 
 __all__ = sorted(_EXPORTS)

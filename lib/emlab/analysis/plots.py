@@ -647,6 +647,11 @@ def task_rate_chart(task_rates: pd.DataFrame, em_rates: pd.DataFrame | None = No
     including the baseline rows (run_id None, dataset set: the base model answers every
     dataset's held-out prompts). `em_rates`: as for `em_trajectory_chart`.
     """
+    return _beside_em([_task_rate_panel(task_rates, rule)], em_rates, "Task rate beside EM rate")
+
+
+def _task_rate_panel(task_rates: pd.DataFrame, rule: EmRule | None) -> Any:
+    """`task_rate_chart`'s panel: the task rate over training, without the EM rate."""
     _need(task_rates, ["model", "dataset", "run_id", "step", "task_rate", "ci_low", "ci_high", "n", "n_scored",
                        "rubric"], "task_rate_chart")
     used = _rates_rule(task_rates, rule, "task_rate_chart")
@@ -664,7 +669,7 @@ def task_rate_chart(task_rates: pd.DataFrame, em_rates: pd.DataFrame | None = No
                   f"bands: {used.ci_label} ({used.n_boot} resamples)"],
         tooltip=[alt.Tooltip("n_scored:Q", title="scored"), alt.Tooltip("unscored:N", title="unscored by status")],
     )
-    return _beside_em([panel], em_rates, "Task rate beside EM rate")
+    return panel
 
 
 def probe_gap_chart(gaps: pd.DataFrame, em_rates: pd.DataFrame | None = None, *,
@@ -677,6 +682,12 @@ def probe_gap_chart(gaps: pd.DataFrame, em_rates: pd.DataFrame | None = None, *,
     `gaps`: `metrics.probe_gaps(scores, by=["model", "dataset", "run_id", "step", "probe_set"])`
     including the base model's rows (run_id None).
     """
+    return _beside_em(_probe_gap_panels(gaps, rule), em_rates, "Judge-free logprob probe beside the judged EM rate")
+
+
+def _probe_gap_panels(gaps: pd.DataFrame, rule: EmRule | None, *, show: Sequence[str] = ("gap", "change")) -> list[Any]:
+    """`probe_gap_chart`'s panels, one per probe set: of the gap and its change from the base
+    model, those in `show` (one above the other), without the EM rate."""
     _need(gaps, ["model", "run_id", "step", "probe_set", "mean_gap", "ci_low", "ci_high", "n_probes", "change",
                  "change_ci_low", "change_ci_high"], "probe_gap_chart")
     used = _rates_rule(gaps, rule, "probe_gap_chart")
@@ -705,10 +716,85 @@ def probe_gap_chart(gaps: pd.DataFrame, em_rates: pd.DataFrame | None = None, *,
             subtitle=[f"mean over the {n_probes} probes of (gap − the same probe's gap at step 0)",
                       f"> 0: training moved the model towards the misaligned answers; bands: paired {ci}"],
             tooltip=tooltip)
-        panels.append(alt.vconcat(gap, change))
+        shown = [chart for name, chart in (("gap", gap), ("change", change)) if name in show]
+        panels.append(alt.vconcat(*shown) if len(shown) > 1 else shown[0])
     if not panels:
         raise DataError("probe_gap_chart: the probe scores hold no fine-tuned runs (only the base model)")
-    return _beside_em(panels, em_rates, "Judge-free logprob probe beside the judged EM rate")
+    return panels
+
+
+def _rotation_panel(rotation: pd.DataFrame, rule: EmRule | None) -> Any:
+    """The adapters' rotation over training: per run and lag k, the mean over adapters of
+    1 − cos(direction at t, direction at the checkpoint nearest t − k), CI band over adapters."""
+    _need(rotation, ["model", "dataset", "run_id", "step", "k", "gap", "rotation", "ci_low", "ci_high", "n_adapters"],
+          "dynamics_chart")
+    used = rule or EmRule.from_attrs(rotation.attrs) or EmRule()
+    if rotation.empty:
+        note = pd.DataFrame({"text": [("no rotation: no run has two checkpoints with a nonzero B (LoRA starts at "
+                                       "B = 0; with warm-up the first steps may not move it)")]})
+        return alt.Chart(note).mark_text(size=12).encode(text="text:N").properties(
+            title=alt.TitleParams("Adapter rotation", anchor="start"), width=300, height=40)
+    data = rotation.assign(series=_series(rotation), point="checkpoint", lag="k = " + rotation["k"].astype(str),
+                           run_id=rotation["run_id"].astype(str) + " k" + rotation["k"].astype(str))
+    n_adapters = int(rotation["n_adapters"].max())
+    mapped = sorted({f"{k}→{g:g}" for k, g in zip(rotation["k"], rotation["gap"], strict=True) if g != k})
+    panel = _trajectory_panel(
+        data, value="rotation", y_title="1 − local cosine of the direction", fmt=".4f",
+        title="Adapter rotation (1 − local cosine between checkpoints k steps apart)",
+        subtitle=[(f"n = {n_adapters} adapters (layer × module) a run; mean over adapters; bands: "
+                   f"{used.ci_label} over adapters ({used.n_boot} resamples)"),
+                  "direction: rank 1 the B vector, rank r the top left singular vector of B·A; dashes: the lag k",
+                  *([f"checkpoints not k steps apart: nearest earlier checkpoint used (k→gap: {', '.join(mapped)})"]
+                    if mapped else [])],
+        tooltip=[alt.Tooltip("lag:N", title="lag"), alt.Tooltip("gap:Q", title="steps between the checkpoints"),
+                 alt.Tooltip("n_adapters:Q", title="adapters")])
+    return panel.encode(strokeDash=alt.StrokeDash("lag:N", title="lag"))
+
+
+def _onset_panel(onsets: pd.DataFrame, rule: EmRule | None) -> Any:
+    """Each signal's onset (a point) with its bootstrap interval (a bar), one row per signal,
+    on the step axis of the panels above it."""
+    used = rule or EmRule.from_attrs(onsets.attrs) or EmRule()
+    data = onsets[onsets["onset_step"].notna()].assign(series=lambda t: _series(t))
+    data = data.assign(label=data["signal"] + " · " + data["method"],
+                       n_text=data["n"].astype(int).astype(str) + " " + data["unit"])
+    flat = ", ".join(sorted(set(onsets.loc[onsets["onset_step"].isna(), "signal"])))
+    base = alt.Chart(data).encode(
+        y=alt.Y("label:N", title=None, sort=list(dict.fromkeys(data["label"]))),
+        color=alt.Color("series:N", title="dataset"), yOffset=alt.YOffset("run_id:N"))
+    return alt.layer(
+        base.mark_rule(strokeWidth=2).encode(
+            x=alt.X("ci_low:Q", title=_STEP_TITLE, axis=alt.Axis(format="d", tickMinStep=1)), x2="ci_high:Q"),
+        base.mark_point(filled=True, size=60, shape="diamond").encode(
+            x="onset_step:Q", tooltip=[alt.Tooltip("run_id:N", title="run"), alt.Tooltip("signal:N"),
+                                       alt.Tooltip("method:N"), alt.Tooltip("onset_step:Q", title="onset step"),
+                                       alt.Tooltip("ci_low:Q", title="CI low"), alt.Tooltip("ci_high:Q", title="CI high"),
+                                       alt.Tooltip("n_text:N", title="n")]),
+    ).properties(title=alt.TitleParams(
+        "Onsets: where each signal changes", anchor="start",
+        subtitle=[("changepoint: first step of the second of two flat segments (least squares); peak: the step of "
+                   "the largest rotation"),
+                  f"bars: {used.ci_label} of the onset ({used.n_boot} resamples of answers, probes or adapters)",
+                  *([f"no change found: {flat}"] if flat else [])]),
+        width=300, height=alt.Step(18))
+
+
+def dynamics_chart(em_rates: pd.DataFrame | None, task_rates: pd.DataFrame | None, probe_gaps: pd.DataFrame | None,
+                   rotation: pd.DataFrame, onsets: pd.DataFrame | None = None, *, rule: EmRule | None = None) -> Any:
+    """The run's signals on one step axis, top to bottom: the judged EM rate, the task rate,
+    each probe set's change from the base model, the adapters' rotation
+    (`emlab.analysis.dynamics.rotation_summary`) and, last, each signal's onset with its
+    interval (`onsets`), so the onsets line up vertically. A signal without fine-tuned rows is
+    left out."""
+    panels: list[Any] = []
+    if task_rates is not None and len(task_rates) and task_rates["run_id"].notna().any():
+        panels.append(_task_rate_panel(task_rates, rule))
+    if probe_gaps is not None and len(probe_gaps) and probe_gaps["run_id"].notna().any():
+        panels += _probe_gap_panels(probe_gaps, rule, show=("change",))  # paired: where a move shows
+    panels.append(_rotation_panel(rotation, rule))
+    if onsets is not None and onsets["onset_step"].notna().any():
+        panels.append(_onset_panel(onsets, rule))
+    return _beside_em(panels, em_rates, "Adapter dynamics beside the behaviour: EM, task rate, probe gap, rotation")
 
 
 def score_trajectory_chart(means: pd.DataFrame, *, rule: EmRule | None = None) -> Any:

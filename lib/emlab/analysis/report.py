@@ -150,6 +150,23 @@ def measures_tables(probe_gaps: pd.DataFrame, task_rates: pd.DataFrame) -> list[
     return tables
 
 
+def onsets_table(onsets: pd.DataFrame) -> pd.DataFrame:
+    """`emlab.analysis.dynamics` onsets as people read them: per run and signal, the onset step
+    with its bootstrap interval, the level before and after (or the rotation's median and peak),
+    and the n behind it."""
+    rows = []
+    for r in onsets.to_dict("records"):
+        step = "no change" if pd.isna(r["onset_step"]) else f"{r['onset_step']:g}"
+        interval = "–" if pd.isna(r["ci_low"]) else f"[{r['ci_low']:g}, {r['ci_high']:g}]"
+        level = "before → after" if r["method"] == "changepoint" else "median → peak"
+        rows.append({"run": r["run_id"], "signal": r["signal"], "method": r["method"], "onset step": step,
+                     "interval": interval, "level": f"{level}: {r['before']:.4g} → {r['after']:.4g}",
+                     "n": f"{int(r['n'])} {r['unit']}, {int(r['n_steps'])} steps",
+                     "resamples without a change": f"{r['flat_share']:.0%} of {int(r['n_boot'])}"})
+    return pd.DataFrame(rows, columns=["run", "signal", "method", "onset step", "interval", "level", "n",
+                                       "resamples without a change"])
+
+
 def _size(n_bytes: int) -> str:
     return f"{n_bytes / 1e6:.1f} MB" if n_bytes >= 100_000 else f"{n_bytes / 1e3:.0f} kB"
 
@@ -206,6 +223,12 @@ def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Pat
                      "misaligned answer minus the aligned one (&gt; 0: misaligned preferred); change: the same "
                      "probes' gap minus the base model's, paired interval.</p>")
         parts += [table.to_html(index=False) for table in measures]
+    onsets = _read_table(layout.analysis_table("onsets"))
+    if len(onsets):  # where each signal changes (emlab.analysis.dynamics)
+        parts.append("<h2>Onsets</h2><p>Per run and signal, the step where it changes (EM, task rate, probe gap: the "
+                     "least-squares split into two flat segments; rotation: the step of the largest rotation) with "
+                     "a bootstrap interval (answers, probes or adapters resampled).</p>")
+        parts.append(onsets_table(onsets).to_html(index=False))
     if summary.get("measures_note_html"):  # the same numbers as sentences, or why a measure is absent
         parts.append(("" if measures else "<h2>Judge-free probe and task rate</h2>")
                      + f"<details><summary>in words</summary>{summary['measures_note_html']}</details>")

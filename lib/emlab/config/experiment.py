@@ -493,6 +493,35 @@ class ProbeSpec(_Strict):
     batch_size: int = Field(default=8, ge=1, description="Sequences per forward pass.")
 
 
+class DynamicsSpec(_Strict):
+    """Adapter dynamics in 04_analysis (emlab.analysis.dynamics, after Turner et al., arXiv
+    2506.11613 §4): per layer and module, the A and B norms, the rotation of the adapter's
+    direction between checkpoints k steps apart, and a PCA of its trajectory, read on the CPU
+    from the adapters 02_finetune saved. Computed for every run with at least 2 saved
+    checkpoints; runs without (fine-tuned through an API, one checkpoint) are skipped and named.
+    The onsets of the EM rate, task rate and probe gap are estimated whatever `enabled` says."""
+
+    enabled: bool = Field(default=True, description="Read the saved adapters (cheap: seconds). False: no "
+                          "adapter dynamics, the behaviour's onsets still.")
+    k_steps: tuple[int, ...] = Field(
+        default=(5, 10, 15), min_length=1, description="Lags in training steps for the local cosine similarity "
+        "(Turner et al.: 5, 10, 15). Each maps to the saved checkpoint nearest to t - k before t; the report says "
+        "when the checkpoints are not k steps apart.",
+    )
+    modules: tuple[str, ...] | None = Field(
+        default=None, description="Only adapters on these modules (names such as 'down_proj'); all when omitted."
+    )
+    layers: tuple[int, ...] | None = Field(default=None, description="Only adapters on these decoder layers; all when omitted.")
+    pca_components: int = Field(default=2, ge=1, description="Principal components of each adapter's trajectory kept.")
+
+    @field_validator("k_steps")
+    @classmethod
+    def _positive_lags(cls, lags: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 1 for k in lags):
+            raise ValueError(f"lags are training steps >= 1, found {list(lags)}")
+        return tuple(sorted(set(lags)))
+
+
 class ExtraRuleSpec(_Strict):
     """A further EM rule the report states beside the main one (same intervals)."""
 
@@ -631,6 +660,7 @@ class ExperimentConfig(_Strict):
     analysis: AnalysisSpec = AnalysisSpec()
     task: TaskSpec = Field(default=TaskSpec(), description="In-distribution task rate on held-out training prompts.")
     probe: ProbeSpec = Field(default=ProbeSpec(), description="Judge-free logprob probe at every checkpoint.")
+    dynamics: DynamicsSpec = Field(default=DynamicsSpec(), description="Adapter dynamics and onsets in 04_analysis.")
     fine_tuning: FineTuningSpec = FineTuningSpec()
     budget_usd: float | None = Field(
         default=None, gt=0, description="Most dollars the experiment may cost as `emlab plan` estimates it (sampling, "

@@ -28,12 +28,15 @@ from ..models.load import model_size_b
 from ..sample.remote import usage_summary
 from ..store.files import atomic_open, read_jsonl, write_json
 from ..store.paths import (
+    ADAPTER_WEIGHTS,
     ANSWERS,
+    CHECKPOINTS,
     EXPLORER,
     FIGURE_PREFIX,
     GOLD_JUDGMENTS,
     JUDGMENTS,
     SCORES,
+    STEP_GLOB,
     SUMMARY,
     TABLE_SUFFIX,
     TASK,
@@ -45,6 +48,7 @@ from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
 from .baseline import NAME as BASELINE
 from .common import JUDGING_OUTPUTS
 from .evaluate import NAME as EVALUATE
+from .finetune import NAME as FINETUNE
 
 if TYPE_CHECKING:
     from ..analysis.agreement import AgreementReport
@@ -66,6 +70,9 @@ TABLES = {
     "task_rates": "in-distribution task rate with CI per model × dataset × run × step (empty without task.holdout)",
     "probe_gaps": "logprob probe: mean misaligned − aligned gap with CI per model state and probe set",
     "probe_scores": "logprob probe: every probe's mean token log-probabilities per model state",
+    "dynamics": "adapter dynamics per run × layer/module × checkpoint: A, B, BA norms, local cosine and rotation per k, PCA coordinates (empty with dynamics.enabled false or no run with 2 checkpoints)",
+    "dynamics_pca": "PCA of each adapter's direction over the checkpoints: explained variance per component",
+    "onsets": "per run × signal (EM rate, task rate, probe gap, rotation per k, B norm): onset step with its bootstrap interval",
 }
 
 
@@ -91,6 +98,8 @@ class AnalysisResult:
     task_rates: pd.DataFrame  # in-distribution task rate per model state
     probe_gaps: pd.DataFrame  # logprob probe per model state × probe set
     measures_note: str  # markdown: what the task rate and the probe showed, or why they are absent
+    dynamics_note: str  # markdown: how the adapter dynamics and onsets were computed, what was left out
+    onsets: pd.DataFrame  # per run × signal: onset step with its bootstrap interval
     reach: metrics.RuleReach  # whether the scores leave the rule anything to show
     reach_note: str  # markdown: why every rate is 0% (or trivial) under the rule; '' when it is not
 
@@ -339,6 +348,11 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     }
     study = study_tables(config, layout, scores, rates)
     charts |= study_charts(study, rates)
+    dynamics = dynamics_tables(config, layout, scores)
+    study |= {"dynamics": dynamics.dynamics, "dynamics_pca": dynamics.pca, "onsets": dynamics.onsets}
+    if len(dynamics.rotation) or len(dynamics.onsets):
+        charts["dynamics"] = plots.dynamics_chart(rates, study["task_rates"], study["probe_gaps"], dynamics.rotation,
+                                                  dynamics.onsets)
     for name, chart in charts.items():
         plots.save_chart(chart, layout.figure(name))
     with atomic_open(layout.analysis_file(SCORES), "wb") as handle:
@@ -369,7 +383,8 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         examples=plots.examples_table(scores, n=config.analysis.examples, rule=rule),
         score_means=study["score_means"], per_question_steps=study["per_question_steps"],
         answer_formats=study["answer_formats"], task_rates=study["task_rates"], probe_gaps=study["probe_gaps"],
-        measures_note=measures, reach=reach, reach_note=reach_note,
+        measures_note=measures, reach=reach, reach_note=reach_note, dynamics_note=dynamics.note,
+        onsets=dynamics.onsets,
     )
 
 
@@ -428,6 +443,27 @@ def study_charts(tables: dict[str, pd.DataFrame], rates: pd.DataFrame) -> dict[s
     return charts
 
 
+def dynamics_tables(config: ExperimentConfig, layout: ExperimentLayout, scores: pd.DataFrame) -> Any:
+    """Adapter dynamics of every run with 2 or more saved checkpoints (`config.dynamics`) and
+    each run's onsets: `emlab.analysis.dynamics.ExperimentDynamics`."""
+    from ..analysis import (
+        dynamics,  # safetensors and torch read the adapters: only once the analysis runs
+    )
+
+    runs = [dynamics.RunCheckpoints(r.model, r.dataset, r.seed, r.run_id, layout.training(r.run_id).completed())
+            for r in config.runs()]
+    task_judgments = collect_task_judgments(config, layout)
+    if len(task_judgments):
+        task_judgments = task_judgments[task_judgments["judge"] == config.primary_judge.name]
+    task = metrics.task_scores(collect_task_answers(config, layout), task_judgments)
+    found = dynamics.experiment_dynamics(runs, config.dynamics, scores=scores, task=task,
+                                         probe=collect_probe_scores(config, layout), task_above=config.task.above,
+                                         rule=config.analysis.rule)
+    for table in (found.dynamics, found.pca, found.onsets):
+        table.attrs.setdefault(metrics.ATTRS_KEY, config.analysis.rule.to_attrs())
+    return found
+
+
 def measures_note(config: ExperimentConfig, tables: dict[str, pd.DataFrame]) -> str:
     """What the logprob probe and the task rate showed, per model state (markdown), or why
     they are absent."""
@@ -484,7 +520,7 @@ def _markdown_to_html(text: str) -> str:
 
 def analysis_params(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> dict[str, Any]:
     """What shapes the analysis: its own params only (recorded, never guarded)."""
-    return {"analysis": config.analysis.model_dump(mode="json")}
+    return {"analysis": config.analysis.model_dump(mode="json"), "dynamics": config.dynamics.model_dump(mode="json")}
 
 
 def _workload(config: ExperimentConfig, unit: str) -> Workload:
@@ -503,7 +539,8 @@ ANALYSIS = Stage(
     scope="experiment",
     run=run_analysis,
     params=analysis_params,
-    reads=(Input(BASELINE, ANSWERS), Input(BASELINE, JUDGMENTS), Input(EVALUATE, JUDGMENTS)),
+    reads=(Input(BASELINE, ANSWERS), Input(BASELINE, JUDGMENTS), Input(EVALUATE, JUDGMENTS),
+           Input(FINETUNE, f"{CHECKPOINTS}/{STEP_GLOB}/{ADAPTER_WEIGHTS}", optional=True)),  # adapter dynamics
     writes=(
         Output(SCORES, "one row per answer: grid keys, scores and statuses of the analysis judge"),
         *(Output(f"{name}{TABLE_SUFFIX}", what) for name, what in TABLES.items()),
