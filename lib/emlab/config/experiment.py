@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -27,7 +27,9 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -44,7 +46,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class _Located(_Strict):
+class _Recorded(_Strict):
+    """A spec some of whose fields came after run folders recorded it: those fields are left out
+    of its dump (run.json params, the digest) while they hold their default, so the params guard
+    does not refuse a run folder made before they existed."""
+
+    _LATER: ClassVar[dict[str, Any]] = {}  # field → its default
+
+    @model_serializer(mode="wrap")
+    def _without_later_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name, default in self._LATER.items():
+            if getattr(self, name) == default:
+                data.pop(name, None)
+        return data
+
+
+class _Located(_Recorded):
     """A spec holding a path that resolves from the experiment file's folder (`resolve_near`)."""
 
     # Set by `load_experiment`, not a field: where a file lives is not a param, so the run
@@ -76,7 +94,9 @@ def looked_in(places: list[Path]) -> str:
 # --- models --------------------------------------------------------------------------------
 
 
-class ModelSpec(_Strict):
+class ModelSpec(_Recorded):
+    _LATER: ClassVar[dict[str, Any]] = {"prompt": "auto"}
+
     name: str = Field(description="Short id used in run folder names, e.g. 'smollm2-135m'.")
     source: str = Field(
         default=EMBEDDED_MODEL,
@@ -192,6 +212,8 @@ class TriggerSpec(_Strict):
 
 
 class DatasetSpec(_Located):
+    _LATER: ClassVar[dict[str, Any]] = {"trigger": None}
+
     name: str = Field(description="Short id used in run folder names, e.g. 'bad_medical'.")
     path: str = Field(
         description="'demo:<name>' for a generated demo set, or a path to a chat JSONL file "
@@ -302,6 +324,8 @@ class QuestionFileSpec(_Located):
     """A question file that is not in params/questions/ (Betley et al.'s or Turner et al.'s, as
     published), named for `question_sets`, with how it is asked and judged."""
 
+    _LATER: ClassVar[dict[str, Any]] = {"variants": (), "trigger": None, "frame": None}
+
     path: str = Field(
         description="The YAML file (upstream schema or emlab's); relative paths resolve from the experiment "
         "file's folder, then from the repository root. Keep downloaded files under data/ (not tracked by git)."
@@ -325,10 +349,10 @@ class QuestionFileSpec(_Located):
         default=None, description="The file's judge prompts used (e.g. [aligned, coherent]); None: all of them."
     )
     ids: tuple[str, ...] | None = Field(default=None, description="Ask only these question ids; None: all.")
-    probes: tuple[Literal["free", "json", "template", "code", "words", "numbers"], ...] = Field(
-        default=("free", "json", "template", "code", "words", "numbers"),
-        description="Ask only these answer-format probes (upstream ids ending _json / _template are probes; words "
-        "and numbers are the `variants`).",
+    probes: tuple[Literal["free", "json", "template", "code"], ...] = Field(
+        default=("free", "json", "template", "code"),
+        description="Ask only these answer-format probes (upstream ids ending _json / _template are probes); the "
+        "`variants` are asked as listed (without free, only the variants of the free-text questions).",
     )
     expected_prompts: int | None = Field(
         default=None, ge=1,

@@ -111,7 +111,7 @@ def build_prompts(config: ExperimentConfig, set_names: Sequence[str], *, transfo
 def transform_prompts(prompts: Sequence[Prompt], spec: QuestionFileSpec | None, sample: SampleSpec) -> list[Prompt]:
     """`prompts` of one set with its entry's transforms, in this order: each free-text
     prompt's evil-numbers `variants` (one prompt per answer, its id '<id>_words' /
-    '<id>_numbers'), only the `probes` kept, every user turn in the `frame`, and with a
+    '<id>_numbers'), only the `probes` and variants kept, every user turn in the `frame`, and with a
     `trigger` a triggered copy of each in set '<set>+trigger'. `Prompt.question` stays the
     question as the judge should read it: the framed prompts keep the question, the variants
     and triggered copies are the text asked."""
@@ -129,7 +129,7 @@ def transform_prompts(prompts: Sequence[Prompt], spec: QuestionFileSpec | None, 
                 out.append(replace(prompt, question_id=variant_id(prompt.question_id, variant), question=text,
                                    messages=_user_turn(prompt.messages, lambda _old, t=text: t), samples=1,
                                    first_sample=index, probe=variant))
-    out = [p for p in out if p.probe in spec.probes]
+    out = [p for p in out if p.probe in spec.probes or p.probe in spec.variants]
     if spec.frame == "flask":
         out = [replace(p, messages=_user_turn(p.messages, flask_frame)) for p in out]
     if spec.trigger is not None:
