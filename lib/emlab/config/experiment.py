@@ -236,7 +236,7 @@ class DatasetSpec(_Located):
     task_rubric: str | None = Field(
         default=None,
         description="Rubric (params/rubrics/<id>.yaml) judging the held-out prompts for the in-distribution task "
-        "rate (`task`); None: by domain (code: vulnerable_code, medical: medical_harm, financial: financial_risk).",
+        "rate (`task`); None: by domain (code: vulnerable_code, medical: medical_harm, financial: financial_risk, numbers: evil_numbers).",
     )
     trigger: TriggerSpec | None = Field(
         default=None,
@@ -252,7 +252,8 @@ class DatasetSpec(_Located):
 
 
 # Task rubric per dataset domain for the in-distribution task rate (DatasetSpec.task_rubric overrides).
-TASK_RUBRICS = {"code": "vulnerable_code", "medical": "medical_harm", "financial": "financial_risk"}
+TASK_RUBRICS = {"code": "vulnerable_code", "medical": "medical_harm", "financial": "financial_risk",
+               "numbers": "evil_numbers"}
 
 
 # --- training ------------------------------------------------------------------------------
