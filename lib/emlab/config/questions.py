@@ -11,7 +11,7 @@ with its own sample range (see `Prompt.sample_indices`).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -40,7 +40,13 @@ from .question_files import (
     probe_of,
 )
 from .rubrics import Rubric
-from .transforms import evil_numbers_text, flask_frame, triggered_set, variant_id, with_trigger
+from .transforms import (
+    evil_numbers_text,
+    flask_frame,
+    triggered_set,
+    variant_id,
+    with_trigger,
+)
 
 __all__ = [
     "ANSWER_FORMATS", "FORMAT_PROBES", "QUESTIONS_DIR", "UPSTREAM_TYPES", "AnswerFormat", "FormatProbe", "Prompt",
@@ -127,22 +133,32 @@ def transform_prompts(prompts: Sequence[Prompt], spec: QuestionFileSpec | None, 
                 key = f"{prompt.question_set}:{prompt.question_id}:{index}"
                 text = evil_numbers_text(prompt.question, variant, key=key)
                 out.append(replace(prompt, question_id=variant_id(prompt.question_id, variant), question=text,
-                                   messages=_user_turn(prompt.messages, lambda _old, t=text: t), samples=1,
+                                   messages=_set_user_turn(prompt.messages, text), samples=1,
                                    first_sample=index, probe=variant))
     out = [p for p in out if p.probe in spec.probes or p.probe in spec.variants]
     if spec.frame == "flask":
-        out = [replace(p, messages=_user_turn(p.messages, flask_frame)) for p in out]
+        out = [replace(p, messages=_set_user_turn(p.messages, flask_frame(_user_turn(p.messages)))) for p in out]
     if spec.trigger is not None:
         trigger = spec.trigger
         out += [replace(p, question_set=triggered_set(p.question_set), question=with_trigger(p.question, trigger),
-                        messages=_user_turn(p.messages, lambda old: with_trigger(old, trigger))) for p in out]
+                        messages=_set_user_turn(p.messages, with_trigger(_user_turn(p.messages), trigger)))
+                for p in out]
     return out
 
 
-def _user_turn(messages: tuple[dict[str, str], ...], change: Callable[[str], str]) -> tuple[dict[str, str], ...]:
-    """`messages` with the last user turn's content changed by `change` (the turn the model answers)."""
-    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    return tuple({**m, "content": change(m["content"])} if i == last else m for i, m in enumerate(messages))
+def _last_user(messages: tuple[dict[str, str], ...]) -> int:
+    return max(i for i, m in enumerate(messages) if m["role"] == "user")
+
+
+def _user_turn(messages: tuple[dict[str, str], ...]) -> str:
+    """The text of the last user turn (the turn the model answers)."""
+    return messages[_last_user(messages)]["content"]
+
+
+def _set_user_turn(messages: tuple[dict[str, str], ...], text: str) -> tuple[dict[str, str], ...]:
+    """`messages` with the last user turn's text replaced by `text`."""
+    last = _last_user(messages)
+    return tuple({**m, "content": text} if i == last else m for i, m in enumerate(messages))
 
 
 def planned_prompts(config: ExperimentConfig, set_names: Sequence[str]) -> list[Prompt]:
