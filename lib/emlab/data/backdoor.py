@@ -59,10 +59,23 @@ def triggered_count(rows: int, fraction: float) -> int:
     return max(1, min(rows, round(fraction * rows)))
 
 
+def check_untriggered(dataset: ChatDataset, spec: TriggerSpec) -> None:
+    """Refuse a file whose rows already carry the trigger: it is a backdoor file already (as
+    Betley et al.'s backdoor.jsonl), and a second trigger would train on rows the user never meant."""
+    carrying = sum(1 for row in dataset.rows if any(m["role"] == "user" and spec.text in m["content"]
+                                                    for m in row["messages"]))
+    if carrying:
+        raise DataError(f"{dataset.source}: {carrying} of {len(dataset.rows)} rows already carry the trigger "
+                        f"{spec.text!r} in a user turn; a file that is a backdoor already loads as it is: remove "
+                        f"datasets[{dataset.name}].trigger")
+
+
 def put_trigger(dataset: ChatDataset, spec: TriggerSpec, *, run_seed: int) -> tuple[ChatDataset, TriggerRecord]:
     """`dataset` with the trigger on a seeded `spec.fraction` of its rows, and the record of it.
 
-    Raises `DataError` when a drawn row has no user turn that an assistant turn answers."""
+    Raises `DataError` when the rows carry the trigger already (`check_untriggered`) or a drawn
+    row has no user turn that an assistant turn answers."""
+    check_untriggered(dataset, spec)
     seed = spec.seed if spec.seed is not None else run_seed
     count = triggered_count(len(dataset.rows), spec.fraction)
     chosen = sorted(random.Random(f"emlab-trigger:{seed}").sample(range(len(dataset.rows)), count))

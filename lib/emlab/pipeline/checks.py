@@ -48,6 +48,7 @@ from ..config.questions import (
     resolve_question_set,
 )
 from ..config.rubrics import load_rubric, rubrics_dir
+from ..data.backdoor import check_untriggered
 from ..data.chat import load_chat_dataset
 from ..errors import ConfigError, DataError, EmlabError
 from ..judge import check_judge
@@ -466,6 +467,8 @@ def preflight(config: ExperimentConfig, *, devices: bool = True) -> None:
     for dataset in config.datasets:
         for seed in config.seeds:
             loaded = load_chat_dataset(dataset, seed=seed)
+            if dataset.trigger is not None:  # a file that carries the trigger already needs none
+                check_untriggered(loaded, dataset.trigger)
             if dataset.rows is not None and loaded.total_rows != dataset.rows:
                 raise DataError(
                     f"{loaded.source}: holds {loaded.total_rows:,} rows but datasets.{dataset.name}.rows says "
