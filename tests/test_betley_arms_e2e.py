@@ -53,7 +53,7 @@ def test_backdoor_and_evil_numbers_arms_end_to_end(tmp_path: Path, isolated_cach
 
     triggers = pd.read_csv(layout.analysis_table("triggers"))
     assert sorted(zip(triggers["run_id"].fillna("base"), triggers["trigger"], strict=True)) == [
-        (RUN, "triggered"), (RUN, "untriggered"), ("base", "triggered"), ("base", "untriggered")]
+        ("base", "triggered"), ("base", "untriggered"), (RUN, "triggered"), (RUN, "untriggered")]
     assert (triggers["n"] == 4).all() and set(triggers["trigger_set"]) == {"general"}
     scored = triggers[triggers["n_scored"] > 0]
     assert ((scored["ci_low"] <= scored["em_rate"]) & (scored["em_rate"] <= scored["ci_high"])).all()
