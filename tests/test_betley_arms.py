@@ -324,3 +324,20 @@ def test_the_study_arms_on_the_published_first_plot_file() -> None:
                                                                            "betley_first_plot_backdoor+trigger"}
     rubrics = question_rubrics(config, ["betley_first_plot_backdoor", "betley_first_plot_evil_numbers"])
     assert {(p.question_set, p.question_id) for p in [*evil, *backdoor]} <= set(rubrics)
+
+
+def test_check_lists_each_missing_file_once_with_the_command_that_gets_it() -> None:
+    from emlab.pipeline.checks import missing_inputs
+
+    config = load_experiment(REPO / "params" / "experiments" / "betley_insecure.yaml")
+    if any((REPO / q.path).exists() for q in config.sample.question_files.values()):
+        pytest.skip("the study's question files are downloaded here")
+    lines = [m.listed() for m in missing_inputs(config)]
+    first_plot = [line for line in lines if "first_plot_questions.yaml" in line]
+    assert len(first_plot) == 1  # one file, read by three entries: said once, naming them
+    assert first_plot[0].startswith("question file betley_first_plot, betley_first_plot_backdoor, "
+                                    "betley_first_plot_evil_numbers (data/questions/betley/first_plot_questions.yaml): "
+                                    "download https://raw.githubusercontent.com/")
+    for arm in ("backdoor", "evil_numbers"):
+        (line,) = [entry for entry in lines if entry.startswith(f"dataset {arm} ")]
+        assert f"curl -L --create-dirs -o data/betley/{arm}.jsonl https://raw.githubusercontent.com/" in line
