@@ -275,6 +275,13 @@ def test_a_model_without_chat_template_gets_the_completion_prompt() -> None:
     assert learned == "\nAn answer." + base.eos_token  # loss on the answer (and its end) only
 
 
+def test_completion_prompt_needs_local_weights() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="prompt: completion renders chats with the local tokenizer"):
+        ModelSpec(name="m", provider="openai", api_model="gpt-4o", prompt="completion")
+
+
 def test_per_study_coherence_and_the_base_study() -> None:
     config = load_experiment(REPO / "params" / "experiments" / "betley_base.yaml")
     assert config.analysis.rule.coherent_above == 95 and config.models[0].prompt == "completion"

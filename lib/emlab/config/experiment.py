@@ -188,6 +188,9 @@ class ModelSpec(_Recorded):
             raise ValueError(f"{where} needs api_model: the model name the endpoint serves")
         if self.is_remote and (self.load_in_4bit or self.num_layers is not None):
             raise ValueError("load_in_4bit and num_layers load local weights; a provider openai model has none")
+        if self.samples_through_api and self.prompt == "completion":
+            raise ValueError("prompt: completion renders chats with the local tokenizer; a model sampled through an "
+                             "API is sent chats (serve a base model with a completion template there, or drop base_url)")
         try:
             self.adapter_name.format(run_id="r", step=1)
         except (KeyError, IndexError, ValueError) as exc:
