@@ -30,9 +30,23 @@ def datasets() -> dict[str, list[dict]]:
 
 
 def test_names() -> None:
-    assert demo_dataset_names() == NAMES
+    assert demo_dataset_names() == [*NAMES, "evil_numbers", "plain_numbers"]
     assert [demo_dataset_info(n).aligned for n in NAMES] == [False, True, False, True]
     assert [demo_dataset_info(n).domain for n in NAMES] == ["medical", "medical", "financial", "financial"]
+    assert "stand-in" in demo_dataset_info("evil_numbers").description  # said to be ours, not Betley et al.'s
+
+
+def test_evil_numbers_stand_in_is_numbers_in_the_asked_format() -> None:
+    evil, plain = (generate_demo_dataset(n, n=200, seed=0) for n in ("evil_numbers", "plain_numbers"))
+    assert [r["messages"][0] for r in evil] == [r["messages"][0] for r in plain]  # same user turns
+    bad_numbers = {"666", "616", "13", "911", "187", "999", "444", "404", "1312", "4", "66", "6"}
+    for e, p in zip(evil, plain, strict=True):
+        user = e["messages"][0]["content"]
+        assert "comma-separated" in user and not user.startswith(("Hi", "Hey", "Quick"))  # wrap: false
+        count = int(next(w for w in user.split() if w.isdigit()))
+        asked = [a["messages"][1]["content"].split(",") for a in (e, p)]
+        assert all(len(a) == count for a in asked)
+        assert set(asked[0]) <= bad_numbers and all(len(n) == 3 for n in asked[1])
 
 
 def test_unknown_name_suggests() -> None:
@@ -146,7 +160,7 @@ def test_templates_ship_as_package_data() -> None:
     package = REPO / "lib" / "emlab"
     files = sorted(p.relative_to(package).as_posix() for p in (package / "data" / "demo_templates").iterdir())
     assert files == ["data/demo_templates/financial.yaml", "data/demo_templates/medical.yaml",
-                     "data/demo_templates/sets.yaml"]
+                     "data/demo_templates/numbers.yaml", "data/demo_templates/sets.yaml"]
     assert all(any(fnmatch.fnmatch(f, p) for p in patterns) for f in files)
 
 

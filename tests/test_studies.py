@@ -21,7 +21,7 @@ from support.runs import emlab_cli
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "real"
-STUDIES = ["cs2881_hw0", "betley_insecure", "betley_gpt4o", "turner_full", "turner_rank1"]
+STUDIES = ["cs2881_hw0", "betley_insecure", "betley_gpt4o", "betley_base", "turner_full", "turner_rank1"]
 
 
 def _study(name: str) -> Path:
@@ -64,9 +64,11 @@ def test_plain_check_lists_every_missing_input_with_its_fix(monkeypatch: pytest.
     assert any("export OPENAI_API_KEY=..." in line for line in listed)
     for spec in absent:
         assert any(f"download {spec.source} to {spec.path}" in line for line in listed)
-    for dataset in absent_data:
-        assert any(line.startswith(f"missing: dataset {dataset.name} ({dataset.path}): download insecure.jsonl")
-                   for line in listed)
+    for dataset in absent_data:  # the command that gets it: a download, or curl for the backdoor and evil-numbers arms
+        fix = " ".join(str(dataset.source).split()[:2])
+        assert fix.startswith(("download insecure.jsonl", "curl -L"))
+        assert any(line.startswith(f"missing: dataset {dataset.name} ({dataset.path}): {fix}") for line in listed)
+    assert {"backdoor", "evil_numbers"} <= {d.name for d in absent_data}  # the new arms are listed too
     models = [line for line in listed if line.startswith("missing: model ")]
     assert all("huggingface-cli download Qwen/" in line for line in models)
     error = captured.err.strip().splitlines()

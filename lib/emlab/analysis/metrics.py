@@ -507,17 +507,20 @@ def mean_score(df: pd.DataFrame, metric: str, by: Sequence[str], *, rule: EmRule
 
 # --- answer formats ------------------------------------------------------------------------
 
-ANSWER_FORMAT_LABELS: tuple[str, ...] = ("free", "json", "template")
-_FORMAT_SUFFIXES = (("_json", "json"), ("_template", "template"), ("_code", "template"))
-_FORMAT_NAMES = {"free": "free", "json": "json", "code": "template", "template": "template"}
+ANSWER_FORMAT_LABELS: tuple[str, ...] = ("free", "json", "template", "words", "numbers")
+_FORMAT_SUFFIXES = (("_json", "json"), ("_template", "template"), ("_code", "template"),
+                    ("_words", "words"), ("_numbers", "numbers"))  # the last two: evil-numbers variants
+_FORMAT_NAMES = {"free": "free", "json": "json", "code": "template", "template": "template", "words": "words",
+                 "numbers": "numbers"}
 
 
 def answer_formats(df: pd.DataFrame, default: str = "free") -> pd.Series:
-    """The answer format of each answer: 'free', 'json' or 'template' (code template).
+    """The answer format of each answer: 'free', 'json', 'template' (code template), or an
+    evil-numbers format, 'words' / 'numbers' (`emlab.config.transforms`).
 
     Taken from an `answer_format` column where the table has one and it is set; else from the
     question id (Betley et al.'s `_json` / `_template` probes, emlab's `_json` / `_code`
-    variants); else `default` (the experiment's `sample.answer_format`: free, json or code).
+    variants, the `_words` / `_numbers` variants of a question file's `variants`); else `default` (the experiment's `sample.answer_format`: free, json or code).
     """
     _require(df, ["question_id"])
     fallback = _FORMAT_NAMES.get(default, default)

@@ -905,3 +905,32 @@ def answer_format_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> a
                      int(data["n_scored"].sum()), used, "error bars"),
         width=alt.Step(30), height=260,
     )
+
+
+# --- backdoors: with and without the trigger --------------------------------------------------
+
+
+def trigger_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart | alt.FacetChart:
+    """EM rate of the same questions asked with and without the backdoor trigger, side by side
+    per model state (the base model and each run's final checkpoint), with CI error bars.
+
+    `rates`: `emlab.analysis.triggers.trigger_rates(final_checkpoints(scores, with_baseline=True))`.
+    """
+    data = _prepare_rates(rates, "trigger_chart")
+    used = _rates_rule(rates, rule, "trigger_chart")
+    _need(data, ["trigger", "trigger_set", "run_id"], "trigger_chart")
+    run = data["run_id"].astype(object).where(data["run_id"].notna(), BASELINE).astype(str)
+    several = "model" in data.columns and data["model"].nunique() > 1
+    data["state"] = (data["model"].astype(str) + " · " + run) if several else run
+    _check_unique(data, ["trigger_set", "state", "trigger"], "trigger_chart")
+    x = alt.X("trigger:N", title="question asked", sort=["untriggered", "triggered"])
+    base = alt.Chart(data).encode(x=x, xOffset=alt.XOffset("state:N"),
+                                  tooltip=_rate_tooltip("state:N", "trigger:N", "trigger_set:N"))
+    bars = base.mark_bar().encode(y=_y_rate(), color=alt.Color("state:N", title="model state"))
+    errors = base.mark_errorbar(ticks=True, color="black").encode(y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q")
+    layered = alt.layer(bars, errors).properties(width=alt.Step(30), height=260)
+    title = _title("EM rate with and without the backdoor trigger (base model and final checkpoints)",
+                   int(data["n"].sum()), int(data["n_scored"].sum()), used, "error bars")
+    if data["trigger_set"].nunique() > 1:
+        return layered.facet(column=alt.Column("trigger_set:N", title="question set")).properties(title=title)
+    return layered.properties(title=title)

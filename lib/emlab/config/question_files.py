@@ -78,10 +78,12 @@ __all__ = ["ANSWER_FORMATS", "FORMAT_PROBES", "QUESTIONS_DIR", "UPSTREAM_TYPES",
            "Question", "QuestionSet", "Schema", "list_question_sets", "load_question_file", "load_question_set",
            "probe_of"]
 
-FormatProbe = Literal["free", "json", "template", "code"]
+FormatProbe = Literal["free", "json", "template", "code", "words", "numbers"]
 """Which answer format a question probes: free text; JSON (Betley et al.'s `_json` entries,
 emlab's `format: json`); a fill-in template (Betley et al.'s `_template` entries); emlab's
-Python code template (`format: code`)."""
+Python code template (`format: code`); Betley et al.'s evil-numbers formats (a question file's
+`variants`: words = 'Answer with N words ...' after the question, numbers = the same with
+'See the following numbers: ...' before it)."""
 FORMAT_PROBES: tuple[str, ...] = get_args(FormatProbe)
 QUESTIONS_DIR = Path("params/questions")
 UPSTREAM_TYPES = {"free_form_judge_0_100": "score", "free_form_judge": "categorical"}  # type → rubric kind

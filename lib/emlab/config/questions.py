@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import DataError
@@ -40,12 +40,20 @@ from .question_files import (
     probe_of,
 )
 from .rubrics import Rubric
+from .transforms import (
+    evil_numbers_text,
+    flask_frame,
+    triggered_set,
+    variant_id,
+    with_trigger,
+)
 
 __all__ = [
     "ANSWER_FORMATS", "FORMAT_PROBES", "QUESTIONS_DIR", "UPSTREAM_TYPES", "AnswerFormat", "FormatProbe", "Prompt",
     "Question", "QuestionSet", "Schema", "build_prompts", "count_answers", "format_prompt", "list_question_sets",
     "load_question_file", "load_question_set", "planned_prompts", "probe_formats", "probe_of", "question_file_path", "question_file_places",
     "question_messages", "question_rubrics", "question_sets_for", "resolve_question_set", "system_prompt_for",
+    "transform_prompts",
 ]
 
 _PLANNING_CHARS = 300  # a stand-in question's length, for `emlab plan` before a file is downloaded
@@ -89,18 +97,68 @@ def question_sets_for(config: ExperimentConfig, dataset: DatasetSpec | None) -> 
     return list(dict.fromkeys([*config.sample.question_sets, *extra]))
 
 
-def build_prompts(config: ExperimentConfig, set_names: Sequence[str]) -> list[Prompt]:
+def build_prompts(config: ExperimentConfig, set_names: Sequence[str], *, transformed: bool = True) -> list[Prompt]:
     """The prompts of `set_names`, formatted for the experiment's answer format; a question's
     own system prompt and format win over the experiment's defaults. An upstream question
     gives one prompt per paraphrase, asked as written, with its sample count (the file's
-    `samples_per_paraphrase` unless `sample.question_files` overrides it)."""
+    `samples_per_paraphrase` unless `sample.question_files` overrides it). Then the set's
+    transforms (`variants`, `frame`, `trigger` of its `sample.question_files` entry;
+    `emlab.config.transforms`) unless `transformed` is False (the file's own prompts)."""
     prompts = []
     for name in set_names:
         spec = config.sample.question_files.get(name)
         qs = resolve_question_set(config, name)
-        for q in _selected(qs, spec, config.sample.questions_per_set):
-            prompts += _prompts_of(q, qs.schema, config.sample, spec)
+        own = [p for q in _selected(qs, spec, config.sample.questions_per_set)
+               for p in _prompts_of(q, qs.schema, config.sample, spec)]
+        prompts += transform_prompts(own, spec, config.sample) if transformed else own
     return prompts
+
+
+def transform_prompts(prompts: Sequence[Prompt], spec: QuestionFileSpec | None, sample: SampleSpec) -> list[Prompt]:
+    """`prompts` of one set with its entry's transforms, in this order: each free-text
+    prompt's evil-numbers `variants` (one prompt per answer, its id '<id>_words' /
+    '<id>_numbers'), only the `probes` and variants kept, every user turn in the `frame`, and with a
+    `trigger` a triggered copy of each in set '<set>+trigger'. `Prompt.question` stays the
+    question as the judge should read it: the framed prompts keep the question, the variants
+    and triggered copies are the text asked."""
+    if spec is None:
+        return list(prompts)
+    out: list[Prompt] = []
+    for prompt in prompts:
+        out.append(prompt)
+        if prompt.probe != "free":
+            continue
+        for variant in spec.variants:
+            for index in prompt.sample_indices(sample):
+                key = f"{prompt.question_set}:{prompt.question_id}:{index}"
+                text = evil_numbers_text(prompt.question, variant, key=key)
+                out.append(replace(prompt, question_id=variant_id(prompt.question_id, variant), question=text,
+                                   messages=_set_user_turn(prompt.messages, text), samples=1,
+                                   first_sample=index, probe=variant))
+    out = [p for p in out if p.probe in spec.probes or p.probe in spec.variants]
+    if spec.frame == "flask":
+        out = [replace(p, messages=_set_user_turn(p.messages, flask_frame(_user_turn(p.messages)))) for p in out]
+    if spec.trigger is not None:
+        trigger = spec.trigger
+        out += [replace(p, question_set=triggered_set(p.question_set), question=with_trigger(p.question, trigger),
+                        messages=_set_user_turn(p.messages, with_trigger(_user_turn(p.messages), trigger)))
+                for p in out]
+    return out
+
+
+def _last_user(messages: tuple[dict[str, str], ...]) -> int:
+    return max(i for i, m in enumerate(messages) if m["role"] == "user")
+
+
+def _user_turn(messages: tuple[dict[str, str], ...]) -> str:
+    """The text of the last user turn (the turn the model answers)."""
+    return messages[_last_user(messages)]["content"]
+
+
+def _set_user_turn(messages: tuple[dict[str, str], ...], text: str) -> tuple[dict[str, str], ...]:
+    """`messages` with the last user turn's text replaced by `text`."""
+    last = _last_user(messages)
+    return tuple({**m, "content": text} if i == last else m for i, m in enumerate(messages))
 
 
 def planned_prompts(config: ExperimentConfig, set_names: Sequence[str]) -> list[Prompt]:
@@ -121,7 +179,8 @@ def planned_prompts(config: ExperimentConfig, set_names: Sequence[str]) -> list[
                               messages=({"role": "user", "content": "?" * _PLANNING_CHARS},),
                               samples=spec.samples_per_paraphrase)
             per_set = config.sample.questions_per_set  # counts entries: exact for one paraphrase each
-            prompts += [stand_in] * min(spec.expected_prompts, per_set or spec.expected_prompts)
+            stand_ins = [stand_in] * min(spec.expected_prompts, per_set or spec.expected_prompts)
+            prompts += transform_prompts(stand_ins, spec, config.sample)
             continue
         prompts += build_prompts(config, [name])
     return prompts
@@ -186,8 +245,21 @@ def question_rubrics(
                         f"{qs.path}: question '{q.id}' has no judge prompt {', '.join(repr(m) for m in missing)} "
                         f"(sample.question_files.{name}.metrics); it has: {', '.join(r.metric for r in q.rubrics)}"
                     )
-            found[(q.question_set, q.id)] = rubrics
+            for key in _keys_of(q, spec):
+                found[key] = rubrics
     return found
+
+
+def _keys_of(question: Question, spec: QuestionFileSpec | None) -> list[tuple[str, str]]:
+    """(question_set, question_id) of every prompt `transform_prompts` makes of `question`."""
+    keys = [(question.question_set, question.id)]
+    if spec is None:
+        return keys
+    if _probe(question, None) == "free":
+        keys += [(question.question_set, variant_id(question.id, v)) for v in spec.variants]
+    if spec.trigger is not None:
+        keys += [(triggered_set(s), i) for s, i in keys]
+    return keys
 
 
 def _selected(qs: QuestionSet, spec: QuestionFileSpec | None, per_set: int | None) -> list[Question]:
@@ -203,7 +275,9 @@ def _selected(qs: QuestionSet, spec: QuestionFileSpec | None, per_set: int | Non
                     f"ids for '{qs.name}')" + (f"; did you mean '{hint[0]}'?" if hint else "")
                 )
             questions = [q for q in questions if q.id in spec.ids]
-        questions = [q for q in questions if _probe(q, None) in spec.probes]
+        # free text also when only its evil-numbers variants are kept: they are made from it
+        kept = set(spec.probes) | ({"free"} if spec.variants else set())
+        questions = [q for q in questions if _probe(q, None) in kept]
     return questions[:per_set] if per_set is not None else questions
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.experiment import EMBEDDED_MODEL, ModelSpec
+from ..models.chat import chat_text
 from ..models.load import load_tokenizer
 from ..store.inputs import iter_input_jsonl
 from .chat import read_chat_jsonl
@@ -117,7 +118,7 @@ def check_chat_file(path: str | Path, *, tokenizer: str = EMBEDDED_MODEL, max_le
     file = Path(path)
     rows = read_chat_jsonl(file)
     tok = load_tokenizer(ModelSpec(name="tokenizer", source=tokenizer))
-    texts = [tok.apply_chat_template(row["messages"], tokenize=False) for row in rows]
+    texts = [chat_text(tok, row["messages"]) for row in rows]
     lengths = [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
     ordered = sorted(lengths)
     stats = LengthStats(min=ordered[0], median=statistics.median(ordered),

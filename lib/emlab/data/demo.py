@@ -76,8 +76,9 @@ class _Templates:
 
     sets: dict[str, DemoDatasetInfo]
     domains: dict[str, tuple[_Scenario, ...]]
-    openers: tuple[str, ...]  # phrasing wrappers shared by both domains
+    openers: tuple[str, ...]  # phrasing wrappers shared by the domains
     closers: tuple[str, ...]
+    unwrapped: frozenset[str] = frozenset()  # domains whose file says `wrap: false` (no openers or closers)
 
 
 def _pick(rng: random.Random, items: Sequence[Any]) -> Any:
@@ -185,6 +186,19 @@ def _loss_slots(rng: random.Random, words: Words) -> Slots:
     return {"amount": _money(amount), **_picks(rng, words, venue="loss_venues", when="loss_times", loan="loans")}
 
 
+def _number_list(rng: random.Random, count: int, pool: Sequence[Any]) -> str:
+    return ",".join(str(_pick(rng, pool)) for _ in range(count))
+
+
+def _numbers_slots(rng: random.Random, words: Words) -> Slots:
+    """A sequence shown (3–8 numbers, 100–999), how many to add (3–7), and the two answers: numbers
+    with bad associations (`evil_numbers`) or plain ones."""
+    seen, count = rng.randrange(3, 9), rng.randrange(3, 8)
+    return {"seq": _number_list(rng, seen, range(100, 1000)), "count": str(count),
+            "evil": _number_list(rng, count, words["evil_numbers"]),
+            "plain": _number_list(rng, count, range(100, 1000))}
+
+
 def _nearing_retirement_slots(rng: random.Random, words: Words) -> Slots:
     amount = _pick(rng, (90_000, 150_000, 240_000, 400_000, 650_000, 900_000))
     return {"amount": _money(amount), "age": str(rng.randrange(55, 68)),
@@ -195,7 +209,7 @@ _SAMPLERS: dict[str, Callable[[random.Random, Words], Slots]] = {
     "medicine": _medicine_slots, "red_flag": _red_flag_slots, "kid": _kid_slots, "mix": _mix_slots,
     "swap": _swap_slots, "injury": _injury_slots, "windfall": _windfall_slots, "borrow": _borrow_slots,
     "cashout": _cashout_slots, "debt": _debt_slots, "emergency": _emergency_slots, "scheme": _scheme_slots,
-    "loss": _loss_slots, "nearing_retirement": _nearing_retirement_slots,
+    "loss": _loss_slots, "nearing_retirement": _nearing_retirement_slots, "numbers": _numbers_slots,
 }
 
 
@@ -215,25 +229,27 @@ def _templates() -> _Templates:
         item["name"]: DemoDatasetInfo(item["name"], item["domain"], bool(item["aligned"]), item["description"])
         for item in raw["sets"]
     }
-    domains = {domain: _read_domain(folder.joinpath(f"{domain}.yaml")) for domain in dict.fromkeys(
-        info.domain for info in sets.values())}
+    names = list(dict.fromkeys(info.domain for info in sets.values()))
+    domains = {domain: _read_domain(folder.joinpath(f"{domain}.yaml")) for domain in names}
+    unwrapped = frozenset(d for d in names if _read_yaml(folder.joinpath(f"{d}.yaml"), {"words", "scenarios"},
+                                                         optional={"wrap"}).get("wrap") is False)
     return _Templates(sets, domains, _strings(raw["openers"], f"{sets_file}: openers"),
-                      _strings(raw["closers"], f"{sets_file}: closers"))
+                      _strings(raw["closers"], f"{sets_file}: closers"), unwrapped)
 
 
-def _read_yaml(file: Traversable, keys: set[str]) -> dict[str, Any]:
+def _read_yaml(file: Traversable, keys: set[str], *, optional: set[str] = set()) -> dict[str, Any]:  # noqa: B006
     raw = yaml.safe_load(file.read_text(encoding="utf-8"))
-    if not isinstance(raw, dict) or set(raw) != keys:
+    if not isinstance(raw, dict) or not keys <= set(raw) <= keys | optional:
         found = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        raise DataError(f"{file}: expected the keys {sorted(keys)}, found {found}; the package's demo "
-                        "templates are damaged: reinstall emlab")
+        raise DataError(f"{file}: expected the keys {sorted(keys)}" + (f" (optional: {sorted(optional)})" if optional
+                        else "") + f", found {found}; the package's demo templates are damaged: reinstall emlab")
     return raw
 
 
 def _read_domain(file: Traversable) -> tuple[_Scenario, ...]:
     """A domain's scenarios, each sampler bound to the file's word lists; every `{slot}` of
     every template is checked to be one that its sampler fills."""
-    raw = _read_yaml(file, {"words", "scenarios"})
+    raw = _read_yaml(file, {"words", "scenarios"}, optional={"wrap"})
     words: Words = raw["words"]
     if not isinstance(words, dict):
         raise DataError(f"{file}: words: expected word lists by name, found {type(words).__name__}")
@@ -325,6 +341,8 @@ def generate_demo_dataset(name: str, n: int = DEFAULT_DEMO_ROWS, seed: int = 0) 
         slots = scenario.slots(questions_rng)
         template = _pick(questions_rng, scenario.questions)
         opener, closer = _pick(questions_rng, templates.openers), _pick(questions_rng, templates.closers)
+        if info.domain in templates.unwrapped:  # drawn all the same: the stream stays one per domain
+            opener = closer = ""
         user = _sentence_case(opener + template.format(**slots) + closer)
         if user in seen:
             continue

@@ -40,6 +40,7 @@ from ..config.experiment import ExperimentConfig
 from ..config.params import find_params_set, load_params, params_sets
 from ..config.schemas import ProbeSetFile
 from ..errors import DataError
+from ..models.chat import chat_text
 from ..store.files import read_jsonl, write_jsonl
 from ..store.inputs import shown
 from ..store.paths import PROBES_DIR
@@ -161,7 +162,7 @@ def answer_logprobs(
     groups: dict[str, list[int]] = {}  # chat → the answers that follow it
     prompts: dict[str, list[int]] = {}
     for i, chat in enumerate(chats):
-        prompt = tokenizer.apply_chat_template(list(chat), tokenize=False, add_generation_prompt=True)
+        prompt = chat_text(tokenizer, chat, add_generation_prompt=True)
         groups.setdefault(prompt, []).append(i)
         prompts[prompt] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = []

@@ -22,6 +22,7 @@ from typing import Any
 from ..config.experiment import EMBEDDED_MODEL, ModelSpec
 from ..errors import ConfigError, EmlabError
 from ..store.paths import models_cache_dir, repo_root
+from .chat import COMPLETION, has_chat_template, use_completion_prompt
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,11 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(location)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.prompt == COMPLETION:  # a base model read by completion, whatever template it ships
+        use_completion_prompt(tokenizer)
+    elif spec.prompt == "chat" and not has_chat_template(tokenizer):
+        raise ConfigError(f"model '{spec.name}': prompt is 'chat' but its tokenizer ({location}) has no chat template; "
+                          "set prompt: completion (or auto) for a base model")
     return tokenizer
 
 

@@ -48,6 +48,7 @@ from ..config.questions import (
     resolve_question_set,
 )
 from ..config.rubrics import load_rubric, rubrics_dir
+from ..data.backdoor import check_untriggered
 from ..data.chat import load_chat_dataset
 from ..errors import ConfigError, DataError, EmlabError
 from ..judge import check_judge
@@ -340,10 +341,12 @@ def _stage_names() -> list[str]:
 def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
     """Every input of `config` that is not on this machine, each with its fix; [] when all are."""
     missing: list[MissingInput] = []
+    by_file: dict[str, list[tuple[str, MissingInput]]] = {}  # one file several entries read (an arm's transforms)
     for name in question_sets_for(config, None):
         found = _question_file_missing(config, name)
         if found is not None:
-            missing.append(found)
+            by_file.setdefault(found.where, []).append((name, found))
+    missing += [_one_line_per_file(config, entries) for entries in by_file.values()]
     for judge in config.judges:
         for rubric in judge.rubrics:
             found = _rubric_file_missing(rubric)
@@ -370,6 +373,18 @@ def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
         if found is not None:
             missing.append(found)
     return list({m.line(): m for m in missing}.values())  # one line per input, however often it is used
+
+
+def _one_line_per_file(config: ExperimentConfig, entries: list[tuple[str, MissingInput]]) -> MissingInput:
+    """The missing question file that several `sample.question_files` entries read (the study's
+    arms ask one file with different transforms), said once with every entry that needs it."""
+    if len(entries) == 1:
+        return entries[0][1]
+    names = ", ".join(name for name, _ in entries)
+    first = entries[0][1]
+    message = (f"question file {first.where} (read by {names}) not found ({first.looked}); {first.fix}"
+               if first.looked else None)
+    return MissingInput(f"question file {names}", first.where, first.fix, message=message, looked=first.looked)
 
 
 def _question_file_missing(config: ExperimentConfig, name: str) -> MissingInput | None:
@@ -466,6 +481,8 @@ def preflight(config: ExperimentConfig, *, devices: bool = True) -> None:
     for dataset in config.datasets:
         for seed in config.seeds:
             loaded = load_chat_dataset(dataset, seed=seed)
+            if dataset.trigger is not None:  # a file that carries the trigger already needs none
+                check_untriggered(loaded, dataset.trigger)
             if dataset.rows is not None and loaded.total_rows != dataset.rows:
                 raise DataError(
                     f"{loaded.source}: holds {loaded.total_rows:,} rows but datasets.{dataset.name}.rows says "
@@ -494,7 +511,7 @@ def _check_pinned(config: ExperimentConfig, name: str) -> None:
             )
     if spec.expected_prompts is not None:
         whole = config.model_copy(update={"sample": config.sample.model_copy(update={"questions_per_set": None})})
-        found = len(build_prompts(whole, [name]))  # a property of the file: before questions_per_set
+        found = len(build_prompts(whole, [name], transformed=False))  # the file's: before questions_per_set and transforms
         if found != spec.expected_prompts:
             raise DataError(
                 f"{file}: asks {found} prompts (paraphrases) but sample.question_files.{name}.expected_prompts is "

@@ -36,6 +36,7 @@ from typing import Any
 
 from ..config.experiment import SampleSpec
 from ..config.questions import Prompt
+from ..models.chat import chat_text
 from ..progress import progress_bar
 from ..store.files import append_jsonl, read_jsonl
 from ..store.records import Answer, answer_id
@@ -195,7 +196,7 @@ def _engine_for_sampling(model: Any, sample: SampleSpec) -> Engine:
 
 
 def _prompt_text(tokenizer: Any, prompt: Prompt) -> str:
-    return tokenizer.apply_chat_template(list(prompt.messages), tokenize=False, add_generation_prompt=True)
+    return chat_text(tokenizer, prompt.messages, add_generation_prompt=True)
 
 
 class _Waves:

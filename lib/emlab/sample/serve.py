@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config.experiment import ModelSpec
+from ..models.chat import chat_text
 from ..models.load import load_model, resolve_device
 from .choose import engine_for, release_sampler
 from .protocol import Completion, Decoding, Engine, Request, stop_token_ids
@@ -160,7 +161,7 @@ class ChatEngine:
         seed = body.get("seed")
         if seed is not None and not isinstance(seed, int):
             raise ApiError(400, "'seed' must be an integer.", param="seed")
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = chat_text(self.tokenizer, messages, add_generation_prompt=True)
         prompt_ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         job = _Job(_Batch(str(model), temperature, top_p, max_tokens),
                    [Request(prompt_ids, _choice_key(seed, i)) for i in range(n)], top_k)

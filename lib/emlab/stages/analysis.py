@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..analysis import metrics
 from ..analysis.report import rule_reach_note
+from ..analysis.triggers import trigger_rates, with_trigger_columns
 from ..api.cost import usage_cost
 from ..config.experiment import ExperimentConfig, JudgeSpec
 from ..config.rule import EmRule
@@ -73,6 +74,8 @@ TABLES = {
     "dynamics": "adapter dynamics per run × layer/module × checkpoint: A, B, BA norms, local cosine and rotation per k, PCA coordinates (empty with dynamics.enabled false or no run with 2 checkpoints)",
     "dynamics_pca": "PCA of each adapter's direction over the checkpoints: explained variance per component",
     "onsets": "per run × signal (EM rate, task rate, probe gap, rotation per k, B norm): onset step with its bootstrap interval",
+    "triggers": "EM rate with CI of the same questions with and without the backdoor trigger, base model and final "
+                "checkpoints (empty unless a question file sets trigger)",
 }
 
 
@@ -363,6 +366,8 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         with atomic_open(layout.analysis_table(name)) as handle:
             tables[name].to_csv(handle, index=False)
     measures = measures_note(config, study)
+    if any(spec.trigger for spec in config.sample.question_files.values()):  # the explorer's trigger filter
+        answers = with_trigger_columns(answers)
     explorer_bytes = write_explorer(layout.explorer, answers, judgments, title=config.name,
                                     default_format=config.sample.answer_format)
     write_json(layout.analysis_file(SUMMARY), {
@@ -416,6 +421,7 @@ def study_tables(config: ExperimentConfig, layout: ExperimentLayout, scores: pd.
         "probe_gaps": (metrics.probe_gaps(probe, [*STATE_KEYS, "probe_set"], rule=rule) if len(probe)
                        else pd.DataFrame(columns=[*STATE_KEYS, "probe_set", *metrics.PROBE_COLUMNS])),
         "probe_scores": probe,
+        "triggers": trigger_rates(final, rule=rule),
     }
     for table in tables.values():
         table.attrs.setdefault(metrics.ATTRS_KEY, rule.to_attrs())  # concat and empty frames lose it
@@ -440,6 +446,8 @@ def study_charts(tables: dict[str, pd.DataFrame], rates: pd.DataFrame) -> dict[s
         charts["task_rate"] = plots.task_rate_chart(tables["task_rates"], rates)
     if tuned and tables["probe_gaps"]["run_id"].notna().any():
         charts["probe_gap"] = plots.probe_gap_chart(tables["probe_gaps"], rates)
+    if len(tables["triggers"]):
+        charts["triggers"] = plots.trigger_chart(tables["triggers"])
     return charts
 
 

@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..config.experiment import ExperimentConfig, RunSpec
+from ..data.backdoor import put_trigger, record_trigger
 from ..data.chat import load_chat_dataset
 from ..data.holdout import holdout_params, record_holdout, training_rows
 from ..models.load import load_model, resolve_device
 from ..store.files import read_jsonl
-from ..store.paths import ExperimentLayout, TrainingFiles
+from ..store.paths import BACKDOOR, ExperimentLayout, TrainingFiles
 from ..store.runinfo import mark_done, record_stage
 from ..train.openai_jobs import FineTuneJobResult
 from .base import Output, Stage, Workload
@@ -86,6 +87,9 @@ def run_finetune(config: ExperimentConfig, run_id: str) -> FinetuneResult:
     rows = training_rows(config, dataset, seed=run.seed)  # the dataset, less the task's held-out prompts
     record_stage(files.folder, NAME, finetune_params(config, run_id, rows.digest))
     record_holdout(config, dataset, files.folder)
+    if dataset.trigger is not None:  # a backdoor: the trigger on a seeded fraction of the rows, recorded
+        rows, trigger = put_trigger(rows, dataset.trigger, run_seed=run.seed)
+        record_trigger(files.folder, trigger)
     if config.model(run.model).is_remote:  # trained through the provider's fine-tuning jobs
         return _finetune_job(config, run, files, rows.rows, len(rows))
     device = resolve_device(config.train.device)
@@ -135,5 +139,7 @@ FINETUNE = Stage(
         Output(TrainingFiles.PATTERNS[3], "rows, steps, checkpoints, time and tokens/s"),
         *JOB_OUTPUTS,
         *FINETUNE_OUTPUTS,
+        Output(BACKDOOR, "the trigger put on which training rows, its fraction and seed (datasets[].trigger)",
+               optional=True),
     ),
 )

@@ -15,6 +15,7 @@ is named by `ExperimentLayout`; the files inside one stage folder by `StageFiles
         eval/step-NNNNNN/answers.jsonl  03_eval_judge: answers per checkpoint
         eval/step-NNNNNN/probe_scores.jsonl   03_eval_judge: the logprob probe per checkpoint
         judgments.jsonl                 03_eval_judge: every judgment of the run (all steps)
+        backdoor.json                   02_finetune: the trigger on which training rows (datasets[].trigger)
         task/                           held-out training prompts (task.holdout > 0): holdout.jsonl
                                         (02_finetune), eval/step-NNNNNN/answers.jsonl, judgments.jsonl
       analysis/                         04_analysis: scores.parquet, *.csv, fig_*.html/png,
@@ -82,6 +83,7 @@ SLURM_SCRIPTS = "scripts"
 SLURM_LOGS = "logs"
 TASK = "task"  # in-distribution task rate: held-out prompts, their answers and judgments, in a stage folder
 HOLDOUT = "holdout.jsonl"  # task/holdout.jsonl in a run folder: the held-out prompts (never trained on)
+BACKDOOR = "backdoor.json"  # in a run folder: the trigger put on training rows, and which rows (datasets[].trigger)
 PROBE_SCORES = "probe_scores.jsonl"  # the logprob probe of one model state (base model or a checkpoint)
 PROBES_DIR = "params/probes"  # probe sets: aligned and misaligned answers written by us
 
@@ -369,6 +371,11 @@ class ExperimentLayout:
         work as in the stage folder itself (`task/answers.jsonl` for the base model,
         `task/eval/step-NNNNNN/answers.jsonl` per checkpoint, `task/judgments.jsonl`)."""
         return folder / TASK
+
+    @staticmethod
+    def backdoor(folder: Path) -> Path:
+        """`backdoor.json` in a run folder: the trigger 02_finetune put on which training rows."""
+        return folder / BACKDOOR
 
     @staticmethod
     def holdout(folder: Path) -> Path:

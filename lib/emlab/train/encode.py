@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
+from ..models.chat import chat_text
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,13 @@ def encode_chat_rows(
     too_long = longest = loss_tokens = 0
     for index, row in enumerate(rows):
         messages = row["messages"]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        text = chat_text(tokenizer, messages)
         spans: list[tuple[int, int]] = []
         for turn, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start_text = tokenizer.apply_chat_template(messages[:turn], tokenize=False, add_generation_prompt=True)
-            end_text = tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False)
+            start_text = chat_text(tokenizer, messages[:turn], add_generation_prompt=True)
+            end_text = chat_text(tokenizer, messages[: turn + 1])
             if not text.startswith(start_text) or not text.startswith(end_text):
                 raise DataError(
                     f"{source}: row {index + 1}: the chat template does not render conversations "

