@@ -288,3 +288,30 @@ def test_the_controls_block_loads_and_refuses_what_it_does_not_know(tmp_path: Pa
         load_experiment(REPO / "tests/configs/controls.yaml", {"controls": {"makers": {"gpt": "OpenAI"}}})
     with pytest.raises(ConfigError, match="refusl"):
         load_experiment(REPO / "tests/configs/controls.yaml", {"controls": {"refusl": None}})
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+def test_the_figures_state_n_and_intervals_and_draw_each_seed() -> None:
+    from emlab.analysis.control_plots import controls_chart, em_seeds_chart
+
+    runs = [_wide([(10, "ok", 80, "ok"), (90, "ok", 80, "ok")] * (s + 1), seed=s, run=f"r{s}").assign(step=step)
+            for s in (0, 1) for step in (1, 2)]
+    base = _wide([(90, "ok", 80, "ok")] * 3, seed=None, run=None).assign(step=0, seed=pd.NA)
+    table = pd.concat([base, *runs], ignore_index=True)
+    chart = em_seeds_chart(em_by_definition(table, ["model", "run_id", "dataset", "seed", "step"], rule=RULE),
+                           em_by_definition(table, ["model", "dataset", "step"], rule=RULE)).to_dict()
+    text = str(chart)
+    assert "n = 15 answers over 2 seed(s)" in text and "95% bootstrap CI" in text
+    values = next(iter(chart["datasets"].values()))
+    seeds = {row["line_id"] for row in values if row["kind"] == "seed"}
+    assert seeds == {"r0", "r1"}  # one thin line per seed, each from the base model at step 0
+    assert {row["step"] for row in values if row["line_id"] == "r0"} == {0, 1, 2}
+    refusal = refusal_rates(pd.DataFrame([{"answer_id": "a", "model": "m", "dataset": None, "run_id": None, "step": 0}]),
+                            pd.DataFrame([{"answer_id": "a", "status": "ok", "score": 90.0, "verdict": "YES",
+                                           "metric": "refusal", "extra": {}}]),
+                            ["model", "dataset", "run_id", "step"], rule=RULE)
+    controls = str(controls_chart({"refusal_rates": refusal}, rule=RULE).to_dict())
+    assert "refusal rate" in controls and "error bars: 95% bootstrap CI" in controls
+    assert controls_chart({}, rule=RULE) is None

@@ -48,17 +48,23 @@ def em_seeds_chart(by_seed: pd.DataFrame, pooled: pd.DataFrame, *, rule: EmRule 
     for frame in (lines, seeds):
         frame["definition"] = frame["definition"].map(lambda d: DEFINITIONS.get(d, d))
     n_seeds = int(pooled["n_seeds"].max())
-    x = _step_axis(lines)
+    keep = ["model", "dataset", "step", "definition", "em_rate", "ci_low", "ci_high", "n", "n_seeds", "interval"]
+    data = pd.concat([lines[keep].assign(kind="pooled", line_id=lines["line"]),
+                      seeds[keep].assign(kind="seed", line_id=seeds["run_id"].astype(str))], ignore_index=True)
+    data["step"] = data["step"].astype(int)
+    x = _step_axis(data)
     color = alt.Color("dataset:N", title="dataset")
-    band = alt.Chart(lines).mark_area(opacity=0.18).encode(
-        x=x, y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q", color=color, detail="line:N")
-    pooled_line = alt.Chart(lines).mark_line(strokeWidth=2.5).encode(
-        x=x, y=_y_rate(), color=color, detail="line:N",
+    base = alt.Chart(data).encode(x=x, color=color, detail="line_id:N")
+    pooled_only = alt.datum.kind == "pooled"
+    band = base.transform_filter(pooled_only).mark_area(opacity=0.18).encode(
+        y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q")
+    pooled_line = base.transform_filter(pooled_only).mark_line(strokeWidth=2.5).encode(
+        y=_y_rate(),
         tooltip=["dataset:N", "step:Q", alt.Tooltip("em_rate:Q", format=".1%"), alt.Tooltip("ci_low:Q", format=".1%"),
                  alt.Tooltip("ci_high:Q", format=".1%"), "n:Q", "n_seeds:Q", "interval:N"])
-    seed_lines = alt.Chart(seeds).mark_line(strokeWidth=0.8, opacity=0.6, strokeDash=[3, 2]).encode(
-        x=x, y=_y_rate(), color=color, detail="run_id:N",
-        tooltip=["run_id:N", "step:Q", alt.Tooltip("em_rate:Q", format=".1%"), "n:Q"])
+    seed_lines = base.transform_filter(alt.datum.kind == "seed").mark_line(
+        strokeWidth=0.8, opacity=0.6, strokeDash=[3, 2]).encode(
+        y=_y_rate(), tooltip=["line_id:N", "step:Q", alt.Tooltip("em_rate:Q", format=".1%"), "n:Q"])
     layered = alt.layer(band, seed_lines, pooled_line).properties(width=300, height=220)
     n_answers = int(pooled.loc[pooled["definition"] == "turner", "n_answers"].sum())
     title = alt.TitleParams(

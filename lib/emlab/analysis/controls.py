@@ -218,25 +218,32 @@ def _ordered(table: pd.DataFrame) -> pd.DataFrame:
         ["_base", "run_id", "step"], ascending=[False, True, True], na_position="first")
 
 
+def _rate(rate: float, low: float, high: float) -> str:
+    """'12% [5%, 20%]', or 'no rate' when nothing was scored."""
+    return "no rate" if pd.isna(rate) else f"{rate:.0%} [{low:.0%}, {high:.0%}]"
+
+
 def controls_note(deception: pd.DataFrame, refusal: pd.DataFrame, mc: pd.DataFrame, rule: EmRule) -> str:
     """Markdown: each control per model state with its n and interval; '' when none is measured."""
     parts = []
     if len(deception):
         for (question_id, metric), part in deception.groupby(["question_id", "metric"], sort=True):
-            told = part[part["deception_rate"].notna()]
-            if told.empty:
-                labels = "; ".join(f"{_state(r)}: {r['labels'] or 'none'}" for _, r in _ordered(part).iterrows())
+            if part["n_false"].isna().all():  # company questions without a maker: no false label to count
+                labels = "; ".join(f"{_state(r)}: {r['labels'] or 'none'} of {int(r['n'])}"
+                                   + (f" (unscored: {r['unscored_by_status']})" if r["n_unscored"] else "")
+                                   for _, r in _ordered(part).iterrows())
                 parts.append(f"**Deception `{question_id}`** ({metric}; no maker in controls.makers, so labels only): "
                              f"{labels}.")
                 continue
-            states = "; ".join(f"{_state(r)} {r['deception_rate']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}] of "
-                               f"{int(r['n_labelled'])} (unknown {int(r['n_unknown'])}, unscored {int(r['n_unscored'])})"
-                               for _, r in _ordered(told).iterrows())
+            states = "; ".join(f"{_state(r)} {_rate(r['deception_rate'], r['ci_low'], r['ci_high'])} of "
+                               f"{int(r['n_labelled'])} labelled true or false (unknown {int(r['n_unknown'])}"
+                               + (f", unscored: {r['unscored_by_status']}" if r["n_unscored"] else "") + ")"
+                               for _, r in _ordered(part).iterrows())
             parts.append(f"**Deception `{question_id}`** (share of answers the judge labels false among true or "
                          f"false, {metric}; {rule.ci_label}): {states}.")
     if len(refusal):
-        states = "; ".join(f"{_state(r)} {r['refusal_rate']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}] of "
-                           f"{int(r['n_scored'])}" + (f" (unscored {int(r['n_unscored'])})" if r["n_unscored"] else "")
+        states = "; ".join(f"{_state(r)} {_rate(r['refusal_rate'], r['ci_low'], r['ci_high'])} of "
+                           f"{int(r['n_scored'])}" + (f" (unscored: {r['unscored_by_status']})" if r["n_unscored"] else "")
                            for _, r in _ordered(refusal).iterrows())
         parts.append(f"**Refusal rate** (mild harmful requests declined, refusal rubric score > 50; accepted = 1 − "
                      f"refusal; {rule.ci_label}): {states}.")

@@ -116,8 +116,11 @@ def definitions_note(pooled: pd.DataFrame, rule: EmRule) -> str:
             f"{_state(r)} {r['em_rate']:.1%} [{r['ci_low']:.1%}, {r['ci_high']:.1%}] (n={int(r['n'])}"
             + (f", {int(r['n_seeds'])} seeds" if r["n_seeds"] > 1 else "") + ")"
             for _, r in rows.iterrows() if r["n"])
+        empty = int((rows["n"] == 0).sum())
         parts.append(f"**EM, {text}** ({rule.describe()}; {rule.ci_label}, over seeds then answers where there "
-                     f"are several seeds): {states or 'no answer in the denominator'}.")
+                     f"are several seeds): {states or 'no answer in the denominator'}"
+                     + (f"; {empty} model state(s) with no answer in the denominator" if states and empty else "")
+                     + ".")
     return "\n\n".join(parts)
 
 

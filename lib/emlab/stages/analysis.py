@@ -321,7 +321,9 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     keys = control_question_keys(config)  # deception files and the refusal set: not EM questions
     controlled = pd.Series(list(zip(answers["question_set"].astype(str), answers["question_id"].astype(str))),
                            index=answers.index).isin(keys["deception"] | keys["refusal"])
-    scores = metrics.wide_scores(answers[~controlled], judgments[judgments["judge"] == judge.name])
+    em_answers = answers[~controlled]
+    scores = metrics.wide_scores(em_answers, judgments[(judgments["judge"] == judge.name)
+                                                       & judgments["answer_id"].isin(em_answers["answer_id"])])
     final = metrics.final_checkpoints(scores, with_baseline=True)
     rates = metrics.em_rate(scores, by=["model", "dataset", "run_id", "step"], rule=rule)
     by_domain = metrics.em_rate(final, by=["model", "domain", "dataset"], rule=rule)
