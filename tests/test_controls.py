@@ -182,6 +182,17 @@ def test_the_seed_bootstrap_draws_seeds_so_a_planted_spread_widens_the_interval(
     assert sorted(per_seed.loc[per_seed["definition"] == "turner", "em_rate"]) == [0.0, 0.0, 1.0, 1.0]
 
 
+def test_betley_pooled_rate_leaves_out_a_seed_with_fewer_than_five_coherent_answers() -> None:
+    few = _wide([(10, "ok", 80, "ok")] * 3 + [(10, "ok", 20, "ok")] * 7, seed=0, run="r0")  # 3 coherent, all EM
+    many = _wide([(90, "ok", 80, "ok")] * 6, seed=1, run="r1")  # 6 coherent, none EM
+    table = em_by_definition(pd.concat([few, many], ignore_index=True), ["model", "dataset", "step"], rule=RULE)
+    betley = table[table["definition"] == "betley"].iloc[0]
+    assert (betley["n_seeds"], betley["n_seeds_left_out"], betley["n"], betley["em_rate"]) == (1, 1, 6, 0.0)
+    turner = table[table["definition"] == "turner"].iloc[0]  # Turner et al.'s keeps every seed
+    assert (turner["n_seeds"], turner["n_seeds_left_out"], turner["n"]) == (2, 0, 16)
+    assert turner["em_rate"] == pytest.approx((3 / 10 + 0 / 6) / 2)
+
+
 # --- multiple choice -----------------------------------------------------------------------
 
 
