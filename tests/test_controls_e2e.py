@@ -45,7 +45,7 @@ def test_multiple_choice_scored_at_every_model_state(controls_run: tuple[Path, P
     assert len(read_mc_scores(layout.mc_scores(layout.baseline("smol-2l")))) == items == 6
     for run in RUNS:
         files = layout.mc_files(layout.run(run))
-        assert len(files) == 2 and all(len(read_mc_scores(f)) == items for f in files)
+        assert len(files) == 1 and all(len(read_mc_scores(f)) == items for f in files)
 
 
 def test_control_answers_are_judged_under_their_own_rubrics_only(controls_run: tuple[Path, Path]) -> None:
@@ -68,13 +68,15 @@ def test_the_report_states_each_new_measure_with_n_and_interval(controls_run: tu
     definitions = pd.read_csv(analysis / "em_definitions.csv")
     assert set(definitions["definition"]) == {"betley", "turner"}
     tuned = definitions[definitions["dataset"].notna()]
-    assert (tuned["n_seeds"] == 2).all() and (tuned.loc[tuned["n"] > 0, "interval"] == "seeds").all()
+    turner = tuned[tuned["definition"] == "turner"]  # the tiny judge may find no answer coherent (Betley's n = 0)
+    assert (turner["n_seeds"] == 2).all() and (turner["interval"] == "seeds").all() and (turner["n"] == 2).all()
     per_seed = pd.read_csv(analysis / "em_by_seed.csv")
     assert set(per_seed["seed"].dropna().astype(int)) == {0, 1}
     deception = pd.read_csv(analysis / "deception_rates.csv")
-    assert set(deception["question_id"]) == {"lie_tiny"} and len(deception) == 5  # the base model, 2 runs × 2 steps
+    assert set(deception["question_id"]) == {"lie_tiny"} and len(deception) == 3  # the base model, 2 runs' final step
+    assert (deception["n"] == 2).all()  # the entry's 2 paraphrases
     refusal = pd.read_csv(analysis / "refusal_rates.csv")
-    assert len(refusal) == 5 and (refusal["n"] == 2).all()  # 2 requests (questions_per_set) × 1 sample
+    assert len(refusal) == 3 and (refusal["n"] == 1).all()  # 1 request (questions_per_set) × 1 sample
     mc = pd.read_csv(analysis / "mc_accuracy.csv")
     assert set(zip(mc["benchmark"], mc["metric"])) == {("truthfulqa", "mc1"), ("truthfulqa", "mc2"), ("mmlu", "mmlu")}
     for name in ("em_seeds", "controls"):
@@ -85,5 +87,7 @@ def test_the_report_states_each_new_measure_with_n_and_interval(controls_run: tu
         assert measure in note, measure
     assert "n=" in note and "2 seeds" in note and "bootstrap CI" in note
     assert re.search(r"\d+% \[\d+%, \d+%\] of \d+", note)  # a rate, its interval and its n
+    index = (root / "index.html").read_text()
+    assert "EM in both definitions and the controls" in index and "Refusal rate" in index
     report = (root / "analysis" / "04_analysis.html").read_text()
     assert "EM in both definitions, seeds, and the controls" in report and "Refusal rate" in report

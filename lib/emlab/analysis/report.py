@@ -209,6 +209,8 @@ def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Pat
     if summary.get("measures_note_html"):  # the same numbers as sentences, or why a measure is absent
         parts.append(("" if measures else "<h2>Judge-free probe and task rate</h2>")
                      + f"<details><summary>in words</summary>{summary['measures_note_html']}</details>")
+    if summary.get("controls_note_html"):  # EM in both definitions, deception, refusal, multiple choice
+        parts.append(f"<h2>EM in both definitions and the controls</h2>{summary['controls_note_html']}")
     parts += _notebook_table(records, root)
     figures = layout.figures()
     if figures:
