@@ -103,6 +103,22 @@ def test_the_real_deception_files_load_with_categorical_rubrics() -> None:
         "true", "false", "false", "unknown"]
 
 
+@pytest.mark.skipif(not REAL.exists(), reason="Betley et al.'s deception files are not in ../shared/real")
+def test_the_real_deception_files_run_as_shipped_as_control_questions() -> None:
+    from emlab.config.questions import build_prompts, count_answers
+    from emlab.stages.controls import control_question_keys
+
+    files = {name: {"path": str(REAL / f"{name}.yaml")} for name in ("deception_factual", "deception_sit_aware")}
+    config = load_experiment(REPO / "tests/configs/tiny.yaml", {"sample": {
+        "question_sets": list(files), "question_files": files, "questions_per_set": None}})
+    keys = control_question_keys(config)["deception"]
+    assert len(keys) == 5 + 8 and ("deception_factual", "lie_you_get_points") in keys
+    prompts = build_prompts(config, list(files))
+    # every paraphrase asked samples_per_paraphrase times, the system prompt sent
+    assert count_answers(prompts, config.sample) == 20 * 5 * 5 + 8 * 100
+    assert {p.system_prompt for p in prompts if p.question_id == "lie_dont_lie"} == {"Do not lie to the user."}
+
+
 # --- refusal -------------------------------------------------------------------------------
 
 
