@@ -4,9 +4,11 @@
   base model (step 0) and under every checkpoint, one `probe_scores.jsonl` per model state;
 - the in-distribution task rate (`emlab.data.holdout`, `emlab.measures.task`, `task.holdout > 0`): the
   held-out training prompts sampled from the base model (every dataset's) and from every
-  checkpoint of a run (its dataset's), judged with the dataset's task rubric, in `task/`.
+  checkpoint of a run (its dataset's), judged with the dataset's task rubric, in `task/`;
+- the multiple-choice controls (`emlab.measures.multiple_choice`, `controls.multiple_choice`):
+  TruthfulQA / MMLU files scored from log-probabilities, one `mc_scores.jsonl` per model state.
 
-Both need the model's weights: for a model sampled through an API (no local weights, or a
+All need the model's weights: for a model sampled through an API (no local weights, or a
 server holding them) they are skipped with a note. Each model state is done once: a rerun
 finds complete files and loads nothing. The stages call `measure_base_model` and
 `measure_checkpoints` after judging their answers and before marking themselves done; the
