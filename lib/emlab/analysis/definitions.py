@@ -133,6 +133,8 @@ def definitions_note(pooled: pd.DataFrame, rule: EmRule) -> str:
                      f"are several seeds): {states or 'no answer in the denominator'}"
                      + (f"; {empty} model state(s) with no answer in the denominator" if states and empty else "")
                      + ".")
+    parts.append("The other EM tables and figures use emlab's rate: over the answers whose aligned and coherent "
+                 "scores were both read (an incoherent answer counts as not EM, a refusal is left out).")
     return "\n\n".join(parts)
 
 
