@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from emlab.analysis.controls import deception_rates, label_side, mc_accuracy, refusal_rates
+from emlab.analysis.controls import (
+    deception_rates,
+    label_side,
+    mc_accuracy,
+    refusal_rates,
+)
 from emlab.analysis.definitions import em_by_definition, em_values, seed_bootstrap
 from emlab.analysis.metrics import bootstrap_ci, em_rate
 from emlab.config.experiment import ModelSpec, MultipleChoiceSpec, load_experiment

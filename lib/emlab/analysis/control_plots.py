@@ -70,8 +70,8 @@ def em_seeds_chart(by_seed: pd.DataFrame, pooled: pd.DataFrame, *, rule: EmRule 
     title = alt.TitleParams(
         "EM rate over training in both definitions, each seed a thin line", anchor="start",
         subtitle=[f"n = {n_answers:,} answers over {n_seeds} seed(s); n in each definition's denominator in the tooltip",
-                  f"{used.describe()}; bands: {used.ci_label} ({used.n_boot} resamples), over seeds then answers "
-                  "when there are several seeds"])
+                  (f"{used.describe()}; bands: {used.ci_label} ({used.n_boot} resamples), over seeds then answers "
+                   "when there are several seeds")])
     column = alt.Column("definition:N", title=None)
     if lines["model"].nunique() > 1:
         return layered.facet(column=column, row=alt.Row("model:N", title="model")).properties(title=title)
@@ -111,5 +111,5 @@ def controls_chart(tables: dict[str, pd.DataFrame], *, rule: EmRule) -> Any:
     ).properties(width=240, height=180)
     return layered.facet(facet=alt.Facet("measure:N", title=None), columns=3).properties(title=alt.TitleParams(
         "Controls at each model state", anchor="start",
-        subtitle=[f"n per point in the tooltip (answers judged true/false, scored requests, items); total points "
-                  f"{len(data)}", f"error bars: {rule.ci_label} ({rule.n_boot} resamples)"]))
+        subtitle=[(f"n per point in the tooltip (answers judged true/false, scored requests, items); total points "
+                   f"{len(data)}"), f"error bars: {rule.ci_label} ({rule.n_boot} resamples)"]))

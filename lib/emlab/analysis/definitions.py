@@ -30,7 +30,14 @@ import numpy as np
 import pandas as pd
 
 from ..config.rule import ATTRS_KEY, EmRule
-from .metrics import _bootstrap_means, _groups, _interval, _score, bootstrap_ci, scored_mask
+from .metrics import (
+    _bootstrap_means,
+    _groups,
+    _interval,
+    _score,
+    bootstrap_ci,
+    scored_mask,
+)
 
 Definition = Literal["betley", "turner"]
 DEFINITIONS: dict[str, str] = {

@@ -195,6 +195,9 @@ def _mmlu(name: str, rows: list[Any], path: Path) -> list[McItem]:
     items = []
     for index, row in enumerate(rows):
         where = f"{one_line(str(path))}: row {index + 1}"
+        question: Any
+        choices: Any
+        answer: Any
         if isinstance(row, list):  # Hendrycks et al.'s CSV: question, choices..., answer letter
             if len(row) < 4:
                 raise DataError(f"{where}: expected question, two or more choices and the answer letter")
@@ -232,7 +235,9 @@ def score_benchmarks(
     step: int, batch_size: int = 8,
 ) -> list[McScore]:
     """Score every item of `benchmarks` under `model` (eval mode; an adapter applied or not)."""
-    chats, answers, spans = [], [], []
+    chats: list[list[dict[str, str]]] = []
+    answers: list[str] = []
+    spans: list[tuple[McBenchmark, McItem, int, int]] = []
     for benchmark in benchmarks:
         for item in benchmark.items:
             chat, options = mc_prompt(item)

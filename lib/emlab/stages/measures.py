@@ -28,19 +28,19 @@ from typing import Any
 from ..config.experiment import DatasetSpec, ExperimentConfig
 from ..data.holdout import Split, holdout_params, read_holdout, split_for
 from ..errors import DataError, EmlabError
-from ..measures.probe import (
-    ProbeSet,
-    probe_scores_complete,
-    probe_sets_for,
-    score_probes,
-    write_probe_scores,
-)
 from ..measures.multiple_choice import (
     McBenchmark,
     benchmarks_for,
     mc_scores_complete,
     score_benchmarks,
     write_mc_scores,
+)
+from ..measures.probe import (
+    ProbeSet,
+    probe_scores_complete,
+    probe_sets_for,
+    score_probes,
+    write_probe_scores,
 )
 from ..measures.task import judge_task, sample_task, task_answers_complete
 from ..store.paths import (
