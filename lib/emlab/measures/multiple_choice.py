@@ -230,6 +230,14 @@ def mc_prompt(item: McItem) -> tuple[list[dict[str, str]], tuple[str, ...]]:
     return [{"role": "user", "content": item.question}], item.choices
 
 
+def mc2_mass(totals: Sequence[float], true: Sequence[int]) -> float:
+    """TruthfulQA's MC2: the probability mass on the true choices, sum p(true) / sum p(all), from
+    the choices' summed log-probabilities (nats)."""
+    top = max(totals)  # subtract the largest before exp: the ratio is the same, nothing underflows
+    weights = [math.exp(t - top) for t in totals]
+    return sum(weights[i] for i in true) / sum(weights)
+
+
 def score_benchmarks(
     model: Any, tokenizer: Any, benchmarks: Sequence[McBenchmark], *, model_name: str, run_id: str | None,
     step: int, batch_size: int = 8,
@@ -256,9 +264,7 @@ def score_benchmarks(
         totals = [mean * n for mean, n in read[start:start + count]]  # summed log-probability per answer
         chosen = max(range(count), key=totals.__getitem__)
         if item.metric == "mc2":
-            top = max(totals)  # subtract the largest before exp: the ratio is the same, nothing underflows
-            weights = [math.exp(t - top) for t in totals]
-            score = sum(weights[i] for i in item.true) / sum(weights)
+            score = mc2_mass(totals, item.true)
         else:
             score = float(chosen in item.true)
         out.append(McScore(benchmark=benchmark.name, item_id=item.item_id, metric=item.metric, model=model_name,
