@@ -266,8 +266,8 @@ def test_a_bad_file_is_one_line_naming_the_file(tmp_path: Path, text: str, fmt: 
 def test_mc2_is_the_mass_on_the_true_choices_by_hand() -> None:
     from emlab.measures.multiple_choice import mc2_mass
 
-    # p ∝ e^-1, e^-2, e^-3: (0.3679 + 0.1353) / (0.3679 + 0.1353 + 0.0498) = 0.9094
-    assert mc2_mass([-1.0, -2.0, -3.0], (0, 1)) == pytest.approx(0.9094, abs=1e-4)
+    # p ∝ e^-1, e^-2, e^-3: (0.36788 + 0.13534) / (0.36788 + 0.13534 + 0.04979) = 0.50322 / 0.55301 = 0.9100
+    assert mc2_mass([-1.0, -2.0, -3.0], (0, 1)) == pytest.approx(0.9100, abs=1e-4)
     assert mc2_mass([-900.0, -901.0], (1,)) == pytest.approx(1 / (1 + math.e))  # no underflow at long answers
 
 
