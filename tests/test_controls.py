@@ -355,3 +355,5 @@ def test_the_figures_state_n_and_intervals_and_draw_each_seed() -> None:
     controls = str(controls_chart({"refusal_rates": refusal}, rule=RULE).to_dict())
     assert "refusal rate" in controls and "error bars: 95% bootstrap CI" in controls
     assert controls_chart({}, rule=RULE) is None
+    unscored = refusal.assign(refusal_rate=float("nan"), ci_low=float("nan"), ci_high=float("nan"))
+    assert controls_chart({"refusal_rates": unscored}, rule=RULE) is None

@@ -98,6 +98,9 @@ def controls_chart(tables: dict[str, pd.DataFrame], *, rule: EmRule) -> Any:
         return None
     keep = ["model", "dataset", "run_id", "step", "measure", "value", "ci_low", "ci_high", "n"]
     data = pd.concat([f[keep] for f in frames], ignore_index=True)
+    data = data[data["value"].notna()]
+    if data.empty:  # nothing scored (a judge that read no verdict): the note says so, no empty figure
+        return None
     data["line"] = data["run_id"].astype(object).fillna(BASELINE).astype(str)
     data["step"] = data["step"].astype(int)
     x = _step_axis(data)
