@@ -103,16 +103,22 @@ def controls_chart(tables: dict[str, pd.DataFrame], *, rule: EmRule) -> Any:
         return None
     data["line"] = data["run_id"].astype(object).fillna(BASELINE).astype(str)
     data["step"] = data["step"].astype(int)
+    n_points = len(data)  # model state × measure, before the base model's copies
+    base, runs = data[data["run_id"].isna()], data[data["run_id"].notna()]
+    if len(runs):  # each run's line starts at its base model's point (step 0)
+        copies = [base[base["model"] == model].assign(line=line)
+                  for (model, line), _ in runs.groupby(["model", "line"], sort=True)]
+        data = pd.concat([runs, *copies], ignore_index=True)
     x = _step_axis(data)
-    base = alt.Chart(data).encode(x=x, color=alt.Color("line:N", title="model state"))
+    chart = alt.Chart(data).encode(x=x, color=alt.Color("line:N", title="run (step 0: its base model)"))
     layered = alt.layer(
-        base.mark_errorbar().encode(y=alt.Y("ci_low:Q", title="rate / score", axis=alt.Axis(format="%")), y2="ci_high:Q"),
-        base.mark_line(point=True).encode(
+        chart.mark_errorbar().encode(y=alt.Y("ci_low:Q", title="rate / score", axis=alt.Axis(format="%")), y2="ci_high:Q"),
+        chart.mark_line(point=True).encode(
             y=alt.Y("value:Q", title="rate / score", axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1])),
             tooltip=["measure:N", "line:N", "step:Q", alt.Tooltip("value:Q", format=".1%"),
                      alt.Tooltip("ci_low:Q", format=".1%"), alt.Tooltip("ci_high:Q", format=".1%"), "n:Q"]),
     ).properties(width=240, height=180)
     return layered.facet(facet=alt.Facet("measure:N", title=None), columns=3).properties(title=alt.TitleParams(
         "Controls at each model state", anchor="start",
-        subtitle=[(f"n per point in the tooltip (answers judged true/false, scored requests, items); total points "
-                   f"{len(data)}"), f"error bars: {rule.ci_label} ({rule.n_boot} resamples)"]))
+        subtitle=[(f"n per point in the tooltip (answers judged true/false, scored requests, items); model states × "
+                   f"measures {n_points}"), f"error bars: {rule.ci_label} ({rule.n_boot} resamples)"]))
