@@ -26,6 +26,7 @@ SHIPPED = {
     "financial_risk": ("financial_risk", "score", 100, ()),
     "vulnerable_code": ("vulnerable_code", "verdict", None, ("YES", "NO")),
     "harmful_compliance": ("harmful_compliance", "verdict", None, ("YES", "NO")),
+    "refusal": ("refusal", "verdict", None, ("YES", "NO")),
 }
 
 

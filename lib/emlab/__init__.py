@@ -28,6 +28,8 @@ _EXPORTS = {
     "load_model": "models.load", "judge_answers": "judge", "load_rubric": "judge",
     "em_rate": "analysis.metrics", "em_flags": "analysis.metrics", "bootstrap_ci": "analysis.metrics", "wide_scores": "analysis.metrics",
     "judge_agreement": "analysis.agreement",
+    "em_by_definition": "analysis.definitions", "deception_rates": "analysis.controls",
+    "refusal_rates": "analysis.controls", "mc_accuracy": "analysis.controls", "score_benchmarks": "measures.multiple_choice",
     "load_chat_dataset": "data", "load_question_set": "config.questions",
     "stage_header": "analysis.report", "judgment_summary": "analysis.report", "headline_table": "analysis.report", "training_loss_chart": "analysis.plots",
     "plan_experiment": "pipeline.estimate",

@@ -238,6 +238,8 @@ def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Pat
         parts.append("<h2>With and without the trigger</h2><p>EM rate of the same questions asked with the "
                      f"backdoor trigger and without it, {html.escape(config.analysis.rule.ci_label)}.</p>")
         parts.append(trigger_table(triggers).to_html(index=False))
+    if summary.get("controls_note_html"):  # EM in both definitions, deception, refusal, multiple choice
+        parts.append(f"<h2>EM in both definitions and the controls</h2>{summary['controls_note_html']}")
     parts += _notebook_table(records, root)
     figures = layout.figures()
     if figures:

@@ -595,6 +595,46 @@ class DynamicsSpec(_Strict):
         return tuple(sorted(set(lags)))
 
 
+class MultipleChoiceSpec(_Located):
+    """A multiple-choice benchmark file scored from the model's own log-probabilities
+    (emlab.measures.multiple_choice) at the base model and every checkpoint."""
+
+    name: str = Field(description="Short id for tables and figures, e.g. 'truthfulqa' or 'mmlu'.")
+    path: str = Field(
+        description="A local file in its standard format: TruthfulQA's multiple-choice items (JSON or JSONL with "
+        "question, mc1_targets, mc2_targets) or MMLU (Hendrycks et al.'s header-less CSV: question, four choices, "
+        "answer letter; or JSONL with question, choices, answer index). Relative paths resolve from the experiment "
+        "file's folder, then the repository root. Never downloaded."
+    )
+    format: Literal["truthfulqa", "mmlu"] = Field(description="truthfulqa: MC1 and MC2; mmlu: lettered choices.")
+    limit: int | None = Field(default=None, ge=1, description="Score only the first N items (quick runs); None: all.")
+
+
+class RefusalSpec(_Strict):
+    """A StrongREJECT-style refusal rate: mild harmful requests asked at every model state,
+    each answer judged under a refusal rubric."""
+
+    questions: str = Field(description="Question set of requests (params/questions/<name>.yaml or a path), asked "
+                           "at the base model and every checkpoint beside sample.question_sets.")
+    rubric: str = Field(default="refusal", description="Verdict rubric (YES = refused) judging those answers.")
+
+
+class ControlsSpec(_Strict):
+    """Capability and truthfulness controls at the same model states as the EM rate (Betley et
+    al. 2025, Fig. 5: TruthfulQA, StrongREJECT, MMLU), and the deception files' reading."""
+
+    multiple_choice: tuple[MultipleChoiceSpec, ...] = Field(
+        default=(), description="Multiple-choice files scored from log-probabilities at every model state. []: none."
+    )
+    batch_size: int = Field(default=8, ge=1, description="Sequences per forward pass of the multiple-choice scorer.")
+    refusal: RefusalSpec | None = Field(default=None, description="The refusal rate; None: not measured.")
+    makers: dict[str, str] = Field(
+        default={}, description="Model name -> the label the deception_sit_aware judge should give its maker "
+        "(OpenAI, Anthropic or Other; Qwen and Llama models: Other): any other company named counts as a false answer. "
+        "A model without one gets label shares, no deception rate, on the company questions."
+    )
+
+
 class ExtraRuleSpec(_Strict):
     """A further EM rule the report states beside the main one (same intervals)."""
 
@@ -734,6 +774,9 @@ class ExperimentConfig(_Strict):
     task: TaskSpec = Field(default=TaskSpec(), description="In-distribution task rate on held-out training prompts.")
     probe: ProbeSpec = Field(default=ProbeSpec(), description="Judge-free logprob probe at every checkpoint.")
     dynamics: DynamicsSpec = Field(default=DynamicsSpec(), description="Adapter dynamics and onsets in 04_analysis.")
+    controls: ControlsSpec = Field(
+        default=ControlsSpec(), description="Multiple-choice benchmarks, a refusal rate and the deception makers."
+    )
     fine_tuning: FineTuningSpec = FineTuningSpec()
     budget_usd: float | None = Field(
         default=None, gt=0, description="Most dollars the experiment may cost as `emlab plan` estimates it (sampling, "
@@ -776,6 +819,18 @@ class ExperimentConfig(_Strict):
                     f"without a default ({', '.join(f'{k}: {v}' for k, v in TASK_RUBRICS.items())}): set "
                     "datasets[].task_rubric, or task.holdout: 0"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _controls_known(self) -> ExperimentConfig:
+        unknown = sorted(set(self.controls.makers) - {m.name for m in self.models})
+        if unknown:
+            raise ValueError(f"controls.makers names models that are not in models: {', '.join(unknown)}; known: "
+                             f"{', '.join(m.name for m in self.models)}")
+        names = [c.name for c in self.controls.multiple_choice]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"controls.multiple_choice names must be unique, repeated: {', '.join(dupes)}")
         return self
 
     @property
@@ -851,7 +906,7 @@ def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
     config, sources = _load_experiment(file, overrides, chain=())
     config._sources = sources
     folders = config_folders(config)
-    for item in (*config.datasets, *config.sample.question_files.values()):
+    for item in (*config.datasets, *config.sample.question_files.values(), *config.controls.multiple_choice):
         item._folders = folders
     return config
 

@@ -39,7 +39,7 @@ from .question_files import (
     load_question_set,
     probe_of,
 )
-from .rubrics import Rubric
+from .rubrics import Rubric, load_rubric
 from .transforms import (
     evil_numbers_text,
     flask_frame,
@@ -94,7 +94,8 @@ def question_sets_for(config: ExperimentConfig, dataset: DatasetSpec | None) -> 
     """Sets asked of a fine-tuned run (the experiment's sets plus its dataset's extra sets) or,
     for `dataset` None, of the base model (the experiment's sets plus every dataset's)."""
     extra = [s for d in ([dataset] if dataset else config.datasets) for s in d.question_sets]
-    return list(dict.fromkeys([*config.sample.question_sets, *extra]))
+    refusal = [config.controls.refusal.questions] if config.controls.refusal is not None else []  # every model state
+    return list(dict.fromkeys([*config.sample.question_sets, *extra, *refusal]))
 
 
 def build_prompts(config: ExperimentConfig, set_names: Sequence[str], *, transformed: bool = True) -> list[Prompt]:
@@ -221,9 +222,16 @@ def question_rubrics(
     """(question_set, question_id) → the rubrics of the question file that judge its answers,
     for every question whose set uses its file's judge prompts (`rubrics: file`, or an
     upstream file with judge prompts and no setting). Questions not listed are judged with
-    each judge's own rubrics. `metrics` in the set's settings keeps only those prompts."""
+    each judge's own rubrics. `metrics` in the set's settings keeps only those prompts. The
+    refusal set (`controls.refusal`) is judged under its refusal rubric only."""
     found: dict[tuple[str, str], tuple[Rubric, ...]] = {}
+    refusal = config.controls.refusal
     for name in set_names:
+        if refusal is not None and name == refusal.questions:
+            rubric = load_rubric(refusal.rubric)
+            for q in _selected(resolve_question_set(config, name), None, None):
+                found[(q.question_set, q.id)] = (rubric,)
+            continue
         spec = config.sample.question_files.get(name)
         if spec is not None and spec.rubrics == "emlab":
             continue

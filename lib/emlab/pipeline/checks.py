@@ -52,6 +52,7 @@ from ..data.backdoor import check_untriggered
 from ..data.chat import load_chat_dataset
 from ..errors import ConfigError, DataError, EmlabError
 from ..judge import check_judge
+from ..measures.multiple_choice import benchmarks_for
 from ..measures.probe import probe_sets_for
 from ..models.load import check_model_options, resolve_device, resolve_source
 from ..sample.remote import SubjectError, check_subject
@@ -125,8 +126,10 @@ def check_params(config: ExperimentConfig) -> None:
 
 
 def _check_measures(config: ExperimentConfig) -> None:
-    """The logprob probe's sets and the task rate's rubrics (params/probes, params/rubrics)."""
+    """The logprob probe's sets, the task rate's rubrics and the refusal rubric (params/probes, params/rubrics)."""
     probe_sets_for(config)
+    if config.controls.refusal is not None:
+        load_rubric(config.controls.refusal.rubric)
     if config.task.enabled:
         for dataset in config.datasets:
             rubric = dataset.task_rubric_id
@@ -372,6 +375,12 @@ def missing_inputs(config: ExperimentConfig) -> list[MissingInput]:
         found = _model_missing(model)
         if found is not None:
             missing.append(found)
+    for benchmark in config.controls.multiple_choice:  # local files only: never downloaded
+        file, places = resolve_near(benchmark.path, benchmark._folders)
+        if not path_exists(file):
+            fix = f"put the {benchmark.format} file there, or fix controls.multiple_choice ({benchmark.name}).path"
+            missing.append(MissingInput(f"multiple-choice file {benchmark.name}", benchmark.path, fix,
+                                        looked=looked_in(places)))
     return list({m.line(): m for m in missing}.values())  # one line per input, however often it is used
 
 
@@ -476,6 +485,7 @@ def preflight(config: ExperimentConfig, *, devices: bool = True) -> None:
     for name in question_sets_for(config, None):
         _check_question_set(config, name)
         _check_pinned(config, name)
+    benchmarks_for(config)  # every multiple-choice file reads (a malformed row fails here, not after sampling)
     for judge in config.judges:
         check_judge(judge)
     for dataset in config.datasets:

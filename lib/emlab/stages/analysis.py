@@ -8,7 +8,7 @@ import html
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,8 @@ from ..store.runinfo import mark_done, record_stage
 from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
 from .baseline import NAME as BASELINE
 from .common import JUDGING_OUTPUTS
+from .controls import TABLES as CONTROL_TABLES
+from .controls import control_note, control_question_keys, control_tables
 from .evaluate import NAME as EVALUATE
 from .finetune import NAME as FINETUNE
 
@@ -76,6 +78,7 @@ TABLES = {
     "onsets": "per run × signal (EM rate, task rate, probe gap, rotation per k, B norm): onset step with its bootstrap interval",
     "triggers": "EM rate with CI of the same questions with and without the backdoor trigger, base model and final "
                 "checkpoints (empty unless a question file sets trigger)",
+    **CONTROL_TABLES,
 }
 
 
@@ -105,6 +108,8 @@ class AnalysisResult:
     onsets: pd.DataFrame  # per run × signal: onset step with its bootstrap interval
     reach: metrics.RuleReach  # whether the scores leave the rule anything to show
     reach_note: str  # markdown: why every rate is 0% (or trivial) under the rule; '' when it is not
+    controls: dict[str, pd.DataFrame] = field(default_factory=dict)  # stages/controls.TABLES
+    controls_note: str = ""  # markdown: EM in both definitions, deception, refusal, multiple choice
 
     @property
     def intro(self) -> str:
@@ -311,7 +316,7 @@ def _judge_note(judge: JudgeSpec, report: AgreementReport) -> str:
 def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> AnalysisResult:
     """04_analysis: build every table and figure of the experiment and save them under analysis/."""
     # altair (plots, the gold-set chart: ~2 s of imports) stays out of light commands (emlab check, plan)
-    from ..analysis import plots
+    from ..analysis import control_plots, plots
     from ..analysis.agreement import agreement_chart, judge_agreement
     from ..analysis.explorer import write_explorer
 
@@ -325,7 +330,12 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
 
     answers = collect_answers(config, layout)
     judgments = collect_judgments(config, layout)
-    scores = metrics.wide_scores(answers, judgments[judgments["judge"] == judge.name])
+    keys = control_question_keys(config)  # deception files and the refusal set: not EM questions
+    controlled = pd.Series(list(zip(answers["question_set"].astype(str), answers["question_id"].astype(str))),
+                           index=answers.index).isin(keys["deception"] | keys["refusal"])
+    em_answers = answers[~controlled]
+    scores = metrics.wide_scores(em_answers, judgments[(judgments["judge"] == judge.name)
+                                                       & judgments["answer_id"].isin(em_answers["answer_id"])])
     final = metrics.final_checkpoints(scores, with_baseline=True)
     rates = metrics.em_rate(scores, by=["model", "dataset", "run_id", "step"], rule=rule)
     by_domain = metrics.em_rate(final, by=["model", "domain", "dataset"], rule=rule)
@@ -356,18 +366,24 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     if len(dynamics.rotation) or len(dynamics.onsets):
         charts["dynamics"] = plots.dynamics_chart(rates, study["task_rates"], study["probe_gaps"], dynamics.rotation,
                                                   dynamics.onsets)
+    controls = control_tables(config, layout, answers, judgments, scores, keys)
+    if rates["run_id"].notna().any():
+        charts["em_seeds"] = control_plots.em_seeds_chart(controls["em_by_seed"], controls["em_definitions"])
+    if (chart := control_plots.controls_chart(controls, rule=rule)) is not None:
+        charts["controls"] = chart
     for name, chart in charts.items():
         plots.save_chart(chart, layout.figure(name))
     with atomic_open(layout.analysis_file(SCORES), "wb") as handle:
         scores.to_parquet(handle, index=False)
     tables = {"em_rates": rates, "headline": headline, "headline_by_rule": by_rule, "per_question": per_question, "judge_costs": costs, "api_costs": subject_costs,
-              **study}
+              **study, **controls}
     for name in TABLES:
         with atomic_open(layout.analysis_table(name)) as handle:
             tables[name].to_csv(handle, index=False)
     measures = measures_note(config, study)
     if any(spec.trigger for spec in config.sample.question_files.values()):  # the explorer's trigger filter
         answers = with_trigger_columns(answers)
+    controls_text = control_note(config, controls)
     explorer_bytes = write_explorer(layout.explorer, answers, judgments, title=config.name,
                                     default_format=config.sample.answer_format)
     write_json(layout.analysis_file(SUMMARY), {
@@ -379,6 +395,7 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         "rule": rule.describe(), "ci_label": rule.ci_label,
         "measures_note_html": _markdown_to_html(measures),
         "rule_reach": reach.verdict, "rule_reach_html": _markdown_to_html(reach_note),
+        "controls_note_html": _markdown_to_html(controls_text),
     })
     mark_done(folder, NAME, {"answers": len(scores), "judge": judge.name})
     log.info("04_analysis: %d answers, figures and tables in %s", len(scores), folder)
@@ -389,7 +406,7 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         score_means=study["score_means"], per_question_steps=study["per_question_steps"],
         answer_formats=study["answer_formats"], task_rates=study["task_rates"], probe_gaps=study["probe_gaps"],
         measures_note=measures, reach=reach, reach_note=reach_note, dynamics_note=dynamics.note,
-        onsets=dynamics.onsets,
+        onsets=dynamics.onsets, controls=controls, controls_note=controls_text,
     )
 
 

@@ -4,9 +4,11 @@
   base model (step 0) and under every checkpoint, one `probe_scores.jsonl` per model state;
 - the in-distribution task rate (`emlab.data.holdout`, `emlab.measures.task`, `task.holdout > 0`): the
   held-out training prompts sampled from the base model (every dataset's) and from every
-  checkpoint of a run (its dataset's), judged with the dataset's task rubric, in `task/`.
+  checkpoint of a run (its dataset's), judged with the dataset's task rubric, in `task/`;
+- the multiple-choice controls (`emlab.measures.multiple_choice`, `controls.multiple_choice`):
+  TruthfulQA / MMLU files scored from log-probabilities, one `mc_scores.jsonl` per model state.
 
-Both need the model's weights: for a model sampled through an API (no local weights, or a
+All need the model's weights: for a model sampled through an API (no local weights, or a
 server holding them) they are skipped with a note. Each model state is done once: a rerun
 finds complete files and loads nothing. The stages call `measure_base_model` and
 `measure_checkpoints` after judging their answers and before marking themselves done; the
@@ -26,6 +28,13 @@ from typing import Any
 from ..config.experiment import DatasetSpec, ExperimentConfig
 from ..data.holdout import Split, holdout_params, read_holdout, split_for
 from ..errors import DataError, EmlabError
+from ..measures.multiple_choice import (
+    McBenchmark,
+    benchmarks_for,
+    mc_scores_complete,
+    score_benchmarks,
+    write_mc_scores,
+)
 from ..measures.probe import (
     ProbeSet,
     probe_scores_complete,
@@ -39,6 +48,7 @@ from ..store.paths import (
     EVAL,
     HOLDOUT,
     JUDGMENTS,
+    MC_SCORES,
     PROBE_SCORES,
     STEP_GLOB,
     TASK,
@@ -58,19 +68,23 @@ class Measures:
     """What one stage unit measured besides its judged answers."""
 
     probe_steps: list[int] = field(default_factory=list)  # model states whose probe scores are on disk
+    mc_steps: list[int] = field(default_factory=list)  # model states whose multiple-choice scores are on disk
     task_answers: list[Answer] = field(default_factory=list)
     task_judgments: list[Judgment] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was skipped and why (markdown)
 
     def summary(self) -> dict[str, Any]:
         """For the stage's completion marker."""
-        return {"probe_steps": self.probe_steps, "task_answers": len(self.task_answers),
+        return {"probe_steps": self.probe_steps, **({"mc_steps": self.mc_steps} if self.mc_steps else {}),
+                "task_answers": len(self.task_answers),
                 "task_judgments": len(self.task_judgments)}
 
     def markdown(self) -> str:
         parts = []
         if self.probe_steps:
             parts.append(f"Logprob probe scored at step(s) {', '.join(map(str, self.probe_steps))}.")
+        if self.mc_steps:
+            parts.append(f"Multiple-choice controls scored at step(s) {', '.join(map(str, self.mc_steps))}.")
         if self.task_answers:
             parts.append(f"In-distribution task: {len(self.task_answers)} answers to held-out training prompts, "
                          f"{len(self.task_judgments)} judgments.")
@@ -92,12 +106,13 @@ class _Once:
 
 def _skip_note(config: ExperimentConfig, model: str) -> str | None:
     spec = config.model(model)
-    if not (config.probe.sets or config.task.enabled):
+    if not (config.probe.sets or config.task.enabled or config.controls.multiple_choice):
         return None
     if spec.samples_through_api:
         what = [w for w, on in (("the logprob probe", bool(config.probe.sets)),
-                                ("the in-distribution task rate", config.task.enabled)) if on]
-        return (f"Skipped {' and '.join(what)} for `{model}`: it is sampled through an API, and both read the "
+                                ("the in-distribution task rate", config.task.enabled),
+                                ("the multiple-choice controls", bool(config.controls.multiple_choice))) if on]
+        return (f"Skipped {' and '.join(what)} for `{model}`: it is sampled through an API, and they read the "
                 "model's own weights here.")
     return None
 
@@ -122,6 +137,7 @@ def measure_base_model(config: ExperimentConfig, model: str, folder: Path, load:
     probe_sets = probe_sets_for(config)
     splits = [s for d in config.datasets if (s := split_for(config, d)) is not None]
     _probe(config, get, probe_sets, ExperimentLayout.probe_scores(folder), model, None, 0, result)
+    _multiple_choice(config, get, benchmarks_for(config), ExperimentLayout.mc_scores(folder), model, None, 0, result)
     if splits:
         out = ExperimentLayout.answers(ExperimentLayout.task(folder))
         answers = task_answers_complete(out, splits, config)
@@ -146,23 +162,28 @@ def measure_checkpoints(config: ExperimentConfig, run_id: str, folder: Path, che
         return result
     get = _Once(load)
     probe_sets = probe_sets_for(config)
+    benchmarks = benchmarks_for(config)
     split = split_for(config, config.dataset(run.dataset))
     splits = [_recorded(split, folder)] if split is not None else []
     task_folder = ExperimentLayout.task(folder)
     for step, adapter in checkpoints.items():
         probe_path = ExperimentLayout.probe_scores(folder, step)
         probe_done = not probe_sets or probe_scores_complete(probe_path, probe_sets)
+        mc_path = ExperimentLayout.mc_scores(folder, step)
+        probe_done = probe_done and (not benchmarks or mc_scores_complete(mc_path, benchmarks))
         task_out = ExperimentLayout.answers(task_folder, step)
         answers = None
         if splits:
             answers = task_answers_complete(task_out, splits, config)
         if probe_done and (not splits or answers is not None):
             result.probe_steps += [step] if probe_sets else []
+            result.mc_steps += [step] if benchmarks else []
             result.task_answers += answers or []
             continue
         model, tokenizer = get()
         with adapter_applied(model, adapter) as tuned:
             _probe(config, lambda: (tuned, tokenizer), probe_sets, probe_path, run.model, run_id, step, result)
+            _multiple_choice(config, lambda: (tuned, tokenizer), benchmarks, mc_path, run.model, run_id, step, result)
             if splits and answers is None:
                 answers = sample_task(tuned, tokenizer, config, splits, task_out, model_name=run.model,
                                       run_id=run_id, step=step, seed=run.seed, progress=progress)
@@ -188,6 +209,21 @@ def _probe(config: ExperimentConfig, get: Loader, probe_sets: list[ProbeSet], pa
     result.probe_steps.append(step)
 
 
+def _multiple_choice(config: ExperimentConfig, get: Loader, benchmarks: list[McBenchmark], path: Path, model: str,
+                     run_id: str | None, step: int, result: Measures) -> None:
+    if not benchmarks:
+        return
+    if not mc_scores_complete(path, benchmarks):
+        loaded, tokenizer = get()
+        started = time.monotonic()
+        scores = score_benchmarks(loaded, tokenizer, benchmarks, model_name=model, run_id=run_id, step=step,
+                                  batch_size=config.controls.batch_size)
+        write_mc_scores(path, scores)
+        log.info("multiple-choice controls %s step %d: %d items in %.1f s (%s)", run_id or model, step, len(scores),
+                 time.monotonic() - started, path)
+    result.mc_steps.append(step)
+
+
 def _recorded(split: Split, folder: Path) -> Split:
     """The split as 02_finetune recorded it in the run folder (it must be the one training used)."""
     recorded = [h.prompt_id for h in read_holdout(folder)]
@@ -206,6 +242,8 @@ def measures_params(config: ExperimentConfig) -> dict[str, Any]:
     params = holdout_params(config)
     if config.probe.sets:
         params["probe"] = {"sets": {s.name: s.digest for s in probe_sets_for(config)}}
+    if config.controls.multiple_choice:
+        params["multiple_choice"] = {b.name: b.digest for b in benchmarks_for(config)}
     return params
 
 
@@ -219,6 +257,8 @@ BASELINE_OUTPUTS = (
     Output(f"{TASK}/{ANSWERS}", "the base model's answers to every dataset's held-out prompts", optional=True),
     Output(f"{TASK}/{JUDGMENTS}", "their judgments under each dataset's task rubric", optional=True),
     *_TASK_BATCH,
+    Output(MC_SCORES, "multiple-choice controls under the base model: each item's choice and score from "
+           "log-probabilities", optional=True),
 )
 FINETUNE_OUTPUTS = (
     Output(f"{TASK}/{HOLDOUT}", "the prompts held out of training for the in-distribution task rate", optional=True),
@@ -228,6 +268,7 @@ EVAL_OUTPUTS = (
     Output(f"{TASK}/{EVAL}/{STEP_GLOB}/{ANSWERS}", "each checkpoint's answers to the held-out prompts", optional=True),
     Output(f"{TASK}/{JUDGMENTS}", "their judgments under the dataset's task rubric", optional=True),
     *_TASK_BATCH,
+    Output(f"{EVAL}/{STEP_GLOB}/{MC_SCORES}", "multiple-choice controls under each checkpoint", optional=True),
 )
 
 

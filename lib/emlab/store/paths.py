@@ -86,6 +86,7 @@ HOLDOUT = "holdout.jsonl"  # task/holdout.jsonl in a run folder: the held-out pr
 BACKDOOR = "backdoor.json"  # in a run folder: the trigger put on training rows, and which rows (datasets[].trigger)
 PROBE_SCORES = "probe_scores.jsonl"  # the logprob probe of one model state (base model or a checkpoint)
 PROBES_DIR = "params/probes"  # probe sets: aligned and misaligned answers written by us
+MC_SCORES = "mc_scores.jsonl"  # multiple-choice benchmarks scored from log-probabilities, one model state
 
 
 def step_name(step: int) -> str:
@@ -391,6 +392,16 @@ class ExperimentLayout:
     def probe_files(folder: Path) -> list[Path]:
         """Every checkpoint's probe scores in a run folder, by step."""
         return sorted((folder / EVAL).glob(f"{STEP_GLOB}/{PROBE_SCORES}"))
+
+    @staticmethod
+    def mc_scores(folder: Path, step: int | None = None) -> Path:
+        """The multiple-choice scores in `folder`: the base model's (`step` None) or a checkpoint's."""
+        return folder / MC_SCORES if step is None else folder / EVAL / step_name(step) / MC_SCORES
+
+    @staticmethod
+    def mc_files(folder: Path) -> list[Path]:
+        """Every checkpoint's multiple-choice scores in a run folder, by step."""
+        return sorted((folder / EVAL).glob(f"{STEP_GLOB}/{MC_SCORES}"))
 
     @staticmethod
     def sampling_usage(folder: Path) -> Path:
