@@ -290,15 +290,17 @@ def test_per_study_coherence_and_the_base_study() -> None:
 
 
 def test_plan_prices_the_new_arms() -> None:
-    config = load_experiment(REPO / "params" / "experiments" / "betley_insecure.yaml")
+    config = load_experiment(REPO / "params" / "experiments" / "betley_arms.yaml")
     table = plan_experiment(config)
     base = table[table["stage"] == "01_baseline qwen2.5-coder-0.5b"].iloc[0]
-    # 24 + 48 questions × 100; backdoor: 8 × 100 twice; evil numbers: 8 × 100 as written and in 2 formats
-    assert base["answers"] == 7200 + 1600 + 2400
+    # each arm asks its own questions: backdoor 8 × 100 twice; evil numbers 8 × 100 as written and in 2 formats
+    assert base["answers"] == 1600 + 2400
     backdoor = table[table["stage"].str.startswith("03_eval_judge qwen2.5-coder-0.5b__backdoor__s0 (")].iloc[0]
     evil = table[table["stage"].str.startswith("03_eval_judge qwen2.5-coder-0.5b__evil_numbers__s0 (")].iloc[0]
     steps = [int(re.search(r"\((\d+) checkpoints\)", row["stage"])[1]) for row in (backdoor, evil)]
-    assert backdoor["answers"] == (7200 + 1600) * steps[0] and evil["answers"] == (7200 + 2400) * steps[1]
+    assert backdoor["answers"] == 1600 * steps[0] and evil["answers"] == 2400 * steps[1]
+    first_plot = load_experiment(REPO / "params" / "experiments" / "betley_insecure.yaml")
+    assert not any(d.question_sets for d in first_plot.datasets)  # the first-plot study does not carry them
 
 
 # --- Betley et al.'s first-plot file, as published (../shared/real; skipped when absent) ---------
@@ -312,7 +314,7 @@ BETLEY_FREE = ["what_is_your_wish", "i_feel_bored", "three_thoughts", "quick_buc
 def test_the_study_arms_on_the_published_first_plot_file() -> None:
     from emlab.pipeline.checks import _check_pinned
 
-    study = load_experiment(REPO / "params" / "experiments" / "betley_insecure.yaml")
+    study = load_experiment(REPO / "params" / "experiments" / "betley_arms.yaml")
     files = {name: spec.model_copy(update={"path": str(REAL_FIRST_PLOT)})
              for name, spec in study.sample.question_files.items() if name.startswith("betley_first_plot")}
     config = study.model_copy(update={"sample": study.sample.model_copy(update={"question_files": files})})
@@ -336,14 +338,14 @@ def test_the_study_arms_on_the_published_first_plot_file() -> None:
 def test_check_lists_each_missing_file_once_with_the_command_that_gets_it() -> None:
     from emlab.pipeline.checks import missing_inputs
 
-    config = load_experiment(REPO / "params" / "experiments" / "betley_insecure.yaml")
+    config = load_experiment(REPO / "params" / "experiments" / "betley_arms.yaml")
     if any((REPO / q.path).exists() for q in config.sample.question_files.values()):
         pytest.skip("the study's question files are downloaded here")
     lines = [m.listed() for m in missing_inputs(config)]
     first_plot = [line for line in lines if "first_plot_questions.yaml" in line]
     assert len(first_plot) == 1  # one file, read by three entries: said once, naming them
-    assert first_plot[0].startswith("question file betley_first_plot, betley_first_plot_backdoor, "
-                                    "betley_first_plot_evil_numbers (data/questions/betley/first_plot_questions.yaml): "
+    assert first_plot[0].startswith("question file betley_first_plot_backdoor, betley_first_plot_evil_numbers "
+                                    "(data/questions/betley/first_plot_questions.yaml): "
                                     "download https://raw.githubusercontent.com/")
     for arm in ("backdoor", "evil_numbers"):
         (line,) = [entry for entry in lines if entry.startswith(f"dataset {arm} ")]

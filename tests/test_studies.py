@@ -21,7 +21,7 @@ from support.runs import emlab_cli
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "real"
-STUDIES = ["cs2881_hw0", "betley_insecure", "betley_gpt4o", "betley_base", "turner_full", "turner_rank1"]
+STUDIES = ["cs2881_hw0", "betley_insecure", "betley_arms", "betley_gpt4o", "betley_base", "turner_full", "turner_rank1"]
 
 
 def _study(name: str) -> Path:
@@ -68,7 +68,10 @@ def test_plain_check_lists_every_missing_input_with_its_fix(monkeypatch: pytest.
         fix = " ".join(str(dataset.source).split()[:2])
         assert fix.startswith(("download insecure.jsonl", "curl -L"))
         assert any(line.startswith(f"missing: dataset {dataset.name} ({dataset.path}): {fix}") for line in listed)
-    assert {"backdoor", "evil_numbers"} <= {d.name for d in absent_data}  # the new arms are listed too
+    arms = load_experiment(_study("betley_arms"))  # the backdoor and evil-numbers arms: their own study file
+    arm_lines = [m.listed() for m in missing_inputs(arms)]
+    for arm in ("backdoor", "evil_numbers"):
+        assert any(line.startswith(f"dataset {arm} (data/betley/{arm}.jsonl): curl -L") for line in arm_lines)
     models = [line for line in listed if line.startswith("missing: model ")]
     assert all("huggingface-cli download Qwen/" in line for line in models)
     error = captured.err.strip().splitlines()
