@@ -14,7 +14,7 @@ applied beside them.
   checkpoint replay for the next).
 - **Or merged into a copy, where a copy is cheap.** On a small model the side path's extra
   products are a large share of a short step (1B on an H200, 400 answers: ~24,000 tokens/s
-  through the side path against ~27,000 merged). When the projections take little memory
+  through the side path against ~27,800 merged, `bench/results/gpu_speed_2026-12-03_h200_session2.md`). When the projections take little memory
   (`merge_fits`), a checkpoint's LoRA is merged into one separate copy, `W + s·B·A` rounded
   once, refilled in place for every checkpoint; the base stays untouched and is read again
   when the adapter goes off.
