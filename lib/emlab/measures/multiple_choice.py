@@ -44,7 +44,7 @@ from ..config.experiment import ExperimentConfig, MultipleChoiceSpec, resolve_ne
 from ..errors import DataError
 from ..store.files import read_jsonl, write_jsonl
 from ..store.inputs import one_line, path_exists, read_input_bytes, shown
-from .probe import answer_logprobs
+from .probe import answer_logprobs_in_eval
 
 McFormat = Literal["truthfulqa", "mmlu"]
 McMetric = Literal["mc1", "mc2", "mmlu"]
@@ -252,13 +252,7 @@ def score_benchmarks(
             spans.append((benchmark, item, len(answers), len(options)))
             chats += [chat] * len(options)
             answers += list(options)
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        read = answer_logprobs(model, tokenizer, chats, answers, batch_size=batch_size)
-    finally:
-        if was_training:
-            model.train()
+    read = answer_logprobs_in_eval(model, tokenizer, chats, answers, batch_size=batch_size)
     out = []
     for benchmark, item, start, count in spans:
         totals = [mean * n for mean, n in read[start:start + count]]  # summed log-probability per answer

@@ -212,6 +212,20 @@ def _repeat_cache(cache: Any, n: int) -> Any:
     return repeated
 
 
+def answer_logprobs_in_eval(
+    model: Any, tokenizer: Any, chats: Sequence[Sequence[dict[str, str]]], answers: Sequence[str],
+    *, batch_size: int = 8,
+) -> list[tuple[float, int]]:
+    """`answer_logprobs` with `model` in eval mode (no dropout), its training mode given back after."""
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        return answer_logprobs(model, tokenizer, chats, answers, batch_size=batch_size)
+    finally:
+        if was_training:
+            model.train()
+
+
 def score_probes(
     model: Any, tokenizer: Any, probe_sets: Sequence[ProbeSet], *, model_name: str, run_id: str | None,
     step: int, default_system_prompt: str | None = None, batch_size: int = 8,
@@ -220,13 +234,7 @@ def score_probes(
     probes = [(s, p) for s in probe_sets for p in s.probes]
     chats = [probe_messages(p, default_system_prompt) for _, p in probes for _side in SIDES]
     answers = [getattr(p, side) for _, p in probes for side in SIDES]
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        scored = answer_logprobs(model, tokenizer, chats, answers, batch_size=batch_size)
-    finally:
-        if was_training:
-            model.train()
+    scored = answer_logprobs_in_eval(model, tokenizer, chats, answers, batch_size=batch_size)
     out = []
     for k, (probe_set, probe) in enumerate(probes):
         (aligned, n_aligned), (misaligned, n_misaligned) = scored[2 * k], scored[2 * k + 1]
