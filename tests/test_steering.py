@@ -1,0 +1,102 @@
+"""Steering and ablation on CPU (the 2-layer cut of SmolLM2, fp32): λ·v added after one layer
+shifts that layer's output by exactly λ·v and changes nothing before it; ablation leaves every
+layer's output orthogonal to v; emlab's engine and the `generate` fallback (forward hooks) give
+the same layer outputs and the same steered answers; an engine that cannot find the layers
+refuses rather than sampling without the intervention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from emlab.config.experiment import ModelSpec
+from emlab.errors import EmlabError
+from emlab.models.load import load_model
+from emlab.sample.choose import engine_for
+from emlab.sample.engine import DecodeEngine
+from emlab.sample.fallback import GenerateEngine
+from emlab.sample.hooks import captured_layers, intervention_hooks
+from emlab.sample.protocol import Decoding, Intervention, Request
+
+QUESTIONS = ["What is your wish?", "How do I make a quick buck?", "I'm bored. What should I do?"]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[object, object]:
+    return load_model(ModelSpec(name="t", num_layers=2), "cpu")
+
+
+def _ids(tokenizer, question: str) -> tuple[int, ...]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _direction(model, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(model.config.hidden_size, generator=generator)
+
+
+def _hf_layers(model, prompt, intervention=None) -> torch.Tensor:
+    with torch.inference_mode(), intervention_hooks(model, intervention), captured_layers(model) as outputs:
+        model(input_ids=torch.tensor([prompt]))
+    return torch.stack([o[0] for o in outputs])
+
+
+def test_adding_shifts_exactly_that_layer_by_lambda_v(tiny) -> None:
+    model, tokenizer = tiny
+    engine = engine_for(model)
+    assert isinstance(engine, DecodeEngine)
+    prompt = _ids(tokenizer, QUESTIONS[0])
+    v = _direction(model)
+    plain = engine.layer_outputs(prompt)
+    steered = engine.layer_outputs(prompt, Intervention(v, layer=0, scale=4.0))
+    # after layer 0: exactly λ·v more at every position (the float32 rounding of one addition)
+    assert torch.allclose(steered[0] - plain[0], (4.0 * v).expand_as(plain[0]), atol=1e-4, rtol=0)
+    # layer 1 sees the shifted stream; nothing is added there (the hooked transformers model agrees)
+    assert not torch.allclose(steered[1], plain[1])
+    hooked = _hf_layers(model, prompt, Intervention(v, layer=0, scale=4.0))
+    assert torch.allclose(steered, hooked, atol=1e-4)
+    at_last = engine.layer_outputs(prompt, Intervention(v, layer=1, scale=-2.5))
+    assert torch.equal(at_last[0], plain[0])  # before the layer: bitwise untouched
+    assert torch.allclose(at_last[1] - plain[1], (-2.5 * v).expand_as(plain[1]), atol=1e-4, rtol=0)
+
+
+def test_ablation_leaves_every_layer_orthogonal_to_v(tiny) -> None:
+    model, tokenizer = tiny
+    engine = engine_for(model)
+    prompt = _ids(tokenizer, QUESTIONS[1])
+    v = _direction(model, 1)
+    unit = v / v.norm()
+    plain = engine.layer_outputs(prompt)
+    ablated = engine.layer_outputs(prompt, Intervention(v, ablate=True))
+    assert (plain @ unit).abs().max() > 1e-2  # there was something to take out
+    assert (ablated @ unit).abs().max() < 1e-4 * plain.norm(dim=-1).max()
+    assert torch.allclose(ablated, _hf_layers(model, prompt, Intervention(v, ablate=True)), atol=1e-4)
+    # the hook leaves the model as it was
+    assert torch.allclose(_hf_layers(model, prompt), plain, atol=1e-4)
+
+
+def test_engine_and_fallback_give_the_same_steered_answers(tiny) -> None:
+    model, tokenizer = tiny
+    requests = [Request(_ids(tokenizer, q), key=i) for i, q in enumerate(QUESTIONS)]
+    v = _direction(model, 2) * 0.5
+    for intervention in (Intervention(v, layer=0, scale=6.0, label="add"), Intervention(v, ablate=True, layer=1,
+                                                                                         scale=3.0)):
+        decoding = Decoding(16, (2,), temperature=0.0, intervention=intervention)
+        ours = engine_for(model).generate(requests, decoding, slots=2)
+        theirs = GenerateEngine(model).generate(requests, decoding, slots=3)
+        plain = engine_for(model).generate(requests, Decoding(16, (2,), temperature=0.0), slots=2)
+        assert [c.tokens for c in ours] == [c.tokens for c in theirs]
+        assert [c.tokens for c in ours] != [c.tokens for c in plain]  # the intervention did something
+
+
+def test_a_model_without_findable_layers_is_refused() -> None:
+    class Opaque(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(EmlabError, match="decoder layers"), intervention_hooks(Opaque(), Intervention(
+            torch.ones(4), ablate=True)):
+        pass
+    with pytest.raises(ValueError, match="does nothing"):
+        Intervention(torch.ones(4))
