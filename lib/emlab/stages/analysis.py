@@ -45,6 +45,7 @@ from .base import ANALYSIS_UNIT, Input, Output, Stage, Workload
 from .baseline import NAME as BASELINE
 from .common import JUDGING_OUTPUTS
 from .evaluate import NAME as EVALUATE
+from .steering import STEERING_TABLES, steering_report
 
 if TYPE_CHECKING:
     from ..analysis.agreement import AgreementReport
@@ -339,6 +340,8 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     }
     study = study_tables(config, layout, scores, rates)
     charts |= study_charts(study, rates)
+    steering_tables, steering_charts = steering_report(config, layout)  # direction: and steering: blocks
+    charts |= steering_charts
     for name, chart in charts.items():
         plots.save_chart(chart, layout.figure(name))
     with atomic_open(layout.analysis_file(SCORES), "wb") as handle:
@@ -348,6 +351,9 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     for name in TABLES:
         with atomic_open(layout.analysis_table(name)) as handle:
             tables[name].to_csv(handle, index=False)
+    for name, table in steering_tables.items():
+        with atomic_open(layout.analysis_table(name)) as handle:
+            table.to_csv(handle, index=False)
     measures = measures_note(config, study)
     explorer_bytes = write_explorer(layout.explorer, answers, judgments, title=config.name,
                                     default_format=config.sample.answer_format)
@@ -507,6 +513,7 @@ ANALYSIS = Stage(
     writes=(
         Output(SCORES, "one row per answer: grid keys, scores and statuses of the analysis judge"),
         *(Output(f"{name}{TABLE_SUFFIX}", what) for name, what in TABLES.items()),
+        *(Output(f"{name}{TABLE_SUFFIX}", what, optional=True) for name, what in STEERING_TABLES.items()),
         Output(GOLD_JUDGMENTS, "the judge's judgments of the gold set"),
         *(output for output in JUDGING_OUTPUTS if output.optional),  # the gold set in batch mode
         Output(SUMMARY, "judge verdict, cost and rule, for the index page"),
