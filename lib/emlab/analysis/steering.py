@@ -74,14 +74,20 @@ def steering_chart(table: pd.DataFrame) -> alt.VConcatChart:
                             table["kind"] == "ablate", " (" + table["direction"] + ")", ""))
     n, n_scored = int(data["n"].sum()), int(data["n_scored"].sum())
     runs = data["run_id"].nunique()
-    swept = data[data["kind"] == "add"]
+    plain = data[data["kind"] == "plain"]
+    # λ = 0 (plain sampling) starts each target's lines: drawn once per direction swept
+    starts = [plain.assign(direction=d, series=plain["target"] + " · " + d)
+              for d in data.loc[data["kind"] == "add", "direction"].unique()]
+    swept = pd.concat([data[data["kind"] == "add"], *starts], ignore_index=True)
     apart = data[data["kind"] != "add"]
+    top = max(0.05, float(data["ci_high"].max()) if data["ci_high"].notna().any() else 0.05)
     rows = []
     for value, low, high, title, fmt in (("em_rate", "ci_low", "ci_high", "EM rate", ".0%"),
                                          ("coherent_mean", "coherent_ci_low", "coherent_ci_high",
                                           "mean coherence (0–100)", ".1f")):
         axis = alt.Axis(format="%") if fmt == ".0%" else alt.Axis()
-        y = alt.Y(f"{value}:Q", title=title, axis=axis)
+        scale = alt.Scale(domain=[0, top]) if fmt == ".0%" else alt.Scale(domain=[0, 100])
+        y = alt.Y(f"{value}:Q", title=title, axis=axis, scale=scale)
         tooltip = [alt.Tooltip("run_id:N"), alt.Tooltip("label:N", title="setting"), alt.Tooltip("scale:Q", title="λ"),
                    alt.Tooltip(f"{value}:Q", format=fmt), alt.Tooltip(f"{low}:Q", format=fmt, title="CI low"),
                    alt.Tooltip(f"{high}:Q", format=fmt, title="CI high"), alt.Tooltip("n_scored:Q", title="n scored")]
@@ -90,13 +96,13 @@ def steering_chart(table: pd.DataFrame) -> alt.VConcatChart:
         line = alt.Chart(swept).encode(x=alt.X("scale:Q", title="λ (multiples of the EM direction v)"),
                                        color=color, detail="run_id:N")
         left = alt.layer(
-            line.mark_errorbar().encode(y=alt.Y(f"{low}:Q", title=title, axis=axis), y2=f"{high}:Q"),
+            line.mark_errorbar().encode(y=alt.Y(f"{low}:Q", title=title, axis=axis, scale=scale), y2=f"{high}:Q"),
             line.mark_line().encode(y=y, strokeDash=dash),
             line.mark_point(filled=True).encode(y=y, tooltip=tooltip),
         ).properties(width=300, height=200)
-        point = alt.Chart(apart).encode(x=alt.X("setting:N", title="no λ"), color=color)
+        point = alt.Chart(apart).encode(x=alt.X("setting:N", title="plain and ablated"), color=color)
         right = alt.layer(
-            point.mark_errorbar().encode(y=alt.Y(f"{low}:Q", title=title, axis=axis), y2=f"{high}:Q"),
+            point.mark_errorbar().encode(y=alt.Y(f"{low}:Q", title=title, axis=axis, scale=scale), y2=f"{high}:Q"),
             point.mark_point(filled=True, size=60, shape="diamond").encode(y=y, tooltip=tooltip),
         ).properties(width=120, height=200)
         rows.append(alt.hconcat(left, right).resolve_scale(y="shared"))

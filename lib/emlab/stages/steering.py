@@ -359,7 +359,8 @@ def steering_report(config: ExperimentConfig, layout: ExperimentLayout) -> tuple
         answers = pd.concat(frames, ignore_index=True).drop_duplicates("answer_id", keep="last")
         judged = pd.DataFrame(judgments)
         judged = judged[judged["judge"] == config.primary_judge.name]
-        scores = metrics.wide_scores(answers, judged)
+        keys = ["answer_id", "label", "target", "direction", "kind", "scale"]
+        scores = metrics.wide_scores(answers, judged).merge(answers[keys], on="answer_id", how="left")
         tables["steering"] = steering_table(scores, config.analysis.rule)
         charts["steering"] = steering_chart(tables["steering"])
     return tables, charts
