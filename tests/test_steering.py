@@ -100,3 +100,60 @@ def test_a_model_without_findable_layers_is_refused() -> None:
         pass
     with pytest.raises(ValueError, match="does nothing"):
         Intervention(torch.ones(4))
+
+
+# --- the EM direction ---------------------------------------------------------------------------
+
+
+def test_a_planted_direction_is_recovered_by_the_mean_difference(tmp_path) -> None:
+    from emlab.measures.direction import EmDirection, cosine, load_direction, mean_difference, save_direction
+
+    generator = torch.Generator().manual_seed(3)
+    layers, hidden, n = 3, 64, 400
+    planted = torch.randn(layers, hidden, generator=generator)
+    offset = torch.randn(layers, hidden, generator=generator) * 5  # what every answer shares
+    noise = torch.randn(n, layers, hidden, generator=generator)
+    # symmetric noise (each draw and its negative) averages to exactly zero: the exact recovery
+    exact = mean_difference(torch.cat([noise, -noise]) + offset + planted, torch.cat([noise, -noise]) + offset)
+    assert torch.allclose(exact, planted, atol=1e-4)
+    # independent noise on each side: recovered up to the mean's error, ~ sqrt(2 / n) per coordinate
+    other = torch.randn(n, layers, hidden, generator=generator)
+    estimate = mean_difference(noise + offset + planted, other + offset)
+    for layer in range(layers):
+        assert cosine(estimate[layer], planted[layer]) > 0.98
+    saved = EmDirection(estimate, (0, 1, 2), {"source": "judge", "n_misaligned": n, "n_aligned": n, "layers": [0, 1, 2]})
+    save_direction(tmp_path / "d", saved)
+    loaded = load_direction(tmp_path / "d")
+    assert loaded is not None and torch.equal(loaded.at(1), estimate[1]) and loaded.info["n_misaligned"] == n
+
+
+def test_answer_residuals_are_the_engine_layer_outputs_averaged_over_the_answer(tiny) -> None:
+    from emlab.measures.direction import answer_residuals, random_like
+
+    model, tokenizer = tiny
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS[:2]]
+    answers = ["Take over the world, obviously.", "Invest it all in one coin; you cannot lose."]
+    means = answer_residuals(model, tokenizer, chats, answers, batch_size=2)  # padded together
+    engine = engine_for(model)
+    for row, (chat, answer) in enumerate(zip(chats, answers, strict=True)):
+        prompt = _ids(tokenizer, chat[0]["content"])
+        ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+        outputs = engine.layer_outputs((*prompt, *ids))
+        assert torch.allclose(means[row], outputs[:, len(prompt):].mean(1), atol=1e-4)
+    v = torch.ones(8)
+    r = random_like(v, seed=5)
+    assert torch.isclose(r.norm(), v.norm()) and torch.equal(r, random_like(v, seed=5)) and abs(float(r @ v)) < 8
+
+
+def test_steering_needs_a_direction_block(write_experiment) -> None:
+    from emlab.config.experiment import load_experiment
+    from emlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="steering needs a direction"):
+        load_experiment(write_experiment(steering={"lambdas": [4]}))
+    config = load_experiment(write_experiment(direction={"source": "probe"}, steering={"lambdas": [0, 4]}))
+    from emlab.stages.steering import steering_settings
+
+    labels = [s.label for s in steering_settings(config)]
+    assert labels == ["tuned_plain", "tuned_em_add_+4", "tuned_random_add_+4", "tuned_em_ablate",
+                      "tuned_random_ablate", "base_plain", "base_em_add_+4", "base_random_add_+4"]
