@@ -157,3 +157,34 @@ def test_steering_needs_a_direction_block(write_experiment) -> None:
     labels = [s.label for s in steering_settings(config)]
     assert labels == ["tuned_plain", "tuned_em_add_+4", "tuned_random_add_+4", "tuned_em_ablate",
                       "tuned_random_ablate", "base_plain", "base_em_add_+4", "base_random_add_+4"]
+
+
+def test_the_fallback_steers_a_tuned_model_as_the_engine_does(tiny, tmp_path) -> None:
+    """Through `sample_answers` with an adapter: emlab's engine (adapter beside the weights)
+    and the `generate` fallback (peft model, forward hooks) write the same steered answers."""
+    from emlab.config.experiment import LoraSpec, SampleSpec
+    from emlab.config.questions import Prompt
+    from emlab.sample.generate import adapter_applied, sample_answers
+    from emlab.train.lora import lora_config
+    from peft import get_peft_model
+
+    model, tokenizer = tiny
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, lora_config(LoraSpec(r=4, alpha=8)))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.unload()
+    prompts = [Prompt("general", f"q{i}", q, ({"role": "user", "content": q},)) for i, q in enumerate(QUESTIONS)]
+    intervention = Intervention(_direction(model, 4), layer=1, scale=3.0, ablate=True)
+    texts = {}
+    for engine in ("auto", "transformers"):
+        sample = SampleSpec(samples_per_question=2, max_new_tokens=10, temperature=0.0, batch_size=3, engine=engine)
+        with adapter_applied(model, tmp_path / "adapter") as tuned:
+            answers = sample_answers(tuned, tokenizer, prompts, sample, model_name="t", run_id="r", step=1, seed=0,
+                                     out_path=tmp_path / f"{engine}.jsonl", progress=False, intervention=intervention,
+                                     id_tag="steer")
+        texts[engine] = [a.answer for a in answers]
+    assert texts["auto"] == texts["transformers"]
