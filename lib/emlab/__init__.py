@@ -31,6 +31,9 @@ _EXPORTS = {
     "load_chat_dataset": "data", "load_question_set": "config.questions",
     "stage_header": "analysis.report", "judgment_summary": "analysis.report", "headline_table": "analysis.report", "training_loss_chart": "analysis.plots",
     "plan_experiment": "pipeline.estimate",
+    # the EM direction, steering and ablation
+    "Intervention": "sample.protocol", "load_direction": "measures.direction", "direction_between": "measures.direction",
+    "answer_residuals": "measures.direction",
 }
 
 __all__ = sorted(_EXPORTS)
