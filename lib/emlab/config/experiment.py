@@ -538,6 +538,9 @@ class SteeringSpec(_Strict):
         default=True, description="Also add λ·v to the base model (the adapter off): does the direction induce EM?",
     )
     samples_per_question: int = Field(default=10, ge=1, description="Answers per question and setting.")
+    wave_size: int | None = Field(
+        default=None, ge=1, description="Answers per resumable wave of a setting; None: sample.wave_size.",
+    )
 
 
 class ExtraRuleSpec(_Strict):

@@ -37,7 +37,7 @@ from .common import (
 )
 from .finetune import NAME as FINETUNE
 from .measures import EVAL_OUTPUTS, measure_checkpoints, measures_params, task_workloads
-from .steering import STEERING_OUTPUTS, steer_run, steering_params, steering_workloads
+from .steering import STEERING_OUTPUTS, steer_run, steering_signature, steering_workloads
 from .remote import (
     SAMPLING_OUTPUT,
     checkpoint_count,
@@ -57,7 +57,16 @@ def eval_params(config: ExperimentConfig, run_id: str) -> dict[str, Any]:
     checkpoints = checkpoint_steps(config, run_id)
     return {"sample": config.sample.model_dump(mode="json"),
             "question_sets": question_sets_for(config, config.dataset(run.dataset)), "checkpoints": sorted(checkpoints),
-            **measures_params(config), **steering_params(config)}
+            **measures_params(config)}
+
+
+def eval_completion(config: ExperimentConfig) -> list[list[str]]:
+    """What 03's completion marker must record: the judges, and the direction and steering
+    blocks when set (so adding them to a finished experiment runs just their work; they
+    guard their own params, `steering.guard_params`)."""
+    signature = judges_signature(config)
+    steering = steering_signature(config)
+    return signature if steering is None else [*signature, steering]
 
 
 def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) -> SampledAndJudged:
@@ -101,7 +110,7 @@ def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) ->
     steering = steer_run(config, run_id, folder, checkpoints, prompts, answers, judgments, load, progress=progress)
     mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments),
                              "steps": checkpoint_steps(config, run_id), **usage_of(folder),
-                             **measures.summary(), **steering.summary(), "completion": judges_signature(config)})
+                             **measures.summary(), **steering.summary(), "completion": eval_completion(config)})
     log.info("03_eval_judge %s: %d answers over %d checkpoints, %d judgments in %s",
              run_id, len(answers), len(checkpoint_steps(config, run_id)), len(judgments), folder)
     return SampledAndJudged(folder, answers, judgments)
@@ -151,6 +160,6 @@ EVALUATE = Stage(
     writes=(Output(f"{EVAL}/{STEP_GLOB}/{ANSWERS}", "each checkpoint's answers"), SAMPLING_OUTPUT, *JUDGING_OUTPUTS,
             *EVAL_OUTPUTS, *STEERING_OUTPUTS),
     needs=lambda config, run_id: [(FINETUNE, run_id)],
-    completion=judges_signature,
+    completion=eval_completion,
     workload=_workloads,
 )

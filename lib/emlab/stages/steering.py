@@ -20,6 +20,7 @@ an answer twice (`sample_answers` appends whole waves; the judge resumes from it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from ..store.paths import (
     ANSWERS,
     DIRECTION,
     DIRECTION_INFO,
+    DIRECTION_PARAMS,
     DIRECTION_VECTORS,
     JUDGMENTS,
     STEERING,
@@ -103,6 +105,34 @@ def steering_params(config: ExperimentConfig) -> dict[str, Any]:
     if config.steering is not None:
         out["steering"] = config.steering.model_dump(mode="json")
     return out
+
+
+def steering_signature(config: ExperimentConfig) -> list[str] | None:
+    """The direction and steering blocks in 03's completion marker (None when off)."""
+    params = steering_params(config)
+    if not params:
+        return None
+    blob = json.dumps(params, sort_keys=True).encode()
+    return ["direction+steering", hashlib.sha256(blob).hexdigest()[:12]]
+
+
+def guard_params(config: ExperimentConfig, folder: Path) -> None:
+    """Record the direction and steering blocks in `direction/params.json`; refuse (ConfigError
+    naming what changed) when they ran in this run folder under others. 03's own params guard
+    leaves them out, so the blocks can be added to a finished experiment."""
+    from ..errors import ConfigError
+    from ..store.runinfo import params_diff
+
+    path = folder / DIRECTION / DIRECTION_PARAMS
+    params = json.loads(json.dumps(steering_params(config)))
+    previous = read_json_or_none(path)
+    if previous is not None and previous != params:
+        changes = params_diff(previous, params)
+        raise ConfigError(f"{folder}: direction or steering params changed since they ran here "
+                          f"({'; '.join(changes[:5])}); use a new experiment name, or delete {folder / DIRECTION} and "
+                          f"{folder / STEERING}")
+    if previous is None:
+        write_json(path, params)
 
 
 def _chat(answer: Answer, messages: dict[tuple[str, str, str], tuple[dict[str, str], ...]]) -> list[dict[str, str]]:
@@ -202,6 +232,7 @@ def steer_run(config: ExperimentConfig, run_id: str, folder: Path, checkpoints: 
             value = load()
         return value
 
+    guard_params(config, folder)
     final = max(checkpoints)
     steps = [final] if config.direction.checkpoints == "final" else sorted(checkpoints)
     directions = {}
@@ -240,7 +271,8 @@ def steer_run(config: ExperimentConfig, run_id: str, folder: Path, checkpoints: 
     if read_json_or_none(steer_folder / STEERING_SETTINGS) != manifest:
         write_json(steer_folder / STEERING_SETTINGS, manifest)
     asked = [replace(p, samples=spec.samples_per_question) for p in prompts]
-    sample = config.sample.model_copy(update={"samples_per_question": spec.samples_per_question})
+    sample = config.sample.model_copy(update={"samples_per_question": spec.samples_per_question,
+                                              "wave_size": spec.wave_size or config.sample.wave_size})
     expected = count_answers(asked, sample)
     run = config.run(run_id)
     for setting in settings:
@@ -290,6 +322,8 @@ def steering_workloads(config: ExperimentConfig, label: str, prompts: Sequence[P
 
 
 STEERING_OUTPUTS = (
+    Output(f"{DIRECTION}/{DIRECTION_PARAMS}", "the direction and steering blocks they ran under (their guard)",
+           optional=True),
     Output(f"{DIRECTION}/{STEP_GLOB}/{DIRECTION_VECTORS}", "the EM direction at a checkpoint: one float32 vector per "
            "layer kept (mean residual stream of misaligned minus aligned answers)", optional=True),
     Output(f"{DIRECTION}/{STEP_GLOB}/{DIRECTION_INFO}", "its provenance: source, checkpoint, layers, n and ids on "

@@ -86,6 +86,7 @@ PROBE_SCORES = "probe_scores.jsonl"  # the logprob probe of one model state (bas
 DIRECTION = "direction"  # direction/step-NNNNNN/ in a run folder: the EM direction at one checkpoint
 DIRECTION_VECTORS = "direction.safetensors"  # one vector per layer kept, float32
 DIRECTION_INFO = "direction.json"  # its provenance: answers, n each side, layers, checkpoint, source
+DIRECTION_PARAMS = "params.json"  # direction/params.json: the direction and steering blocks they ran under
 STEERING = "steering"  # steering/ in a run folder: answers sampled with the direction added or ablated
 STEERING_SETTINGS = "settings.json"  # steering/settings.json: what each setting's folder holds
 PROBES_DIR = "params/probes"  # probe sets: aligned and misaligned answers written by us
