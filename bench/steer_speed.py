@@ -40,7 +40,15 @@ from emlab.sample.protocol import Intervention
 from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_speed import SHAPES, VOCAB, build_model, reference_prompts, stop_ids, sync, versions  # noqa: E402
+from gpu_speed import (
+    SHAPES,
+    VOCAB,
+    build_model,
+    reference_prompts,
+    stop_ids,
+    sync,
+    versions,
+)
 
 MODES = ("plain", "steer", "ablate")
 

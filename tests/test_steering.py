@@ -106,7 +106,13 @@ def test_a_model_without_findable_layers_is_refused() -> None:
 
 
 def test_a_planted_direction_is_recovered_by_the_mean_difference(tmp_path) -> None:
-    from emlab.measures.direction import EmDirection, cosine, load_direction, mean_difference, save_direction
+    from emlab.measures.direction import (
+        EmDirection,
+        cosine,
+        load_direction,
+        mean_difference,
+        save_direction,
+    )
 
     generator = torch.Generator().manual_seed(3)
     layers, hidden, n = 3, 64, 400

@@ -41,7 +41,9 @@ def cosine_table(directions: Sequence[tuple[str, Any]], layer: int | None) -> pd
     """Cosine similarity of every pair of directions (label, `measures.direction.EmDirection`)
     at `layer` (None: each direction's middle layer of the model), long form: a, b, layer,
     cosine, n_a, n_b (n: answers or probes on each side, the smaller)."""
-    from ..measures.direction import cosine  # torch: the analysis imports it only with directions
+    from ..measures.direction import (
+        cosine,  # torch: the analysis imports it only with directions
+    )
 
     rows = []
     for a, da in directions:
@@ -106,14 +108,14 @@ def steering_chart(table: pd.DataFrame) -> alt.VConcatChart:
             point.mark_point(filled=True, size=60, shape="diamond").encode(y=y, tooltip=tooltip),
         ).properties(width=120, height=200)
         rows.append(alt.hconcat(left, right).resolve_scale(y="shared"))
-    subtitle = [f"n = {n} answers ({n_scored} scored) over {len(data)} settings of {runs} run(s); "
-                f"{rule.describe()}; bars: {rule.ci_label}",
+    subtitle = [(f"n = {n} answers ({n_scored} scored) over {len(data)} settings of {runs} run(s); "
+                 f"{rule.describe()}; bars: {rule.ci_label}"),
                 "random: a random direction of v's norm (seeded); ablate: v projected out after every layer"]
     return alt.vconcat(*rows).properties(title=alt.TitleParams("Steering with the EM direction", subtitle=subtitle,
                                                                anchor="start"))
 
 
-def cosine_chart(table: pd.DataFrame) -> alt.LayerChart:
+def cosine_chart(table: pd.DataFrame) -> alt.LayerChart | alt.FacetChart:
     """The cosine similarity matrix of the EM directions (runs × checkpoints), values written in."""
     if table.empty:
         raise DataError("cosine_chart: no pair of directions shares a layer")

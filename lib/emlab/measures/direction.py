@@ -68,7 +68,9 @@ def answer_residuals(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict[s
     (as `probe.answer_logprobs` reads them); right-padded batches, only answer positions averaged.
     An answer without tokens raises `DataError` (the caller leaves such answers out).
     """
-    from ..sample.hooks import captured_layers  # torch-side helpers: imported where they are used
+    from ..sample.hooks import (
+        captured_layers,  # torch-side helpers: imported where they are used
+    )
 
     if len(chats) != len(answers):
         raise ValueError(f"{len(chats)} chats but {len(answers)} answers")

@@ -55,7 +55,14 @@ from ..models.attention import (
 )
 from .draw import draw_tokens
 from .hooks import apply_intervention
-from .protocol import Completion, Decoding, Intervention, Request, step_logprobs, token_logprobs
+from .protocol import (
+    Completion,
+    Decoding,
+    Intervention,
+    Request,
+    step_logprobs,
+    token_logprobs,
+)
 from .weights import DecoderWeights, LayerWeights, LoraAdapter
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,14 @@ from ..progress import progress_bar
 from ..store.files import append_jsonl, read_jsonl
 from ..store.records import Answer, answer_id
 from .choose import engine_for, release_sampler
-from .protocol import Completion, Decoding, Engine, Intervention, Request, stop_token_ids
+from .protocol import (
+    Completion,
+    Decoding,
+    Engine,
+    Intervention,
+    Request,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 

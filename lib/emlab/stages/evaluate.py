@@ -37,7 +37,6 @@ from .common import (
 )
 from .finetune import NAME as FINETUNE
 from .measures import EVAL_OUTPUTS, measure_checkpoints, measures_params, task_workloads
-from .steering import STEERING_OUTPUTS, steer_run, steering_signature, steering_workloads
 from .remote import (
     SAMPLING_OUTPUT,
     checkpoint_count,
@@ -45,6 +44,12 @@ from .remote import (
     sample_checkpoints,
     sampling_spend,
     usage_of,
+)
+from .steering import (
+    STEERING_OUTPUTS,
+    steer_run,
+    steering_signature,
+    steering_workloads,
 )
 
 log = logging.getLogger(__name__)

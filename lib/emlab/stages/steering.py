@@ -352,7 +352,12 @@ def steering_report(config: ExperimentConfig, layout: ExperimentLayout) -> tuple
     import pandas as pd
 
     from ..analysis import metrics
-    from ..analysis.steering import cosine_chart, cosine_table, steering_chart, steering_table
+    from ..analysis.steering import (
+        cosine_chart,
+        cosine_table,
+        steering_chart,
+        steering_table,
+    )
     from ..store.files import read_jsonl
     from ..store.records import valid_text
 
@@ -360,7 +365,9 @@ def steering_report(config: ExperimentConfig, layout: ExperimentLayout) -> tuple
     charts: dict[str, Any] = {}
     if config.direction is None:
         return tables, charts
-    from ..measures.direction import load_direction  # torch: only with a direction block
+    from ..measures.direction import (
+        load_direction,  # torch: only with a direction block
+    )
 
     directions = []
     layer = None
