@@ -157,6 +157,8 @@ def test_steering_needs_a_direction_block(write_experiment) -> None:
 
     with pytest.raises(ConfigError, match="steering needs a direction"):
         load_experiment(write_experiment(steering={"lambdas": [4]}))
+    with pytest.raises(ConfigError, match="not one of direction.layers"):
+        load_experiment(write_experiment(direction={"layers": [3]}, steering={"layer": 2}))
     config = load_experiment(write_experiment(direction={"source": "probe"}, steering={"lambdas": [0, 4]}))
     from emlab.stages.steering import steering_settings
 

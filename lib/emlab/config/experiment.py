@@ -721,6 +721,10 @@ class ExperimentConfig(_Strict):
         if self.steering is not None and self.direction is None:
             raise ValueError("steering needs a direction block (the direction it adds and ablates), e.g. "
                              "direction: {source: judge}")
+        if (self.steering is not None and self.direction is not None and self.direction.layers != "all"
+                and isinstance(self.steering.layer, int) and self.steering.layer not in self.direction.layers):
+            raise ValueError(f"steering.layer {self.steering.layer} is not one of direction.layers "
+                             f"{list(self.direction.layers)}: the direction is kept only at those layers")
         if self.direction is not None and self.direction.source == "probe" and not self.probe.sets:
             raise ValueError("direction.source probe needs probe.sets (the aligned and misaligned answers it reads)")
         return self

@@ -94,7 +94,8 @@ class SteeringResult:
 
     def summary(self) -> dict[str, Any]:
         return {"direction_steps": self.direction_steps, "steering_answers": len(self.answers),
-                "steering_judgments": len(self.judgments)} if self.direction_steps or self.notes else {}
+                "steering_judgments": len(self.judgments), "steering_notes": self.notes} \
+            if self.direction_steps or self.notes else {}
 
 
 def steering_params(config: ExperimentConfig) -> dict[str, Any]:
