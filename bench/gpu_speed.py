@@ -621,6 +621,7 @@ def bench_big_sample(model: Any, shape: str, four_bit: bool, args: argparse.Name
         calls.append({"seconds": round(seconds, 3), "new_tokens": tokens, "adapter": adapter_dir is not None,
                       "tokens_s": round(tokens / seconds, 1)})
         print(f"[sample] {shape} {'nf4' if four_bit else 'bf16'} call {step}: {calls[-1]}", flush=True)
+    kv = kv_cache_facts(model)
     release_sampler(model)
     timed_calls = calls[1:]
     if not timed_calls:
@@ -634,7 +635,20 @@ def bench_big_sample(model: Any, shape: str, four_bit: bool, args: argparse.Name
             adapter_tokens_s=statistics.median(with_adapter) if with_adapter else None,
             base_tokens_s=statistics.median([c["tokens_s"] for c in timed_calls if not c["adapter"]] or [float("nan")]),
             calls=timed_calls, first_call=calls[0], baseline_tokens_s=baseline, baseline_small_batch=True,
-            ratio=round(rate / baseline, 2) if baseline else None, peak_gib=peak_gib(), **common)
+            ratio=round(rate / baseline, 2) if baseline else None, peak_gib=peak_gib(), **kv, **common)
+
+
+def kv_cache_facts(model: Any) -> dict[str, Any]:
+    """The KV cache emlab's engine holds for `model` (slots, positions, GiB): the peak-memory
+    target compares the peak with weights + this cache."""
+    from emlab.sample.choose import _ENGINES
+
+    engine = _ENGINES.get(model)
+    if engine is None or engine.cache_k is None or engine.cache_v is None:
+        return {}
+    size = sum(t.numel() * t.element_size() for t in (engine.cache_k, engine.cache_v))
+    return {"slots": int(engine.cache_k.shape[1]), "kv_positions": int(engine.cache_k.shape[2]),
+            "kv_cache_gib": round(size / 2**30, 2)}
 
 
 class StepClock:

@@ -164,6 +164,34 @@ def test_the_engine_reads_the_models_own_weights_one_copy_in_memory(tiny, prompt
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
+def test_an_adapter_merged_into_a_copy_samples_as_the_side_path_and_leaves_the_base(tiny, prompts, adapter) -> None:
+    """Where a copy is cheap (small models on a GPU) the adapter is merged into one copy of the
+    projections: the same answers as the side path, the base untouched, the copy refilled in
+    place for the next checkpoint, and the base's own answers once the adapter goes off."""
+    model, tokenizer = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = engine_for(model)
+    assert isinstance(engine, DecodeEngine) and not engine.merge_fits()  # on a CPU: the side path
+    requests = [Request(_ids(tokenizer, p), key=i) for i, p in enumerate(prompts)]
+    decoding = Decoding(12, (2,), temperature=0.0)
+    base = engine.generate(requests, decoding, slots=4)
+    engine.use_adapter(read_adapter(adapter))
+    beside = engine.generate(requests, decoding, slots=4)
+    engine.merge_adapters = True
+    engine.use_adapter(read_adapter(adapter))
+    groups = [g for layer in engine.weights.layers for g in layer.groups]
+    copies = [g.merged for g in groups if g.merged_active]
+    assert copies and not any(g.active for g in groups)  # merged, no side path
+    assert engine.generate(requests, decoding, slots=4) == beside
+    engine.use_adapter(None)
+    assert engine.generate(requests, decoding, slots=4) == base
+    engine.use_adapter(read_adapter(adapter))
+    assert all(a is b for a, b in zip([g.merged for g in groups if g.merged_active], copies, strict=True))  # refilled in place
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    engine.merge_adapters = None
+    engine.use_adapter(None)
+
+
 def test_batch_size_auto_is_the_default_and_waves_never_depend_on_memory() -> None:
     spec = SampleSpec()
     assert spec.batch_size == "auto" and spec.wave == WAVE_SIZE
@@ -180,6 +208,27 @@ def test_auto_slots_on_a_cpu_and_the_result_of_the_same_keys(tiny, prompts) -> N
     auto = engine.generate(requests, decoding)
     assert engine.state is not None and engine.state.keys.shape[0] >= min(len(requests), CPU_AUTO_SLOTS)
     assert [c.tokens for c in auto] == [c.tokens for c in engine.generate(requests, decoding, slots=7)]
+
+
+def test_a_window_bounds_how_far_ahead_requests_start_and_changes_no_answer(tiny, prompts) -> None:
+    model, tokenizer = tiny
+    engine = engine_for(model)
+    requests = [Request(_ids(tokenizer, p), key=900 + i) for i, p in enumerate(prompts)] * 10
+    decoding = Decoding(12, (2, *range(20000, 30000)))  # many stop ids: answers of many lengths
+    finished: list[int] = []
+    seen: dict[int, object] = {}
+
+    def on_done(index: int, completion: object) -> None:
+        # request i started only once every request before i − 6 had finished
+        assert all(j in seen for j in range(index - 6)), (index, sorted(set(range(index)) - set(seen)))
+        finished.append(index)
+        seen[index] = completion
+
+    windowed = engine.generate(requests, decoding, slots=4, on_done=on_done, window=6)
+    assert sorted(finished) == list(range(len(requests)))  # each answer reported once
+    assert [seen[i] for i in range(len(requests))] == windowed
+    assert windowed == engine.generate(requests, decoding, slots=4)
+    assert finished != sorted(finished)  # refill: answers finish out of order
 
 
 # --- sample_answers: waves and resume -------------------------------------------------------------

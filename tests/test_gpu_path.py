@@ -136,6 +136,39 @@ def test_packed_training_loss_and_gradients_match_padded_on_gpu(llama, tmp_path:
         peft_model.unload()
 
 
+def test_a_merged_adapter_gives_the_side_paths_logits(llama) -> None:
+    """A small model on a GPU merges a checkpoint into a copy (`merge_fits`): its logits are the
+    side path's within bfloat16 rounding, and the base comes back when the adapter goes off."""
+    from emlab.sample.engine import DecodeEngine, _Run
+    from emlab.sample.protocol import Decoding
+    from emlab.sample.weights import LoraAdapter
+
+    engine = DecodeEngine(llama)
+    assert engine.merge_fits()
+    g = torch.Generator().manual_seed(1)
+    factors = {}
+    for layer in range(3):
+        for name, (out, inp) in {"q_proj": (512, 512), "v_proj": (128, 512), "up_proj": (1536, 512),
+                                 "down_proj": (512, 1536)}.items():
+            factors[(layer, name)] = (torch.randn(8, inp, generator=g) * 0.05, torch.randn(out, 8, generator=g) * 0.05)
+    adapter = LoraAdapter(Path("random"), factors, 2.0)
+    prompts = [tuple(torch.randint(3, 4096, (n,)).tolist()) for n in (12, 40, 7)]
+    engine._reserve(3, 128)
+    engine._rope_table(128)
+
+    def logits(merge: bool | None, use: LoraAdapter | None) -> torch.Tensor:
+        engine.merge_adapters = merge
+        engine.use_adapter(use)
+        return _Run(engine, [], 3, Decoding(8, (2,), temperature=0.0), None)._prefill(prompts, [0, 1, 2])
+
+    base = logits(False, None)
+    beside = logits(False, adapter)
+    merged = logits(True, adapter)
+    assert any(grp.merged_active for layer in engine.weights.layers for grp in layer.groups)
+    assert _rel(merged, beside) < BF16 and _rel(beside, base) > 5 * BF16
+    assert torch.equal(logits(True, None), base)
+
+
 def test_sampling_is_deterministic_and_leaves_the_base_bitwise_equal(llama, tmp_path: Path) -> None:
     from emlab.sample.engine import DecodeEngine, Request
     from emlab.sample.protocol import Decoding

@@ -13,8 +13,8 @@ How it differs from calling `generate` on a padded batch:
   `generate` keeps computing every row until the longest answer ends.
 - Decoder layers read the model's own weights (`DecoderWeights`: one copy in memory, q|k|v and
   gate|up fused in place, one product each; 4-bit weights dequantized a group at a time into
-  one scratch buffer); a checkpoint's LoRA runs unmerged beside them, so the base is never
-  written.
+  one scratch buffer); a checkpoint's LoRA runs unmerged beside them, or merged into one copy
+  where a copy costs little (small models on a GPU), so the base is never written.
 - Without `slots`, the KV cache takes what free memory holds (after the weights), up to
   `AUTO_SLOTS` answers in flight; a cache that cannot hold one answer is a one-line error.
 - Tokens are drawn by inverse transform sampling with each answer's own counter-based
@@ -77,6 +77,7 @@ CPU_AUTO_SLOTS = 64  # on a CPU (no memory probe): a step's cost grows with its 
 MEMORY_MARGIN = 0.85  # of free memory the KV cache may take: the allocator's slack, other tensors
 HEADROOM_BYTES = 2 * 2**30  # kept free besides: decode graphs' working memory, a checkpoint's side path
 HEADROOM_OF_WEIGHTS = 0.02  # ... and this share of the weights (a rank-32 all-linear side path is ~1.3%)
+MERGE_SHARE = 0.1  # a merged copy of the projections at most this share of GPU memory (1B, 8B on an H200; not 32B)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -150,6 +151,7 @@ class DecodeEngine:
         hidden = self.weights.embed.shape[1]
         self._unit = torch.zeros(hidden, dtype=self.dtype, device=self.device)  # direction / |direction|
         self._added = torch.zeros(hidden, dtype=self.dtype, device=self.device)  # λ · direction
+        self.merge_adapters: bool | None = None  # None: decided by `merge_fits` at the first adapter
         probe_flash(self.device)
 
     def use_intervention(self, intervention: Intervention | None) -> None:
@@ -173,10 +175,22 @@ class DecodeEngine:
     # --- weights and memory ------------------------------------------------------------------
 
     def use_adapter(self, adapter: LoraAdapter | None) -> None:
-        """Sample with `adapter` beside the base weights (None: the base alone). Checkpoints of one
-        run share the side path's buffers, so the decode graphs recorded for one replay for all."""
-        if self.weights.load(adapter):
-            self.drop_graphs()  # they address the side path's old buffers
+        """Sample with `adapter` (None: the base alone): merged into a copy of the projections
+        where that copy is cheap (`merge_fits`), else beside the base weights. Checkpoints of one
+        run share the buffers, so the decode graphs recorded for one replay for all."""
+        if self.merge_adapters is None:
+            self.merge_adapters = self.merge_fits()
+        if self.weights.load(adapter, merge=self.merge_adapters and adapter is not None):
+            self.drop_graphs()  # they address the old buffers
+
+    def merge_fits(self) -> bool:
+        """Whether a merged copy of the projections costs little: on a GPU, at most `MERGE_SHARE`
+        of its memory and half of what is free now (on a CPU the side path: no batch win to buy)."""
+        if self.device.type != "cuda" or self.weights.four_bit:
+            return False
+        copy = self.weights.projection_bytes()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return copy <= MERGE_SHARE * total and copy <= free / 2
 
     def _reserve(self, slots: int, positions: int, *, asked: int | None = None) -> int:
         """Allocate the KV cache for `slots` rows of `positions` (kept for later calls when
@@ -307,9 +321,11 @@ class DecodeEngine:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], decoding: Decoding, *, slots: int | None = None,
-                 on_done: Callable[[int], None] | None = None) -> list[Completion]:
+                 on_done: Callable[[int, Completion], None] | None = None,
+                 window: int | None = None) -> list[Completion]:
         """`protocol.Engine.generate`: at most `slots` answers at a time (None: as many as the
-        KV cache fits in free memory, up to `AUTO_SLOTS`), a finished answer's slot refilled."""
+        KV cache fits in free memory, up to `AUTO_SLOTS`), a finished answer's slot refilled
+        with the next request that `window` lets start."""
         if not requests:
             return []
         if self.weights.stale():
@@ -322,7 +338,7 @@ class DecodeEngine:
         self._rope_table(self.cache_k.shape[2] if self.cache_k is not None else positions)
         self.use_intervention(decoding.intervention)
         try:
-            run = _Run(self, requests, slots, decoding, on_done)
+            run = _Run(self, requests, slots, decoding, on_done, max(window, slots) if window else None)
             return run.complete()
         finally:
             self.intervention = None
@@ -355,7 +371,7 @@ class _Run:
     """The state of one `generate` call: per-slot tensors on the device, their host mirror."""
 
     def __init__(self, engine: DecodeEngine, requests: Sequence[Request], slots: int, decoding: Decoding,
-                 on_done: Callable[[int], None] | None) -> None:
+                 on_done: Callable[[int, Completion], None] | None, window: int | None = None) -> None:
         self.engine = engine
         self.requests = requests
         self.max_new = max_new = decoding.max_new_tokens
@@ -375,6 +391,8 @@ class _Run:
         self.horizon = 0  # ≥ every live row's `pos` (host bound: attention never reads past it)
         self.results: list[Completion | None] = [None] * len(requests)
         self.queue = deque(range(len(requests)))
+        self.window = window  # request i waits until every request before i − window has finished
+        self.oldest = 0  # the first request not yet finished
         # logprobs per slot and token number (column max_new takes an ended row's idle writes)
         self.top_k = top_logprobs
         self.logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # chosen, top values, top ids
@@ -398,7 +416,10 @@ class _Run:
     def _admit(self, free: list[int]) -> int:
         """Start waiting requests in `free` slots; returns the number of rows to compute (the
         highest slot in use + 1)."""
-        chosen = [(slot, self.queue.popleft()) for slot in free[: len(self.queue)]]
+        startable = len(self.queue)
+        if self.window is not None and self.queue:
+            startable = max(0, min(startable, self.oldest + self.window - self.queue[0]))
+        chosen = [(slot, self.queue.popleft()) for slot in free[:startable]]
         if not chosen:
             return max((s + 1 for s, item in enumerate(self.item) if item >= 0), default=0)
         by_prompt: dict[tuple[int, ...], list[int]] = {}
@@ -552,11 +573,14 @@ class _Run:
                 if logprobs is not None:
                     chosen, values, ids = (rows[n][:count] for rows in logprobs)
                     kept_logprobs = token_logprobs(kept, chosen, values, ids)
-                self.results[self.item[slot]] = Completion(kept, bool(kept) and kept[-1] in self.stop_set,
-                                                           kept_logprobs)
+                item = self.item[slot]
+                done_item = self.results[item] = Completion(kept, bool(kept) and kept[-1] in self.stop_set,
+                                                            kept_logprobs)
                 self.item[slot] = -1
-            if self.on_done:
-                self.on_done(len(ended))
+                if self.on_done:
+                    self.on_done(item, done_item)
+            while self.oldest < len(self.results) and self.results[self.oldest] is not None:
+                self.oldest += 1
         if self.queue:
             free = [s for s in range(self.slots) if self.item[s] < 0]
             return max(active, self._admit(free))

@@ -54,9 +54,10 @@ class GenerateEngine:
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[Request], decoding: Decoding, *, slots: int | None = None,
-                 on_done: Callable[[int], None] | None = None) -> list[Completion]:
+                 on_done: Callable[[int, Completion], None] | None = None,
+                 window: int | None = None) -> list[Completion]:
         """Generate the requests in left-padded batches of `slots` (None: `AUTO_SLOTS`; see
-        `protocol.Engine`)."""
+        `protocol.Engine`; batches run in request order, so `window` never holds one back)."""
         from transformers import LogitsProcessorList
 
         slots = slots or AUTO_SLOTS
@@ -93,6 +94,6 @@ class GenerateEngine:
                 elif top_logprobs is not None:
                     logprobs = ()
                 out.append(Completion(kept, bool(len(ended)), logprobs))
-            if on_done:
-                on_done(len(part))
+                if on_done:
+                    on_done(start + row, out[-1])
         return out

@@ -1,10 +1,15 @@
 """Sample answers from a model (base, or with a LoRA adapter), in resumable waves.
 
 Items (question × sample index) are cut into waves of `sample.wave_size` items (default:
-`config.WAVE_SIZE`) in a fixed order, whatever the device: the cut never depends on memory. A wave is generated as one unit and appended to
-`answers.jsonl` when it is complete, so a crash loses at most the wave in flight and a rerun
-skips the waves already written. A wave is generated the same way every time, so a resumed
-run writes exactly the answers an uninterrupted run would have (on the same device).
+`config.WAVE_SIZE`) in a fixed order, whatever the device: the cut never depends on memory.
+The engine works through the waves back to back — a slot freed near the end of one wave
+takes an item of the next, so the batch stays full until the last wave's tail — and a wave
+is appended to `answers.jsonl`, in wave order, once all its answers are done. The engine
+starts an item only once every item one wave (or one batch, if larger) before it has
+finished, so a crash loses at most about two waves; a rerun skips the waves already written.
+Each answer's draws come from its own key, so a resumed run writes the answers an
+uninterrupted run would have, up to the rare rounding flips of another batch layout (see
+`engine.py`).
 
 A wave goes through the decode engine `choose.engine_for` picks (`protocol.Engine`):
 
@@ -137,29 +142,62 @@ def sample_answers(
     if len(todo) < len(waves):
         log.info("%s: %d of %d waves already sampled", out_path, len(waves) - len(todo), len(waves))
     if todo:
-        generate_wave = _Waves(_engine_for_sampling(model, sample), tokenizer, sample, seed,
-                               stop_token_ids(model.base if isinstance(model, AdaptedModel) else model, tokenizer),
-                               intervention)
+        generate_items = _Waves(_engine_for_sampling(model, sample), tokenizer, sample, seed,
+                                stop_token_ids(model.base if isinstance(model, AdaptedModel) else model, tokenizer),
+                                intervention)
         if intervention is not None:
             log.info("sampling %s with intervention %s", out_path, intervention.label or intervention.signature())
     with progress_bar(len(items), f"sampling step {step}", unit="answer",
                       initial=len(items) - sum(len(idx) for _, idx in todo), disable=not progress) as bar:
-        for w, idx in todo:
-            batch = [items[i] for i in idx]
-            completions = generate_wave(batch, [ids[i] for i in idx], bar.update)
-            rows = [
-                Answer(
+        if todo:
+            order = [i for _, idx in todo for i in idx]  # item numbers, wave after wave
+            writer = _WaveWriter([list(idx) for _, idx in todo], out_path, existing)
+
+            def on_done(position: int, done: Completion) -> None:
+                (prompt, sample_index), i = items[order[position]], order[position]
+                bar.update(1)
+                writer.add(position, Answer(
                     answer_id=ids[i], model=model_name, run_id=run_id, step=step,
                     question_set=prompt.question_set, question_id=prompt.question_id, question=prompt.question,
                     system_prompt=prompt.system_prompt, sample_index=sample_index,
                     answer=tokenizer.decode(done.tokens, skip_special_tokens=True).strip(),
                     new_tokens=len(done.tokens), finished=done.stopped,
-                ).to_dict()
-                for (prompt, sample_index), i, done in zip(batch, idx, completions, strict=True)
-            ]
-            append_jsonl(out_path, rows)
-            existing.update({r["answer_id"]: r for r in rows})
+                ).to_dict())
+
+            generate_items([items[i] for i in order], [ids[i] for i in order], on_done, window=size)
+            writer.check_all_written()
     return [Answer.from_dict(existing[i]) for i in ids]
+
+
+class _WaveWriter:
+    """Collects finished answers (by position in the call) and appends each wave to the answers
+    file once it is complete and every wave before it is written: the file grows wave by wave,
+    in wave order, whatever order answers finish in."""
+
+    def __init__(self, waves: list[list[int]], out_path: Path, written: dict[str, dict[str, Any]]) -> None:
+        self.out_path, self.written = out_path, written
+        self.bounds: list[tuple[int, int]] = []  # positions [start, end) of each wave in the call
+        start = 0
+        for idx in waves:
+            self.bounds.append((start, start + len(idx)))
+            start += len(idx)
+        self.rows: dict[int, dict[str, Any]] = {}
+        self.next = 0  # the next wave to write
+
+    def add(self, position: int, row: dict[str, Any]) -> None:
+        self.rows[position] = row
+        while self.next < len(self.bounds):
+            start, end = self.bounds[self.next]
+            if any(p not in self.rows for p in range(start, end)):
+                return
+            rows = [self.rows.pop(p) for p in range(start, end)]
+            append_jsonl(self.out_path, rows)
+            self.written.update({r["answer_id"]: r for r in rows})
+            self.next += 1
+
+    def check_all_written(self) -> None:
+        if self.next != len(self.bounds):
+            raise RuntimeError(f"{self.out_path}: the engine returned before every answer finished")
 
 
 def _engine_for_sampling(model: Any, sample: SampleSpec) -> Engine:
@@ -177,7 +215,7 @@ def _prompt_text(tokenizer: Any, prompt: Prompt) -> str:
 
 
 class _Waves:
-    """Generates one wave: its items as requests to the engine."""
+    """Generates items (waves back to back) as requests to the engine."""
 
     def __init__(self, engine: Engine, tokenizer: Any, sample: SampleSpec, seed: int, stop_ids: list[int],
                  intervention: Intervention | None = None) -> None:
@@ -187,7 +225,7 @@ class _Waves:
         self.prompt_ids: dict[int, tuple[int, ...]] = {}  # id(prompt) → token ids (prompts live through the call)
 
     def __call__(self, batch: list[tuple[Prompt, int]], ids: list[str],
-                 on_done: Callable[[int], None]) -> list[Completion]:
+                 on_done: Callable[[int, Completion], None], *, window: int) -> list[Completion]:
         requests = []
         for (prompt, _), answer in zip(batch, ids, strict=True):
             if id(prompt) not in self.prompt_ids:
@@ -198,4 +236,4 @@ class _Waves:
         decoding = Decoding(s.max_new_tokens, tuple(self.stop_ids), s.temperature, s.top_p,
                             intervention=self.intervention)
         return self.engine.generate(requests, decoding, slots=None if s.batch_size == "auto" else s.batch_size,
-                                    on_done=on_done)
+                                    on_done=on_done, window=window)

@@ -117,10 +117,13 @@ class Engine(Protocol):
     """A decode engine: generates answers to requests, at most `slots` at a time."""
 
     def generate(self, requests: Sequence[Request], decoding: Decoding, *, slots: int | None = None,
-                 on_done: Callable[[int], None] | None = None) -> list[Completion]:
+                 on_done: Callable[[int, Completion], None] | None = None,
+                 window: int | None = None) -> list[Completion]:
         """One completion per request, in request order, decoded as `decoding` says, at most
-        `slots` answers in flight (None: as many as memory holds). `on_done(n)` is called as
-        answers finish."""
+        `slots` answers in flight (None: as many as memory holds). `on_done(index, completion)`
+        is called as each answer finishes. Requests start in order; with `window`, request i
+        starts only once every request before i − window has finished (never narrower than
+        the batch): what a caller that saves finished work in order can lose stays bounded."""
         ...
 
 

@@ -12,6 +12,12 @@ applied beside them.
   written, so they stay bitwise the same from one checkpoint to the next. The factors live
   in buffers kept across checkpoints of the same shape (CUDA graphs recorded for one
   checkpoint replay for the next).
+- **Or merged into a copy, where a copy is cheap.** On a small model the side path's extra
+  products are a large share of a short step (1B on an H200, 400 answers: ~24,000 tokens/s
+  through the side path against ~27,000 merged). When the projections take little memory
+  (`merge_fits`), a checkpoint's LoRA is merged into one separate copy, `W + s·B·A` rounded
+  once, refilled in place for every checkpoint; the base stays untouched and is read again
+  when the adapter goes off.
 - **4-bit bases** (bitsandbytes NF4/FP4 `Linear4bit`, what `load_in_4bit` makes): each group's
   weights are dequantized into one scratch buffer shared by every layer, right before its
   product (bitsandbytes' kernel, inside the decode graph): the weights stay in 4 bits, the
@@ -181,13 +187,42 @@ class Group:
         self.lora_a: torch.Tensor | None = None  # [R, in]: the stacked A of every adapted part
         self.lora_b: torch.Tensor | None = None  # [out, R]: block-diagonal, the scale folded in
         self.active = False  # whether the side path applies (its buffers are kept when it does not)
+        self.merged: torch.Tensor | None = None  # W + s·B·A, when the adapter is merged into a copy
+        self.merged_active = False
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged_active and self.merged is not None:
+            return F.linear(x, self.merged, self.bias)
         weight = self.weight if self.weight is not None else self._dequantized()
         y = F.linear(x, weight, self.bias)
         if self.active and self.lora_a is not None and self.lora_b is not None:  # x: [tokens, in]
             y = torch.addmm(y, F.linear(x, self.lora_a), self.lora_b.t())
         return y
+
+    def merge(self, factors: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+        """Apply `factors` merged into this group's copy (None: the base alone; 4-bit groups keep
+        the side path). Returns True when the copy was made anew (graphs recorded before must go)."""
+        self.merged_active = False
+        if factors is None or self.weight is None:  # nothing adapted here, or a 4-bit group: the side path
+            return self.use(factors, self.weight_device, self.weight_dtype)
+        self.active = False
+        a, b = factors
+        weight = self.weight
+        made = self.merged is None
+        if self.merged is None:
+            self.merged = torch.empty_like(weight)
+        # in float32, one group at a time: W + (s·B)·A rounded once to the weights' precision
+        self.merged.copy_(torch.addmm(weight.float(), b.to(weight.device), a.to(weight.device)))
+        self.merged_active = True
+        return made
+
+    @property
+    def weight_device(self) -> torch.device:
+        return self.weight.device if self.weight is not None else self.parts[0].device
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.weight.dtype if self.weight is not None else self.scratch.dtype
 
     def _dequantized(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbf  # only for 4-bit bases: bitsandbytes is on GPU machines only
@@ -242,8 +277,11 @@ class Group:
         return remade
 
     @property
-    def side_path(self) -> tuple[int, ...] | None:
-        """The shape of the side path in use (None: none): part of a recorded graph's identity."""
+    def side_path(self) -> tuple[Any, ...] | None:
+        """The shape of the side path in use ("merged" for a merged copy; None: none): part of a
+        recorded graph's identity."""
+        if self.merged_active:
+            return ("merged",)
         return tuple(self.lora_a.shape) if self.active and self.lora_a is not None else None
 
 
@@ -282,6 +320,7 @@ class DecoderWeights:
         self.four_bit = any(layer.qkv.four_bit[0] for layer in self.layers)
         self.adapter: Path | None = None  # the adapter the side paths hold (None: the base alone)
         self._loaded: LoraAdapter | None = None
+        self._merged = False
         self._stamp = self._base_stamp()
 
     def parameters(self) -> list[torch.Tensor]:
@@ -321,16 +360,27 @@ class DecoderWeights:
         """Whether the model's weights were replaced or changed in place since the engine read them."""
         return self._stamp != self._base_stamp()
 
-    def load(self, adapter: LoraAdapter | None) -> bool:
-        """Apply `adapter` beside the base weights (None: the base alone). Returns True when a
-        side path's buffers were made anew (graphs recorded before must go)."""
-        if adapter is self._loaded:
+    def projection_bytes(self) -> int:
+        """Bytes of the full-precision projection weights: what a merged copy costs."""
+        return sum(g.weight.numel() * g.weight.element_size()
+                   for layer in self.layers for g in layer.groups if g.weight is not None)
+
+    def load(self, adapter: LoraAdapter | None, *, merge: bool = False) -> bool:
+        """Apply `adapter` beside the base weights, or with `merge` into a copy of them (None: the
+        base alone). Returns True when buffers were made anew (graphs recorded before must go)."""
+        if adapter is self._loaded and merge == self._merged:
             return False  # `read_adapter` gives the same object until the adapter's file changes
         remade = False
         with torch.no_grad():
             for index, layer in enumerate(self.layers):
                 for group in layer.groups:
-                    remade |= group.use(group.factors(index, adapter), self.embed.device, self.embed.dtype)
+                    factors = group.factors(index, adapter)
+                    if merge:
+                        remade |= group.merge(factors)
+                    else:
+                        group.merged_active = False
+                        remade |= group.use(factors, self.embed.device, self.embed.dtype)
+        self._merged = merge
         self._loaded = adapter
         self.adapter = adapter.folder if adapter is not None else None
         return remade
