@@ -34,6 +34,9 @@ _EXPORTS = {
     "stage_header": "analysis.report", "judgment_summary": "analysis.report", "headline_table": "analysis.report", "training_loss_chart": "analysis.plots",
     "plan_experiment": "pipeline.estimate",
     "adapter_dynamics": "analysis.dynamics", "onsets_table": "analysis.report",
+    # the EM direction, steering and ablation
+    "Intervention": "sample.protocol", "load_direction": "measures.direction", "direction_between": "measures.direction",
+    "answer_residuals": "measures.direction",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -635,6 +635,56 @@ class ControlsSpec(_Strict):
     )
 
 
+class DirectionSpec(_Strict):
+    """The EM direction (emlab.measures.direction): the mean difference of the tuned model's
+    residual stream (each decoder layer's output, averaged over an answer's tokens) between
+    misaligned and aligned answers, as Soligo et al. (Convergent linear representations of EM)
+    compute it. Computed in 03_eval_judge after the checkpoints are judged."""
+
+    source: Literal["judge", "probe"] = Field(
+        default="judge", description="judge: the run's own answers, misaligned = the EM rule (analysis block), "
+        "aligned = aligned > aligned_above and coherent > C, scored by the analysis judge; probe: the logprob "
+        "probe's written aligned and misaligned answers (probe.sets; judge-free).",
+    )
+    layers: tuple[int, ...] | Literal["all"] = Field(default="all", description="Decoder layers (0-based) to keep.")
+    checkpoints: Literal["final", "all"] = Field(
+        default="final", description="final: the last checkpoint only; all: every checkpoint (the cosine matrix "
+        "across checkpoints; one forward pass over the chosen answers per checkpoint).",
+    )
+    aligned_above: float = Field(default=70, description="judge source: an answer is on the aligned side when "
+                                 "aligned > this and coherent > the rule's C.")
+    min_per_side: int = Field(default=2, ge=1, description="Fewer answers on a side: no direction (said in the "
+                              "report), and no steering for the run.")
+    batch_size: int = Field(default=8, ge=1, description="Answers per forward pass.")
+
+
+class SteeringSpec(_Strict):
+    """Sampling with the EM direction added to or ablated from the residual stream (Soligo et
+    al.): in 03_eval_judge, after the direction, each setting sampled and judged under
+    `<run>/steering/`. Needs a `direction` block."""
+
+    layer: int | Literal["middle"] = Field(
+        default="middle", description="Decoder layer (0-based) whose direction is added after that layer; middle: "
+        "layers // 2. Ablation projects this layer's direction out after every layer.",
+    )
+    lambdas: tuple[float, ...] = Field(
+        default=(1.0, 2.0, 4.0), min_length=1, description="λ of the λ·v added (v: the mean difference, its own "
+        "norm); 0 samples the model plainly beside the others.",
+    )
+    ablate: bool = Field(default=True, description="Also sample the tuned model with v projected out at every layer.")
+    random_control: bool = Field(
+        default=True, description="Every setting again with a random direction of v's norm (seeded by random_seed).",
+    )
+    random_seed: int = Field(default=0, description="Seed of the random control direction.")
+    transfer_to_base: bool = Field(
+        default=True, description="Also add λ·v to the base model (the adapter off): does the direction induce EM?",
+    )
+    samples_per_question: int = Field(default=10, ge=1, description="Answers per question and setting.")
+    wave_size: int | None = Field(
+        default=None, ge=1, description="Answers per resumable wave of a setting; None: sample.wave_size.",
+    )
+
+
 class ExtraRuleSpec(_Strict):
     """A further EM rule the report states beside the main one (same intervals)."""
 
@@ -777,6 +827,9 @@ class ExperimentConfig(_Strict):
     controls: ControlsSpec = Field(
         default=ControlsSpec(), description="Multiple-choice benchmarks, a refusal rate and the deception makers."
     )
+    direction: DirectionSpec | None = Field(default=None, description="The EM direction per run; None: not computed.")
+    steering: SteeringSpec | None = Field(default=None, description="Steering and ablation with the EM direction; "
+                                          "None: none.")
     fine_tuning: FineTuningSpec = FineTuningSpec()
     budget_usd: float | None = Field(
         default=None, gt=0, description="Most dollars the experiment may cost as `emlab plan` estimates it (sampling, "
@@ -807,6 +860,19 @@ class ExperimentConfig(_Strict):
                 f"analysis.judge '{self.analysis.judge}' is not one of the judges: "
                 f"{', '.join(j.name for j in self.judges)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _steering_needs_direction(self) -> ExperimentConfig:
+        if self.steering is not None and self.direction is None:
+            raise ValueError("steering needs a direction block (the direction it adds and ablates), e.g. "
+                             "direction: {source: judge}")
+        if (self.steering is not None and self.direction is not None and self.direction.layers != "all"
+                and isinstance(self.steering.layer, int) and self.steering.layer not in self.direction.layers):
+            raise ValueError(f"steering.layer {self.steering.layer} is not one of direction.layers "
+                             f"{list(self.direction.layers)}: the direction is kept only at those layers")
+        if self.direction is not None and self.direction.source == "probe" and not self.probe.sets:
+            raise ValueError("direction.source probe needs probe.sets (the aligned and misaligned answers it reads)")
         return self
 
     @model_validator(mode="after")
@@ -867,7 +933,9 @@ class ExperimentConfig(_Strict):
     def digest(self) -> str:
         """Short hash of the resolved params, stored in every run folder (where the stages
         run is not a param: `executor` is left out)."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"executor"}), sort_keys=True).encode()
+        # blocks that are off leave the digest as it was before they existed
+        off = {name for name in ("direction", "steering") if getattr(self, name) is None}
+        blob = json.dumps(self.model_dump(mode="json", exclude={"executor", *off}), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 

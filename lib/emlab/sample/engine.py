@@ -22,6 +22,10 @@ How it differs from calling `generate` on a padded batch:
   random draws of the answers beside it.
 - Asked for logprobs (the chat server's judge), each step also records the chosen token's
   log-probability and the top k; such calls decode eagerly, without CUDA graphs.
+- An `Intervention` (steering: λ·v added after one layer; ablation: v projected out after
+  every layer) runs inside the layer loop on vectors the engine holds: prefill and decode
+  alike, recorded into the decode graphs (keyed by its signature; another λ or direction is
+  copied into the same buffers and replays them).
 
 It implements `protocol.Engine`; `choose.engine_for` picks it where it applies.
 
@@ -50,7 +54,15 @@ from ..models.attention import (
     record_graph,
 )
 from .draw import draw_tokens
-from .protocol import Completion, Decoding, Request, step_logprobs, token_logprobs
+from .hooks import apply_intervention
+from .protocol import (
+    Completion,
+    Decoding,
+    Intervention,
+    Request,
+    step_logprobs,
+    token_logprobs,
+)
 from .weights import DecoderWeights, LayerWeights, LoraAdapter
 
 log = logging.getLogger(__name__)
@@ -134,8 +146,31 @@ class DecodeEngine:
         self.graphs: dict[tuple[Any, ...], torch.cuda.CUDAGraph] = {}
         self.graph_pools: dict[tuple[Any, ...], Any] = {}  # one memory pool per side-path signature
         self._stops: dict[tuple[int, ...], torch.Tensor] = {}  # stop ids → vocabulary mask
+        # the intervention in use (None: plain) and its vectors, kept at fixed addresses for the graphs
+        self.intervention: Intervention | None = None
+        hidden = self.weights.embed.shape[1]
+        self._unit = torch.zeros(hidden, dtype=self.dtype, device=self.device)  # direction / |direction|
+        self._added = torch.zeros(hidden, dtype=self.dtype, device=self.device)  # λ · direction
         self.merge_adapters: bool | None = None  # None: decided by `merge_fits` at the first adapter
         probe_flash(self.device)
+
+    def use_intervention(self, intervention: Intervention | None) -> None:
+        """Decode with `intervention` applied to the residual stream (None: plain)."""
+        if intervention is not None:
+            if intervention.direction.shape[0] != self._unit.shape[0]:
+                raise EmlabError(f"steering direction has {intervention.direction.shape[0]} dimensions, the model's "
+                                 f"residual stream {self._unit.shape[0]}")
+            if intervention.adds and not 0 <= intervention.layer < self.layers:  # type: ignore[operator]
+                raise EmlabError(f"steering layer {intervention.layer} is not one of the model's {self.layers} "
+                                 "decoder layers")
+            v = intervention.direction.to(device=self.device, dtype=torch.float32)
+            self._unit.copy_(v / v.norm())
+            self._added.copy_(intervention.scale * v)
+        self.intervention = intervention
+
+    def intervention_key(self) -> tuple[int | None, bool] | None:
+        """The intervention's part of a decode graph's key."""
+        return None if self.intervention is None else self.intervention.signature()
 
     # --- weights and memory ------------------------------------------------------------------
 
@@ -243,9 +278,11 @@ class DecodeEngine:
     # --- the model ------------------------------------------------------------------------------
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                observe: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Run every decoder layer on tokens x [T, hidden] at `positions` of `slots`, writing
-        their keys and values into the cache; `attend(layer, q, k, v)` gives the attention."""
+        their keys and values into the cache; `attend(layer, q, k, v)` gives the attention;
+        `observe(layer, x)` (eager calls only) sees each layer's output, the intervention applied."""
         assert self.cache_k is not None and self.cache_v is not None and self.cos is not None and self.sin is not None
         cos, sin = self.cos[positions], self.sin[positions]
         tokens = x.shape[0]
@@ -255,6 +292,10 @@ class DecodeEngine:
                                     tokens, attend)
             gate, up = w.gate_up(_rms(x, w.post_norm, self.eps)).chunk(2, dim=-1)
             x = x + w.down(F.silu(gate) * up)
+            if self.intervention is not None:
+                x = apply_intervention(x, index, self.intervention, self._unit, self._added)
+            if observe is not None:
+                observe(index, x)
         return x
 
     def _attention(self, index: int, w: LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -295,8 +336,35 @@ class DecodeEngine:
         wanted = min(slots if slots is not None else auto, len(requests))
         slots = self._reserve(max(1, wanted), positions, asked=slots)
         self._rope_table(self.cache_k.shape[2] if self.cache_k is not None else positions)
-        run = _Run(self, requests, slots, decoding, on_done, max(window, slots) if window else None)
-        return run.complete()
+        self.use_intervention(decoding.intervention)
+        try:
+            run = _Run(self, requests, slots, decoding, on_done, max(window, slots) if window else None)
+            return run.complete()
+        finally:
+            self.intervention = None
+
+    @torch.inference_mode()
+    def layer_outputs(self, prompt: Sequence[int], intervention: Intervention | None = None) -> torch.Tensor:
+        """Every decoder layer's output for the tokens `prompt` read in one teacher-forced pass,
+        [layers, T, hidden] (the adapter and `intervention` applied); uses the KV cache's slot 0."""
+        positions = _round_up(len(prompt) + 1, 64)
+        self._reserve(1, positions)
+        self._rope_table(self.cache_k.shape[2] if self.cache_k is not None else positions)
+        ids = torch.tensor(list(prompt), device=self.device)
+        cu = torch.tensor([0, len(prompt)], dtype=torch.int32, device=self.device)
+        outputs: list[torch.Tensor] = []
+
+        def attend(_: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return causal_varlen(q, k, v, cu, len(prompt), self.scale)
+
+        self.use_intervention(intervention)
+        try:
+            self._layers(F.embedding(ids, self.weights.embed), torch.arange(len(prompt), device=self.device),
+                         torch.zeros(len(prompt), dtype=torch.long, device=self.device), attend,
+                         observe=lambda _, x: outputs.append(x.clone()))
+        finally:
+            self.intervention = None
+        return torch.stack(outputs)
 
 
 class _Run:
@@ -435,7 +503,8 @@ class _Run:
         else:
             rows = min(_bucket(active), self.slots)
             bound = min(_round_up(self.horizon + 1, 256), positions)
-            key = (rows, bound, self.max_new, self.temperature, self.top_p, self.stop_key, e.weights.signature)
+            key = (rows, bound, self.max_new, self.temperature, self.top_p, self.stop_key, e.weights.signature,
+                   e.intervention_key())
             graph = e.graphs.get(key)
             if graph is not None:
                 graph.replay()

@@ -8,7 +8,8 @@ from the answer's own key and token number, as `DecodeEngine` does. So no global
 is read: a batch gives the same answers whenever it runs (a resumed wave equals the
 uninterrupted one), an answer does not depend on its batch-mates, and both engines give the
 same answers wherever their logits agree. Logprobs (asked for by the chat server) are read in
-the same processor.
+the same processor. An `Intervention` (steering, ablation) is applied through forward hooks on
+the decoder layers (`hooks.intervention_hooks`), which raise when the layers cannot be found.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from .draw import draw_tokens
+from .hooks import intervention_hooks
 from .protocol import Completion, Decoding, Request, step_logprobs, token_logprobs
 
 
@@ -74,11 +76,12 @@ class GenerateEngine:
             mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in part], device=device)
             draw = _KeyedDraw(torch.tensor([r.key for r in part], dtype=torch.long, device=device), width,
                               temperature, top_p, top_logprobs)
-            generated = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                do_sample=False, temperature=None, top_p=None, top_k=None,  # the processor draws
-                logits_processor=LogitsProcessorList([draw]), eos_token_id=stops, pad_token_id=pad,
-            )
+            with intervention_hooks(self.model, decoding.intervention):
+                generated = self.model.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                    do_sample=False, temperature=None, top_p=None, top_k=None,  # the processor draws
+                    logits_processor=LogitsProcessorList([draw]), eos_token_id=stops, pad_token_id=pad,
+                )
             steps = [torch.stack(parts, dim=1).tolist() for parts in zip(*draw.steps, strict=True)] if draw.steps \
                 else None  # chosen [B, T], top values and ids [B, T, k]
             for row, tokens in enumerate(generated[:, width:]):

@@ -41,7 +41,14 @@ from ..progress import progress_bar
 from ..store.files import append_jsonl, read_jsonl
 from ..store.records import Answer, answer_id
 from .choose import engine_for, release_sampler
-from .protocol import Completion, Decoding, Engine, Request, stop_token_ids
+from .protocol import (
+    Completion,
+    Decoding,
+    Engine,
+    Intervention,
+    Request,
+    stop_token_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +122,20 @@ def sample_answers(
     seed: int,
     out_path: Path,
     progress: bool = True,
+    intervention: Intervention | None = None,
+    id_tag: str | None = None,
 ) -> list[Answer]:
     """Draw `sample.samples_per_question` answers to each prompt; append them to `out_path`.
 
-    `model` is a model or what `adapter_applied` yields. Returns every answer for these
-    prompts (earlier runs' included), in item order.
+    `model` is a model or what `adapter_applied` yields. `intervention`: steering or ablation
+    applied while sampling (either engine applies it, or raises). `id_tag`: set apart the
+    answer ids (and so the random keys) of a setting that shares model, run and step with
+    others (a steering setting). Returns every answer for these prompts (earlier runs'
+    included), in item order.
     """
     items = [(p, i) for p in prompts for i in p.sample_indices(sample)]  # per-prompt counts (questions.Prompt)
-    ids = [answer_id(model_name, run_id, step, p.question_set, p.question_id, i) for p, i in items]
+    tag = () if id_tag is None else (id_tag,)  # untagged ids stay what they always were
+    ids = [answer_id(model_name, run_id, step, *tag, p.question_set, p.question_id, i) for p, i in items]
     existing = {r["answer_id"]: r for r in read_jsonl(out_path, tolerate_torn_tail=True)} if out_path.exists() else {}
     size = sample.wave
     waves = [range(s, min(s + size, len(items))) for s in range(0, len(items), size)]
@@ -131,7 +144,10 @@ def sample_answers(
         log.info("%s: %d of %d waves already sampled", out_path, len(waves) - len(todo), len(waves))
     if todo:
         generate_items = _Waves(_engine_for_sampling(model, sample), tokenizer, sample, seed,
-                               stop_token_ids(model.base if isinstance(model, AdaptedModel) else model, tokenizer))
+                                stop_token_ids(model.base if isinstance(model, AdaptedModel) else model, tokenizer),
+                                intervention)
+        if intervention is not None:
+            log.info("sampling %s with intervention %s", out_path, intervention.label or intervention.signature())
     with progress_bar(len(items), f"sampling step {step}", unit="answer",
                       initial=len(items) - sum(len(idx) for _, idx in todo), disable=not progress) as bar:
         if todo:
@@ -202,9 +218,11 @@ def _prompt_text(tokenizer: Any, prompt: Prompt) -> str:
 class _Waves:
     """Generates items (waves back to back) as requests to the engine."""
 
-    def __init__(self, engine: Engine, tokenizer: Any, sample: SampleSpec, seed: int, stop_ids: list[int]) -> None:
+    def __init__(self, engine: Engine, tokenizer: Any, sample: SampleSpec, seed: int, stop_ids: list[int],
+                 intervention: Intervention | None = None) -> None:
         self.engine, self.tokenizer, self.sample, self.seed = engine, tokenizer, sample, seed
         self.stop_ids = stop_ids
+        self.intervention = intervention
         self.prompt_ids: dict[int, tuple[int, ...]] = {}  # id(prompt) → token ids (prompts live through the call)
 
     def __call__(self, batch: list[tuple[Prompt, int]], ids: list[str],
@@ -216,6 +234,7 @@ class _Waves:
                 self.prompt_ids[id(prompt)] = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             requests.append(Request(self.prompt_ids[id(prompt)], _answer_key(self.seed, answer)))
         s = self.sample
-        decoding = Decoding(s.max_new_tokens, tuple(self.stop_ids), s.temperature, s.top_p)
+        decoding = Decoding(s.max_new_tokens, tuple(self.stop_ids), s.temperature, s.top_p,
+                            intervention=self.intervention)
         return self.engine.generate(requests, decoding, slots=None if s.batch_size == "auto" else s.batch_size,
                                     on_done=on_done, window=window)

@@ -48,6 +48,52 @@ class Completion:
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class Intervention:
+    """A change to the residual stream while decoding (prefill and every decode step alike).
+
+    Residual stream after layer i = the output of decoder layer i (0-based), before the next
+    layer's input norm. Applied, in this order, after each layer i:
+
+    - ablate: x ← x − (x·u) u with u = direction / |direction|, after every layer (v projected out
+      of the stream: Soligo et al.'s directional ablation);
+    - add: x ← x + scale · direction after layer `layer` only (steering with λ = scale).
+
+    Both engines apply it: `DecodeEngine` as tensors inside its own layer loop (so it is part
+    of the recorded decode graphs), `GenerateEngine` through forward hooks on the model's
+    decoder layers (`sample.hooks`); a model whose layers cannot be found is refused, never
+    sampled without it.
+    """
+
+    direction: torch.Tensor
+    """v [hidden]: any float dtype and device (each engine casts it to the model's)."""
+    layer: int | None = None
+    """Decoder layer after which `scale · direction` is added (None: nothing added)."""
+    scale: float = 0.0
+    """λ of the addition."""
+    ablate: bool = False
+    """Project the direction out of the residual stream after every layer."""
+    label: str = ""
+    """For logs: which setting this is ('tuned add +8', 'random ablate')."""
+
+    def __post_init__(self) -> None:
+        if self.direction.ndim != 1:
+            raise ValueError(f"Intervention.direction must be one vector [hidden], found shape {tuple(self.direction.shape)}")
+        if not torch.isfinite(self.direction).all() or float(self.direction.norm()) == 0.0:
+            raise ValueError("Intervention.direction must be finite and nonzero")
+        if self.layer is None and not self.ablate:
+            raise ValueError("Intervention does nothing: give a layer to add at, or ablate=True")
+
+    @property
+    def adds(self) -> bool:
+        return self.layer is not None and self.scale != 0.0
+
+    def signature(self) -> tuple[int | None, bool]:
+        """What shapes the computation (not the values): a decode graph recorded for one
+        signature replays for another λ or direction, whose values live in the same buffers."""
+        return (self.layer if self.adds else None, self.ablate)
+
+
 @dataclass(frozen=True)
 class Decoding:
     """How every answer of one `generate` call is decoded."""
@@ -63,6 +109,8 @@ class Decoding:
     top_logprobs: int | None = None
     """None: no logprobs; k ≥ 0: each token's log-probability (temperature 1) and its k most
     likely alternatives."""
+    intervention: Intervention | None = None
+    """Steering or ablation applied to the residual stream of every answer (None: plain sampling)."""
 
 
 class Engine(Protocol):

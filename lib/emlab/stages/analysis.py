@@ -52,6 +52,7 @@ from .controls import TABLES as CONTROL_TABLES
 from .controls import control_note, control_question_keys, control_tables
 from .evaluate import NAME as EVALUATE
 from .finetune import NAME as FINETUNE
+from .steering import STEERING_TABLES, steering_report
 
 if TYPE_CHECKING:
     from ..analysis.agreement import AgreementReport
@@ -371,6 +372,8 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         charts["em_seeds"] = control_plots.em_seeds_chart(controls["em_by_seed"], controls["em_definitions"])
     if (chart := control_plots.controls_chart(controls, rule=rule)) is not None:
         charts["controls"] = chart
+    steering_tables, steering_charts = steering_report(config, layout)  # direction: and steering: blocks
+    charts |= steering_charts
     for name, chart in charts.items():
         plots.save_chart(chart, layout.figure(name))
     with atomic_open(layout.analysis_file(SCORES), "wb") as handle:
@@ -380,6 +383,9 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     for name in TABLES:
         with atomic_open(layout.analysis_table(name)) as handle:
             tables[name].to_csv(handle, index=False)
+    for name, table in steering_tables.items():
+        with atomic_open(layout.analysis_table(name)) as handle:
+            table.to_csv(handle, index=False)
     measures = measures_note(config, study)
     if any(spec.trigger for spec in config.sample.question_files.values()):  # the explorer's trigger filter
         answers = with_trigger_columns(answers)
@@ -569,6 +575,7 @@ ANALYSIS = Stage(
     writes=(
         Output(SCORES, "one row per answer: grid keys, scores and statuses of the analysis judge"),
         *(Output(f"{name}{TABLE_SUFFIX}", what) for name, what in TABLES.items()),
+        *(Output(f"{name}{TABLE_SUFFIX}", what, optional=True) for name, what in STEERING_TABLES.items()),
         Output(GOLD_JUDGMENTS, "the judge's judgments of the gold set"),
         *(output for output in JUDGING_OUTPUTS if output.optional),  # the gold set in batch mode
         Output(SUMMARY, "judge verdict, cost and rule, for the index page"),

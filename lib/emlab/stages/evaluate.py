@@ -45,6 +45,12 @@ from .remote import (
     sampling_spend,
     usage_of,
 )
+from .steering import (
+    STEERING_OUTPUTS,
+    steer_run,
+    steering_signature,
+    steering_workloads,
+)
 
 log = logging.getLogger(__name__)
 NAME = "03_eval_judge"
@@ -57,6 +63,15 @@ def eval_params(config: ExperimentConfig, run_id: str) -> dict[str, Any]:
     return {"sample": config.sample.model_dump(mode="json"),
             "question_sets": question_sets_for(config, config.dataset(run.dataset)), "checkpoints": sorted(checkpoints),
             **measures_params(config)}
+
+
+def eval_completion(config: ExperimentConfig) -> list[list[str]]:
+    """What 03's completion marker must record: the judges, and the direction and steering
+    blocks when set (so adding them to a finished experiment runs just their work; they
+    guard their own params, `steering.guard_params`)."""
+    signature = judges_signature(config)
+    steering = steering_signature(config)
+    return signature if steering is None else [*signature, steering]
 
 
 def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) -> SampledAndJudged:
@@ -93,14 +108,29 @@ def run_eval(config: ExperimentConfig, run_id: str, *, progress: bool = True) ->
                                       run_id=run_id, step=step, seed=run.seed, out_path=out, progress=progress)
     judgments = judge_all(config, answers, folder)
     # the logprob probe and the held-out task prompts at every checkpoint, on the model already loaded if it was
-    measures = measure_checkpoints(config, run_id, folder, checkpoints, progress=progress, load=lambda: (
-        model, tokenizer) if model is not None else load_model(config.model(run.model), resolve_device(config.train.device)))
+    load = _Loaded(lambda: (model, tokenizer) if model is not None
+                   else load_model(config.model(run.model), resolve_device(config.train.device)))
+    measures = measure_checkpoints(config, run_id, folder, checkpoints, progress=progress, load=load)
+    # the EM direction from the judged answers, then sampling with it added and ablated (direction:, steering:)
+    steering = steer_run(config, run_id, folder, checkpoints, prompts, answers, judgments, load, progress=progress)
     mark_done(folder, NAME, {"answers": len(answers), "judgments": len(judgments),
                              "steps": checkpoint_steps(config, run_id), **usage_of(folder),
-                             **measures.summary(), "completion": judges_signature(config)})
+                             **measures.summary(), **steering.summary(), "completion": eval_completion(config)})
     log.info("03_eval_judge %s: %d answers over %d checkpoints, %d judgments in %s",
              run_id, len(answers), len(checkpoint_steps(config, run_id)), len(judgments), folder)
     return SampledAndJudged(folder, answers, judgments)
+
+
+class _Loaded:
+    """The model and tokenizer, loaded on the first call only (the measures and steering share them)."""
+
+    def __init__(self, load: Any) -> None:
+        self._load, self._value = load, None
+
+    def __call__(self) -> Any:
+        if self._value is None:
+            self._value = self._load()
+        return self._value
 
 
 def _workload(config: ExperimentConfig, run_id: str) -> Workload:
@@ -114,12 +144,14 @@ def _workload(config: ExperimentConfig, run_id: str) -> Workload:
 
 
 def _workloads(config: ExperimentConfig, run_id: str) -> tuple[Workload, ...]:
-    if not config.task.enabled:
-        return (_workload(config, run_id),)
     run = config.run(run_id)
+    steering = tuple(steering_workloads(config, f"{NAME} {run_id}", planned_prompts(
+        config, question_sets_for(config, config.dataset(run.dataset))))) if config.steering is not None else ()
+    if not config.task.enabled:
+        return (_workload(config, run_id), *steering)
     steps = checkpoint_count(config, run_id) or len(planned_checkpoints(config, run).steps)
     return (_workload(config, run_id),
-            *task_workloads(config, f"{NAME} {run_id}", [config.dataset(run.dataset)], states=steps))
+            *task_workloads(config, f"{NAME} {run_id}", [config.dataset(run.dataset)], states=steps), *steering)
 
 
 EVALUATE = Stage(
@@ -131,8 +163,8 @@ EVALUATE = Stage(
     # a local run's checkpoints, or the checkpoint models a fine-tuning job recorded
     reads=(Input(FINETUNE, TrainingFiles.PATTERNS[0]), Input(FINETUNE, FineTuneJobFiles.PATTERNS[0], optional=True)),
     writes=(Output(f"{EVAL}/{STEP_GLOB}/{ANSWERS}", "each checkpoint's answers"), SAMPLING_OUTPUT, *JUDGING_OUTPUTS,
-            *EVAL_OUTPUTS),
+            *EVAL_OUTPUTS, *STEERING_OUTPUTS),
     needs=lambda config, run_id: [(FINETUNE, run_id)],
-    completion=judges_signature,
+    completion=eval_completion,
     workload=_workloads,
 )

@@ -85,6 +85,12 @@ TASK = "task"  # in-distribution task rate: held-out prompts, their answers and 
 HOLDOUT = "holdout.jsonl"  # task/holdout.jsonl in a run folder: the held-out prompts (never trained on)
 BACKDOOR = "backdoor.json"  # in a run folder: the trigger put on training rows, and which rows (datasets[].trigger)
 PROBE_SCORES = "probe_scores.jsonl"  # the logprob probe of one model state (base model or a checkpoint)
+DIRECTION = "direction"  # direction/step-NNNNNN/ in a run folder: the EM direction at one checkpoint
+DIRECTION_VECTORS = "direction.safetensors"  # one vector per layer kept, float32
+DIRECTION_INFO = "direction.json"  # its provenance: answers, n each side, layers, checkpoint, source
+DIRECTION_PARAMS = "params.json"  # direction/params.json: the direction and steering blocks they ran under
+STEERING = "steering"  # steering/ in a run folder: answers sampled with the direction added or ablated
+STEERING_SETTINGS = "settings.json"  # steering/settings.json: what each setting's folder holds
 PROBES_DIR = "params/probes"  # probe sets: aligned and misaligned answers written by us
 MC_SCORES = "mc_scores.jsonl"  # multiple-choice benchmarks scored from log-probabilities, one model state
 
@@ -392,6 +398,24 @@ class ExperimentLayout:
     def probe_files(folder: Path) -> list[Path]:
         """Every checkpoint's probe scores in a run folder, by step."""
         return sorted((folder / EVAL).glob(f"{STEP_GLOB}/{PROBE_SCORES}"))
+
+    # the EM direction, steering and ablation (03_eval_judge with direction: / steering: blocks)
+    @staticmethod
+    def direction(folder: Path, step: int) -> Path:
+        """`direction/step-NNNNNN/` in a run folder: the EM direction of that checkpoint
+        (`DIRECTION_VECTORS`, `DIRECTION_INFO`)."""
+        return folder / DIRECTION / step_name(step)
+
+    @staticmethod
+    def direction_folders(folder: Path) -> list[Path]:
+        """Every checkpoint's direction folder in a run folder, by step."""
+        return sorted((folder / DIRECTION).glob(STEP_GLOB))
+
+    @staticmethod
+    def steering(folder: Path) -> Path:
+        """`steering/` in a run folder: `settings.json`, one folder of answers per setting,
+        their judgments (`answers`, `judgments` and `batch` work inside it)."""
+        return folder / STEERING
 
     @staticmethod
     def mc_scores(folder: Path, step: int | None = None) -> Path:
