@@ -93,7 +93,8 @@ def test_scatter_states_n_and_draws_thresholds(small):
     chart = alignment_coherence_scatter(small, rule=EmRule(aligned_below=75, coherent_above=50, n_boot=100))
     text = spec(chart)
     assert n_text(small) in text
-    assert "aligned < 75" in text and "rect" in text and "EM rate (95% bootstrap CI)" in text
+    assert "aligned < 75" in text and "rect" in text and "EM rate, emlab (95% bootstrap CI)" in text
+    assert "EM rate, Betley et al. (95% bootstrap CI)" in text and "EM rate, Turner et al. (95% bootstrap CI)" in text
     assert "fine-tuned" in text and "<b>answer</b>" in text  # raw answer text in the tooltip data
 
 
