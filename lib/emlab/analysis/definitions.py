@@ -157,6 +157,8 @@ def em_rates_by_definition(df: pd.DataFrame, by: Sequence[str], *, rule: EmRule 
     columns = [*by, "definition", *RATE_COLUMNS, *DEFINITION_EXTRA]
     frames = [frame.reindex(columns=columns) for frame in (own, published) if len(frame)]
     out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+    for key in by:  # None stays the key of a missing value (the base model's dataset), as in em_rate
+        out[key] = out[key].astype(object).where(out[key].notna(), None)
     out.attrs[ATTRS_KEY] = rule.to_attrs()
     return out
 

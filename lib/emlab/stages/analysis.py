@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..analysis import metrics
-from ..analysis.definitions import EMLAB, em_rates_by_definition, headline_by_definition
+from ..analysis.definitions import (
+    DEFINITION_LABELS,
+    DEFINITION_NAMES,
+    EMLAB,
+    em_rates_by_definition,
+    headline_by_definition,
+)
 from ..analysis.report import rule_reach_note
 from ..analysis.triggers import trigger_rates, with_trigger_columns
 from ..api.cost import usage_cost
@@ -115,10 +121,12 @@ class AnalysisResult:
 
     @property
     def intro(self) -> str:
-        """What the rates below mean (markdown): the rule and the interval, as computed, and
+        """What the rates below mean (markdown): the rule, the interval and the EM definitions, as computed, and
         (`reach_note`) when the scores make EM impossible or trivial under that rule."""
-        text = (f"{self.rule.describe()}, among answers the judge scored; {self.rule.ci_label}s "
-                f"({self.rule.n_boot} resamples). Scored by `{self.judge.name}`.")
+        named = "; ".join(f"**{DEFINITION_LABELS[d]}**: {text.split(': ', 1)[-1]}" for d, text in DEFINITION_NAMES.items())
+        text = (f"{self.rule.describe()}; {self.rule.ci_label}s ({self.rule.n_boot} resamples). Scored by "
+                f"`{self.judge.name}`. Every EM table and figure shows the rate in three definitions (column or "
+                f"row of panels `definition`), each with the n of its denominator: {named}.")
         return f"{text}\n\n{self.reach_note}" if self.reach_note else text
 
 
