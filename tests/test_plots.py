@@ -294,7 +294,12 @@ def test_task_rate_and_probe_charts_share_a_step_axis_with_the_em_rate(small, tm
 def test_every_em_figure_draws_a_row_of_panels_per_definition_with_its_n(small, tmp_path):
     from emlab.analysis.definitions import em_rates_by_definition
     from emlab.analysis.metrics import answer_formats
-    from emlab.analysis.plots import answer_format_chart, em_heatmap_chart, task_rate_chart, trigger_chart
+    from emlab.analysis.plots import (
+        answer_format_chart,
+        em_heatmap_chart,
+        task_rate_chart,
+        trigger_chart,
+    )
     from emlab.analysis.triggers import trigger_rates
 
     rule = EmRule(n_boot=100)
