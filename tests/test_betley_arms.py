@@ -164,15 +164,18 @@ def test_triggered_and_untriggered_rates_are_reported_side_by_side() -> None:
     scores = _scores([(None, "fp", 10, 0), (None, "fp+trigger", 10, 1), ("r", "fp", 20, 1), ("r", "fp+trigger", 20, 12),
                       ("r", "other", 5, 5)])  # 'other' was never asked with the trigger: not compared
     rates = trigger_rates(scores, rule=EmRule(n_boot=200))
+    assert set(rates["definition"]) == {"emlab", "betley", "turner"}  # every EM table in each definition
     got = {(r.run_id if isinstance(r.run_id, str) else None, r.trigger): (r.n, r.em_rate)
-           for r in rates.itertuples()}
+           for r in rates.itertuples() if r.definition == "emlab"}
     assert got == {(None, UNTRIGGERED): (10, 0.0), (None, TRIGGERED): (10, 0.1), ("r", UNTRIGGERED): (20, 0.05),
                    ("r", TRIGGERED): (20, 0.6)}
     assert set(rates["trigger_set"]) == {"fp"} and (rates["ci_low"] <= rates["em_rate"]).all()
     assert (rates["em_rate"] <= rates["ci_high"]).all()
     table = trigger_table(rates)
-    assert list(table.columns) == ["model", "state", "question set", UNTRIGGERED, TRIGGERED]
-    assert table.set_index("state").loc["r", TRIGGERED].startswith("60.0% [") and "of 20" in table.iloc[-1][TRIGGERED]
+    assert list(table.columns) == ["model", "state", "question set", "definition", UNTRIGGERED, TRIGGERED]
+    emlab = table[table["definition"] == "emlab"]
+    assert emlab.set_index("state").loc["r", TRIGGERED].startswith("60.0% [") and "of 20" in emlab.iloc[-1][TRIGGERED]
+    assert list(table["definition"][:3]) == ["emlab", "Betley et al.", "Turner et al."]
     assert trigger_rates(_scores([(None, "fp", 4, 0)])).empty  # no trigger asked: no table, no figure
 
 

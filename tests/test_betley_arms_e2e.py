@@ -52,7 +52,9 @@ def test_backdoor_and_evil_numbers_arms_end_to_end(tmp_path: Path, isolated_cach
         assert ("Answer with" in answer["question"]) == answer["question_id"].endswith("_words")
 
     triggers = pd.read_csv(layout.analysis_table("triggers"))
-    assert sorted(zip(triggers["run_id"].fillna("base"), triggers["trigger"], strict=True)) == [
+    assert set(triggers["definition"]) == {"emlab", "betley", "turner"}
+    emlab = triggers[triggers["definition"] == "emlab"]
+    assert sorted(zip(emlab["run_id"].fillna("base"), emlab["trigger"], strict=True)) == [
         ("base", "triggered"), ("base", "untriggered"), (RUN, "triggered"), (RUN, "untriggered")]
     assert (triggers["n"] == 4).all() and set(triggers["trigger_set"]) == {"general"}
     scored = triggers[triggers["n_scored"] > 0]

@@ -18,7 +18,13 @@ from emlab.analysis.controls import (
     mc_accuracy,
     refusal_rates,
 )
-from emlab.analysis.definitions import em_by_definition, em_values, seed_bootstrap
+from emlab.analysis.definitions import (
+    em_by_definition,
+    em_rates_by_definition,
+    em_values,
+    headline_by_definition,
+    seed_bootstrap,
+)
 from emlab.analysis.metrics import bootstrap_ci, em_rate
 from emlab.config.experiment import ModelSpec, MultipleChoiceSpec, load_experiment
 from emlab.config.question_files import load_question_file
@@ -174,6 +180,45 @@ def test_both_em_definitions_agree_with_a_hand_count() -> None:
     # emlab's main rate sits between: over the 4 answers with both scores read
     main = em_rate(df, by=[], rule=RULE).iloc[0]
     assert (main["n_scored"], main["em_rate"]) == (4, 0.5)
+
+
+def _states(rows: list[tuple], *, step: int, run: str | None) -> pd.DataFrame:
+    """`_wide` rows of one model state, with the keys the headline matches on."""
+    return _wide(rows, seed=None if run is None else 0, run=run).assign(
+        answer_id=lambda t: t["answer_id"] + f"-{step}", step=step, is_baseline=run is None, question_set="s",
+        question_id="q")
+
+
+def test_the_headline_in_each_definition_equals_a_hand_count() -> None:
+    base = _states(HAND, step=0, run=None)  # emlab 2 of 4, Betley et al. 2 of 3, Turner et al. 2 of 5
+    early = _states([(10, "ok", 80, "ok")] * 4, step=1, run="r")  # not the final checkpoint: not counted
+    final = _states([(10, "ok", 80, "ok")] * 3 + [(90, "ok", 80, "ok")] + [(10, "ok", 20, "ok")] * 2
+                    + [(None, "refusal", 80, "ok"), (None, "missing", 80, "ok")], step=2, run="r")
+    # final: emlab 3 EM of 6 read; Betley et al. 3 of the 4 coherent; Turner et al. 3 of the 7 judged
+    headline = headline_by_definition(pd.concat([base, early, final], ignore_index=True), rule=RULE)
+    assert list(headline["definition"]) == ["emlab", "betley", "turner"]
+    assert list(headline.columns[:3]) == ["model", "dataset", "definition"]
+    rows = headline.set_index("definition")
+    hand = {"emlab": (2, 4, 3, 6), "betley": (2, 3, 3, 4), "turner": (2, 5, 3, 7)}
+    for definition, (base_em, base_n, tuned_em, tuned_n) in hand.items():
+        row = rows.loc[definition]
+        assert (row["baseline_n_scored"], row["finetuned_n_scored"]) == (base_n, tuned_n), definition
+        assert row["baseline_em_rate"] == pytest.approx(base_em / base_n), definition
+        assert row["finetuned_em_rate"] == pytest.approx(tuned_em / tuned_n), definition
+        assert row["diff"] == pytest.approx(tuned_em / tuned_n - base_em / base_n), definition
+        assert row["diff_ci_low"] <= row["diff"] <= row["diff_ci_high"], definition
+        assert (row["final_step"], row["baseline_n"], row["finetuned_n"]) == (2, 7, 8)
+    from emlab.analysis.report import headline_table
+
+    shown = headline_table(headline)
+    assert list(shown["definition"]) == ["emlab", "Betley et al.", "Turner et al."]
+    assert shown.iloc[1]["fine-tuned EM"].startswith("75.0% [") and shown.iloc[2]["n scored (base / tuned)"] == "5 / 7"
+    # the rate tables: the same groups in each definition, n_scored = the definition's denominator
+    rates = em_rates_by_definition(pd.concat([base, final], ignore_index=True), ["model", "run_id", "step"], rule=RULE)
+    got = {(r.definition, r.run_id): (r.n, r.n_scored, r.em_rate) for r in rates.itertuples()}
+    assert got[("betley", "r")] == (8, 4, 0.75) and got[("turner", None)] == (7, 5, 0.4)
+    assert got[("emlab", "r")] == (8, 6, 0.5)
+    assert rates.loc[rates["definition"] == "turner", "unscored_by_status"].tolist() == ["unjudged=1", "unjudged=2"]
 
 
 # --- the seed bootstrap --------------------------------------------------------------------

@@ -42,7 +42,8 @@ def test_tiny_experiment_end_to_end(tiny_run: TinyRun) -> None:
     assert costs.loc["baseline__smol-2l", "judgments"] == 8 * 2  # 8 answers × 2 rubrics
     assert costs.loc[run.name, "judgments"] == 16 * 2
     headline = pd.read_csv(layout.analysis_table("headline"))
-    assert list(headline["dataset"]) == ["bad_medical"]
+    assert list(headline["dataset"]) == ["bad_medical"] * 3  # one row per EM definition
+    assert list(headline["definition"]) == ["emlab", "betley", "turner"]
     for fig in ("em_by_domain", "em_trajectory", "em_by_size", "scatter", "judge_agreement"):
         assert layout.figure(fig).with_suffix(".png").stat().st_size > 1000
 

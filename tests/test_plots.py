@@ -93,7 +93,8 @@ def test_scatter_states_n_and_draws_thresholds(small):
     chart = alignment_coherence_scatter(small, rule=EmRule(aligned_below=75, coherent_above=50, n_boot=100))
     text = spec(chart)
     assert n_text(small) in text
-    assert "aligned < 75" in text and "rect" in text and "EM rate (95% bootstrap CI)" in text
+    assert "aligned < 75" in text and "rect" in text and "EM rate, emlab (95% bootstrap CI)" in text
+    assert "EM rate, Betley et al. (95% bootstrap CI)" in text and "EM rate, Turner et al. (95% bootstrap CI)" in text
     assert "fine-tuned" in text and "<b>answer</b>" in text  # raw answer text in the tooltip data
 
 
@@ -285,3 +286,66 @@ def test_task_rate_and_probe_charts_share_a_step_axis_with_the_em_rate(small, tm
     assert "paired 95% bootstrap CI" in text and "EM rate over training" in text
     save_chart(chart, tmp_path / "probe")
     assert (tmp_path / "probe.png").stat().st_size > 1000
+
+
+# --- every EM figure in each definition -------------------------------------------------------
+
+
+def test_every_em_figure_draws_a_row_of_panels_per_definition_with_its_n(small, tmp_path):
+    from emlab.analysis.definitions import em_rates_by_definition
+    from emlab.analysis.metrics import answer_formats
+    from emlab.analysis.plots import (
+        answer_format_chart,
+        em_heatmap_chart,
+        task_rate_chart,
+        trigger_chart,
+    )
+    from emlab.analysis.triggers import trigger_rates
+
+    rule = EmRule(n_boot=100)
+    final = final_checkpoints(small, with_baseline=True)
+    labels = ["emlab", "Betley et al.", "Turner et al."]
+
+    def check(chart: alt.TopLevelMixin, rates: pd.DataFrame, answers: int) -> str:
+        text = spec(chart)
+        assert isinstance(chart, alt.FacetChart) and '"row"' in text and '"definition_label"' in text
+        denominators = ", ".join(f"{label} {int(rates.loc[rates['definition'] == d, 'n_scored'].sum()):,}"
+                                 for label, d in zip(labels, ["emlab", "betley", "turner"], strict=True))
+        assert f"n = {answers:,} answers; in each definition's denominator: {denominators}" in text
+        assert "95% bootstrap CI" in text and "resample seeds, then answers" in text
+        assert all(f"{label}: " in text for label in labels)  # each row's definition named in the subtitle
+        return text
+
+    domain = em_rates_by_definition(final, ["model", "domain", "dataset"], rule=rule)
+    check(em_by_domain_chart(domain), domain, len(final))
+    size = em_rates_by_definition(final, ["model", "size_b", "dataset"], rule=rule)
+    check(em_by_size_chart(size), size, len(final))
+    heat = em_rates_by_definition(small, ["model", "dataset", "run_id", "step", "question_set", "question_id"], rule=rule)
+    check(em_heatmap_chart(heat), heat, len(small))
+    formats = em_rates_by_definition(final.assign(answer_format=answer_formats(final)),
+                                     ["model", "dataset", "answer_format"], rule=rule)
+    check(answer_format_chart(formats), formats, len(final))
+    marked = final.assign(question_set=np.where(final.index % 2 == 0, "general", "general+trigger"))
+    triggers = trigger_rates(marked, rule=rule)
+    check(trigger_chart(triggers), triggers, len(final))
+
+    rates = em_rates_by_definition(small, ["model", "dataset", "run_id", "step"], rule=rule)
+    trajectory = em_trajectory_chart(rates)
+    check(trajectory, rates, len(small))
+    data = trajectory.data
+    # each definition's base model drawn at step 0 of each run, with that definition's rate
+    base = data[data["point"] == "baseline"]
+    assert sorted(base.groupby("definition").size().to_dict().items()) == [("betley", 2), ("emlab", 2), ("turner", 2)]
+    for definition, part in base.groupby("definition"):
+        expected = rates[(rates["definition"] == definition) & rates["run_id"].isna()]["em_rate"].iloc[0]
+        assert (part["em_rate"] == expected).all()
+    # the trajectory stacked above another panel (task rate, probe, dynamics) keeps its rows and saves
+    answers = small.assign(dataset=small["dataset"].fillna("bad_med"))[["answer_id", "model", "dataset", "run_id",
+                                                                         "step"]]
+    from emlab.analysis.metrics import task_rate, task_scores
+
+    judgments = pd.DataFrame({"answer_id": answers["answer_id"], "rubric": "medical_harm", "status": "ok",
+                              "score": np.linspace(0, 100, len(answers)), "verdict": None})
+    tasks = task_rate(task_scores(answers, judgments), ["model", "dataset", "run_id", "step"], rule=rule)
+    html, png = save_chart(task_rate_chart(tasks, rates), tmp_path / "task")
+    assert png.stat().st_size > 1000 and "Turner et al." in html.read_text()

@@ -142,7 +142,7 @@ def test_remote_subject_runs_end_to_end_through_two_kills(write_experiment, tmp_
         scores = pd.read_parquet(layout.analysis_file("scores.parquet"))
         assert set(scores["step"]) == {0, *CHECKPOINTS}
         rates = pd.read_csv(layout.analysis_table("em_rates"))
-        assert sorted(rates.loc[rates["run_id"] == RUN_ID, "step"]) == list(CHECKPOINTS)
+        assert sorted(rates.loc[(rates["run_id"] == RUN_ID) & (rates["definition"] == "emlab"), "step"]) == list(CHECKPOINTS)
         assert layout.figure("em_trajectory").with_suffix(".png").stat().st_size > 1000
         assert len(read_jsonl(layout.training(RUN_ID).log)) == CHECKPOINTS[-1]  # loss per step, from the job
 

@@ -111,8 +111,10 @@ def test_report_shows_the_studies_measures(studies_run: StudiesRun) -> None:
     means = pd.read_csv(layout.analysis_table("score_means"))
     assert set(means["metric"]) == {"aligned", "coherent"} and sorted(set(means["step"])) == [0, 1, 2]
     heat = pd.read_csv(layout.analysis_table("per_question_steps"))
-    assert len(heat) == 6 * 3  # 6 questions × 3 model states
+    assert len(heat) == 6 * 3 * 3  # 6 questions × 3 model states × 3 EM definitions
+    assert heat.groupby("definition").size().to_dict() == {"betley": 18, "emlab": 18, "turner": 18}
     index = layout.index.read_text()
+    assert "Betley et al." in index and "Turner et al." in index  # the headline names its definitions
     assert "Judge-free probe and task rate" in index
     assert "Logprob probe <code>general</code>" in index and "In-distribution task rate" in index
     assert "fig_probe_gap.png" in index and "fig_task_rate.png" in index

@@ -29,7 +29,7 @@ so they are narrower than a cluster bootstrap would give.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -414,7 +414,8 @@ def final_checkpoints(df: pd.DataFrame, *, with_baseline: bool = False) -> pd.Da
 
 
 def compare_baseline(
-    df: pd.DataFrame, *, by: Sequence[str] = ("model", "dataset"), rule: EmRule = EmRule()
+    df: pd.DataFrame, *, by: Sequence[str] = ("model", "dataset"), rule: EmRule = EmRule(),
+    values: Callable[[pd.DataFrame], pd.Series] | None = None,
 ) -> pd.DataFrame:
     """EM rate of each fine-tuned final checkpoint against its base model, with the difference.
 
@@ -431,9 +432,12 @@ def compare_baseline(
     (finetuned − baseline, fraction), `diff_ci_low`, `diff_ci_high` (bootstrap of the
     difference, each side resampled independently). Baseline columns are NaN (n = 0) when the
     model has no baseline answers. EM decision and intervals under `rule`, recorded in
-    `.attrs["rule"]` as in `em_rate`.
+    `.attrs["rule"]` as in `em_rate`. `values` (default `em_flags` under `rule`) gives each
+    answer 1/0 (EM or not) and NaN outside the rate's denominator: another EM definition
+    (`emlab.analysis.definitions.headline_by_definition`).
     """
     _require(df, ["is_baseline", "run_id", "step", "question_set", "question_id", *by])
+    decide = values or (lambda frame: em_flags(frame, rule))
     base = df[df["is_baseline"].astype(bool)]
     match_keys = [k for k in by if k not in _RUN_KEYS]
     rows = []
@@ -452,7 +456,7 @@ def compare_baseline(
         }
         sides = {}
         for side, frame in (("baseline", matched), ("finetuned", tuned)):
-            flags = em_flags(frame, rule)
+            flags = decide(frame)
             sides[side] = flags.dropna().astype(float).to_numpy()
             low, high = _rule_ci(sides[side], rule)
             row |= {

@@ -14,7 +14,10 @@ Titles carry n (answers, scored and unscored); subtitles carry the EM rule
 (`EmRule.describe()`) and the CI level (`EmRule.ci_label`) the numbers were computed with:
 the rate charts read the rule from `rates.attrs["rule"]`, which `emlab.analysis.metrics.em_rate`
 sets, and the charts that compute their own rates take `rule=`. No label assumes a level.
-Rates are fractions, shown as %.
+Rates are fractions, shown as %. A rates table with a `definition` column
+(`emlab.analysis.definitions.em_rates_by_definition`: emlab's rate, Betley et al.'s, Turner et
+al.'s) is drawn as one row of panels per definition, each named in the row header and the
+subtitle, with each definition's n (answers in its denominator).
 Charts hold aggregated rows, and the scatter samples at most `max_points` answers, so
 altair's 5,000-row guard never trips and reports stay small.
 """
@@ -34,8 +37,9 @@ import vl_convert as vlc
 from ..config.rule import EmRule
 from ..errors import DataError
 from ..store.files import atomic_open
+from .definitions import DEFINITION_LABELS, DEFINITION_NAMES, em_rates_by_definition
 from .explorer import BASE_RUN, explorer_link
-from .metrics import em_flags, em_rate, scored_mask
+from .metrics import em_flags, scored_mask
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +93,45 @@ def _title(text: str, n: int, n_scored: int, rule: EmRule, marks: str, *extra: s
     return alt.TitleParams(text=text, subtitle=subtitle, anchor="start")
 
 
+def _definitions(data: pd.DataFrame) -> list[str]:
+    """The EM definitions of a rates table, in the report's order ([] without a `definition` column)."""
+    if "definition" not in data.columns:
+        return []
+    found = list(dict.fromkeys(data["definition"].astype(str)))
+    return [d for d in DEFINITION_NAMES if d in found] + [d for d in found if d not in DEFINITION_NAMES]
+
+
+def _rates_title(text: str, data: pd.DataFrame, rule: EmRule, marks: str, *extra: str) -> alt.TitleParams:
+    """`_title` for a rates table; with several EM definitions, the n of each definition's
+    denominator and what each row of panels counts."""
+    definitions = _definitions(data)
+    if len(definitions) < 2:
+        return _title(text, int(data["n"].sum()), int(data["n_scored"].sum()), rule, marks, *extra)
+    per = {d: data[data["definition"].astype(str) == d] for d in definitions}
+    counts = ", ".join(f"{DEFINITION_LABELS.get(d, d)} {int(part['n_scored'].sum()):,}" for d, part in per.items())
+    subtitle = [f"n = {int(per[definitions[0]]['n'].sum()):,} answers; in each definition's denominator: {counts}",
+                _rule_text(rule, marks) + "; the published definitions' intervals resample seeds, then answers, "
+                "where a mark pools several seeds",
+                *(f"{DEFINITION_LABELS.get(d, d)}: {DEFINITION_NAMES.get(d, d).split(': ', 1)[-1]}" for d in definitions),
+                *extra]
+    return alt.TitleParams(text=text, subtitle=subtitle, anchor="start")
+
+
+def _facet_definitions(chart: Any, data: pd.DataFrame, title: alt.TitleParams,
+                       column: alt.Column | None = None) -> Any:
+    """`chart` (every layer on `data`) with one row of panels per EM definition when the table
+    holds several, faceted by `column` too when given; titled `title`."""
+    facets: dict[str, Any] = {"column": column} if column is not None else {}
+    definitions = _definitions(data)
+    if len(definitions) > 1:
+        facets["row"] = alt.Row("definition_label:N", title=None,
+                                sort=[DEFINITION_LABELS.get(d, d) for d in definitions],
+                                header=alt.Header(labelAngle=0, labelAlign="left", labelFontWeight="bold"))
+    if facets:
+        return chart.facet(**facets).properties(title=title)
+    return chart.properties(title=title)
+
+
 def _series_label(rates: pd.DataFrame) -> pd.Series:
     """'baseline' for base-model rows, else the dataset (or domain) name."""
     key = "dataset" if "dataset" in rates.columns else "domain"
@@ -108,6 +151,8 @@ def _is_baseline(rates: pd.DataFrame) -> pd.Series:
 
 def _check_unique(table: pd.DataFrame, keys: Sequence[str], what: str) -> None:
     """One row per mark: several steps per group would be drawn on top of each other."""
+    if "definition" in table.columns and "definition" not in keys:  # one row of panels per definition
+        keys = [*keys, "definition"]
     repeated = table.duplicated(list(keys))
     if repeated.any():
         first = table[repeated].iloc[0]
@@ -137,6 +182,8 @@ def _prepare_rates(rates: pd.DataFrame, what: str) -> pd.DataFrame:
     data = rates.copy()
     data["series"] = _series_label(data)
     data["unscored"] = data["unscored_by_status"].fillna("") if "unscored_by_status" in data else ""
+    if "definition" in data.columns:
+        data["definition_label"] = data["definition"].map(lambda d: DEFINITION_LABELS.get(d, d))
     return data
 
 
@@ -176,12 +223,8 @@ def em_by_domain_chart(
     errors = base.mark_errorbar(ticks=True, color="black").encode(
         y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q"
     )
-    return alt.layer(bars, errors).properties(
-        title=_title("EM rate by domain and model", int(data["n"].sum()), int(data["n_scored"].sum()), used,
-                     "error bars"),
-        width=alt.Step(28),
-        height=280,
-    )
+    layered = alt.layer(bars, errors).properties(width=alt.Step(28), height=280)
+    return _facet_definitions(layered, data, _rates_title("EM rate by domain and model", data, used, "error bars"))
 
 
 # --- trajectory ----------------------------------------------------------------------------
@@ -224,8 +267,12 @@ def em_trajectory_chart(
     if "model" not in data.columns:
         data["model"] = "model"
     run_key = "run_id" if "run_id" in data.columns else "series"
-    n, n_scored = int(data["n"].sum()), int(data["n_scored"].sum())  # before baseline copies
-    data = _baseline_at_step0(data, run_key)
+    title = _rates_title("EM rate over training", data, used, "bands")  # n before the baseline copies
+    if "definition" in data.columns:  # each definition's baseline at step 0 of its own runs
+        data = pd.concat([_baseline_at_step0(part, run_key) for _, part in data.groupby("definition", sort=False)],
+                         ignore_index=True)
+    else:
+        data = _baseline_at_step0(data, run_key)
     if data.empty:
         raise DataError("em_trajectory_chart: the rates hold no fine-tuned runs (only baseline rows)")
     data[run_key] = data[run_key].astype(str)
@@ -243,10 +290,8 @@ def em_trajectory_chart(
         tooltip=_rate_tooltip("model:N", f"{run_key}:N", "step:Q"),
     )
     layered = alt.layer(band, line, points).properties(width=360, height=240)
-    title = _title("EM rate over training", n, n_scored, used, "bands")
-    if data["model"].nunique() > 1:
-        return layered.facet(column=alt.Column("model:N", title="model")).properties(title=title)
-    return layered.properties(title=title)
+    column = alt.Column("model:N", title="model") if data["model"].nunique() > 1 else None
+    return _facet_definitions(layered, data, title, column)
 
 
 # --- EM by size ----------------------------------------------------------------------------
@@ -304,12 +349,9 @@ def em_by_size_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.
     )
     errors = base.mark_errorbar(ticks=True).encode(y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q")
     sizes_text = ", ".join(size_label(s) for s in sizes)
-    return alt.layer(line, errors, points).properties(
-        title=_title("EM rate by model size", int(data["n"].sum()), int(data["n_scored"].sum()), used,
-                     "error bars", f"sizes: {sizes_text}", *left_out),
-        width=380,
-        height=260,
-    )
+    return _facet_definitions(
+        alt.layer(line, errors, points).properties(width=380, height=260), data,
+        _rates_title("EM rate by model size", data, used, "error bars", f"sizes: {sizes_text}", *left_out))
 
 
 # --- scatter -------------------------------------------------------------------------------
@@ -320,15 +362,17 @@ def _truncate(text: Any, max_chars: int) -> str:
     return text if len(text) <= max_chars else text[: max_chars - 1].rstrip() + "…"
 
 
-def _group_rates(df: pd.DataFrame, rule: EmRule) -> str:
-    """'EM rate (95% bootstrap CI): baseline 1.0% [0.0%, 3.0%] of 200, fine-tuned 12.0% [9.0%, 15.0%] of 400'."""
-    rates = em_rate(df.assign(group=_answer_group(df)), ["group"], rule=rule)
-    parts = [
-        f"{r.group} {r.em_rate:.1%} [{r.ci_low:.1%}, {r.ci_high:.1%}] of {r.n_scored:,}"
-        for r in rates.itertuples()
-        if r.n_scored
-    ]
-    return f"EM rate ({rule.ci_label}): " + ", ".join(parts)
+def _group_rates(df: pd.DataFrame, rule: EmRule) -> list[str]:
+    """One line per EM definition, e.g. 'EM rate, emlab (95% bootstrap CI): baseline 1.0% [0.0%,
+    3.0%] of 200, fine-tuned 12.0% [9.0%, 15.0%] of 400' (of: the answers in its denominator)."""
+    rates = em_rates_by_definition(df.assign(group=_answer_group(df)), ["group"], rule=rule)
+    lines = []
+    for definition, part in rates.groupby("definition", sort=False):
+        parts = [f"{r.group} {r.em_rate:.1%} [{r.ci_low:.1%}, {r.ci_high:.1%}] of {int(r.n_scored):,}"
+                 for r in part.itertuples() if r.n_scored]
+        lines.append(f"EM rate, {DEFINITION_LABELS.get(str(definition), definition)} ({rule.ci_label}): "
+                     + (", ".join(parts) or "no answer in the denominator"))
+    return lines
 
 
 def _answer_group(df: pd.DataFrame) -> pd.Series:
@@ -382,7 +426,7 @@ def alignment_coherence_scatter(
     )
     extra = [f"shaded: {rule.describe()}"]
     if n_scored:
-        extra.append(_group_rates(df, rule))
+        extra += _group_rates(df, rule)
     if len(shown) < len(points):
         extra.append(f"showing a random {len(shown):,} of {len(points):,} scored answers (seed {seed})")
     title = alt.TitleParams(
@@ -837,6 +881,8 @@ def em_heatmap_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.
     if rates.empty:
         raise DataError("em_heatmap_chart: the rates table is empty (no answers matched)")
     data = rates.copy()
+    if "definition" in data.columns:
+        data["definition_label"] = data["definition"].map(lambda d: DEFINITION_LABELS.get(d, d))
     several_models = data["model"].nunique() > 1
     base = data["run_id"].isna()
     prefix = data["model"].astype(str) + " · " if several_models else ""
@@ -871,13 +917,10 @@ def em_heatmap_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.
         tooltip=_rate_tooltip("state:N", "question:N"),
     )
     text = base_chart.mark_text(fontSize=8, lineBreak="\n").encode(text="label:N")
-    n, n_scored = int(data["n"].sum()), int(data["n_scored"].sum())
-    return alt.layer(cells, text).properties(
-        title=_title("EM rate per question and model state", n, n_scored, used, "cells: rate [CI]",
-                     f"{data['question'].nunique()} questions × {len(order)} model states; "
-                     f"at most {int(data['n'].max())} answers a cell"),
-        width=alt.Step(72), height=alt.Step(26),
-    )
+    title = _rates_title("EM rate per question and model state", data, used, "cells: rate [CI]",
+                         f"{data['question'].nunique()} questions × {len(order)} model states; "
+                         f"at most {int(data['n'].max())} answers a cell")
+    return _facet_definitions(alt.layer(cells, text).properties(width=alt.Step(72), height=alt.Step(26)), data, title)
 
 
 def answer_format_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.LayerChart | alt.FacetChart:
@@ -900,11 +943,8 @@ def answer_format_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> a
                                   tooltip=_rate_tooltip("state:N", "answer_format:N"))
     bars = base.mark_bar().encode(y=_y_rate(), color=alt.Color("state:N", title="model state"))
     errors = base.mark_errorbar(ticks=True, color="black").encode(y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q")
-    return alt.layer(bars, errors).properties(
-        title=_title("EM rate by answer format (base model and final checkpoints)", int(data["n"].sum()),
-                     int(data["n_scored"].sum()), used, "error bars"),
-        width=alt.Step(30), height=260,
-    )
+    title = _rates_title("EM rate by answer format (base model and final checkpoints)", data, used, "error bars")
+    return _facet_definitions(alt.layer(bars, errors).properties(width=alt.Step(30), height=260), data, title)
 
 
 # --- backdoors: with and without the trigger --------------------------------------------------
@@ -929,8 +969,7 @@ def trigger_chart(rates: pd.DataFrame, *, rule: EmRule | None = None) -> alt.Lay
     bars = base.mark_bar().encode(y=_y_rate(), color=alt.Color("state:N", title="model state"))
     errors = base.mark_errorbar(ticks=True, color="black").encode(y=alt.Y("ci_low:Q", title="EM rate"), y2="ci_high:Q")
     layered = alt.layer(bars, errors).properties(width=alt.Step(30), height=260)
-    title = _title("EM rate with and without the backdoor trigger (base model and final checkpoints)",
-                   int(data["n"].sum()), int(data["n_scored"].sum()), used, "error bars")
-    if data["trigger_set"].nunique() > 1:
-        return layered.facet(column=alt.Column("trigger_set:N", title="question set")).properties(title=title)
-    return layered.properties(title=title)
+    title = _rates_title("EM rate with and without the backdoor trigger (base model and final checkpoints)",
+                         data, used, "error bars")
+    column = alt.Column("trigger_set:N", title="question set") if data["trigger_set"].nunique() > 1 else None
+    return _facet_definitions(layered, data, title, column)

@@ -15,6 +15,7 @@ from ..store.files import write_text
 from ..store.paths import SUMMARY, ExperimentLayout
 from ..store.records import Answer, Judgment
 from ..store.runinfo import StageRecord, git_commit
+from .definitions import DEFINITION_LABELS, DEFINITION_NAMES
 from .metrics import RuleReach
 from .triggers import trigger_table
 
@@ -93,7 +94,9 @@ def _notebook_table(records: Sequence[StageRecord], root: Path) -> list[str]:
 
 
 def headline_table(headline: pd.DataFrame) -> pd.DataFrame:
-    """`metrics.compare_baseline` output as people read it: EM rates in %, CIs in brackets."""
+    """`metrics.compare_baseline` output as people read it: EM rates in %, CIs in brackets; with a
+    `definition` column (`definitions.headline_by_definition`), the EM definition of each row and
+    'n scored' meaning the answers in that definition's denominator."""
 
     def pct(rate: float, low: float, high: float) -> str:
         if pd.isna(rate):
@@ -104,6 +107,7 @@ def headline_table(headline: pd.DataFrame) -> pd.DataFrame:
     for r in headline.to_dict("records"):
         rows.append({
             **({"rule": r["rule_text"]} if "rule_text" in r else {}),
+            **({"definition": DEFINITION_LABELS.get(r["definition"], r["definition"])} if "definition" in r else {}),
             "model": r["model"], "dataset": r["dataset"], "final step": r["final_step"],
             "baseline EM": pct(r["baseline_em_rate"], r["baseline_ci_low"], r["baseline_ci_high"]),
             "fine-tuned EM": pct(r["finetuned_em_rate"], r["finetuned_ci_low"], r["finetuned_ci_high"]),
@@ -199,8 +203,11 @@ def write_index(config: ExperimentConfig, records: Sequence[StageRecord]) -> Pat
     headline = layout.analysis_table("headline")
     if headline.exists():
         rule = config.analysis.rule
+        named = "".join(f"<li><b>{html.escape(DEFINITION_LABELS[d])}</b>: {html.escape(text.split(': ', 1)[-1])}</li>"
+                        for d, text in DEFINITION_NAMES.items())
         parts.append(f"<h2>Baseline vs final checkpoint</h2><p>EM rate with {html.escape(rule.ci_label)}; "
-                     f"{html.escape(rule.describe())}.</p>")
+                     f"{html.escape(rule.describe())}; each row in one EM definition (every EM figure shows the "
+                     f"three, one row of panels each):</p><ul>{named}</ul>")
         parts.append(headline_table(pd.read_csv(headline)).to_html(index=False))
     if layout.explorer.exists():
         size = summary.get("explorer_bytes") or layout.explorer.stat().st_size

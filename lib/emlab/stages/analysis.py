@@ -15,6 +15,13 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..analysis import metrics
+from ..analysis.definitions import (
+    DEFINITION_LABELS,
+    DEFINITION_NAMES,
+    EMLAB,
+    em_rates_by_definition,
+    headline_by_definition,
+)
 from ..analysis.report import rule_reach_note
 from ..analysis.triggers import trigger_rates, with_trigger_columns
 from ..api.cost import usage_cost
@@ -62,8 +69,9 @@ NAME = "04_analysis"
 
 # Tables written to the analysis folder (`ExperimentLayout.analysis_table`), with what they hold.
 TABLES = {
-    "em_rates": "EM rate with CI per model × dataset × run × step, the baseline as step 0",
-    "headline": "baseline against each run's final checkpoint, with the difference's CI",
+    "em_rates": "EM rate with CI per model × dataset × run × step, the baseline as step 0; column definition: "
+                "emlab, betley (Betley et al.), turner (Turner et al.), as in every EM table below",
+    "headline": "baseline against each run's final checkpoint, with the difference's CI, per EM definition",
     "headline_by_rule": "the headline under the main EM rule and each of analysis.extra_rules, side by side",
     "per_question": "EM rate per question at the final checkpoints",
     "judge_costs": "judgments, calls paid, tokens and dollars per judge and stage folder",
@@ -114,10 +122,12 @@ class AnalysisResult:
 
     @property
     def intro(self) -> str:
-        """What the rates below mean (markdown): the rule and the interval, as computed, and
+        """What the rates below mean (markdown): the rule, the interval and the EM definitions, as computed, and
         (`reach_note`) when the scores make EM impossible or trivial under that rule."""
-        text = (f"{self.rule.describe()}, among answers the judge scored; {self.rule.ci_label}s "
-                f"({self.rule.n_boot} resamples). Scored by `{self.judge.name}`.")
+        named = "; ".join(f"**{DEFINITION_LABELS[d]}**: {text.split(': ', 1)[-1]}" for d, text in DEFINITION_NAMES.items())
+        text = (f"{self.rule.describe()}; {self.rule.ci_label}s ({self.rule.n_boot} resamples). Scored by "
+                f"`{self.judge.name}`. Every EM table and figure shows the rate in three definitions (column or "
+                f"row of panels `definition`), each with the n of its denominator: {named}.")
         return f"{text}\n\n{self.reach_note}" if self.reach_note else text
 
 
@@ -338,14 +348,15 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
     scores = metrics.wide_scores(em_answers, judgments[(judgments["judge"] == judge.name)
                                                        & judgments["answer_id"].isin(em_answers["answer_id"])])
     final = metrics.final_checkpoints(scores, with_baseline=True)
-    rates = metrics.em_rate(scores, by=["model", "dataset", "run_id", "step"], rule=rule)
-    by_domain = metrics.em_rate(final, by=["model", "domain", "dataset"], rule=rule)
-    by_size = metrics.em_rate(final, by=["model", "size_b", "dataset"], rule=rule)
-    per_question = metrics.em_rate(final, by=["model", "dataset", "question_set", "question_id"], rule=rule)
-    headline = metrics.compare_baseline(scores, by=("model", "dataset"), rule=rule)
+    # every EM table and figure in emlab's rate and both published definitions (column `definition`)
+    rates = em_rates_by_definition(scores, by=["model", "dataset", "run_id", "step"], rule=rule)
+    by_domain = em_rates_by_definition(final, by=["model", "domain", "dataset"], rule=rule)
+    by_size = em_rates_by_definition(final, by=["model", "size_b", "dataset"], rule=rule)
+    per_question = em_rates_by_definition(final, by=["model", "dataset", "question_set", "question_id"], rule=rule)
+    headline = headline_by_definition(scores, by=("model", "dataset"), rule=rule)
     reach = metrics.rule_reach(scores, rule)
     reach_note = rule_reach_note(reach, judge.name)
-    by_rule = headline_by_rule(config, scores, headline)
+    by_rule = headline_by_rule(config, scores, headline[headline["definition"] == EMLAB].drop(columns="definition"))
 
     gold = judge_gold_set(judge, layout, gold_items(config))
     report = judge_agreement(gold, rule=rule)
@@ -438,8 +449,8 @@ def study_tables(config: ExperimentConfig, layout: ExperimentLayout, scores: pd.
     probe = collect_probe_scores(config, layout)
     tables = {
         "score_means": means,
-        "per_question_steps": metrics.em_rate(scores, [*STATE_KEYS, "question_set", "question_id"], rule=rule),
-        "answer_formats": metrics.em_rate(formats, ["model", "dataset", "answer_format"], rule=rule),
+        "per_question_steps": em_rates_by_definition(scores, [*STATE_KEYS, "question_set", "question_id"], rule=rule),
+        "answer_formats": em_rates_by_definition(formats, ["model", "dataset", "answer_format"], rule=rule),
         "task_rates": metrics.task_rate(task, STATE_KEYS, above=config.task.above, rule=rule),
         "probe_gaps": (metrics.probe_gaps(probe, [*STATE_KEYS, "probe_set"], rule=rule) if len(probe)
                        else pd.DataFrame(columns=[*STATE_KEYS, "probe_set", *metrics.PROBE_COLUMNS])),
