@@ -199,12 +199,13 @@ class Group:
             y = torch.addmm(y, F.linear(x, self.lora_a), self.lora_b.t())
         return y
 
-    def merge(self, factors: tuple[torch.Tensor, torch.Tensor] | None) -> bool:
+    def merge(self, factors: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device, dtype: torch.dtype) -> bool:
         """Apply `factors` merged into this group's copy (None: the base alone; 4-bit groups keep
-        the side path). Returns True when the copy was made anew (graphs recorded before must go)."""
+        the side path, as `use` makes it). Returns True when buffers were made anew (graphs
+        recorded before must go)."""
         self.merged_active = False
         if factors is None or self.weight is None:  # nothing adapted here, or a 4-bit group: the side path
-            return self.use(factors, self.weight_device, self.weight_dtype)
+            return self.use(factors, device, dtype)
         self.active = False
         a, b = factors
         weight = self.weight
@@ -215,14 +216,6 @@ class Group:
         self.merged.copy_(torch.addmm(weight.float(), b.to(weight.device), a.to(weight.device)))
         self.merged_active = True
         return made
-
-    @property
-    def weight_device(self) -> torch.device:
-        return self.weight.device if self.weight is not None else self.parts[0].device
-
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return self.weight.dtype if self.weight is not None else self.scratch.dtype
 
     def _dequantized(self) -> torch.Tensor:
         import bitsandbytes.functional as bnbf  # only for 4-bit bases: bitsandbytes is on GPU machines only
@@ -376,7 +369,7 @@ class DecoderWeights:
                 for group in layer.groups:
                     factors = group.factors(index, adapter)
                     if merge:
-                        remade |= group.merge(factors)
+                        remade |= group.merge(factors, self.embed.device, self.embed.dtype)
                     else:
                         group.merged_active = False
                         remade |= group.use(factors, self.embed.device, self.embed.dtype)
