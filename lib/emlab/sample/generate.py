@@ -27,7 +27,9 @@ number per token number.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -152,7 +154,7 @@ def sample_answers(
                       initial=len(items) - sum(len(idx) for _, idx in todo), disable=not progress) as bar:
         if todo:
             order = [i for _, idx in todo for i in idx]  # item numbers, wave after wave
-            writer = _WaveWriter([list(idx) for _, idx in todo], out_path, existing)
+            writer = _WaveWriter([len(idx) for _, idx in todo], out_path, existing)
 
             def on_done(position: int, done: Completion) -> None:
                 (prompt, sample_index), i = items[order[position]], order[position]
@@ -173,31 +175,26 @@ def sample_answers(
 class _WaveWriter:
     """Collects finished answers (by position in the call) and appends each wave to the answers
     file once it is complete and every wave before it is written: the file grows wave by wave,
-    in wave order, whatever order answers finish in."""
+    in wave order, whatever order answers finish in. Called between decode steps: O(1) an answer."""
 
-    def __init__(self, waves: list[list[int]], out_path: Path, written: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, sizes: list[int], out_path: Path, written: dict[str, dict[str, Any]]) -> None:
         self.out_path, self.written = out_path, written
-        self.bounds: list[tuple[int, int]] = []  # positions [start, end) of each wave in the call
-        start = 0
-        for idx in waves:
-            self.bounds.append((start, start + len(idx)))
-            start += len(idx)
+        self.starts = list(itertools.accumulate(sizes, initial=0))  # wave w holds positions [starts[w], starts[w+1])
+        self.missing = list(sizes)  # answers each wave still waits for
         self.rows: dict[int, dict[str, Any]] = {}
         self.next = 0  # the next wave to write
 
     def add(self, position: int, row: dict[str, Any]) -> None:
         self.rows[position] = row
-        while self.next < len(self.bounds):
-            start, end = self.bounds[self.next]
-            if any(p not in self.rows for p in range(start, end)):
-                return
-            rows = [self.rows.pop(p) for p in range(start, end)]
+        self.missing[bisect.bisect_right(self.starts, position) - 1] -= 1
+        while self.next < len(self.missing) and self.missing[self.next] == 0:
+            rows = [self.rows.pop(p) for p in range(self.starts[self.next], self.starts[self.next + 1])]
             append_jsonl(self.out_path, rows)
             self.written.update({r["answer_id"]: r for r in rows})
             self.next += 1
 
     def check_all_written(self) -> None:
-        if self.next != len(self.bounds):
+        if self.next != len(self.missing):
             raise RuntimeError(f"{self.out_path}: the engine returned before every answer finished")
 
 
