@@ -170,21 +170,9 @@ def test_steering_needs_a_direction_block(write_experiment) -> None:
 @pytest.fixture(scope="module")
 def adapter(tiny, tmp_path_factory: pytest.TempPathFactory):
     """A LoRA adapter large enough to change what the model says."""
-    from emlab.config.experiment import LoraSpec
-    from emlab.train.lora import lora_config
-    from peft import get_peft_model
+    from support.adapters import random_adapter
 
-    model, _ = tiny
-    torch.manual_seed(1)
-    peft_model = get_peft_model(model, lora_config(LoraSpec(r=4, alpha=8)))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    folder = tmp_path_factory.mktemp("adapter")
-    peft_model.save_pretrained(folder)
-    peft_model.unload()
-    return folder
+    return random_adapter(tiny[0], tmp_path_factory.mktemp("adapter"))
 
 
 def test_the_fallback_steers_a_tuned_model_as_the_engine_does(tiny, adapter, tmp_path) -> None:
