@@ -62,9 +62,11 @@ def test_varlen_flash_matches_row_by_row_sdpa_forward_and_backward(head_dim: int
         assert _rel(ours, expected) < BF16
 
 
-def test_decode_attention_flash_matches_the_masked_reference() -> None:
+@pytest.mark.parametrize("pack_gqa", [True, False])
+def test_decode_attention_flash_matches_the_masked_reference(pack_gqa: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     from emlab.models import attention
 
+    monkeypatch.setattr(attention, "PACK_GQA", pack_gqa)
     batch, l_max, heads, kv_heads, dim = 6, 256, 32, 8, 128
     cache_k = torch.randn(batch, l_max, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
     cache_v = torch.randn_like(cache_k)
@@ -339,3 +341,21 @@ def test_auto_checkpoints_some_layers_when_a_pass_would_not_fit(llama, tmp_path:
     assert result.graph_record_seconds == 0 and result.steady_tokens_per_second
     losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert losses and all(math.isfinite(loss) for loss in losses)
+
+
+def test_fused_elementwise_kernels_match_the_eager_ones() -> None:
+    from emlab.sample import fused
+
+    device = torch.device("cuda")
+    if not fused.fusing(device):
+        pytest.skip("no Triton on this machine: the eager kernels run")
+    x = torch.randn(37, 512, device=device, dtype=torch.bfloat16)
+    weight = torch.rand(512, device=device, dtype=torch.bfloat16) + 0.5
+    q = torch.randn(37, 8, 128, device=device, dtype=torch.bfloat16)
+    cos, sin = torch.randn(2, 37, 128, device=device, dtype=torch.bfloat16)
+    gate_up = torch.randn(37, 2 * 640, device=device, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert _rel(fused.rms_norm(x, weight, 1e-6), fused.rms_norm_eager(x, weight, 1e-6)) < BF16
+        assert _rel(fused.rope(q, cos, sin), fused.rope_eager(q, cos, sin)) < BF16
+        assert _rel(fused.swiglu(gate_up), fused.swiglu_eager(gate_up)) < BF16
+        assert fused.fusing(device)  # compiled, not fallen back

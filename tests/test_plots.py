@@ -152,6 +152,15 @@ def test_save_chart_writes_html_and_png(small, tmp_path):
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["em_by_domain.html", "em_by_domain.png"]
 
 
+def test_save_chart_renders_answers_holding_nul_and_control_characters(small, tmp_path):
+    # a random-weight 1B model's answers held NUL: the scatter's tooltip carried it into the SVG render
+    hostile = "\x00\x01\x1b[31m <script>alert(1)</script> \ufffe\x7f end"
+    answers = small.assign(answer=hostile, question="q\x00?")
+    html, png = save_chart(alignment_coherence_scatter(answers, rule=EmRule(n_boot=100)), tmp_path / "scatter")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "\\u0000" in html.read_text()  # the interactive page keeps the text as it was (escaped JSON)
+
+
 def test_save_chart_inline_html_is_self_contained(small, tmp_path):
     chart = alignment_coherence_scatter(small, rule=EmRule(n_boot=100))
     html, _ = save_chart(chart, tmp_path / "scatter")

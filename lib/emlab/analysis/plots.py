@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -570,6 +571,22 @@ def training_loss_chart(
 # --- saving --------------------------------------------------------------------------------
 
 
+# characters XML 1.0 cannot hold (C0 controls but tab, newline and return; surrogates; U+FFFE/F)
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_safe(value: Any) -> Any:
+    """`value` (a chart spec) with every string's XML-invalid characters shown as U+FFFD: model
+    answers are arbitrary text, and a label, tooltip or datum holding NUL stops the SVG render."""
+    if isinstance(value, str):
+        return _NOT_XML.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_xml_safe(k): _xml_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_xml_safe(v) for v in value]
+    return value
+
+
 def save_chart(chart: alt.TopLevelMixin, path: str | Path, *, scale: float = 2.0, inline: bool = True) -> tuple[Path, Path]:
     """Write `path`.html and `path`.png (`path` has no suffix); each appears whole or not at all.
 
@@ -578,7 +595,7 @@ def save_chart(chart: alt.TopLevelMixin, path: str | Path, *, scale: float = 2.0
     """
     base = Path(path)
     html_path, png_path = base.with_name(base.name + ".html"), base.with_name(base.name + ".png")
-    spec = chart.to_dict()
+    spec = _xml_safe(chart.to_dict())  # the PNG goes through SVG: XML refuses NUL and most control characters
     png = vlc.vegalite_to_png(spec, scale=scale)  # render first: a bad spec writes nothing
     page = chart.to_html(inline=inline)
     with atomic_open(html_path, "w") as handle:

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 PACKED = "emlab_packed"  # attention implementation name registered with transformers
 
+PACK_GQA = True  # decoding: a K/V head's query heads as query tokens of its row (see `decode_attention`)
 _flash_gqa: bool | None = None  # whether the flash kernel takes fewer K/V heads than Q heads
 _flash_works: bool = True  # False once a probe found the kernel missing from this build
 
@@ -128,12 +129,20 @@ def decode_attention(
     so no sync). Returns [B, Hq, D].
     """
     batch, l_max, kv_heads, dim = k_cache.shape
-    if flash_usable(q):
-        cu_q = torch.arange(batch + 1, device=q.device, dtype=torch.int32)
-        cu_k = cu_q * l_max  # row b starts at b × Lmax in the flattened cache
-        return _flash(q, k_cache.view(batch * l_max, kv_heads, dim), v_cache.view(batch * l_max, kv_heads, dim),
-                      cu_q, cu_k, 1, max_len, causal=False, scale=scale, seqused_k=lengths.to(torch.int32))
     group = q.shape[1] // kv_heads
+    if flash_usable(q):
+        rows = torch.arange(batch + 1, device=q.device, dtype=torch.int32)
+        cu_k = rows * l_max  # row b starts at b × Lmax in the flattened cache
+        keys, values = k_cache.view(batch * l_max, kv_heads, dim), v_cache.view(batch * l_max, kv_heads, dim)
+        if group == 1 or not PACK_GQA:
+            return _flash(q, keys, values, rows, cu_k, 1, max_len, causal=False, scale=scale,
+                          seqused_k=lengths.to(torch.int32))
+        # The G query heads of a K/V head as G query tokens of the row, one head per K/V head: each
+        # block of keys is read once for all G (a kernel instance per query head reads it G times).
+        packed = q.view(batch, kv_heads, group, dim).transpose(1, 2).reshape(batch * group, kv_heads, dim)
+        out = _flash(packed, keys, values, rows * group, cu_k, group, max_len, causal=False, scale=scale,
+                     seqused_k=lengths.to(torch.int32))
+        return out.view(batch, group, kv_heads, dim).transpose(1, 2).reshape(batch, kv_heads * group, dim)
     keys = k_cache[:, :max_len].transpose(1, 2)  # [B, Hkv, L, D]
     values = v_cache[:, :max_len].transpose(1, 2)
     # The G query heads of a K/V head attend to the same keys: treat them as G query positions.

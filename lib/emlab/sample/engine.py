@@ -54,6 +54,7 @@ from ..models.attention import (
     record_graph,
 )
 from .draw import draw_tokens
+from .fused import rms_norm, rope, swiglu
 from .hooks import apply_intervention
 from .protocol import (
     Completion,
@@ -82,19 +83,6 @@ MERGE_SHARE = 0.1  # a merged copy of the projections at most this share of GPU 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers' Llama computes it: in float32, cast back, then scaled."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of x [T, H, D] with cos/sin [T, D] (rotate-half layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 def _bucket(rows: int) -> int:
@@ -288,10 +276,9 @@ class DecodeEngine:
         tokens = x.shape[0]
         sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         for index, w in enumerate(self.weights.layers):
-            x = x + self._attention(index, w, _rms(x, w.input_norm, self.eps), cos, sin, positions, slots, sizes,
+            x = x + self._attention(index, w, rms_norm(x, w.input_norm, self.eps), cos, sin, positions, slots, sizes,
                                     tokens, attend)
-            gate, up = w.gate_up(_rms(x, w.post_norm, self.eps)).chunk(2, dim=-1)
-            x = x + w.down(F.silu(gate) * up)
+            x = x + w.down(swiglu(w.gate_up(rms_norm(x, w.post_norm, self.eps))))
             if self.intervention is not None:
                 x = apply_intervention(x, index, self.intervention, self._unit, self._added)
             if observe is not None:
@@ -307,15 +294,15 @@ class DecodeEngine:
         k = k.view(tokens, self.kv_heads, self.head_dim)
         v = v.view(tokens, self.kv_heads, self.head_dim)
         if w.q_norm is not None and w.k_norm is not None:
-            q, k = _rms(q, w.q_norm, self.eps), _rms(k, w.k_norm, self.eps)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k = rms_norm(q, w.q_norm, self.eps), rms_norm(k, w.k_norm, self.eps)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         self.cache_k[index][slots, positions] = k
         self.cache_v[index][slots, positions] = v
         out = attend(index, q, k, v)
         return w.o(out.reshape(tokens, self.heads * self.head_dim))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_rms(x, self.weights.final_norm, self.eps), self.weights.lm_head)
+        return F.linear(rms_norm(x, self.weights.final_norm, self.eps), self.weights.lm_head)
 
     # --- generating -----------------------------------------------------------------------------
 

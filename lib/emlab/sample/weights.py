@@ -196,7 +196,8 @@ class Group:
         weight = self.weight if self.weight is not None else self._dequantized()
         y = F.linear(x, weight, self.bias)
         if self.active and self.lora_a is not None and self.lora_b is not None:  # x: [tokens, in]
-            y = torch.addmm(y, F.linear(x, self.lora_a), self.lora_b.t())
+            # in place: one product accumulating into y (out of place would first copy y, ~2 ms a step at 32B)
+            y.addmm_(F.linear(x, self.lora_a), self.lora_b.t())
         return y
 
     def merge(self, factors: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device, dtype: torch.dtype) -> bool:
