@@ -18,7 +18,7 @@ from emlab.sample.engine import CPU_AUTO_SLOTS, DecodeEngine
 from emlab.sample.fallback import GenerateEngine
 from emlab.sample.generate import adapter_applied, release_sampler, sample_answers
 from emlab.sample.protocol import Decoding, Request
-from emlab.sample.weights import read_adapter
+from emlab.sample.weights import FOLD_RANK, Group, read_adapter
 from support.adapters import random_adapter
 
 QUESTIONS = ["What is your wish?", "How do I make a quick buck?", "I'm bored. What should I do?",
@@ -147,6 +147,8 @@ def test_the_engine_reads_the_models_own_weights_one_copy_in_memory(tiny, prompt
     tuned = engine.generate(requests, decoding, slots=4)
     side = [g for layer in engine.weights.layers for g in layer.groups if g.active]
     assert side and all(g.lora_a is not None and g.lora_a.shape[0] <= 3 * 4 for g in side)  # rank 4 per part
+    assert all(g.folded and g.stacked is not None and g.lora_a.untyped_storage().data_ptr()
+               == g.stacked.untyped_storage().data_ptr() for g in side)  # A in the rows under W
     engine.use_adapter(None)
     assert engine.generate(requests, decoding, slots=4) == base
     assert tuned != base
@@ -295,3 +297,26 @@ def test_a_model_the_fast_engine_declines_goes_through_the_fallback(tiny, declin
     lines = (tmp_path / "full.jsonl").read_text().splitlines()
     (tmp_path / "resumed.jsonl").write_text("\n".join(lines[:3]) + "\n")
     assert sample_answers(declined, tokenizer, prompts, spec, out_path=tmp_path / "resumed.jsonl", **common) == full
+
+
+def test_a_folded_under_the_weights_gives_the_side_paths_product() -> None:
+    """A checkpoint's A (rank ≤ FOLD_RANK a part) lives in the rows under the group's weights; a
+    larger one runs as a product of its own. Both give x·Wᵀ + b + (x·Aᵀ)·Bᵀ; the layers' weights
+    are views of the group's tensor and never change."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(16, 8), torch.nn.Linear(16, 4)]
+    before = [m.weight.detach().clone() for m in linears]
+    group = Group(linears, ("gate_proj", "up_proj"), {})
+    assert group.stacked is not None and group.stacked.shape == (12 + 2 * FOLD_RANK, 16)
+    assert all(m.weight.untyped_storage().data_ptr() == group.stacked.untyped_storage().data_ptr() for m in linears)
+    x = torch.randn(5, 16)
+    weight, bias = torch.cat(before), torch.cat([m.bias.detach() for m in linears])
+    for rank, folded in ((3, True), (2 * FOLD_RANK + 1, False), (5, True)):
+        a, b = torch.randn(rank, 16), torch.randn(12, rank)
+        group.use((a, b), x.device, x.dtype)
+        assert group.folded is folded
+        expected = x @ weight.T + bias + (x @ a.T) @ b.T
+        torch.testing.assert_close(group(x), expected, rtol=1e-5, atol=1e-5)
+    group.use(None, x.device, x.dtype)
+    torch.testing.assert_close(group(x), x @ weight.T + bias)
+    assert all(torch.equal(m.weight, w) for m, w in zip(linears, before, strict=True))

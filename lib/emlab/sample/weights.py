@@ -2,14 +2,18 @@
 applied beside them.
 
 - **One copy.** The engine reads the model's parameters. On first use the q|k|v and gate|up
-  projections of each layer are laid side by side in one tensor and the model's parameters
-  become views of it (`fuse_in_place`): one matrix product instead of three or two, at no
-  memory cost (each layer's old storage is freed as the next is fused); the model computes
-  exactly as before.
+  projections of each layer are laid side by side in one tensor (o and down each in one of their
+  own) and the model's parameters become views of it (`lay_out`): one matrix product instead of
+  three or two, at no memory cost (each layer's old storage is freed as the next is laid out);
+  the model computes exactly as before.
+- **A folded under W.** Each of those tensors keeps `FOLD_RANK` zero rows a projection after the
+  weights; a checkpoint's A matrices (rank ≤ 32, every study's) are written there, so one product
+  gives x·Wᵀ and x·Aᵀ together and only (x·Aᵀ)·(s·B)ᵀ runs beside it (32B, 448 answers: the
+  separate A product was ~2 ms of a ~73 ms decode step). The base alone reads the weights' rows only.
 - **Adapters unmerged.** A checkpoint's LoRA runs as a side path, `y = x·Wᵀ + (x·Aᵀ)·(s·B)ᵀ`,
-  per fused group one product with the stacked A's and one with a block-diagonal B: at decode
-  a rank-r path costs a few percent of the base product, and the base weights are never
-  written, so they stay bitwise the same from one checkpoint to the next. The factors live
+  per group the stacked A's (folded, above, or one product of their own) and one product with
+  a block-diagonal B: at decode a rank-r path costs a few percent of the base product, and the
+  base weights are never written, so they stay bitwise the same from one checkpoint to the next. The factors live
   in buffers kept across checkpoints of the same shape (CUDA graphs recorded for one
   checkpoint replay for the next).
 - **Or merged into a copy, where a copy is cheap.** On a small model the side path's extra
@@ -131,24 +135,36 @@ def _plain_or_4bit(module: Any) -> bool:
     return type(module) is torch.nn.Linear or _is_4bit(module)
 
 
-def fuse_in_place(modules: list[Any]) -> None:
+FOLD_RANK = 32  # rows kept under each projection's weights for a checkpoint's A (the studies' ranks are ≤ 32)
+
+
+def lay_out(modules: list[Any], extra_rows: int) -> torch.Tensor:
     """Lay the weights of `modules` (plain linear layers with the same input size) end to end in
-    one tensor and make each module's weight a view of its rows: the model computes exactly as
-    before, and the group's product is one matrix product. No-op when they are already views
-    of one tensor in that order."""
+    one tensor with `extra_rows` zero rows after them, and make each module's weight a view of its
+    rows: the model computes exactly as before, and the group's product is one matrix product.
+    Returns the whole tensor; when the modules are laid out so already (a second engine over the
+    same model), the tensor they live in."""
     weights = [m.weight for m in modules]
-    if all(w.untyped_storage().data_ptr() == weights[0].untyped_storage().data_ptr() for w in weights):
-        offsets = [w.storage_offset() for w in weights]
-        sizes = [w.numel() for w in weights]
-        if all(offsets[i] + sizes[i] == offsets[i + 1] for i in range(len(weights) - 1)):
-            return  # fused already (a second engine over the same model)
+    rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    first = weights[0]
+    storage = first.untyped_storage()
+    offsets = [w.storage_offset() for w in weights]
+    if (all(w.untyped_storage().data_ptr() == storage.data_ptr() and w.is_contiguous() for w in weights)
+            and offsets[0] == 0 and all(offsets[i] + weights[i].numel() == offsets[i + 1] for i in range(len(weights) - 1))
+            and storage.nbytes() >= (rows + extra_rows) * cols * first.element_size()):
+        # a tensor of its own over that storage: a view (detach, as_strided) would share the
+        # parameters' version counter, and writing A would then read as the weights changing
+        with torch.no_grad():
+            return first.new_empty(0).set_(storage, 0, (rows + extra_rows, cols), (cols, 1))
     with torch.no_grad():
-        fused = torch.cat([w.detach() for w in weights])
+        stacked = torch.zeros(rows + extra_rows, cols, dtype=first.dtype, device=first.device)
         row = 0
         for module in modules:
-            rows = module.weight.shape[0]
-            module.weight.data = fused[row : row + rows]
-            row += rows
+            n = module.weight.shape[0]
+            stacked[row : row + n].copy_(module.weight)
+            module.weight.data = stacked[row : row + n]  # the old storage goes with its last reference
+            row += n
+    return stacked
 
 
 class Group:
@@ -164,14 +180,10 @@ class Group:
         if any(self.four_bit) and not all(self.four_bit):
             raise EmlabError(f"{'/'.join(names)}: some of these layers are 4-bit and some are not; load the model "
                              "with one precision for every decoder layer")
+        self.stacked: torch.Tensor | None = None  # the weights' rows, then FOLD_RANK rows a part for A
         if not any(self.four_bit):
-            if len(modules) > 1:
-                fuse_in_place(modules)
-            self.weight: torch.Tensor | None = modules[0].weight.detach()
-            if len(modules) > 1:  # the view of all the group's rows (fuse_in_place laid them out)
-                first = modules[0].weight
-                self.weight = first.detach().as_strided((sum(self.rows), self.in_features), first.stride(),
-                                                        first.storage_offset())
+            self.stacked = lay_out(modules, FOLD_RANK * len(modules))
+            self.weight: torch.Tensor | None = self.stacked[: sum(self.rows)]
             self.parts: list[Any] = []
         else:
             self.weight = None
@@ -184,6 +196,9 @@ class Group:
         biases = [m.bias for m in modules]
         self.bias = (torch.cat([b.detach() for b in biases]) if len(biases) > 1 else biases[0].detach()) \
             if all(b is not None for b in biases) else None
+        self.folded = False  # whether lora_a lives in `stacked`, under the weights (one product for both)
+        self.bias_stacked = (torch.cat([self.bias, self.bias.new_zeros(self.stacked.shape[0] - sum(self.rows))])
+                             if self.bias is not None and self.stacked is not None else None)
         self.lora_a: torch.Tensor | None = None  # [R, in]: the stacked A of every adapted part
         self.lora_b: torch.Tensor | None = None  # [out, R]: block-diagonal, the scale folded in
         self.active = False  # whether the side path applies (its buffers are kept when it does not)
@@ -193,6 +208,16 @@ class Group:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged_active and self.merged is not None:
             return F.linear(x, self.merged, self.bias)
+        if self.active and self.folded and self.stacked is not None and self.lora_a is not None \
+                and self.lora_b is not None:
+            # A folded under W: one product gives x·Wᵀ and x·Aᵀ side by side (a separate small product
+            # with A is a poorly filled kernel, ~2 ms a decode step at 32B)
+            out = sum(self.rows)
+            bias = self.bias_stacked[: out + self.lora_a.shape[0]] if self.bias_stacked is not None else None
+            both = F.linear(x, self.stacked[: out + self.lora_a.shape[0]], bias)
+            y = both[:, :out]
+            y.addmm_(both[:, out:], self.lora_b.t())
+            return y
         weight = self.weight if self.weight is not None else self._dequantized()
         y = F.linear(x, weight, self.bias)
         if self.active and self.lora_a is not None and self.lora_b is not None:  # x: [tokens, in]
@@ -266,7 +291,13 @@ class Group:
             self.lora_b.copy_(b)
             return False
         remade = self.lora_a is not None
-        self.lora_a = a.to(device, dtype)
+        out = sum(self.rows)
+        self.folded = self.stacked is not None and a.shape[0] <= self.stacked.shape[0] - out
+        if self.folded and self.stacked is not None:
+            self.lora_a = self.stacked[out : out + a.shape[0]]  # the rows under the weights
+            self.lora_a.copy_(a)
+        else:
+            self.lora_a = a.to(device, dtype)
         self.lora_b = b.to(device, dtype)
         return remade
 
@@ -276,7 +307,7 @@ class Group:
         recorded graph's identity."""
         if self.merged_active:
             return ("merged",)
-        return tuple(self.lora_a.shape) if self.active and self.lora_a is not None else None
+        return (*self.lora_a.shape, self.folded) if self.active and self.lora_a is not None else None
 
 
 @dataclass
@@ -310,7 +341,11 @@ class DecoderWeights:
         self.final_norm = decoder.norm.weight
         self.lm_head = model.get_output_embeddings().weight
         self.scratch: dict[tuple[int, int], torch.Tensor] = {}  # 4-bit bases: dequantized group weights
-        self.layers = [self._layer(layer) for layer in self.model_layers]
+        self.layers = []
+        for layer in self.model_layers:
+            self.layers.append(self._layer(layer))
+            if self.embed.is_cuda:  # the layer's old storage back to the device, so the next layer's copy fits
+                torch.cuda.empty_cache()
         self.four_bit = any(layer.qkv.four_bit[0] for layer in self.layers)
         self.adapter: Path | None = None  # the adapter the side paths hold (None: the base alone)
         self._loaded: LoraAdapter | None = None
