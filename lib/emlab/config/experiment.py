@@ -794,6 +794,20 @@ class ExecutorSpec(_Strict):
     stages: dict[str, SlurmResources] = Field(
         default={}, description="Slurm: per stage ('02_finetune': {gpus: 1}), over `resources`."
     )
+    gpus: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
+        default=1, description="Local: GPUs the steps run on side by side, one step per GPU in its own process "
+        "(CUDA_VISIBLE_DEVICES); 'all': every visible GPU; 1: one step after another, as before. "
+        "`emlab run --gpus` overrides it (emlab.pipeline.executors.gpus).",
+    )
+    gpu_memory_gib: float = Field(
+        default=80.0, gt=0, description="Memory of one GPU in GiB, for `emlab plan` and `emlab check` to say which "
+        "training steps need more than one GPU (emlab.train.distributed).",
+    )
+    distributed: Literal["none", "fsdp"] = Field(
+        default="none", description="A training step that needs more than one GPU: 'fsdp' shards it over the GPUs "
+        "with accelerate's FSDP (emlab.train.distributed; built and tested on the CPU only, never run on several "
+        "GPUs); 'none': such a step is refused.",
+    )
 
     @field_validator("stages")
     @classmethod
