@@ -804,9 +804,10 @@ class ExecutorSpec(_Strict):
         "training steps need more than one GPU (emlab.train.distributed).",
     )
     distributed: Literal["none", "fsdp"] = Field(
-        default="none", description="A training step that needs more than one GPU: 'fsdp' shards it over the GPUs "
-        "with accelerate's FSDP (emlab.train.distributed; built and tested on the CPU only, never run on several "
-        "GPUs); 'none': such a step is refused.",
+        default="none", description="A training step that needs more than one GPU: 'fsdp' is to shard it over the "
+        "GPUs with accelerate's FSDP; emlab.train.distributed builds its config and launch command, tested on the CPU "
+        "only, never run on several GPUs, and not yet wired into 02_finetune, so `emlab run` still refuses such a "
+        "step under either value.",
     )
 
     @field_validator("stages")

@@ -165,19 +165,21 @@ def run_on_gpus(graph: StepGraph, gpus: Sequence[str], *, launch: Launcher | Non
 
     Raises `EmlabError` naming the first failed step and its log.
     """
+    by_key = {step.key: step for step in graph.steps}
+    tasks = [Task(step.key, tuple(need.key for need in graph.needs(step)), step_gpus(graph, step))
+             for step in graph.steps]
+    too_big = [task for task in tasks if task.gpus > 1 and not graph.is_done(by_key[task.key])]
+    if too_big:  # before anything starts: refused now rather than out of memory hours in
+        raise EmlabError(f"{', '.join(t.key for t in too_big)} needs more than one GPU "
+                         f"({'; '.join(too_big_lines(graph.config))}); emlab does not launch a step over several "
+                         "GPUs yet (emlab.train.distributed builds the accelerate FSDP command and config for "
+                         "executor.distributed: fsdp, but it was never run on GPUs and 02_finetune does not launch "
+                         "through it): use GPUs that hold it (executor.gpu_memory_gib), or load_in_4bit")
     preflight(graph.config)
     guard_params(graph.config, graph.steps)
     for folder in dict.fromkeys(step.folder for step in graph.steps):
         for stale in remove_stale_temp_files(folder):
             log.info("removed %s, left by a write that was killed", stale)
-    by_key = {step.key: step for step in graph.steps}
-    tasks = [Task(step.key, tuple(need.key for need in graph.needs(step)), step_gpus(graph, step))
-             for step in graph.steps]
-    too_big = [task for task in tasks if task.gpus > 1]
-    if too_big:
-        raise EmlabError(f"{', '.join(t.key for t in too_big)} needs more than one GPU ({'; '.join(too_big_lines(graph.config))}); "
-                         "emlab does not launch a step over several GPUs yet (emlab.train.distributed builds the "
-                         "accelerate FSDP command, untested on GPUs): use a machine whose GPU holds it, or 4-bit")
     starter = launch or (lambda step, held: launch_step(graph, step, held))
 
     def is_done(task: Task) -> bool:
