@@ -190,6 +190,9 @@ def run_on_gpus(graph: StepGraph, gpus: Sequence[str], *, launch: Launcher | Non
         where = f" on GPU {','.join(outcome.gpus)}" if outcome.gpus else (" (no GPU)" if what == "started" else "")
         took = f" in {outcome.seconds:.1f} s" if what in ("ran", "failed") else ""
         step = by_key[outcome.key]
+        if what == "skipped":
+            log.info("%s %s: complete, skipped", step.stage.name, step.unit)
+            return
         log.info("%s %s: %s%s%s (log %s)", step.stage.name, step.unit, what, where, took,
                  graph.layout.gpu_step_log(step.stage.name, step.unit))
 
