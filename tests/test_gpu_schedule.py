@@ -240,3 +240,23 @@ def test_which_steps_hold_a_gpu(write_experiment) -> None:
     assert held["01_baseline/smol-2l"] == 1 and held["02_finetune/smol-2l__bad_medical__s0"] == 1
     assert held["01_baseline/api-model"] == 0 and held["03_eval_judge/api-model__bad_medical__s0"] == 0
     assert held["04_analysis/analysis"] == 0
+
+
+def test_board_shows_every_running_step_on_one_line(tmp_path: Path) -> None:
+    import io
+    import json
+
+    from emlab.pipeline.executors.board import ProgressBoard
+
+    board = ProgressBoard(io.StringIO())
+    first, second = tmp_path / "p1.jsonl", tmp_path / "p2.jsonl"
+    board.add("01_baseline m", first)
+    board.add("02_finetune r", second)
+    assert board.line() == "01_baseline m · running | 02_finetune r · running"
+    first.write_text(json.dumps({"desc": "sampling", "n": 4, "total": 8, "unit": "answer", "elapsed": 2}) + "\n")
+    second.write_text(json.dumps({"desc": "train", "n": 1, "total": 4, "unit": "steps", "elapsed": 1}) + "\n"
+                      + '{"desc": "train", "n": 2')  # a line still being written waits
+    line = board.line()
+    assert line.startswith("01_baseline m · sampling 4/8 answer  50%") and "| 02_finetune r · train 1/4 steps  25%" in line
+    board.remove("01_baseline m")
+    assert board.line().startswith("02_finetune r · train 1/4")

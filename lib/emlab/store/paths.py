@@ -540,6 +540,7 @@ def judge_server_lock_file() -> Path:
     return logs_dir() / JUDGE_SERVER_LOCK
 
 
-def progress_file(stage: str, unit: str) -> Path:
-    """Where a running stage's kernel reports its progress to `emlab run` (removed after)."""
-    return logs_dir() / f"progress-{os.getpid()}-{stage}-{unit}.jsonl"
+def progress_file(stage: str, unit: str, pid: int | None = None) -> Path:
+    """Where a running stage's kernel reports its progress to the process running the stage
+    (`pid`, default this one; removed after)."""
+    return logs_dir() / f"progress-{os.getpid() if pid is None else pid}-{stage}-{unit}.jsonl"

@@ -14,8 +14,9 @@ What holds as for one step at a time:
 - SIGKILL: each step's process is bound to this one (`procs.spawn`), its kernel to it and the
   judge server to the kernel, so killing `emlab run` ends them all; the next run skips what
   finished and reruns the step that was killed (its stale temporary files removed first);
-- progress: one line per step as it starts (with its GPU) and ends; the step's own progress
-  bars are in its log (a line per bar every 15 s);
+- progress: a line per step as it starts (with its GPU) and ends, and one live line with every
+  running step's progress (`board.ProgressBoard`, from the progress files their kernels
+  write); each step's own bars are also in its log (a line per bar every 15 s);
 - the judge: each step that judges with a local judge starts its own llama.cpp server on a
   port chosen under a lock (`judge.server`), so two never race for one port, and each stops
   only its own; an API judge is shared through the judge cache (SQLite, safe across processes).
@@ -41,12 +42,13 @@ from ...config.experiment import ExperimentConfig
 from ...errors import EmlabError
 from ...procs import spawn
 from ...store.files import remove_stale_temp_files
-from ...store.paths import repo_root
+from ...store.paths import progress_file, repo_root
 from ...store.runinfo import StageRecord
 from ...train.distributed import gpus_needed, needs_text
 from ..checks import preflight
 from ..gpu_hours import model_params_b
 from ..steps import ExperimentRun, Step, StepGraph, failure_message, guard_params
+from .board import ProgressBoard
 from .schedule import Outcome, Process, Task, run_tasks
 
 log = logging.getLogger(__name__)
@@ -186,18 +188,31 @@ def run_on_gpus(graph: StepGraph, gpus: Sequence[str], *, launch: Launcher | Non
         step = by_key[task.key]
         return not step.stage.always_runs and graph.is_done(step)
 
+    board = ProgressBoard()
+
+    def start(task: Task, held: tuple[str, ...]) -> Process:
+        step = by_key[task.key]
+        process = starter(step, held)
+        pid = getattr(process, "pid", None)
+        if isinstance(pid, int):  # `emlab step` itself: its kernel reports to this file
+            board.add(f"{step.stage.name} {step.unit}", progress_file(step.stage.name, step.unit, pid))
+        return process
+
     def report(what: str, outcome: Outcome) -> None:
         where = f" on GPU {','.join(outcome.gpus)}" if outcome.gpus else (" (no GPU)" if what == "started" else "")
         took = f" in {outcome.seconds:.1f} s" if what in ("ran", "failed") else ""
         step = by_key[outcome.key]
+        if what in ("ran", "failed"):
+            board.remove(f"{step.stage.name} {step.unit}")
+        board.clear()
         if what == "skipped":
             log.info("%s %s: complete, skipped", step.stage.name, step.unit)
             return
         log.info("%s %s: %s%s%s (log %s)", step.stage.name, step.unit, what, where, took,
                  graph.layout.gpu_step_log(step.stage.name, step.unit))
 
-    outcomes = run_tasks(tasks, gpus, launch=lambda task, held: starter(by_key[task.key], held),
-                         is_done=is_done, on_event=report, poll_s=poll_s)
+    with board:
+        outcomes = run_tasks(tasks, gpus, launch=start, is_done=is_done, on_event=report, poll_s=poll_s)
     run = ExperimentRun(graph.config, [_record(graph, by_key[key], outcome) for key, outcome in outcomes.items()])
     index = write_index(graph.config, run.records)
     failed = [record for record in run.records if record.status == "failed"]
