@@ -260,3 +260,22 @@ def test_board_shows_every_running_step_on_one_line(tmp_path: Path) -> None:
     assert line.startswith("01_baseline m · sampling 4/8 answer  50%") and "| 02_finetune r · train 1/4 steps  25%" in line
     board.remove("01_baseline m")
     assert board.line().startswith("02_finetune r · train 1/4")
+
+
+def test_a_failed_step_stops_the_run_with_its_own_error(write_experiment) -> None:
+    from emlab.pipeline.executors.gpus import run_on_gpus
+    from emlab.procs import spawn
+
+    graph = load_steps(write_experiment())
+    started: list[tuple[str, tuple[str, ...]]] = []
+
+    def failing(step, gpus):  # noqa: ANN001, ANN202 - a step process that fails as `emlab step` does
+        started.append((step.key, gpus))
+        log = graph.layout.gpu_step_log(step.stage.name, step.unit)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        return spawn(["sh", "-c", f"echo 'emlab: error: boom in {step.unit}' >> '{log}'; exit 2"])
+
+    with pytest.raises(EmlabError, match=r"01_baseline for smol-2l failed: boom in smol-2l \(log .*01_baseline__smol-2l.log\)"):
+        run_on_gpus(graph, ["a", "b"], launch=failing, poll_s=0.05)
+    assert sorted(started) == [("01_baseline/smol-2l", ("a",)), ("02_finetune/smol-2l__bad_medical__s0", ("b",))]
+    assert graph.layout.index.exists()  # the index page shows the failure, as one step at a time does
