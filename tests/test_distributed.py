@@ -41,7 +41,7 @@ def test_plan_and_check_say_which_model_needs_several_gpus(write_experiment) -> 
     config = load_experiment(write_experiment(models=[small, big]))
     lines = too_big_lines(config)
     assert len(lines) == 1 and lines[0].startswith("llama-70b: training needs 3 GPUs (~")
-    assert "not been run on several GPUs" in lines[0]
+    assert "never run on several GPUs" in lines[0]
     bigger_gpus = load_experiment(write_experiment(models=[small, big], executor={"gpu_memory_gib": 192}))
     assert too_big_lines(bigger_gpus) == []
     graph = load_steps(write_experiment(models=[big]))

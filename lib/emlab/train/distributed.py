@@ -59,7 +59,8 @@ def needs_text(model: str, params_b: float, gpu_memory_gib: float, gpus: int, *,
     """The one line `emlab plan` and `emlab check` print for a model too big for one GPU."""
     return (f"{model}: training needs {gpus} GPUs (~{training_gib(params_b, four_bit=four_bit):.0f} GiB for "
             f"{params_b:g}B parameters{' in 4-bit' if four_bit else ''}, one GPU holds {gpu_memory_gib:g} GiB); "
-            "executor.distributed: fsdp is built for it but has not been run on several GPUs")
+            "emlab run refuses it: sharding it with accelerate FSDP (emlab.train.distributed) is built only as far "
+            "as its config and launch command, never run on several GPUs")
 
 
 def fsdp_accelerate_config(num_processes: int, *, mixed_precision: str = "bf16",

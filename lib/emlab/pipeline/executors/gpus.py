@@ -172,11 +172,9 @@ def run_on_gpus(graph: StepGraph, gpus: Sequence[str], *, launch: Launcher | Non
              for step in graph.steps]
     too_big = [task for task in tasks if task.gpus > 1 and not graph.is_done(by_key[task.key])]
     if too_big:  # before anything starts: refused now rather than out of memory hours in
-        raise EmlabError(f"{', '.join(t.key for t in too_big)} needs more than one GPU "
-                         f"({'; '.join(too_big_lines(graph.config))}); emlab does not launch a step over several "
-                         "GPUs yet (emlab.train.distributed builds the accelerate FSDP command and config for "
-                         "executor.distributed: fsdp, but it was never run on GPUs and 02_finetune does not launch "
-                         "through it): use GPUs that hold it (executor.gpu_memory_gib), or load_in_4bit")
+        raise EmlabError(f"{', '.join(t.key for t in too_big)} needs more than one GPU: "
+                         f"{'; '.join(too_big_lines(graph.config))}; use GPUs that hold it "
+                         "(executor.gpu_memory_gib says how much one holds) or load_in_4bit")
     preflight(graph.config)
     guard_params(graph.config, graph.steps)
     for folder in dict.fromkeys(step.folder for step in graph.steps):
