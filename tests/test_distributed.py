@@ -51,7 +51,7 @@ def test_plan_and_check_say_which_model_needs_several_gpus(write_experiment) -> 
         run_on_gpus(graph, ["a", "b", "c"], launch=_never)
 
 
-def _never(step, gpus):  # noqa: ANN001, ANN202 - a launcher that must not be reached
+def _never(step, gpus):
     raise AssertionError(f"{step.key} launched")
 
 

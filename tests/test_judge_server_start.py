@@ -38,7 +38,7 @@ def test_two_servers_started_at_once_on_one_port_get_two_ports(monkeypatch: pyte
     def start(name: str) -> None:
         try:
             urls[name] = stacks[name].enter_context(server.local_judge_server(SERVER_JUDGE))
-        except BaseException as exc:  # reported by the main thread
+        except Exception as exc:  # reported by the main thread
             errors.append(exc)
 
     threads = [threading.Thread(target=start, args=(name,)) for name in stacks]

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from ...progress import format_state
 
@@ -110,7 +110,7 @@ class ProgressBoard:
                     self.stream.write(f"running: {line}\n")
                     self.stream.flush()
 
-    def __enter__(self) -> ProgressBoard:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

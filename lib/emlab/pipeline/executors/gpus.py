@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -57,12 +57,11 @@ GpuCount = int | Literal["all"]
 Launcher = Callable[[Step, tuple[str, ...]], Process]
 
 
-def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
+def visible_gpus(env: Mapping[str, str] | None = None) -> list[str]:
     """The GPU ids this process may use: `CUDA_VISIBLE_DEVICES`'s entries when set (CUDA stops
     at the first entry it cannot read, and so does this), else `nvidia-smi -L`'s indices;
     [] when there are none."""
-    env = os.environ if env is None else env
-    listed = env.get("CUDA_VISIBLE_DEVICES")
+    listed = (os.environ if env is None else env).get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         ids = []
         for entry in (e.strip() for e in listed.split(",")):
@@ -73,7 +72,7 @@ def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
     if shutil.which("nvidia-smi") is None:
         return []
     try:
-        shown = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        shown = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return []
     return [str(i) for i, line in enumerate(l for l in shown.stdout.splitlines() if l.startswith("GPU "))] \
