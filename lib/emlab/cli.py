@@ -3,6 +3,7 @@
     emlab run params/experiments/default.yaml      # every notebook, then the HTML index
     emlab run X.yaml --until 02_finetune           # stop after a stage (the rest runs next time)
     emlab run X.yaml --executor slurm              # one Slurm job per step (see executors/slurm.py)
+    emlab run X.yaml --gpus all                    # steps side by side, one per GPU (see executors/gpus.py)
     emlab status X.yaml                            # each step: done, queued, running, failed (log tail)
     emlab step X.yaml 02_finetune <run id>         # one step, here (what a Slurm job runs)
     emlab check params/experiments/default.yaml    # validate inputs; list every missing one with its fix
@@ -32,6 +33,7 @@ from .judge import cache_stats
 from .pipeline.checks import MissingInputsError, check_params, preflight
 from .pipeline.estimate import plan_text
 from .pipeline.executors import EXECUTORS
+from .pipeline.executors.gpus import gpus_to_use, parse_gpus, run_on_gpus, too_big_lines
 from .pipeline.executors.local import run_local
 from .pipeline.executors.slurm import submit_steps
 from .pipeline.executors.status import experiment_status
@@ -60,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--executor", choices=EXECUTORS, default=None,
                              help="where the stages run: local (here, one after another) or slurm (one job "
                                   "per step); default: the experiment's executor.kind, else local")
+            cmd.add_argument("--gpus", type=_gpus_arg, default=None, metavar="N|all",
+                             help="local: run steps side by side, one per GPU (CUDA_VISIBLE_DEVICES), N GPUs or "
+                                  "all visible; default: the experiment's executor.gpus (1: one after another)")
     status = sub.add_parser("status", help="each step's state: done, queued, running, failed (with the log tail)")
     status.add_argument("experiment", help="params/experiments/<name>.yaml")
     status.add_argument("--until", choices=STAGE_NAMES, default=None, metavar="STAGE", help="last stage shown")
@@ -132,7 +137,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print(f"{done.step.stage.name:14s} {done.step.unit:40s} {done.action:9s} {done.job or '':>8s} {after}".rstrip())
             print(f"`emlab status {args.experiment}` shows how they go")
             return 0
-        for r in run_local(graph).records:
+        gpus = gpus_to_use(args.gpus if args.gpus is not None else graph.config.executor.gpus)
+        for r in (run_on_gpus(graph, gpus) if len(gpus) > 1 else run_local(graph)).records:
             print(f"{r.stage:14s} {r.label:40s} {r.status:8s} {r.seconds:7.1f}s")
         return 0
     if args.command == "status":
@@ -151,7 +157,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         return _data(args)
     if args.command == "plan":
-        print(plan_text(load_experiment(args.experiment)))  # GPU times from the recorded benchmark numbers
+        config = load_experiment(args.experiment)
+        print(plan_text(config))  # GPU times from the recorded benchmark numbers
+        for line in too_big_lines(config):  # a training step one GPU cannot hold, said in one line
+            print(line)
         return 0
     if args.command == "cache":
         path = Path(args.path) if args.path else judge_cache_file()
@@ -176,7 +185,16 @@ def _check(experiment: str, *, params_only: bool) -> int:
                 print(f"missing: {item.listed()}")
         raise  # one input: the error line is its message, said once
     print(f"{experiment}: ok ({len(config.runs())} runs, {len(config.judges)} judges)")
+    for line in too_big_lines(config):
+        print(line)
     return 0
+
+
+def _gpus_arg(text: str) -> int | str:
+    try:
+        return parse_gpus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -794,6 +794,21 @@ class ExecutorSpec(_Strict):
     stages: dict[str, SlurmResources] = Field(
         default={}, description="Slurm: per stage ('02_finetune': {gpus: 1}), over `resources`."
     )
+    gpus: Annotated[int, Field(ge=1)] | Literal["all"] = Field(
+        default=1, description="Local: GPUs the steps run on side by side, one step per GPU in its own process "
+        "(CUDA_VISIBLE_DEVICES); 'all': every visible GPU; 1: one step after another, as before. "
+        "`emlab run --gpus` overrides it (emlab.pipeline.executors.gpus).",
+    )
+    gpu_memory_gib: float = Field(
+        default=80.0, gt=0, description="Memory of one GPU in GiB, for `emlab plan` and `emlab check` to say which "
+        "training steps need more than one GPU (emlab.train.distributed).",
+    )
+    distributed: Literal["none", "fsdp"] = Field(
+        default="none", description="A training step that needs more than one GPU: 'fsdp' is to shard it over the "
+        "GPUs with accelerate's FSDP; emlab.train.distributed builds its config and launch command, tested on the CPU "
+        "only, never run on several GPUs, and not yet wired into 02_finetune, so `emlab run` still refuses such a "
+        "step under either value.",
+    )
 
     @field_validator("stages")
     @classmethod

@@ -9,6 +9,7 @@ process that started it, even when that one is SIGKILLed.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
@@ -25,7 +26,7 @@ from ..config.experiment import EMBEDDED_MODEL, JudgeSpec
 from ..errors import ConfigError, JudgeError
 from ..models.load import embedded_gguf_path
 from ..procs import spawn
-from ..store.paths import logs_dir, repo_root
+from ..store.paths import judge_server_lock_file, logs_dir, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +105,48 @@ def local_judge_server(
         cmd += ["--model_alias", judge.model]
     base_url = f"http://127.0.0.1:{port}/v1"
     log.info("starting llama.cpp judge server for %s on %s (log %s)", gguf.name, base_url, log_path)
-    with open(log_path, "ab") as log_file:
-        # bound to this process: a SIGKILLed run (or kernel) takes the server with it
-        proc = spawn(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc: subprocess.Popen[bytes] | None = None
     try:
-        _wait_ready(proc, base_url, log_path, startup_timeout_s)
+        # Steps run side by side (`emlab run --gpus N`) each start a server: the port chosen above
+        # was free a moment ago, and a second server started before the first has bound it would
+        # fail while the first answered the second's readiness check (and stopping the first would
+        # then cut the second step off). One start at a time, until the port is bound and answers.
+        with _start_lock():
+            port, base_url = _fresh_port(port, cmd)
+            with open(log_path, "ab") as log_file:
+                # bound to this process: a SIGKILLed run (or kernel) takes the server with it
+                proc = spawn(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            _wait_ready(proc, base_url, log_path, startup_timeout_s)
         yield base_url
     finally:
-        _stop(proc)
+        if proc is not None:
+            _stop(proc)
+
+
+def _fresh_port(port: int, cmd: list[str]) -> tuple[int, str]:
+    """`port` again if it is still free now that the start lock is held, else a new one
+    (written into `cmd`); and the base URL on it."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
+    except OSError:
+        new = free_port()
+        cmd[cmd.index("--port") + 1] = str(new)
+        port = new
+    return port, f"http://127.0.0.1:{port}/v1"
+
+
+@contextmanager
+def _start_lock() -> Iterator[None]:
+    """Hold `judge_server_lock_file()` (flock: released by the kernel if this process dies)."""
+    path = judge_server_lock_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _supports_model_alias() -> bool:
@@ -136,7 +171,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], base_url: str, log_path: Path, ti
             )
         try:
             with urllib.request.urlopen(f"{base_url}/models", timeout=2) as reply:
-                if reply.status == 200:
+                if reply.status == 200 and proc.poll() is None:  # answered while ours runs: ours holds the port
                     log.info("judge server ready after %.1f s", time.monotonic() - started)
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):

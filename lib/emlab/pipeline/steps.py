@@ -175,6 +175,8 @@ def run_step(path: str | Path, stage: str, unit: str, *, wait_needs_s: float = 0
         raise EmlabError(f"{step.key} needs {', '.join(missing)} done first (not done in {graph.layout.root}); "
                          f"run `emlab run {graph.file}` to run everything in order")
     guard_params(graph.config, [step])
+    if "CUDA_VISIBLE_DEVICES" in os.environ:  # pinned by `emlab run --gpus N` (executors/gpus.py) or Slurm
+        log.info("%s: CUDA_VISIBLE_DEVICES=%s", step.key, os.environ["CUDA_VISIBLE_DEVICES"])
     for stale in remove_stale_temp_files(step.folder):
         log.info("removed %s, left by a write that was killed", stale)
     record = run_or_skip(graph, step)

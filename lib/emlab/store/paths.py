@@ -22,6 +22,7 @@ is named by `ExperimentLayout`; the files inside one stage folder by `StageFiles
                                         gold_judgments.jsonl, summary.json, explorer.html
       slurm/                            `emlab run --executor slurm`: jobs.json (every job
                                         submitted, by stage and unit), scripts/, logs/
+      gpus/logs/                        `emlab run --gpus N`: each step's output (its own process)
 
 Every stage folder also holds, per stage that ran there, the executed notebook
 (`NN_stage.ipynb`, the record), its HTML, the completion marker (`NN_stage.done.json`) and
@@ -81,6 +82,8 @@ SLURM_JOBS = "jobs.json"
 SLURM_LOCK = "submit.lock"
 SLURM_SCRIPTS = "scripts"
 SLURM_LOGS = "logs"
+GPU_STEP_LOGS = "gpus/logs"  # `emlab run --gpus N`: each step's process writes its output here
+JUDGE_SERVER_LOCK = "judge-server-start.lock"  # in logs_dir(): held while a llama.cpp judge server picks its port
 TASK = "task"  # in-distribution task rate: held-out prompts, their answers and judgments, in a stage folder
 HOLDOUT = "holdout.jsonl"  # task/holdout.jsonl in a run folder: the held-out prompts (never trained on)
 BACKDOOR = "backdoor.json"  # in a run folder: the trigger put on training rows, and which rows (datasets[].trigger)
@@ -350,6 +353,10 @@ class ExperimentLayout:
     def index(self) -> Path:
         return self.root / INDEX
 
+    def gpu_step_log(self, stage: str, unit: str) -> Path:
+        """`gpus/logs/<stage>__<unit>.log`: the output of one step run by `emlab run --gpus N`."""
+        return self.root / GPU_STEP_LOGS / f"{stage}__{unit}.log"
+
     # sampling and judging
     @staticmethod
     def answers(folder: Path, step: int | None = None) -> Path:
@@ -527,6 +534,13 @@ def logs_dir() -> Path:
     return cache_dir() / "logs"
 
 
-def progress_file(stage: str, unit: str) -> Path:
-    """Where a running stage's kernel reports its progress to `emlab run` (removed after)."""
-    return logs_dir() / f"progress-{os.getpid()}-{stage}-{unit}.jsonl"
+def judge_server_lock_file() -> Path:
+    """Held (flock) from choosing a llama.cpp judge server's port until it answers: two steps
+    running side by side never start two servers on one port."""
+    return logs_dir() / JUDGE_SERVER_LOCK
+
+
+def progress_file(stage: str, unit: str, pid: int | None = None) -> Path:
+    """Where a running stage's kernel reports its progress to the process running the stage
+    (`pid`, default this one; removed after)."""
+    return logs_dir() / f"progress-{os.getpid() if pid is None else pid}-{stage}-{unit}.jsonl"
