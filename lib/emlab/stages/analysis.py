@@ -60,6 +60,8 @@ from .controls import control_note, control_question_keys, control_tables
 from .evaluate import NAME as EVALUATE
 from .finetune import NAME as FINETUNE
 from .steering import STEERING_TABLES, steering_report
+from .transfer import NAME as TRANSFER_NAME
+from .transfer import TRANSFER_STAGE
 
 if TYPE_CHECKING:
     from ..analysis.agreement import AgreementReport
@@ -572,7 +574,8 @@ def _workload(config: ExperimentConfig, unit: str) -> Workload:
 
 
 def _needs(config: ExperimentConfig, unit: str) -> list[tuple[str, str]]:
-    return [(BASELINE, m.name) for m in config.models] + [(EVALUATE, r.run_id) for r in config.runs()]
+    return ([(BASELINE, m.name) for m in config.models] + [(EVALUATE, r.run_id) for r in config.runs()]
+            + [(TRANSFER_NAME, run_id) for run_id in TRANSFER_STAGE.units(config)])
 
 
 ANALYSIS = Stage(
