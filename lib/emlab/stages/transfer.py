@@ -225,3 +225,84 @@ TRANSFER_STAGE = Stage(
     workload=_workload,
     enabled=transfer_enabled,
 )
+
+
+# --- 04_analysis: the transfer matrix -------------------------------------------------------
+
+TRANSFER_TABLES = {
+    "direction_transfer": "EM rate change (with CI and n) of each target steered with each run's EM direction "
+                          "against the target's unsteered rate: rows the direction's run, columns the target",
+}
+
+
+def _setting_name(kind: str, scale: float) -> str:
+    return "ablate" if kind == "ablate" else f"add {scale:+g}"
+
+
+def transfer_report(config: ExperimentConfig, layout: ExperimentLayout) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tables, charts) of the transfer matrix for 04_analysis: each run's own steering (the
+    diagonal) and the base model (`transfer_to_base`) from 03's `steering/`, other runs'
+    directions from 03b's `transfer/`; the random control is left to the steering figure.
+    Both empty without a steering block or before anything was sampled."""
+    if config.steering is None:
+        return {}, {}
+    import pandas as pd
+
+    from ..analysis import metrics
+    from ..analysis.transfer import PLAIN, transfer_chart, transfer_table
+    from ..store.files import read_jsonl
+    from ..store.records import valid_text
+
+    frames: list[pd.DataFrame] = []
+    judgment_files: list[Path] = []
+
+    def add(path: Path, run: Any, *, is_baseline: bool = False, **keys: Any) -> bool:
+        rows = valid_text(read_jsonl(path, tolerate_torn_tail=True)) if path.exists() else []
+        if rows:
+            frames.append(pd.DataFrame(rows).assign(**keys, dataset=None if is_baseline else run.dataset,
+                                                    domain=None if is_baseline else config.dataset(run.dataset).domain,
+                                                    seed=None if is_baseline else run.seed, size_b=None,
+                                                    is_baseline=is_baseline))
+        return bool(rows)
+
+    for run in config.runs():
+        folder = layout.run(run.run_id)
+        base = f"base {run.model}"
+        steer = ExperimentLayout.steering(folder)
+        settings = (read_json_or_none(steer / STEERING_SETTINGS) or {}).get("settings", [])
+        for s in settings:
+            if s["direction"] != "random":
+                add(ExperimentLayout.answers(steer / s["label"]), run, source=run.run_id,
+                    target=base if s["target"] == "base" else run.run_id, target_is_base=s["target"] == "base",
+                    setting=PLAIN if s["kind"] == "plain" else _setting_name(s["kind"], s["scale"]))
+        judgment_files.append(ExperimentLayout.judgments(steer))
+        transfer = folder / TRANSFER
+        for source in (read_json_or_none(transfer / STEERING_SETTINGS) or {}).get("sources", []):
+            for s in source["settings"]:
+                add(ExperimentLayout.answers(transfer / source["run_id"] / s["label"]), run, source=source["run_id"],
+                    target=run.run_id, target_is_base=False, setting=_setting_name(s["kind"], s["scale"]))
+        judgment_files.append(ExperimentLayout.judgments(transfer))
+        plain = {s["target"] for s in settings if s["kind"] == "plain"}
+        checkpoints = layout.training(run.run_id).completed()
+        if settings and "tuned" not in plain and checkpoints:  # no λ = 0: the final checkpoint's own answers
+            if add(ExperimentLayout.answers(folder, max(checkpoints)), run, source=run.run_id, target=run.run_id,
+                   target_is_base=False, setting=PLAIN):
+                judgment_files.append(ExperimentLayout.judgments(folder))
+        if settings and "base" not in plain and any(s["target"] == "base" for s in settings):  # 01's answers
+            if add(ExperimentLayout.answers(layout.baseline(run.model)), run, is_baseline=True, source=run.run_id,
+                   target=base, target_is_base=True, setting=PLAIN):
+                judgment_files.append(ExperimentLayout.judgments(layout.baseline(run.model)))
+    if not frames:
+        return {}, {}
+    answers = pd.concat(frames, ignore_index=True).drop_duplicates("answer_id", keep="last")
+    judged = pd.DataFrame([j for path in dict.fromkeys(judgment_files) if path.exists()
+                           for j in read_jsonl(path, tolerate_torn_tail=True)])
+    if judged.empty:
+        return {}, {}
+    judged = judged[(judged["judge"] == config.primary_judge.name) & judged["answer_id"].isin(answers["answer_id"])]
+    keys = ["answer_id", "source", "target", "target_is_base", "setting"]
+    scores = metrics.wide_scores(answers, judged).merge(answers[keys], on="answer_id", how="left")
+    table = transfer_table(scores, config.analysis.rule)
+    if table.empty:
+        return {}, {}
+    return {"direction_transfer": table}, {"direction_transfer": transfer_chart(table)}
