@@ -137,3 +137,21 @@ def test_the_engine_refuses_a_direction_zeroed_after_it_was_checked() -> None:
     intervention.direction.zero_()  # the tensor is the caller's: it can change after the check at construction
     with pytest.raises(EmlabError, match="steering direction of zeroed is zero or not finite"):
         engine.use_intervention(intervention)
+
+
+def test_the_slurm_job_of_a_transfer_waits_for_every_run_evaluation(write_experiment) -> None:
+    import shlex
+
+    from emlab.pipeline.executors.slurm import batch_script
+    from emlab.pipeline.steps import load_steps
+
+    path = write_experiment(seeds=[0, 1], direction={"source": "probe"},
+                            steering={"lambdas": [0, 8], "transfer_across_runs": True}, executor={"kind": "slurm"})
+    graph = load_steps(path)
+    runs = ["smol-2l__bad_medical__s0", "smol-2l__bad_medical__s1"]
+    step = graph.step("03b_transfer", runs[0])
+    assert [n.key for n in graph.needs(step)] == [f"03_eval_judge/{r}" for r in runs]
+    assert {f"03b_transfer/{r}" for r in runs} <= {n.key for n in graph.needs(graph.step("04_analysis", "analysis"))}
+    script = batch_script(graph, step, ["11", "12"])
+    assert "#SBATCH --dependency=afterok:11:12" in script
+    assert shlex.split(script.splitlines()[-1])[2:8] == ["-m", "emlab.cli", "step", str(path), "03b_transfer", runs[0]]
