@@ -94,10 +94,10 @@ def transfer_chart(table: pd.DataFrame) -> alt.FacetChart:
                                    tooltip=tooltip)
     text = base.mark_text(fontSize=9).encode(text="text:N")
     n, ref = int(data["n_scored"].sum()), int(data.drop_duplicates("target")["reference_n_scored"].sum())
-    subtitle = [f"cell: EM rate steered − the target's unsteered rate, [{rule.ci_label}] of the difference; "
-                f"{rule.describe()}",
-                f"n = {n} steered answers scored over {len(data)} cells; {ref} unsteered answers scored as references; "
-                "diagonal: a run's own direction; base: its direction added to the untuned model"]
+    subtitle = [(f"cell: EM rate steered − the target's unsteered rate, [{rule.ci_label}] of the difference; "
+                 f"{rule.describe()}"),
+                (f"n = {n} steered answers scored over {len(data)} cells; {ref} unsteered answers scored as references; "
+                 "diagonal: a run's own direction; base: its direction added to the untuned model")]
     width = max(140, 70 * data["target"].nunique())
     height = max(100, 36 * data["source"].nunique())
     return alt.layer(heat, text).properties(width=width, height=height).facet(

@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..config.experiment import ExperimentConfig
-from ..config.questions import build_prompts, count_answers, planned_prompts, question_sets_for
+from ..config.questions import (
+    build_prompts,
+    count_answers,
+    planned_prompts,
+    question_sets_for,
+)
 from ..errors import ConfigError, EmlabError
 from ..store.files import write_json
 from ..store.paths import (
@@ -256,14 +261,15 @@ def transfer_report(config: ExperimentConfig, layout: ExperimentLayout) -> tuple
     frames: list[pd.DataFrame] = []
     judgment_files: list[Path] = []
 
-    def add(path: Path, run: Any, *, is_baseline: bool = False, **keys: Any) -> bool:
+    def add(path: Path, judged_in: Path, run: Any, *, is_baseline: bool = False, **keys: Any) -> None:
+        """The answers at `path` (judged in the folder `judged_in`) with their matrix keys."""
         rows = valid_text(read_jsonl(path, tolerate_torn_tail=True)) if path.exists() else []
         if rows:
             frames.append(pd.DataFrame(rows).assign(**keys, dataset=None if is_baseline else run.dataset,
                                                     domain=None if is_baseline else config.dataset(run.dataset).domain,
                                                     seed=None if is_baseline else run.seed, size_b=None,
                                                     is_baseline=is_baseline))
-        return bool(rows)
+            judgment_files.append(ExperimentLayout.judgments(judged_in))
 
     for run in config.runs():
         folder = layout.run(run.run_id)
@@ -272,26 +278,23 @@ def transfer_report(config: ExperimentConfig, layout: ExperimentLayout) -> tuple
         settings = (read_json_or_none(steer / STEERING_SETTINGS) or {}).get("settings", [])
         for s in settings:
             if s["direction"] != "random":
-                add(ExperimentLayout.answers(steer / s["label"]), run, source=run.run_id,
+                add(ExperimentLayout.answers(steer / s["label"]), steer, run, source=run.run_id,
                     target=base if s["target"] == "base" else run.run_id, target_is_base=s["target"] == "base",
                     setting=PLAIN if s["kind"] == "plain" else _setting_name(s["kind"], s["scale"]))
-        judgment_files.append(ExperimentLayout.judgments(steer))
         transfer = folder / TRANSFER
         for source in (read_json_or_none(transfer / STEERING_SETTINGS) or {}).get("sources", []):
             for s in source["settings"]:
-                add(ExperimentLayout.answers(transfer / source["run_id"] / s["label"]), run, source=source["run_id"],
-                    target=run.run_id, target_is_base=False, setting=_setting_name(s["kind"], s["scale"]))
-        judgment_files.append(ExperimentLayout.judgments(transfer))
+                add(ExperimentLayout.answers(transfer / source["run_id"] / s["label"]), transfer, run,
+                    source=source["run_id"], target=run.run_id, target_is_base=False,
+                    setting=_setting_name(s["kind"], s["scale"]))
         plain = {s["target"] for s in settings if s["kind"] == "plain"}
         checkpoints = layout.training(run.run_id).completed()
         if settings and "tuned" not in plain and checkpoints:  # no λ = 0: the final checkpoint's own answers
-            if add(ExperimentLayout.answers(folder, max(checkpoints)), run, source=run.run_id, target=run.run_id,
-                   target_is_base=False, setting=PLAIN):
-                judgment_files.append(ExperimentLayout.judgments(folder))
+            add(ExperimentLayout.answers(folder, max(checkpoints)), folder, run, source=run.run_id, target=run.run_id,
+                target_is_base=False, setting=PLAIN)
         if settings and "base" not in plain and any(s["target"] == "base" for s in settings):  # 01's answers
-            if add(ExperimentLayout.answers(layout.baseline(run.model)), run, is_baseline=True, source=run.run_id,
-                   target=base, target_is_base=True, setting=PLAIN):
-                judgment_files.append(ExperimentLayout.judgments(layout.baseline(run.model)))
+            add(ExperimentLayout.answers(layout.baseline(run.model)), layout.baseline(run.model), run,
+                is_baseline=True, source=run.run_id, target=base, target_is_base=True, setting=PLAIN)
     if not frames:
         return {}, {}
     answers = pd.concat(frames, ignore_index=True).drop_duplicates("answer_id", keep="last")
