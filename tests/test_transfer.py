@@ -67,7 +67,7 @@ def test_the_transfer_chart_states_n_and_the_interval() -> None:
     chart = transfer_chart(transfer_table(_planted(), RULE)).to_dict()
     text = json.dumps(chart)
     assert "n = 290 steered answers scored over 4 cells" in text and "190 unsteered answers" in text
-    assert "+50% [" in text  # the change and its interval written in the cell
+    assert "+50%\\n[+" in text and "\\nn 50/50" in text  # the change, its interval and n written in the cell
 
 
 def _experiment(write_experiment, transfer: bool, seeds=(0, 1)):

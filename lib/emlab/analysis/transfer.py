@@ -64,9 +64,11 @@ def transfer_table(scores: pd.DataFrame, rule: EmRule) -> pd.DataFrame:
 
 
 def _cell_text(row: Any) -> str:
+    """Three lines: the change, its interval, n steered / n unsteered."""
+    n = f"n {row.n_scored}/{row.reference_n_scored}"
     if pd.isna(row.delta):
-        return f"{row.em_rate:.0%} (no ref.)" if pd.notna(row.em_rate) else "—"
-    return f"{row.delta:+.0%} [{row.delta_ci_low:+.0%}, {row.delta_ci_high:+.0%}]"
+        return f"{row.em_rate:.0%}\n(no unsteered)\n{n}" if pd.notna(row.em_rate) else f"—\n\n{n}"
+    return f"{row.delta:+.0%}\n[{row.delta_ci_low:+.0%}, {row.delta_ci_high:+.0%}]\n{n}"
 
 
 def transfer_chart(table: pd.DataFrame) -> alt.FacetChart:
@@ -92,14 +94,15 @@ def transfer_chart(table: pd.DataFrame) -> alt.FacetChart:
     heat = base.mark_rect().encode(color=alt.Color("delta:Q", title="EM rate change",
                                                    scale=alt.Scale(domain=[-top, top], scheme="redblue", reverse=True)),
                                    tooltip=tooltip)
-    text = base.mark_text(fontSize=9).encode(text="text:N")
+    text = base.mark_text(fontSize=9, lineBreak="\n").encode(text="text:N")
     n, ref = int(data["n_scored"].sum()), int(data.drop_duplicates("target")["reference_n_scored"].sum())
     subtitle = [(f"cell: EM rate steered − the target's unsteered rate, [{rule.ci_label}] of the difference; "
                  f"{rule.describe()}"),
                 (f"n = {n} steered answers scored over {len(data)} cells; {ref} unsteered answers scored as references; "
-                 "diagonal: a run's own direction; base: its direction added to the untuned model")]
-    width = max(140, 70 * data["target"].nunique())
-    height = max(100, 36 * data["source"].nunique())
+                 "n in a cell: steered / unsteered answers scored; diagonal: a run's own direction; base: its "
+                 "direction added to the untuned model")]
+    width = max(140, 96 * data["target"].nunique())
+    height = max(100, 48 * data["source"].nunique())
     return alt.layer(heat, text).properties(width=width, height=height).facet(
         facet=alt.Facet("setting:N", title=None), columns=2,
     ).properties(title=alt.TitleParams("EM direction transfer across runs", subtitle=subtitle, anchor="start"))
