@@ -79,7 +79,8 @@ def test_rerun_skips_finished_stages_and_analysis_params_may_change(tiny_run: Ti
     again = emlab_cli("run", str(tiny_run.experiment))
     assert again.returncode == 0, again.stderr[-3000:]
     statuses = [line.split()[:3] for line in again.stdout.splitlines() if line.startswith("0")]
-    assert [s[0] for s in statuses] == [s for s in STAGE_NAMES]
+    ran = [stage.name for stage in STAGES if stage.units(load_experiment(tiny_run.experiment))]
+    assert [s[0] for s in statuses] == ran and set(ran) == set(STAGE_NAMES) - {"03b_transfer"}  # transfer: off
     assert [s[2] for s in statuses] == ["skipped", "skipped", "skipped", "ran"], again.stdout
 
     # analysis is derived anew each run: its thresholds may change without refusal, and every

@@ -20,7 +20,7 @@ _EXPORTS = {
     "Answer": "store.records", "Judgment": "store.records",
     # stages and layout
     "STAGES": "stages", "Stage": "stages", "run_baseline": "stages", "run_finetune": "stages",
-    "run_eval": "stages", "run_analysis": "stages", "ExperimentLayout": "store.paths", "EmRule": "config.rule",
+    "run_eval": "stages", "run_transfer": "stages", "run_analysis": "stages", "ExperimentLayout": "store.paths", "EmRule": "config.rule",
     # pipeline
     "run_experiment": "pipeline.executors.local", "preflight": "pipeline.checks", "start_stage": "pipeline.kernel",
     # pieces

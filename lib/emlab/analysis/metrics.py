@@ -335,6 +335,12 @@ def _diff_ci(a: np.ndarray, b: np.ndarray, rule: EmRule) -> tuple[float, float]:
     return _interval(_bootstrap_means(b, rule.n_boot, rng) - _bootstrap_means(a, rule.n_boot, rng), rule.ci)
 
 
+def diff_ci(a: Any, b: Any, rule: EmRule = EmRule()) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean(b) − mean(a) (each side resampled independently,
+    the rule's resamples, level and seed); (NaN, NaN) when a side is empty."""
+    return _diff_ci(_as_values(a), _as_values(b), rule)
+
+
 # --- rates ---------------------------------------------------------------------------------
 
 

@@ -683,6 +683,11 @@ class SteeringSpec(_Strict):
     wave_size: int | None = Field(
         default=None, ge=1, description="Answers per resumable wave of a setting; None: sample.wave_size.",
     )
+    transfer_across_runs: bool = Field(
+        default=False, description="In 03b_transfer, after every run's 03: each run's tuned model steered (each "
+        "nonzero λ) and ablated with every other run's direction of the same model (Soligo et al.: directions "
+        "transfer between fine-tunes); the report's transfer matrix.",
+    )
 
 
 class ExtraRuleSpec(_Strict):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, EmlabError
 from ..store.files import atomic_open, write_json
 from ..store.paths import DIRECTION_INFO, DIRECTION_VECTORS
 
@@ -48,6 +48,23 @@ class EmDirection:
             raise DataError(f"the EM direction holds layers {list(self.layers)}, not layer {layer}; add it to "
                             "direction.layers")
         return self.vectors[self.layers.index(layer)]
+
+    def steering_vector(self, layer: int, where: Path | str) -> torch.Tensor:
+        """The direction after `layer` to steer or ablate with; `EmlabError` (one line, naming
+        the run and `where`, the file it came from) when it is zero or not finite: a vector
+        that would be divided by its norm (misaligned and aligned means identical)."""
+        v = self.at(layer)
+        refuse_unusable(v, f"the EM direction of run {self.info.get('run_id', '?')} at layer {layer} ({where})")
+        return v
+
+
+def refuse_unusable(vector: torch.Tensor, what: str) -> None:
+    """`EmlabError` when `vector` has a non-finite entry or norm 0 (`what` names it)."""
+    finite = bool(torch.isfinite(vector).all())
+    if not finite or float(vector.float().norm()) == 0.0:
+        found = "non-finite entries" if not finite else "norm 0 (the misaligned and aligned means are identical)"
+        raise EmlabError(f"{what} has {found}: it cannot be steered or ablated with; delete its folder and compute it "
+                         "again from other answers (direction.source, direction.min_per_side)")
 
 
 def mean_difference(misaligned: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
@@ -149,7 +166,12 @@ def load_direction(folder: Path) -> EmDirection | None:
     if missing:
         raise DataError(f"{vectors_path}: no vector for layers {missing} that {info_path} lists; delete the folder "
                         "to compute it again")
-    return EmDirection(torch.stack([tensors[f"layer_{layer}"] for layer in layers]), layers, info)
+    vectors = torch.stack([tensors[f"layer_{layer}"] for layer in layers])
+    if not bool(torch.isfinite(vectors).all()):
+        bad = [layer for layer, row in zip(layers, vectors, strict=True) if not bool(torch.isfinite(row).all())]
+        raise EmlabError(f"{vectors_path}: the EM direction of run {info.get('run_id', '?')} has non-finite entries at "
+                         f"layers {bad}; delete {folder} to compute it again")
+    return EmDirection(vectors, layers, info)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

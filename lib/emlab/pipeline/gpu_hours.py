@@ -7,7 +7,7 @@ Work per unit, from the params:
   rows less the task hold-out; tokens per row: the file's mean characters / 4, or an assumed
   200 when the file is not on this machine), at the measured LoRA rate (`train_lora`, real
   tokens/s, same 4-bit setting).
-- 01_baseline / 03_eval_judge: sampled tokens = answers × max_new_tokens (an upper bound:
+- 01_baseline / 03_eval_judge / 03b_transfer: sampled tokens = answers × max_new_tokens (an upper bound:
   answers that stop early cost less), question sets and held-out task prompts, at the measured
   sampling rate (`sample_answers`, the largest batch measured up to `sample.batch_size`; a study
   at `batch_size: auto` takes a row measured at "auto", else the largest batch measured).
@@ -250,6 +250,12 @@ def plan_gpu_hours(config: ExperimentConfig, sampled_answers: dict[str, int], ra
         add(f"03_eval_judge {run.run_id}", model, "sample_answers",
             sampled_answers.get(f"03_eval_judge {run.run_id}", 0) * config.sample.max_new_tokens,
             config.sample.batch_size)
+    runs = {run.run_id: run for run in config.runs()}
+    for key, answers in sampled_answers.items():  # the other sampling stages of a run (03b_transfer)
+        stage, _, unit = key.partition(" ")
+        if stage not in ("01_baseline", "03_eval_judge") and unit in runs and answers:
+            add(key, config.model(runs[unit].model), "sample_answers", answers * config.sample.max_new_tokens,
+                config.sample.batch_size)
     table = pd.DataFrame(rows, columns=["stage", "work", "tokens", "tokens_per_s", "gpu_hours", "rate from"])
     total = {"stage": "TOTAL", "work": "", "tokens": table["tokens"].sum(), "tokens_per_s": None,
              "gpu_hours": table["gpu_hours"].sum(min_count=1), "rate from": ""}

@@ -108,7 +108,8 @@ class ExperimentRun:
 
 def list_steps(config: ExperimentConfig, until: str | None = None) -> list[Step]:
     """Every (stage, unit) of the experiment up to stage `until`, in the order they run:
-    each model's baseline, then each run's stages, then the analysis."""
+    each model's baseline, then each run's stages, then the analysis; a step that needs other
+    runs' steps (03b_transfer needs every run's 03) waits until the last of them is listed."""
     if until is not None and until not in STAGE_NAMES:
         raise ConfigError(f"--until {until!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
     stages = STAGES[: STAGE_NAMES.index(until) + 1] if until is not None else STAGES
@@ -121,11 +122,39 @@ def list_steps(config: ExperimentConfig, until: str | None = None) -> list[Step]
         by_scope.setdefault(stage.scope, []).append(stage)
     for stage in by_scope.get("model", []):
         steps += [Step(stage, unit, stage.folder(layout, unit)) for unit in stage.units(config)]
+    run_units = {stage.name: set(stage.units(config)) for stage in by_scope.get("run", [])}
     for run in config.runs():
-        steps += [Step(stage, run.run_id, stage.folder(layout, run.run_id)) for stage in by_scope.get("run", [])]
+        steps += [Step(stage, run.run_id, stage.folder(layout, run.run_id)) for stage in by_scope.get("run", [])
+                  if run.run_id in run_units[stage.name]]
     for stage in by_scope.get("experiment", []):
         steps += [Step(stage, unit, stage.folder(layout, unit)) for unit in stage.units(config)]
-    return steps
+    return _needs_first(config, steps)
+
+
+def _needs_first(config: ExperimentConfig, steps: list[Step]) -> list[Step]:
+    """`steps` in their order, except that a step comes only after every listed step it needs
+    (a stable topological order: steps whose needs are already listed keep their place)."""
+    listed = {step.key for step in steps}
+    placed: set[str] = set()
+    out: list[Step] = []
+    waiting: list[Step] = []
+
+    def ready(step: Step) -> bool:
+        keys = (f"{stage}/{unit}" for stage, unit in step.stage.needs(config, step.unit))
+        return all(key in placed or key not in listed for key in keys)
+
+    for step in steps:
+        waiting.append(step)
+        moved = True
+        while moved:
+            moved = False
+            for candidate in list(waiting):
+                if ready(candidate):
+                    out.append(candidate)
+                    placed.add(candidate.key)
+                    waiting.remove(candidate)
+                    moved = True
+    return out + waiting  # a need that is never listed: left where it stood (run_step refuses it)
 
 
 def load_steps(path: str | Path, until: str | None = None) -> StepGraph:

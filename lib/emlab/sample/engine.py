@@ -152,6 +152,8 @@ class DecodeEngine:
                 raise EmlabError(f"steering layer {intervention.layer} is not one of the model's {self.layers} "
                                  "decoder layers")
             v = intervention.direction.to(device=self.device, dtype=torch.float32)
+            if not bool(torch.isfinite(v).all()) or float(v.norm()) == 0.0:  # never divide by it
+                raise EmlabError(f"steering direction of {intervention.label or 'this intervention'} is zero or not finite")
             self._unit.copy_(v / v.norm())
             self._added.copy_(intervention.scale * v)
         self.intervention = intervention

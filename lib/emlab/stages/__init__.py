@@ -3,6 +3,7 @@
     baseline.py   01_baseline    per model   sample and judge the untouched base model
     finetune.py   02_finetune    per run     LoRA on the run's dataset, adapters on a schedule
     evaluate.py   03_eval_judge  per run     sample and judge every checkpoint
+    transfer.py   03b_transfer   per run     steered with other runs' EM directions (steering.transfer_across_runs)
     analysis.py   04_analysis    once        EM rates with CIs, figures, the judge's gold-set check
 
 Each module exports its `run_*` function (what its notebook calls) and one `Stage` row
@@ -23,8 +24,9 @@ from .baseline import BASELINE, run_baseline
 from .common import SampledAndJudged, answers_with_scores
 from .evaluate import EVALUATE, run_eval
 from .finetune import FINETUNE, FinetuneResult, run_finetune
+from .transfer import TRANSFER_STAGE, run_transfer
 
-STAGES: tuple[Stage, ...] = (BASELINE, FINETUNE, EVALUATE, ANALYSIS)
+STAGES: tuple[Stage, ...] = (BASELINE, FINETUNE, EVALUATE, TRANSFER_STAGE, ANALYSIS)
 STAGE_NAMES: tuple[str, ...] = tuple(stage.name for stage in STAGES)
 assert STAGE_NAMES == STAGE_NOTEBOOKS, "emlab.store.paths.STAGE_NOTEBOOKS names the stages of this table, in order"
 
@@ -57,7 +59,7 @@ def get_stage(name: str) -> Stage:
 
 
 __all__ = [
-    "ANALYSIS", "ANALYSIS_UNIT", "BASELINE", "EVALUATE", "FINETUNE", "STAGES", "STAGE_NAMES",
+    "ANALYSIS", "ANALYSIS_UNIT", "BASELINE", "EVALUATE", "FINETUNE", "STAGES", "STAGE_NAMES", "TRANSFER_STAGE",
     "AnalysisResult", "FinetuneResult", "Input", "Output", "SampledAndJudged", "Stage", "StageRecord",
-    "Workload", "answers_with_scores", "describe_layout", "get_stage", "run_analysis", "run_baseline", "run_eval", "run_finetune",
+    "Workload", "answers_with_scores", "describe_layout", "get_stage", "run_analysis", "run_baseline", "run_eval", "run_finetune", "run_transfer",
 ]

@@ -60,6 +60,8 @@ from .controls import control_note, control_question_keys, control_tables
 from .evaluate import NAME as EVALUATE
 from .finetune import NAME as FINETUNE
 from .steering import STEERING_TABLES, steering_report
+from .transfer import NAME as TRANSFER_NAME
+from .transfer import TRANSFER_STAGE, TRANSFER_TABLES, transfer_report
 
 if TYPE_CHECKING:
     from ..analysis.agreement import AgreementReport
@@ -385,6 +387,9 @@ def run_analysis(config: ExperimentConfig, unit: str = ANALYSIS_UNIT) -> Analysi
         charts["controls"] = chart
     steering_tables, steering_charts = steering_report(config, layout)  # direction: and steering: blocks
     charts |= steering_charts
+    transfer_tables, transfer_charts = transfer_report(config, layout)  # the direction's transfer matrix
+    steering_tables |= transfer_tables
+    charts |= transfer_charts
     for name, chart in charts.items():
         plots.save_chart(chart, layout.figure(name))
     with atomic_open(layout.analysis_file(SCORES), "wb") as handle:
@@ -572,7 +577,8 @@ def _workload(config: ExperimentConfig, unit: str) -> Workload:
 
 
 def _needs(config: ExperimentConfig, unit: str) -> list[tuple[str, str]]:
-    return [(BASELINE, m.name) for m in config.models] + [(EVALUATE, r.run_id) for r in config.runs()]
+    return ([(BASELINE, m.name) for m in config.models] + [(EVALUATE, r.run_id) for r in config.runs()]
+            + [(TRANSFER_NAME, run_id) for run_id in TRANSFER_STAGE.units(config)])
 
 
 ANALYSIS = Stage(
@@ -587,6 +593,7 @@ ANALYSIS = Stage(
         Output(SCORES, "one row per answer: grid keys, scores and statuses of the analysis judge"),
         *(Output(f"{name}{TABLE_SUFFIX}", what) for name, what in TABLES.items()),
         *(Output(f"{name}{TABLE_SUFFIX}", what, optional=True) for name, what in STEERING_TABLES.items()),
+        *(Output(f"{name}{TABLE_SUFFIX}", what, optional=True) for name, what in TRANSFER_TABLES.items()),
         Output(GOLD_JUDGMENTS, "the judge's judgments of the gold set"),
         *(output for output in JUDGING_OUTPUTS if output.optional),  # the gold set in batch mode
         Output(SUMMARY, "judge verdict, cost and rule, for the index page"),

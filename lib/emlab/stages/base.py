@@ -116,11 +116,16 @@ class Stage:
     always_runs: bool = False
     """Run even when done (04_analysis: cheap, and it must see every other stage's latest files)."""
     workload: Callable[[ExperimentConfig, str], Workload | tuple[Workload, ...]] | None = None
+    enabled: Callable[[ExperimentConfig], bool] | None = None
+    """Whether the stage runs at all under this config (None: always); off, it has no units."""
     """Its judge work for `emlab plan` (one Workload per group of answers judged alike: the
     question sets' answers, the held-out task prompts); None when it judges nothing."""
 
     def units(self, config: ExperimentConfig) -> list[str]:
-        """The labels this stage runs for: model names, run ids, or 'analysis'."""
+        """The labels this stage runs for: model names, run ids, or 'analysis' (none when the
+        stage is not `enabled` under this config)."""
+        if self.enabled is not None and not self.enabled(config):
+            return []
         if self.scope == "model":
             return [m.name for m in config.models]
         if self.scope == "run":

@@ -246,6 +246,8 @@ def steer_run(config: ExperimentConfig, run_id: str, folder: Path, checkpoints: 
                 result.notes.append(found)
                 log.info(found)
                 continue
+            for layer in found.layers:  # refused before it is saved: nothing could steer with it
+                found.steering_vector(layer, where / DIRECTION_VECTORS)
             save_direction(where, found)
             log.info("EM direction %s step %d: %d misaligned vs %d aligned (%s), layers %s → %s", run_id, step,
                      found.info["n_misaligned"], found.info["n_aligned"], found.info["source"],
@@ -259,7 +261,7 @@ def steer_run(config: ExperimentConfig, run_id: str, folder: Path, checkpoints: 
         return result
     direction = directions[final]
     layer = direction.info["model_layers"] // 2 if spec.layer == "middle" else spec.layer
-    v = direction.at(layer)
+    v = direction.steering_vector(layer, ExperimentLayout.direction(folder, final) / DIRECTION_VECTORS)
     random = random_like(v, spec.random_seed)
     vectors = {"em": v, "random": random}
     settings = steering_settings(config)

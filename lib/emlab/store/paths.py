@@ -94,6 +94,7 @@ DIRECTION_INFO = "direction.json"  # its provenance: answers, n each side, layer
 DIRECTION_PARAMS = "params.json"  # direction/params.json: the direction and steering blocks they ran under
 STEERING = "steering"  # steering/ in a run folder: answers sampled with the direction added or ablated
 STEERING_SETTINGS = "settings.json"  # steering/settings.json: what each setting's folder holds
+TRANSFER = "transfer"  # transfer/ in a run folder (03b_transfer): answers steered with other runs' directions
 PROBES_DIR = "params/probes"  # probe sets: aligned and misaligned answers written by us
 MC_SCORES = "mc_scores.jsonl"  # multiple-choice benchmarks scored from log-probabilities, one model state
 
@@ -112,7 +113,7 @@ def step_of(folder: Path) -> int | None:
 # --- files of one stage folder ----------------------------------------------------------------
 
 
-STAGE_NOTEBOOKS: tuple[str, ...] = ("01_baseline", "02_finetune", "03_eval_judge", "04_analysis")
+STAGE_NOTEBOOKS: tuple[str, ...] = ("01_baseline", "02_finetune", "03_eval_judge", "03b_transfer", "04_analysis")
 """The stages by name, in order: each is `notebooks/<name>.ipynb` (the stage table in `emlab.stages`
 has one row for each, in this order; params name stages before that table is loaded)."""
 

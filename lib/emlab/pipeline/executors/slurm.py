@@ -6,8 +6,9 @@ submits, for every step that is not complete, a job whose script runs `emlab ste
 STAGE UNIT` (`emlab.pipeline.steps.run_step`) on a compute node: the same papermill execution into
 the same folders as a local run, so the node needs the repository, the outputs and the cache
 on a filesystem shared with the machine that submits, and the same Python environment. Each
-model's 01_baseline is a job; each run is a chain 02_finetune → 03_eval_judge; 04_analysis
-waits (`--dependency=afterok`) for all of them. `--kill-on-invalid-dep=yes` cancels a job
+model's 01_baseline is a job; each run is a chain 02_finetune → 03_eval_judge; a run's
+03b_transfer (with `steering.transfer_across_runs`) waits for every run's 03_eval_judge;
+04_analysis waits (`--dependency=afterok`) for all of them. `--kill-on-invalid-dep=yes` cancels a job
 whose dependency failed instead of leaving it queued for ever.
 
 Submitting again is safe: complete steps are skipped, and a step whose job is still queued
