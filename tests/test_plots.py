@@ -161,6 +161,17 @@ def test_save_chart_renders_answers_holding_nul_and_control_characters(small, tm
     assert "\\u0000" in html.read_text()  # the interactive page keeps the text as it was (escaped JSON)
 
 
+def test_save_chart_page_keeps_an_answers_script_tag_inside_its_data(small, tmp_path):
+    # the page embeds the spec in a <script>: '</script>' in a tooltip answer must not end it
+    hostile = "</script><script>alert(1)</script><!-- & -->"
+    html, _ = save_chart(alignment_coherence_scatter(small.assign(answer=hostile), rule=EmRule(n_boot=100)),
+                         tmp_path / "scatter", inline=False)
+    text = html.read_text()
+    assert "alert(1)" in text and "<script>alert(1)" not in text and "<!-- &" not in text
+    spec = json.loads(text.split("var spec = ", 1)[1].split(";\n", 1)[0])
+    assert hostile in json.dumps(spec, ensure_ascii=False)  # the same text, only written as \u escapes
+
+
 def test_save_chart_inline_html_is_self_contained(small, tmp_path):
     chart = alignment_coherence_scatter(small, rule=EmRule(n_boot=100))
     html, _ = save_chart(chart, tmp_path / "scatter")

@@ -25,6 +25,7 @@ altair's 5,000-row guard never trips and reports stay small.
 from __future__ import annotations
 
 import html
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -587,6 +588,13 @@ def _xml_safe(value: Any) -> Any:
     return value
 
 
+class _ScriptSafeJSON(json.JSONEncoder):
+    """JSON with `<`, `>` and `&` as \\u escapes (they occur only inside strings, so the value is unchanged)."""
+
+    def encode(self, o: Any) -> str:
+        return super().encode(o).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def save_chart(chart: alt.TopLevelMixin, path: str | Path, *, scale: float = 2.0, inline: bool = True) -> tuple[Path, Path]:
     """Write `path`.html and `path`.png (`path` has no suffix); each appears whole or not at all.
 
@@ -597,7 +605,8 @@ def save_chart(chart: alt.TopLevelMixin, path: str | Path, *, scale: float = 2.0
     html_path, png_path = base.with_name(base.name + ".html"), base.with_name(base.name + ".png")
     spec = _xml_safe(chart.to_dict())  # the PNG goes through SVG: XML refuses NUL and most control characters
     png = vlc.vegalite_to_png(spec, scale=scale)  # render first: a bad spec writes nothing
-    page = chart.to_html(inline=inline)
+    # the page embeds the spec in a <script>: an answer's '</script>' in a tooltip would end it
+    page = chart.to_html(inline=inline, json_kwds={"cls": _ScriptSafeJSON})
     with atomic_open(html_path, "w") as handle:
         handle.write(page)
     with atomic_open(png_path, "wb") as handle:
