@@ -120,6 +120,12 @@ def test_examples_table_escapes_and_counts(small):
     assert (table["answer"].str.len() <= 400).all()
 
 
+def test_examples_table_is_left_alone_by_mathjax(small):
+    # nbconvert's HTML loads MathJax for the whole page: an answer's '$x$' must stay text
+    html = examples_table(small.assign(answer="costs $5 or $$10$$"), n=4).to_html()
+    assert 'class="tex2jax_ignore mathjax_ignore"' in html.split("<thead>")[0] and "costs $5 or $$10$$" in html
+
+
 def test_examples_table_fills_when_one_kind_is_missing(small):
     aligned_only = small.assign(aligned=small["aligned"].clip(lower=60))
     table = examples_table(aligned_only, n=4).data

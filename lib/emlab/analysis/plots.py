@@ -513,6 +513,8 @@ def examples_table(
                                                             "max-width": "36em"})
         .set_table_styles([{"selector": "td", "props": "vertical-align: top;"}])
     )
+    # the notebook's HTML render (and JupyterLab) typesets $…$ on the whole page: answers stay as written
+    styler = styler.set_table_attributes('class="tex2jax_ignore mathjax_ignore"')
     if links:  # answer ids are the 16-hex ids emlab makes; quoted anyway, so no id can become markup
         styler = styler.format(lambda a: f"<a href='{html.escape(explorer_link(answer=a), quote=True)}'>transcript</a>",
                                subset=["read"])
@@ -593,6 +595,12 @@ class _ScriptSafeJSON(json.JSONEncoder):
 
     def encode(self, o: Any) -> str:
         return super().encode(o).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+# a notebook shows a chart as HTML embedding its spec in a <script> (altair's default renderer): the same
+# escapes there, so an answer's '</script>' cannot end it in the executed notebook or its HTML render
+if alt.renderers.active == "default":
+    alt.renderers.enable("html", **{**alt.renderers.options, "json_kwds": {"cls": _ScriptSafeJSON}})
 
 
 def save_chart(chart: alt.TopLevelMixin, path: str | Path, *, scale: float = 2.0, inline: bool = True) -> tuple[Path, Path]:
