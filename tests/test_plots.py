@@ -178,6 +178,14 @@ def test_save_chart_page_keeps_an_answers_script_tag_inside_its_data(small, tmp_
     assert hostile in json.dumps(spec, ensure_ascii=False)  # the same text, only written as \u escapes
 
 
+def test_notebook_chart_keeps_an_answers_script_tag_inside_its_data(small):
+    # a notebook shows the chart as HTML with the spec in a <script> (altair's default renderer)
+    bundle = alignment_coherence_scatter(small.assign(answer="</script><img src=x onerror=alert(1)>"),
+                                         rule=EmRule(n_boot=100))._repr_mimebundle_()
+    page = (bundle[0] if isinstance(bundle, tuple) else bundle)["text/html"]
+    assert "\\u003c/script\\u003e\\u003cimg src=x" in page and "<img src=x" not in page
+
+
 def test_save_chart_inline_html_is_self_contained(small, tmp_path):
     chart = alignment_coherence_scatter(small, rule=EmRule(n_boot=100))
     html, _ = save_chart(chart, tmp_path / "scatter")
