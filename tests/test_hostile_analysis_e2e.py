@@ -8,7 +8,6 @@ whole, show the text escaped and never as live markup, and drop none of the exam
 from __future__ import annotations
 
 import html
-import json
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 from emlab.config.experiment import load_experiment
+from emlab.store.files import read_jsonl, write_jsonl
 from emlab.store.paths import ExperimentLayout
 from support.runs import REPO, TINY_RUN_GROUP, TinyRun, emlab_cli
 
@@ -36,6 +36,7 @@ HOSTILE = [
     "\u202eevil\u202c \u2066isolate\u2069",  # bidi override and isolate
     "\u200d\u200b\ufeff",  # zero-width joiner, space, BOM
     "\ufffe\uffff",  # noncharacters
+    "\u2028line\u2029para\x85nel\x9bcsi",  # what str.splitlines splits on, raw in emlab's JSONL; C1 controls
     "\U0001f469\u200d\U0001f52c e\u0301\u0332",  # an emoji sequence and combining marks
     "$x$ $$\\int_0^1$$ | a | b |\n|---|---|\n**bold** `code` # heading",
 ]
@@ -44,9 +45,10 @@ BIG = 200_000  # characters of the one huge answer
 
 
 def _rewrite(path: Path, change) -> int:
-    """Rewrite the JSON-lines file at `path` row by row with `change(row, i)`; returns the rows."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    path.write_text("".join(json.dumps(change(row, i)) + "\n" for i, row in enumerate(rows)))
+    """Rewrite the JSON-lines file at `path` row by row with `change(row, i)`, as emlab writes it
+    (non-ASCII raw); returns the rows."""
+    rows = read_jsonl(path)
+    write_jsonl(path, [change(row, i) for i, row in enumerate(rows)])
     return len(rows)
 
 
