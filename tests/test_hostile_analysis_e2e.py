@@ -8,6 +8,7 @@ whole, show the text escaped and never as live markup, and drop none of the exam
 from __future__ import annotations
 
 import html
+import json
 import shutil
 from pathlib import Path
 
@@ -101,10 +102,14 @@ def test_analysis_and_report_take_hostile_model_text(tiny_run: TinyRun, tmp_path
         assert SCRIPT not in page and "<img src=x" not in page
     assert html.escape(SCRIPT) in report
 
-    # the examples table shows `analysis.examples` answers, each whole up to its cut, escaped
     scores = pd.read_parquet(layout.analysis_file("scores.parquet"))
     assert len(scores) == 8 + 2 * 8 and scores["answer"].str.startswith(COCKTAIL).all()
     assert scores["answer"].str.len().max() > BIG
+    # the explorer holds every answer whole, the ~200 KB one too, as JSON its <script> cannot lose
+    data = json.loads(explorer.split('id="emlab-data">', 1)[1].split("</script>", 1)[0])
+    assert sorted(data["answer"]) == sorted(scores["answer"]) and max(map(len, data["answer"])) > BIG
+
+    # the examples table shows `analysis.examples` answers, each whole up to its cut, escaped
     examples = [o for c in notebook.cells for o in c.get("outputs", [])
                 if "transcript</a>" in o.get("data", {}).get("text/html", "")]
     assert len(examples) == 1
