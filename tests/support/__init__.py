@@ -8,7 +8,8 @@ module imports another test module or conftest; fixtures live in tests/conftest.
                    judge_for, make_answers
     kills          Runner and run_until_killed: `emlab run` SIGKILLed mid-stage and rerun
     outputs        matching_files: the files a stage's declared pattern names
-    runs           REPO, emlab_cli, fresh_cache, TinyRun and TINY_RUN_GROUP (the session's tiny run)
+    runs           REPO, emlab_cli, run_config, fresh_cache, TinyRun, TINY_RUN_GROUP and CONTROLS_RUN_GROUP
+                   (the session's tiny run; the arms-and-controls run)
     scores         scores: a made-up wide scores table for the measures and the figures
     slurm          LocalSlurm: a real one-node Slurm cluster, installed and started on demand
 
