@@ -193,7 +193,8 @@ def test_tiny_run_explorer_matches_judgments_and_screenshot(browser: Any, tiny_r
 
     # a heatmap cell's link opens the explorer filtered to that question and model state; the
     # notebook's example answers link to their transcripts
-    assert f"step={tuned[-1]}&question_set=" in (root / "analysis" / "fig_em_heatmap.html").read_text()
+    heatmap = (root / "analysis" / "fig_em_heatmap.html").read_text().replace("\\u0026", "&")  # JSON-escaped in the page
+    assert f"step={tuned[-1]}&question_set=" in heatmap
     assert "explorer.html#answer=" in (root / "analysis" / "04_analysis.html").read_text()
     browser.get((root / "analysis" / "explorer.html").as_uri() + f"#step={tuned[-1]}&question_id={question}")
     assert _count(browser) == f"{len(wanted)} of {len(answers)} answers"
