@@ -46,11 +46,14 @@ def swiglu_eager(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-_state = {"enabled": os.environ.get("EMLAB_FUSED", "1") != "0", "warned": False}
+# whether Triton is installed: looked up once (find_spec scans the import path, and `_usable` runs
+# for every elementwise call of an eager prefill)
+_state = {"enabled": os.environ.get("EMLAB_FUSED", "1") != "0", "warned": False,
+          "triton": importlib.util.find_spec("triton") is not None}
 
 
 def _usable(x: torch.Tensor) -> bool:
-    return bool(_state["enabled"]) and x.is_cuda and importlib.util.find_spec("triton") is not None
+    return bool(_state["enabled"]) and x.is_cuda and bool(_state["triton"])
 
 
 class _Fused:
@@ -83,4 +86,4 @@ swiglu = _Fused(swiglu_eager)
 
 def fusing(device: torch.device) -> bool:
     """Whether sampling on `device` runs the compiled kernels (bench rows record it)."""
-    return bool(_state["enabled"]) and device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return bool(_state["enabled"]) and device.type == "cuda" and bool(_state["triton"])
